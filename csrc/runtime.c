@@ -1,0 +1,56 @@
+/* runtime.c: thread count and SIMD level, the two switches every parallel kernel reads. */
+#include "rustgpt_kernels.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+static int simd_level = -1; /* -1: not chosen yet */
+
+int rg_simd_supported(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
+        && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
+        return RG_SIMD_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return RG_SIMD_AVX2;
+#endif
+    return RG_SIMD_GENERIC;
+}
+
+int rg_simd_level(void) {
+    if (simd_level < 0) simd_level = rg_simd_supported();
+    return simd_level;
+}
+
+int rg_set_simd_level(int level) {
+    int best = rg_simd_supported();
+    if (level < RG_SIMD_GENERIC) level = RG_SIMD_GENERIC;
+    simd_level = level > best ? best : level;
+    return simd_level;
+}
+
+int rg_has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int rg_num_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+void rg_set_num_threads(int n) {
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+#else
+    (void)n;
+#endif
+}

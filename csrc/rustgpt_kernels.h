@@ -1,0 +1,128 @@
+/* rustgpt_kernels.h: the C core of rustgpt, one header for every kernel.
+ *
+ * Plain functions on raw row-major float32 arrays with explicit sizes. The caller
+ * (src/rustgpt/_kernels.pyx) checks every shape, dtype and index; the C trusts its
+ * arguments, allocates nothing on the heap and cannot fail. Backward kernels say whether
+ * they overwrite or accumulate (+=) into each gradient.
+ *
+ * Size letters: B batch, T sequence, D embedding, H hidden, NH heads, hs = D / NH head
+ * size, V vocabulary, N rows (usually B * T), C columns.
+ */
+#ifndef RUSTGPT_KERNELS_H
+#define RUSTGPT_KERNELS_H
+
+#include <stddef.h>
+
+/* ---- runtime: threads and SIMD dispatch (runtime.c) ---------------------------------- */
+
+enum { RG_SIMD_GENERIC = 0, RG_SIMD_AVX2 = 1, RG_SIMD_AVX512 = 2 };
+
+/* The best SIMD level this CPU supports (RG_SIMD_*). */
+int rg_simd_supported(void);
+/* The SIMD level the kernels use now; defaults to rg_simd_supported(). */
+int rg_simd_level(void);
+/* Use SIMD level `level`, clamped to what the CPU supports; returns the level in use. */
+int rg_set_simd_level(int level);
+/* 1 when compiled with OpenMP, else 0. */
+int rg_has_openmp(void);
+/* Threads the parallel kernels use (1 without OpenMP). */
+int rg_num_threads(void);
+void rg_set_num_threads(int n);
+
+/* ---- matrix multiply (gemm.c) ------------------------------------------------------------ */
+
+/* C = op(A) @ op(B), or C += op(A) @ op(B) when accumulate is nonzero.
+ * op(A) is (M, K): A is stored (M, K), or (K, M) when trans_a.
+ * op(B) is (K, N): B is stored (K, N), or (N, K) when trans_b.
+ * C is (M, N). All row-major and contiguous; C does not alias A or B.
+ * Forward x @ W is (0, 0); dx = dy @ W^T is (0, 1); dW += x^T @ dy is (1, 0). */
+void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
+              int trans_a, int trans_b, int accumulate);
+
+/* ---- causal multi-head attention (attention.c) ---------------------------------------- */
+
+/* out = softmax(q k^T / sqrt(hs) + causal mask) v, per batch row and head.
+ * q, k, v, out: (B, T, D), head h owns columns [h*hs, (h+1)*hs).
+ * att: (B, NH, T, T), the softmax probabilities saved for backward (entries above the
+ * diagonal are written as 0). Overwrites out and att. */
+void rg_attention_forward(float *out, float *att, const float *q, const float *k,
+                          const float *v, int B, int T, int D, int NH);
+
+/* Backward of rg_attention_forward. dout, q, k, v: (B, T, D); att: (B, NH, T, T) from the
+ * forward. Overwrites dq, dk, dv: (B, T, D). */
+void rg_attention_backward(float *dq, float *dk, float *dv, const float *dout,
+                           const float *att, const float *q, const float *k, const float *v,
+                           int B, int T, int D, int NH);
+
+/* One decoding step against a KV cache: the query at position n-1 attends to cache rows
+ * 0..n-1 (which already hold this position's k and v).
+ * q, out: (B, D); kcache, vcache: (B, Tmax, D) with n <= Tmax. Overwrites out. */
+void rg_attention_step(float *out, const float *q, const float *kcache, const float *vcache,
+                       int B, int n, int Tmax, int D, int NH);
+
+/* ---- layer norm (layernorm.c) ---------------------------------------------------------- */
+
+/* out = (x - mean) * rstd * g + b, row by row, rstd = 1 / sqrt(var + eps).
+ * x, out: (N, D); g, b: (D); mean, rstd: (N), saved for backward.
+ * Overwrites out, mean, rstd. out may alias x. */
+void rg_layernorm_forward(float *out, float *mean, float *rstd, const float *x,
+                          const float *g, const float *b, int N, int D, float eps);
+
+/* Backward of rg_layernorm_forward. dout, x: (N, D); g: (D); mean, rstd: (N).
+ * Overwrites dx: (N, D) (dx may alias dout); accumulates dg, db: (D). */
+void rg_layernorm_backward(float *dx, float *dg, float *db, const float *dout,
+                           const float *x, const float *g, const float *mean,
+                           const float *rstd, int N, int D);
+
+/* ---- softmax cross-entropy (crossentropy.c) ------------------------------------------ */
+
+/* losses[i] = -log softmax(logits[i])[targets[i]], or 0 where targets[i] == ignore_index.
+ * logits: (N, V); targets, losses: (N). Overwrites losses. */
+void rg_crossentropy_forward(float *losses, const float *logits, const int *targets,
+                             int N, int V, int ignore_index);
+
+/* The forward above fused with its gradient:
+ * dlogits[i] = (softmax(logits[i]) - onehot(targets[i])) * dscale, zero rows where
+ * targets[i] == ignore_index. dlogits: (N, V), may alias logits. Overwrites losses, dlogits. */
+void rg_crossentropy_forward_backward(float *losses, float *dlogits, const float *logits,
+                                      const int *targets, int N, int V, int ignore_index,
+                                      float dscale);
+
+/* ---- Adam / AdamW (adam.c) ---------------------------------------------------------------- */
+
+/* One Adam step over a flat buffer of n parameters, at step t >= 1:
+ *   g = grads * grad_scale          (grad_scale carries gradient clipping)
+ *   m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2
+ *   params -= lr * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
+ *             + lr * weight_decay * params      (decoupled, AdamW; 0 gives Adam)
+ * Overwrites params, m, v in place. */
+void rg_adam_update(float *params, float *m, float *v, const float *grads, size_t n,
+                    double lr, double beta1, double beta2, double eps,
+                    double weight_decay, int t, float grad_scale);
+
+/* ---- elementwise, bias, embedding, norms (elementwise.c) ------------------------------- */
+
+/* out = max(x, 0). x, out: (n); out may alias x. */
+void rg_relu_forward(float *out, const float *x, size_t n);
+/* dx = dout where out > 0, else 0. out is the forward's output. dx may alias dout. */
+void rg_relu_backward(float *dx, const float *dout, const float *out, size_t n);
+
+/* x[i, :] += b. x: (N, C); b: (C). */
+void rg_bias_add(float *x, const float *b, int N, int C);
+/* db += sum over rows of dy. dy: (N, C); db: (C). Accumulates. */
+void rg_colsum(float *db, const float *dy, int N, int C);
+
+/* out[b, t, :] = wte[ids[b, t], :] + wpe[t, :].
+ * ids: (B, T) in [0, V); wte: (V, D); wpe: (Tmax, D) with T <= Tmax; out: (B, T, D). */
+void rg_embedding_forward(float *out, const int *ids, const float *wte, const float *wpe,
+                          int B, int T, int D);
+/* dwte[ids[b, t], :] += dout[b, t, :]; dwpe[t, :] += dout[b, t, :]. Accumulates. */
+void rg_embedding_backward(float *dwte, float *dwpe, const float *dout, const int *ids,
+                           int B, int T, int D);
+
+/* Sum of x[i]^2, accumulated in double. x: (n). */
+double rg_sum_squares(const float *x, size_t n);
+/* x *= s. x: (n). */
+void rg_scale(float *x, float s, size_t n);
+
+#endif /* RUSTGPT_KERNELS_H */

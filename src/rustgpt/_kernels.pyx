@@ -1,0 +1,443 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The one bridge between Python and the C core (csrc/rustgpt_kernels.h).
+
+Each function checks its arrays once (numpy.ndarray, float32 or int32, C-contiguous,
+non-empty, outputs writable, shapes agreeing, token ids in range) and raises a
+``ValidationError`` / ``ShapeMismatch`` naming the function and the array; then it calls
+the C kernel without the GIL. Shapes follow the header's letters; the C trusts them.
+"""
+
+import os
+
+import numpy as np
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+
+from rustgpt.errors import ShapeMismatch, ValidationError
+
+
+cdef extern from "rustgpt_kernels.h" nogil:
+    int RG_SIMD_GENERIC, RG_SIMD_AVX2, RG_SIMD_AVX512
+    int rg_simd_supported() noexcept
+    int rg_simd_level() noexcept
+    int rg_set_simd_level(int level) noexcept
+    int rg_has_openmp() noexcept
+    int rg_num_threads() noexcept
+    void rg_set_num_threads(int n) noexcept
+    void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
+                  int trans_a, int trans_b, int accumulate) noexcept
+    void rg_attention_forward(float *out, float *att, const float *q, const float *k,
+                              const float *v, int B, int T, int D, int NH) noexcept
+    void rg_attention_backward(float *dq, float *dk, float *dv, const float *dout,
+                               const float *att, const float *q, const float *k,
+                               const float *v, int B, int T, int D, int NH) noexcept
+    void rg_attention_step(float *out, const float *q, const float *kcache,
+                           const float *vcache, int B, int n, int Tmax, int D, int NH) noexcept
+    void rg_layernorm_forward(float *out, float *mean, float *rstd, const float *x,
+                              const float *g, const float *b, int N, int D, float eps) noexcept
+    void rg_layernorm_backward(float *dx, float *dg, float *db, const float *dout,
+                               const float *x, const float *g, const float *mean,
+                               const float *rstd, int N, int D) noexcept
+    void rg_crossentropy_forward(float *losses, const float *logits, const int *targets,
+                                 int N, int V, int ignore_index) noexcept
+    void rg_crossentropy_forward_backward(float *losses, float *dlogits, const float *logits,
+                                          const int *targets, int N, int V, int ignore_index,
+                                          float dscale) noexcept
+    void rg_adam_update(float *params, float *m, float *v, const float *grads, size_t n,
+                        double lr, double beta1, double beta2, double eps,
+                        double weight_decay, int t, float grad_scale) noexcept
+    void rg_relu_forward(float *out, const float *x, size_t n) noexcept
+    void rg_relu_backward(float *dx, const float *dout, const float *out, size_t n) noexcept
+    void rg_bias_add(float *x, const float *b, int N, int C) noexcept
+    void rg_colsum(float *db, const float *dy, int N, int C) noexcept
+    void rg_embedding_forward(float *out, const int *ids, const float *wte, const float *wpe,
+                              int B, int T, int D) noexcept
+    void rg_embedding_backward(float *dwte, float *dwpe, const float *dout, const int *ids,
+                               int B, int T, int D) noexcept
+    double rg_sum_squares(const float *x, size_t n) noexcept
+    void rg_scale(float *x, float s, size_t n) noexcept
+
+
+_F32 = np.dtype(np.float32)
+_I32 = np.dtype(np.intc)
+_SIMD_NAMES = {RG_SIMD_GENERIC: "generic", RG_SIMD_AVX2: "avx2", RG_SIMD_AVX512: "avx512"}
+_INT_MAX = 2**31 - 1
+
+
+# ---- checks --------------------------------------------------------------------------------
+
+cdef tuple _shape(object a, str fn, str name, int ndim):
+    """a's shape after checking it is a numpy array of `ndim` dimensions."""
+    if not isinstance(a, np.ndarray):
+        raise ValidationError(f"{fn}: {name} is a {type(a).__name__}, expected a numpy array")
+    if a.ndim != ndim:
+        raise ValidationError(f"{fn}: {name} has {a.ndim} dimensions {a.shape}, expected {ndim}")
+    return a.shape
+
+
+cdef void *_data(object a, str fn, str name, object dtype, tuple shape, bint out) except NULL:
+    """Pointer to a's data after checking dtype, shape, layout and (for outputs) writability.
+    The caller holds `a`, so the pointer stays valid for the call."""
+    cdef Py_buffer buf
+    cdef void *ptr
+    if not isinstance(a, np.ndarray):
+        raise ValidationError(f"{fn}: {name} is a {type(a).__name__}, expected a numpy array")
+    if a.dtype != dtype:
+        raise ValidationError(f"{fn}: {name} has dtype {a.dtype}, expected {dtype}")
+    if a.shape != shape:
+        raise ShapeMismatch(f"{fn}: {name}", shape, a.shape)
+    if a.size == 0:
+        raise ValidationError(f"{fn}: {name} is empty {a.shape}, expected at least one element")
+    if a.size > _INT_MAX:
+        raise ValidationError(f"{fn}: {name} has {a.size} elements, more than {_INT_MAX}")
+    if not a.flags.c_contiguous:
+        raise ValidationError(f"{fn}: {name} is not C-contiguous (strides {a.strides}); "
+                              f"pass numpy.ascontiguousarray({name})")
+    if out and not a.flags.writeable:
+        raise ValidationError(f"{fn}: {name} is read-only, expected a writable output array")
+    PyObject_GetBuffer(a, &buf, PyBUF_SIMPLE)
+    ptr = buf.buf
+    PyBuffer_Release(&buf)
+    return ptr
+
+
+cdef float *_f(object a, str fn, str name, tuple shape, bint out=False) except NULL:
+    return <float *>_data(a, fn, name, _F32, shape, out)
+
+
+cdef int *_ids(object a, str fn, str name, tuple shape, int V) except NULL:
+    """int32 token ids, each checked to lie in [0, V)."""
+    cdef int *p = <int *>_data(a, fn, name, _I32, shape, False)
+    cdef Py_ssize_t i, n = a.size
+    for i in range(n):
+        if p[i] < 0 or p[i] >= V:
+            raise ValidationError(f"{fn}: {name} holds token id {p[i]} at flat index {i}, "
+                                  f"expected ids in [0, {V})")
+    return p
+
+
+cdef int _heads(str fn, int D, int NH) except -1:
+    if NH < 1 or D % NH != 0:
+        raise ValidationError(f"{fn}: num_heads = {NH} must be >= 1 and divide D = {D}")
+    return D // NH
+
+
+# ---- runtime ---------------------------------------------------------------------------------
+
+def physical_cores():
+    """Number of physical cores this process may run on (hyper-threads not counted)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        base = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+        try:
+            with open(base + "physical_package_id") as pkg, open(base + "core_id") as core:
+                cores.add((pkg.read().strip(), core.read().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))
+
+
+def set_num_threads(n):
+    """Use `n` OpenMP threads in the kernels (n >= 1; a no-op without OpenMP)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValidationError(f"set_num_threads: n = {n!r}, expected an integer >= 1")
+    rg_set_num_threads(int(n))
+
+
+def get_num_threads():
+    """Threads the kernels use now."""
+    return rg_num_threads()
+
+
+def set_simd(name):
+    """Force the SIMD path: 'generic', 'avx2' or 'avx512' (clamped to what the CPU has).
+    Returns the path now in use."""
+    levels = {v: k for k, v in _SIMD_NAMES.items()}
+    if name not in levels:
+        raise ValidationError(f"set_simd: name = {name!r}, expected one of {sorted(levels)}")
+    return _SIMD_NAMES[rg_set_simd_level(levels[name])]
+
+
+def kernels_info():
+    """What the extension was built with and uses now: OpenMP, threads, SIMD path."""
+    return {
+        "openmp": bool(rg_has_openmp()),
+        "num_threads": rg_num_threads(),
+        "physical_cores": physical_cores(),
+        "simd": _SIMD_NAMES[rg_simd_level()],
+        "simd_supported": _SIMD_NAMES[rg_simd_supported()],
+    }
+
+
+# OMP_NUM_THREADS wins (OpenMP reads it itself); otherwise one thread per physical core.
+if not os.environ.get("OMP_NUM_THREADS"):
+    rg_set_num_threads(physical_cores())
+
+
+# ---- matmul -----------------------------------------------------------------------------------
+
+def sgemm(C, A, B, bint trans_a=False, bint trans_b=False, bint accumulate=False):
+    """C = op(A) @ op(B) (C += ... when accumulate). op(A): (M, K), op(B): (K, N), C: (M, N)."""
+    fn = "sgemm"
+    sa = _shape(A, fn, "A", 2)
+    sb = _shape(B, fn, "B", 2)
+    cdef int M = sa[1] if trans_a else sa[0]
+    cdef int K = sa[0] if trans_a else sa[1]
+    cdef int N = sb[0] if trans_b else sb[1]
+    kb = sb[1] if trans_b else sb[0]
+    if kb != K:
+        raise ShapeMismatch(f"{fn}: B{'^T' if trans_b else ''}", (K, N), (kb, N))
+    cdef const float *a = _f(A, fn, "A", sa)
+    cdef const float *b = _f(B, fn, "B", sb)
+    cdef float *c = _f(C, fn, "C", (M, N), True)
+    if C is A or C is B or np.shares_memory(C, A) or np.shares_memory(C, B):
+        raise ValidationError(f"{fn}: C overlaps an input, expected a separate output array")
+    with nogil:
+        rg_sgemm(c, a, b, M, N, K, trans_a, trans_b, accumulate)
+
+
+# ---- attention --------------------------------------------------------------------------------
+
+def attention_forward(out, att, q, k, v, int num_heads):
+    """Causal softmax attention. q, k, v, out: (B, T, D); att: (B, NH, T, T) saved probabilities."""
+    fn = "attention_forward"
+    s = _shape(q, fn, "q", 3)
+    cdef int B = s[0], T = s[1], D = s[2], NH = num_heads
+    _heads(fn, D, NH)
+    cdef const float *qp = _f(q, fn, "q", s)
+    cdef const float *kp = _f(k, fn, "k", s)
+    cdef const float *vp = _f(v, fn, "v", s)
+    cdef float *op = _f(out, fn, "out", s, True)
+    cdef float *ap = _f(att, fn, "att", (B, NH, T, T), True)
+    with nogil:
+        rg_attention_forward(op, ap, qp, kp, vp, B, T, D, NH)
+
+
+def attention_backward(dq, dk, dv, dout, att, q, k, v, int num_heads):
+    """Backward of attention_forward: overwrites dq, dk, dv (B, T, D)."""
+    fn = "attention_backward"
+    s = _shape(q, fn, "q", 3)
+    cdef int B = s[0], T = s[1], D = s[2], NH = num_heads
+    _heads(fn, D, NH)
+    cdef const float *qp = _f(q, fn, "q", s)
+    cdef const float *kp = _f(k, fn, "k", s)
+    cdef const float *vp = _f(v, fn, "v", s)
+    cdef const float *dop = _f(dout, fn, "dout", s)
+    cdef const float *ap = _f(att, fn, "att", (B, NH, T, T))
+    cdef float *dqp = _f(dq, fn, "dq", s, True)
+    cdef float *dkp = _f(dk, fn, "dk", s, True)
+    cdef float *dvp = _f(dv, fn, "dv", s, True)
+    with nogil:
+        rg_attention_backward(dqp, dkp, dvp, dop, ap, qp, kp, vp, B, T, D, NH)
+
+
+def attention_step(out, q, kcache, vcache, int n, int num_heads):
+    """One decoding step: q (B, D) attends to cache rows 0..n-1 of kcache, vcache (B, Tmax, D)."""
+    fn = "attention_step"
+    s = _shape(kcache, fn, "kcache", 3)
+    cdef int B = s[0], Tmax = s[1], D = s[2], NH = num_heads
+    _heads(fn, D, NH)
+    if n < 1 or n > Tmax:
+        raise ValidationError(f"{fn}: n = {n}, expected 1 <= n <= Tmax = {Tmax}")
+    cdef const float *kp = _f(kcache, fn, "kcache", s)
+    cdef const float *vp = _f(vcache, fn, "vcache", s)
+    cdef const float *qp = _f(q, fn, "q", (B, D))
+    cdef float *op = _f(out, fn, "out", (B, D), True)
+    with nogil:
+        rg_attention_step(op, qp, kp, vp, B, n, Tmax, D, NH)
+
+
+# ---- layer norm -----------------------------------------------------------------------------
+
+def layernorm_forward(out, mean, rstd, x, g, b, float eps=1e-5):
+    """out = (x - mean) * rstd * g + b per row. x, out: (N, D); g, b: (D); mean, rstd: (N)."""
+    fn = "layernorm_forward"
+    s = _shape(x, fn, "x", 2)
+    cdef int N = s[0], D = s[1]
+    if not eps > 0:
+        raise ValidationError(f"{fn}: eps = {eps}, expected > 0")
+    cdef const float *xp = _f(x, fn, "x", s)
+    cdef const float *gp = _f(g, fn, "g", (D,))
+    cdef const float *bp = _f(b, fn, "b", (D,))
+    cdef float *op = _f(out, fn, "out", s, True)
+    cdef float *mp = _f(mean, fn, "mean", (N,), True)
+    cdef float *rp = _f(rstd, fn, "rstd", (N,), True)
+    with nogil:
+        rg_layernorm_forward(op, mp, rp, xp, gp, bp, N, D, eps)
+
+
+def layernorm_backward(dx, dg, db, dout, x, g, mean, rstd):
+    """Overwrites dx (N, D) (may be dout itself); accumulates dg, db (D)."""
+    fn = "layernorm_backward"
+    s = _shape(x, fn, "x", 2)
+    cdef int N = s[0], D = s[1]
+    cdef const float *xp = _f(x, fn, "x", s)
+    cdef const float *dop = _f(dout, fn, "dout", s)
+    cdef const float *gp = _f(g, fn, "g", (D,))
+    cdef const float *mp = _f(mean, fn, "mean", (N,))
+    cdef const float *rp = _f(rstd, fn, "rstd", (N,))
+    cdef float *dxp = _f(dx, fn, "dx", s, True)
+    cdef float *dgp = _f(dg, fn, "dg", (D,), True)
+    cdef float *dbp = _f(db, fn, "db", (D,), True)
+    with nogil:
+        rg_layernorm_backward(dxp, dgp, dbp, dop, xp, gp, mp, rp, N, D)
+
+
+# ---- cross-entropy ---------------------------------------------------------------------------
+
+cdef int *_targets(object targets, str fn, int N, int V, int ignore_index) except NULL:
+    cdef int *p = <int *>_data(targets, fn, "targets", _I32, (N,), False)
+    cdef Py_ssize_t i
+    for i in range(N):
+        if p[i] != ignore_index and (p[i] < 0 or p[i] >= V):
+            raise ValidationError(f"{fn}: targets[{i}] = {p[i]}, expected an id in [0, {V}) "
+                                  f"or ignore_index = {ignore_index}")
+    return p
+
+
+def crossentropy_forward(losses, logits, targets, int ignore_index=-1):
+    """losses[i] = -log softmax(logits[i])[targets[i]] (0 where ignored). logits: (N, V)."""
+    fn = "crossentropy_forward"
+    s = _shape(logits, fn, "logits", 2)
+    cdef int N = s[0], V = s[1]
+    cdef const float *lp = _f(logits, fn, "logits", s)
+    cdef const int *tp = _targets(targets, fn, N, V, ignore_index)
+    cdef float *op = _f(losses, fn, "losses", (N,), True)
+    with nogil:
+        rg_crossentropy_forward(op, lp, tp, N, V, ignore_index)
+
+
+def crossentropy_forward_backward(losses, dlogits, logits, targets, int ignore_index=-1,
+                                  float dscale=1.0):
+    """Fused loss and gradient: dlogits = (softmax - onehot) * dscale; dlogits may be logits."""
+    fn = "crossentropy_forward_backward"
+    s = _shape(logits, fn, "logits", 2)
+    cdef int N = s[0], V = s[1]
+    cdef const float *lp = _f(logits, fn, "logits", s)
+    cdef const int *tp = _targets(targets, fn, N, V, ignore_index)
+    cdef float *op = _f(losses, fn, "losses", (N,), True)
+    cdef float *dp = _f(dlogits, fn, "dlogits", s, True)
+    with nogil:
+        rg_crossentropy_forward_backward(op, dp, lp, tp, N, V, ignore_index, dscale)
+
+
+# ---- Adam ---------------------------------------------------------------------------------------
+
+def adam_update(params, m, v, grads, double lr, double beta1=0.9, double beta2=0.999,
+                double eps=1e-8, double weight_decay=0.0, int t=1, float grad_scale=1.0):
+    """One fused Adam/AdamW step over flat float32 buffers of equal length (see the header)."""
+    fn = "adam_update"
+    s = _shape(params, fn, "params", 1)
+    cdef size_t n = s[0]
+    if t < 1:
+        raise ValidationError(f"{fn}: t = {t}, expected a step number >= 1")
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValidationError(f"{fn}: beta1 = {beta1}, beta2 = {beta2}, expected each in [0, 1)")
+    cdef float *pp = _f(params, fn, "params", s, True)
+    cdef float *mp = _f(m, fn, "m", s, True)
+    cdef float *vp = _f(v, fn, "v", s, True)
+    cdef const float *gp = _f(grads, fn, "grads", s)
+    with nogil:
+        rg_adam_update(pp, mp, vp, gp, n, lr, beta1, beta2, eps, weight_decay, t, grad_scale)
+
+
+# ---- elementwise, bias, embedding, norms ---------------------------------------------------
+
+def relu_forward(out, x):
+    """out = max(x, 0); out may be x. Any shape, out the same."""
+    fn = "relu_forward"
+    cdef const float *xp = _f(x, fn, "x", x.shape if isinstance(x, np.ndarray) else ())
+    cdef float *op = _f(out, fn, "out", x.shape, True)
+    cdef size_t n = x.size
+    with nogil:
+        rg_relu_forward(op, xp, n)
+
+
+def relu_backward(dx, dout, out):
+    """dx = dout where out > 0 else 0; dx may be dout. out is the forward's output."""
+    fn = "relu_backward"
+    cdef const float *outp = _f(out, fn, "out", out.shape if isinstance(out, np.ndarray) else ())
+    cdef const float *dop = _f(dout, fn, "dout", out.shape)
+    cdef float *dxp = _f(dx, fn, "dx", out.shape, True)
+    cdef size_t n = out.size
+    with nogil:
+        rg_relu_backward(dxp, dop, outp, n)
+
+
+def bias_add(x, b):
+    """x += b row by row. x: (N, C); b: (C)."""
+    fn = "bias_add"
+    s = _shape(x, fn, "x", 2)
+    cdef int N = s[0], C = s[1]
+    cdef float *xp = _f(x, fn, "x", s, True)
+    cdef const float *bp = _f(b, fn, "b", (C,))
+    with nogil:
+        rg_bias_add(xp, bp, N, C)
+
+
+def colsum(db, dy):
+    """db += dy summed over rows. dy: (N, C); db: (C)."""
+    fn = "colsum"
+    s = _shape(dy, fn, "dy", 2)
+    cdef int N = s[0], C = s[1]
+    cdef const float *dyp = _f(dy, fn, "dy", s)
+    cdef float *dbp = _f(db, fn, "db", (C,), True)
+    with nogil:
+        rg_colsum(dbp, dyp, N, C)
+
+
+def embedding_forward(out, ids, wte, wpe):
+    """out[b, t] = wte[ids[b, t]] + wpe[t]. ids: (B, T) int32; wte: (V, D); wpe: (Tmax, D)."""
+    fn = "embedding_forward"
+    s = _shape(ids, fn, "ids", 2)
+    sw = _shape(wte, fn, "wte", 2)
+    sp = _shape(wpe, fn, "wpe", 2)
+    cdef int B = s[0], T = s[1], V = sw[0], D = sw[1], Tmax = sp[0]
+    if T > Tmax:
+        raise ValidationError(f"{fn}: sequence length T = {T} exceeds max_seq_len = {Tmax}")
+    cdef const float *wtep = _f(wte, fn, "wte", sw)
+    cdef const float *wpep = _f(wpe, fn, "wpe", (Tmax, D))
+    cdef const int *ip = _ids(ids, fn, "ids", s, V)
+    cdef float *op = _f(out, fn, "out", (B, T, D), True)
+    with nogil:
+        rg_embedding_forward(op, ip, wtep, wpep, B, T, D)
+
+
+def embedding_backward(dwte, dwpe, dout, ids):
+    """dwte[ids[b, t]] += dout[b, t]; dwpe[t] += dout[b, t]. Accumulates."""
+    fn = "embedding_backward"
+    s = _shape(dout, fn, "dout", 3)
+    sw = _shape(dwte, fn, "dwte", 2)
+    sp = _shape(dwpe, fn, "dwpe", 2)
+    cdef int B = s[0], T = s[1], D = s[2], V = sw[0], Tmax = sp[0]
+    if T > Tmax:
+        raise ValidationError(f"{fn}: sequence length T = {T} exceeds max_seq_len = {Tmax}")
+    cdef const float *dop = _f(dout, fn, "dout", s)
+    cdef const int *ip = _ids(ids, fn, "ids", (B, T), V)
+    cdef float *dwtep = _f(dwte, fn, "dwte", (V, D), True)
+    cdef float *dwpep = _f(dwpe, fn, "dwpe", (Tmax, D), True)
+    with nogil:
+        rg_embedding_backward(dwtep, dwpep, dop, ip, B, T, D)
+
+
+def sum_squares(x):
+    """Sum of x**2 over a flat float32 array, accumulated in float64."""
+    fn = "sum_squares"
+    s = _shape(x, fn, "x", 1)
+    cdef const float *xp = _f(x, fn, "x", s)
+    cdef size_t n = s[0]
+    cdef double r
+    with nogil:
+        r = rg_sum_squares(xp, n)
+    return r
+
+
+def scale(x, float s):
+    """x *= s in place over a flat float32 array."""
+    fn = "scale"
+    sh = _shape(x, fn, "x", 1)
+    cdef float *xp = _f(x, fn, "x", sh, True)
+    cdef size_t n = sh[0]
+    with nogil:
+        rg_scale(xp, s, n)

@@ -1,0 +1,145 @@
+"""Float64 numpy references of every kernel, the ground truth for tests/ and bench/.
+
+Each function restates one kernel of csrc/rustgpt_kernels.h in plain numpy, returning new
+arrays instead of writing into outputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def matmul(A, B, trans_a=False, trans_b=False):
+    """op(A) @ op(B) in float64."""
+    A = np.asarray(A, np.float64)
+    B = np.asarray(B, np.float64)
+    return (A.T if trans_a else A) @ (B.T if trans_b else B)
+
+
+def _causal_mask(T):
+    return np.triu(np.ones((T, T), bool), k=1)  # True above the diagonal: future positions
+
+
+def attention_forward(q, k, v, num_heads):
+    """out (B, T, D), att (B, NH, T, T) of causal softmax attention."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    B, T, D = q.shape
+    hs = D // num_heads
+    split = lambda a: a.reshape(B, T, num_heads, hs).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
+    qh, kh, vh = split(q), split(k), split(v)
+    scores = qh @ kh.transpose(0, 1, 3, 2) / np.sqrt(hs)  # (B, NH, T, T)
+    scores = np.where(_causal_mask(T), -np.inf, scores)
+    scores -= scores.max(axis=-1, keepdims=True)
+    att = np.exp(scores)
+    att /= att.sum(axis=-1, keepdims=True)
+    out = (att @ vh).transpose(0, 2, 1, 3).reshape(B, T, D)
+    return out, att
+
+
+def attention_backward(dout, q, k, v, num_heads):
+    """dq, dk, dv (B, T, D) of attention_forward given dout."""
+    q, k, v, dout = (np.asarray(a, np.float64) for a in (q, k, v, dout))
+    B, T, D = q.shape
+    hs = D // num_heads
+    split = lambda a: a.reshape(B, T, num_heads, hs).transpose(0, 2, 1, 3)
+    merge = lambda a: a.transpose(0, 2, 1, 3).reshape(B, T, D)
+    qh, kh, vh, doh = split(q), split(k), split(v), split(dout)
+    _, att = attention_forward(q, k, v, num_heads)
+    dvh = att.transpose(0, 1, 3, 2) @ doh
+    datt = doh @ vh.transpose(0, 1, 3, 2)
+    dpre = att * (datt - (att * datt).sum(axis=-1, keepdims=True)) / np.sqrt(hs)
+    dqh = dpre @ kh
+    dkh = dpre.transpose(0, 1, 3, 2) @ qh
+    return merge(dqh), merge(dkh), merge(dvh)
+
+
+def layernorm_forward(x, g, b, eps=1e-5):
+    """out, mean, rstd of row-wise layer norm."""
+    x = np.asarray(x, np.float64)
+    mean = x.mean(axis=-1)
+    rstd = 1.0 / np.sqrt(x.var(axis=-1) + eps)
+    out = (x - mean[..., None]) * rstd[..., None] * g + b
+    return out, mean, rstd
+
+
+def layernorm_backward(dout, x, g, eps=1e-5):
+    """dx, dg, db of layernorm_forward given dout (N, D)."""
+    dout = np.asarray(dout, np.float64)
+    _, mean, rstd = layernorm_forward(x, g, np.zeros_like(g, np.float64), eps)
+    xhat = (np.asarray(x, np.float64) - mean[:, None]) * rstd[:, None]
+    dxhat = dout * g
+    dx = rstd[:, None] * (dxhat - dxhat.mean(-1, keepdims=True)
+                          - xhat * (dxhat * xhat).mean(-1, keepdims=True))
+    return dx, (dout * xhat).sum(0), dout.sum(0)
+
+
+def log_softmax(logits):
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def crossentropy(logits, targets, ignore_index=-1, dscale=1.0):
+    """losses (N) and dlogits (N, V) = (softmax - onehot) * dscale; ignored rows are 0."""
+    logp = log_softmax(logits)
+    N, V = logp.shape
+    keep = np.asarray(targets) != ignore_index
+    safe = np.where(keep, targets, 0)
+    losses = np.where(keep, -logp[np.arange(N), safe], 0.0)
+    dlogits = np.exp(logp)
+    dlogits[np.arange(N), safe] -= 1.0
+    dlogits *= dscale * keep[:, None]
+    return losses, dlogits
+
+
+def adam_update(params, m, v, grads, lr, beta1=0.9, beta2=0.999, eps=1e-8,
+                weight_decay=0.0, t=1, grad_scale=1.0):
+    """New params, m, v after one Adam/AdamW step."""
+    p, m, v, g = (np.asarray(a, np.float64) for a in (params, m, v, grads))
+    g = g * grad_scale
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    mhat = m / (1 - beta1**t)
+    vhat = v / (1 - beta2**t)
+    p = p - lr * (mhat / (np.sqrt(vhat) + eps) + weight_decay * p)
+    return p, m, v
+
+
+def embedding_forward(ids, wte, wpe):
+    T = ids.shape[1]
+    return np.asarray(wte, np.float64)[ids] + np.asarray(wpe, np.float64)[:T]
+
+
+def embedding_backward(dout, ids, V, Tmax):
+    """dwte (V, D), dwpe (Tmax, D) given dout (B, T, D)."""
+    B, T, D = dout.shape
+    dwte = np.zeros((V, D))
+    dwpe = np.zeros((Tmax, D))
+    np.add.at(dwte, ids.reshape(-1), dout.reshape(-1, D))
+    dwpe[:T] = dout.sum(0)
+    return dwte, dwpe
+
+
+def numerical_gradient(f, x, eps=1e-6):
+    """Central finite differences of scalar f() with respect to float64 array x (in place)."""
+    grad = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        fp = f()
+        flat[i] = old - eps
+        fm = f()
+        flat[i] = old
+        gflat[i] = (fp - fm) / (2 * eps)
+    return grad
+
+
+def assert_close(actual, expected, rtol, atol, name=""):
+    """np.testing.assert_allclose that prints the max absolute and relative difference."""
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    diff = np.abs(actual - expected)
+    rel = diff / np.maximum(np.abs(expected), atol)
+    msg = f"{name}: max abs diff {diff.max(initial=0):.3g}, max rel diff {rel.max(initial=0):.3g}"
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=msg)

@@ -1,0 +1,219 @@
+"""Layer norm, cross-entropy, Adam, relu, bias, embedding and norm kernels vs tests/reference.py."""
+
+import numpy as np
+import pytest
+
+from rustgpt import _kernels as K
+from rustgpt.errors import ShapeMismatch, ValidationError
+from tests import reference as ref
+
+SIZES = [(1, 1), (7, 33), (33, 129), (80, 128)]
+
+
+@pytest.mark.parametrize("N,D", SIZES)
+def test_layernorm_forward(rng, N, D):
+    x = (rng.standard_normal((N, D)) * 3 + 2).astype(np.float32)
+    g = rng.standard_normal(D).astype(np.float32)
+    b = rng.standard_normal(D).astype(np.float32)
+    out, mean, rstd = np.empty_like(x), np.empty(N, np.float32), np.empty(N, np.float32)
+    K.layernorm_forward(out, mean, rstd, x, g, b)
+    e_out, e_mean, e_rstd = ref.layernorm_forward(x, g, b)
+    ref.assert_close(out, e_out, 1e-4, 1e-4, "out")
+    ref.assert_close(mean, e_mean, 1e-5, 1e-5, "mean")
+    ref.assert_close(rstd, e_rstd, 1e-4, 1e-5, "rstd")
+
+
+@pytest.mark.parametrize("N,D", SIZES)
+def test_layernorm_backward(rng, N, D):
+    x = rng.standard_normal((N, D)).astype(np.float32)
+    g = rng.standard_normal(D).astype(np.float32)
+    b = rng.standard_normal(D).astype(np.float32)
+    dout = rng.standard_normal((N, D)).astype(np.float32)
+    out, mean, rstd = np.empty_like(x), np.empty(N, np.float32), np.empty(N, np.float32)
+    K.layernorm_forward(out, mean, rstd, x, g, b)
+    dx = np.empty_like(x)
+    dg = np.ones(D, np.float32)  # accumulates onto what is there
+    db = np.ones(D, np.float32)
+    K.layernorm_backward(dx, dg, db, dout, x, g, mean, rstd)
+    e_dx, e_dg, e_db = ref.layernorm_backward(dout, x, g)
+    ref.assert_close(dx, e_dx, 1e-3, 1e-4, "dx")
+    ref.assert_close(dg, e_dg + 1, 1e-4, 1e-4, "dg")
+    ref.assert_close(db, e_db + 1, 1e-4, 1e-4, "db")
+
+
+def test_layernorm_backward_matches_finite_differences(rng):
+    N, D = 3, 7
+    x = rng.standard_normal((N, D))
+    g = rng.standard_normal(D)
+    b = rng.standard_normal(D)
+    w = rng.standard_normal((N, D))  # loss = sum(w * out)
+    loss = lambda: float((w * ref.layernorm_forward(x, g, b)[0]).sum())
+    num_dx = ref.numerical_gradient(loss, x)
+    num_dg = ref.numerical_gradient(loss, g)
+    x32, g32, b32 = (a.astype(np.float32) for a in (x, g, b))
+    out, mean, rstd = np.empty_like(x32), np.empty(N, np.float32), np.empty(N, np.float32)
+    K.layernorm_forward(out, mean, rstd, x32, g32, b32)
+    dx, dg, db = np.empty_like(x32), np.zeros(D, np.float32), np.zeros(D, np.float32)
+    K.layernorm_backward(dx, dg, db, w.astype(np.float32), x32, g32, mean, rstd)
+    ref.assert_close(dx, num_dx, 1e-3, 1e-4, "dx")
+    ref.assert_close(dg, num_dg, 1e-3, 1e-4, "dg")
+
+
+def test_layernorm_backward_in_place(rng):
+    x = rng.standard_normal((5, 33)).astype(np.float32)
+    g, b = np.ones(33, np.float32), np.zeros(33, np.float32)
+    out, mean, rstd = np.empty_like(x), np.empty(5, np.float32), np.empty(5, np.float32)
+    K.layernorm_forward(out, mean, rstd, x, g, b)
+    dout = rng.standard_normal((5, 33)).astype(np.float32)
+    dx = np.empty_like(x)
+    K.layernorm_backward(dx, np.zeros(33, np.float32), np.zeros(33, np.float32), dout, x, g, mean, rstd)
+    K.layernorm_backward(dout, np.zeros(33, np.float32), np.zeros(33, np.float32), dout, x, g, mean, rstd)
+    np.testing.assert_array_equal(dout, dx)
+
+
+@pytest.mark.parametrize("N,V", [(1, 1), (7, 33), (33, 530), (64, 4099)])
+def test_crossentropy(rng, N, V):
+    logits = (rng.standard_normal((N, V)) * 5).astype(np.float32)
+    targets = rng.integers(0, V, N).astype(np.intc)
+    targets[::3] = -1  # ignored positions (padding)
+    losses = np.empty(N, np.float32)
+    K.crossentropy_forward(losses, logits, targets)
+    e_losses, e_dlogits = ref.crossentropy(logits, targets, dscale=0.25)
+    ref.assert_close(losses, e_losses, 1e-5, 1e-5, "losses")
+    losses2, dlogits = np.empty(N, np.float32), np.empty_like(logits)
+    K.crossentropy_forward_backward(losses2, dlogits, logits, targets, -1, 0.25)
+    ref.assert_close(losses2, e_losses, 1e-5, 1e-5, "losses")
+    ref.assert_close(dlogits, e_dlogits, 1e-5, 1e-6, "dlogits")
+    K.crossentropy_forward_backward(losses2, logits, logits, targets, -1, 0.25)  # in place
+    ref.assert_close(logits, e_dlogits, 1e-5, 1e-6, "dlogits in place")
+
+
+def test_crossentropy_is_stable_for_huge_logits():
+    logits = np.array([[1e4, 0.0, -1e4]], np.float32)
+    losses = np.empty(1, np.float32)
+    K.crossentropy_forward(losses, logits, np.array([1], np.intc))
+    assert np.isfinite(losses).all() and abs(losses[0] - 1e4) < 1
+
+
+@pytest.mark.parametrize("n", [1, 7, 129, 100_003])
+@pytest.mark.parametrize("weight_decay,grad_scale", [(0.0, 1.0), (0.01, 0.5)])
+def test_adam(rng, n, weight_decay, grad_scale):
+    p = rng.standard_normal(n).astype(np.float32)
+    m = rng.standard_normal(n).astype(np.float32) * 0.1
+    v = np.abs(rng.standard_normal(n)).astype(np.float32) * 0.01
+    g = rng.standard_normal(n).astype(np.float32)
+    e_p, e_m, e_v = ref.adam_update(p, m, v, g, 1e-3, weight_decay=weight_decay, t=7,
+                                    grad_scale=grad_scale)
+    K.adam_update(p, m, v, g, 1e-3, weight_decay=weight_decay, t=7, grad_scale=grad_scale)
+    ref.assert_close(p, e_p, 1e-5, 1e-6, "params")
+    ref.assert_close(m, e_m, 1e-5, 1e-7, "m")
+    ref.assert_close(v, e_v, 1e-5, 1e-8, "v")
+
+
+@pytest.mark.parametrize("n", [1, 33, 100_003])
+def test_relu(rng, n):
+    x = rng.standard_normal(n).astype(np.float32)
+    out = np.empty_like(x)
+    K.relu_forward(out, x)
+    np.testing.assert_array_equal(out, np.maximum(x, 0))
+    dout = rng.standard_normal(n).astype(np.float32)
+    dx = np.empty_like(x)
+    K.relu_backward(dx, dout, out)
+    np.testing.assert_array_equal(dx, np.where(x > 0, dout, 0))
+    K.relu_forward(x, x)  # in place
+    np.testing.assert_array_equal(x, out)
+
+
+@pytest.mark.parametrize("N,C", SIZES + [(1024, 2048)])
+def test_bias_add_and_colsum(rng, N, C):
+    x = rng.standard_normal((N, C)).astype(np.float32)
+    b = rng.standard_normal(C).astype(np.float32)
+    expected = x.astype(np.float64) + b
+    K.bias_add(x, b)
+    ref.assert_close(x, expected, 1e-6, 1e-6, "bias_add")
+    db = np.ones(C, np.float32)
+    K.colsum(db, x)
+    ref.assert_close(db, expected.sum(0) + 1, 1e-5, 1e-3, "colsum")
+
+
+@pytest.mark.parametrize("B,T,D,V", [(1, 1, 1, 1), (2, 7, 33, 11), (4, 80, 128, 530)])
+def test_embedding(rng, B, T, D, V):
+    Tmax = T + 3
+    ids = rng.integers(0, V, (B, T)).astype(np.intc)
+    ids[0, :] = 0  # repeated ids must add up, not overwrite
+    wte = rng.standard_normal((V, D)).astype(np.float32)
+    wpe = rng.standard_normal((Tmax, D)).astype(np.float32)
+    out = np.empty((B, T, D), np.float32)
+    K.embedding_forward(out, ids, wte, wpe)
+    ref.assert_close(out, ref.embedding_forward(ids, wte, wpe), 1e-6, 1e-6, "out")
+    dout = rng.standard_normal((B, T, D)).astype(np.float32)
+    dwte, dwpe = np.zeros_like(wte), np.zeros_like(wpe)
+    K.embedding_backward(dwte, dwpe, dout, ids)
+    e_dwte, e_dwpe = ref.embedding_backward(dout, ids, V, Tmax)
+    ref.assert_close(dwte, e_dwte, 1e-5, 1e-5, "dwte")
+    ref.assert_close(dwpe, e_dwpe, 1e-5, 1e-5, "dwpe")
+
+
+def test_sum_squares_and_scale(rng):
+    x = rng.standard_normal(100_003).astype(np.float32)
+    assert K.sum_squares(x) == pytest.approx(float((x.astype(np.float64) ** 2).sum()), rel=1e-9)
+    expected = x * np.float32(0.5)
+    K.scale(x, 0.5)
+    np.testing.assert_array_equal(x, expected)
+
+
+# ---- bad input: a clear error, never a crash ------------------------------------------------
+
+def test_token_ids_out_of_range_are_refused():
+    wte = np.zeros((5, 4), np.float32)
+    wpe = np.zeros((8, 4), np.float32)
+    out = np.empty((1, 3, 4), np.float32)
+    for bad in (5, -1):
+        with pytest.raises(ValidationError, match=rf"ids holds token id {bad} .* \[0, 5\)"):
+            K.embedding_forward(out, np.array([[0, bad, 1]], np.intc), wte, wpe)
+    with pytest.raises(ValidationError, match="T = 9 exceeds max_seq_len = 8"):
+        K.embedding_forward(np.empty((1, 9, 4), np.float32), np.zeros((1, 9), np.intc), wte, wpe)
+    with pytest.raises(ValidationError, match=r"targets\[1\] = 7"):
+        K.crossentropy_forward(np.empty(2, np.float32), np.zeros((2, 5), np.float32),
+                               np.array([1, 7], np.intc))
+
+
+def test_wrong_shape_dtype_layout_and_readonly_are_refused():
+    x = np.zeros((4, 8), np.float32)
+    g = b = np.ones(8, np.float32)
+    mean, rstd = np.empty(4, np.float32), np.empty(4, np.float32)
+    with pytest.raises(ShapeMismatch, match=r"layernorm_forward: out has shape \(4, 7\), expected \(4, 8\)"):
+        K.layernorm_forward(np.empty((4, 7), np.float32), mean, rstd, x, g, b)
+    with pytest.raises(ValidationError, match="x has dtype float64, expected float32"):
+        K.layernorm_forward(np.empty_like(x), mean, rstd, x.astype(np.float64), g, b)
+    with pytest.raises(ValidationError, match="x is not C-contiguous"):
+        K.layernorm_forward(np.empty_like(x), mean, rstd, np.zeros((8, 4), np.float32).T, g, b)
+    ro = np.empty_like(x)
+    ro.flags.writeable = False
+    with pytest.raises(ValidationError, match="out is read-only"):
+        K.layernorm_forward(ro, mean, rstd, x, g, b)
+    with pytest.raises(ValidationError, match="x is a list, expected a numpy array"):
+        K.layernorm_forward(np.empty_like(x), mean, rstd, [[1.0]], g, b)
+    with pytest.raises(ValidationError, match="x has 1 dimensions"):
+        K.layernorm_forward(np.empty_like(x), mean, rstd, g, g, b)
+    with pytest.raises(ValidationError, match="is empty"):
+        K.relu_forward(np.empty(0, np.float32), np.empty(0, np.float32))
+    with pytest.raises(ValidationError, match="t = 0"):
+        p = np.zeros(3, np.float32)
+        K.adam_update(p, p.copy(), p.copy(), p.copy(), 1e-3, t=0)
+
+
+def test_runtime_switches():
+    info = K.kernels_info()
+    assert info["num_threads"] >= 1 and info["simd"] in ("generic", "avx2", "avx512")
+    old = K.get_num_threads()
+    K.set_num_threads(1)
+    assert K.get_num_threads() == 1 or not info["openmp"]
+    K.set_num_threads(old)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValidationError, match="set_num_threads"):
+            K.set_num_threads(bad)
+    with pytest.raises(ValidationError, match="set_simd"):
+        K.set_simd("sse9")
+    assert K.set_simd("generic") == "generic"
+    K.set_simd(info["simd_supported"])
