@@ -143,3 +143,43 @@ def assert_close(actual, expected, rtol, atol, name=""):
     rel = diff / np.maximum(np.abs(expected), atol)
     msg = f"{name}: max abs diff {diff.max(initial=0):.3g}, max rel diff {rel.max(initial=0):.3g}"
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=msg)
+
+
+# ---- the model, layer by layer (params: dict of float64 arrays keyed like LLM's) --------------
+
+def self_attention(p, x, num_heads):
+    out, _ = attention_forward(x @ p["wq"], x @ p["wk"], x @ p["wv"], num_heads)
+    return out
+
+
+def feed_forward(p, x):
+    return np.maximum(x @ p["w1"] + p["b1"], 0.0) @ p["w2"] + p["b2"]
+
+
+def layer_norm(p, x):
+    return layernorm_forward(x, p["gamma"], p["beta"])[0]
+
+
+def transformer_block(p, x, num_heads):
+    sub = lambda prefix: {k[len(prefix):]: v for k, v in p.items() if k.startswith(prefix)}
+    x = layer_norm(sub("ln1."), x + self_attention(sub("attn."), x, num_heads))
+    return layer_norm(sub("ln2."), x + feed_forward(sub("ffn."), x))
+
+
+def model_logits(p, ids, num_layers, num_heads):
+    """Logits (B, T, V) of the whole model in float64."""
+    T = ids.shape[1]
+    x = p["embeddings.token"][ids] + p["embeddings.position"][:T]
+    for i in range(num_layers):
+        prefix = f"blocks.{i}."
+        x = transformer_block({k[len(prefix):]: v for k, v in p.items() if k.startswith(prefix)},
+                              x, num_heads)
+    return x @ p["output.w"] + p["output.b"]
+
+
+def model_loss(p, ids, targets, num_layers, num_heads, ignore_index=-1):
+    """Mean next-token cross-entropy over the targets that are not ignore_index."""
+    logits = model_logits(p, ids, num_layers, num_heads)
+    losses, _ = crossentropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                             ignore_index)
+    return losses.sum() / np.count_nonzero(targets != ignore_index)

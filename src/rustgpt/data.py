@@ -1,0 +1,166 @@
+"""Dataset: training examples loaded from JSON or CSV, validated, and cut into padded batches.
+
+JSON is an array of strings; CSV is one example per row (no header, columns joined with
+","), as RustGPT reads them. Every problem is a ``DataLoadError`` naming file and item.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from rustgpt.errors import DataLoadError
+from rustgpt.model import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+MAX_FILE_BYTES = 256 * 1024 * 1024  # larger files are refused, not read into memory
+
+
+def _read_text(path: Path, max_bytes: int) -> str:
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise DataLoadError(f"{path}: not a regular file")
+        if size > max_bytes:
+            raise DataLoadError(f"{path}: {size:,} bytes, more than the limit of {max_bytes:,}; "
+                                f"split the file or raise the limit")
+        raw = path.read_bytes()
+    except FileNotFoundError as err:
+        raise DataLoadError(f"{path}: no such file") from err
+    except PermissionError as err:
+        raise DataLoadError(f"{path}: permission denied") from err
+    except OSError as err:
+        raise DataLoadError(f"{path}: cannot read ({err.strerror or err})") from err
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise DataLoadError(f"{path}: line {line}: not UTF-8 (byte 0x{raw[err.start]:02x} at "
+                            f"offset {err.start})") from err
+
+
+class Dataset:
+    """A list of training examples (strings), e.g. ``"User: hi Assistant: hello </s>"``."""
+
+    def __init__(self, examples: Sequence[str], source: str = "<memory>") -> None:
+        if len(examples) == 0:
+            raise DataLoadError(f"{source}: no examples, expected at least one")
+        for i, example in enumerate(examples):
+            if not isinstance(example, str):
+                raise DataLoadError(f"{source}: item {i} is {_kind(example)}, expected a string")
+            if not example.strip():
+                raise DataLoadError(f"{source}: item {i} is an empty string")
+        self.examples = list(examples)
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> str:
+        return self.examples[i]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> Dataset:
+        """Load a .json or .csv file (chosen by extension)."""
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix == ".json":
+            return cls.load_json(path, max_bytes)
+        if suffix == ".csv":
+            return cls.load_csv(path, max_bytes)
+        raise DataLoadError(f"{path}: unknown data format {suffix or '(no extension)'!r}, "
+                            f"expected .json or .csv")
+
+    @classmethod
+    def load_json(cls, path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> Dataset:
+        """A JSON array of strings."""
+        path = Path(path)
+        text = _read_text(path, max_bytes)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataLoadError(f"{path}: line {err.lineno} column {err.colno}: malformed "
+                                f"JSON ({err.msg})") from err
+        if not isinstance(data, list):
+            raise DataLoadError(f"{path}: top level is {_kind(data)}, expected an array of strings")
+        return cls(data, str(path))
+
+    @classmethod
+    def load_csv(cls, path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> Dataset:
+        """One example per row, no header; a row's columns are joined with ","."""
+        path = Path(path)
+        text = _read_text(path, max_bytes)
+        examples, width = [], None
+        try:
+            for row in csv.reader(io.StringIO(text, newline="")):
+                if not row:
+                    continue
+                if width is None:
+                    width = len(row)
+                elif len(row) != width:
+                    raise DataLoadError(f"{path}: line {len(examples) + 1}: {len(row)} columns, "
+                                        f"expected {width} like the first row")
+                examples.append(",".join(row))
+        except csv.Error as err:
+            raise DataLoadError(f"{path}: malformed CSV ({err})") from err
+        return cls(examples, str(path))
+
+    def statistics(self, vocab=None) -> dict:
+        """Example count and length in words (min / mean / max); tokens too with a vocab."""
+        words = np.array([len(e.split()) for e in self.examples])
+        stats = {"source": self.source, "examples": len(self.examples),
+                 "words": int(words.sum()), "min_words": int(words.min()),
+                 "mean_words": float(words.mean()), "max_words": int(words.max())}
+        if vocab is not None:
+            tokens = np.array([len(vocab.encode(e)) for e in self.examples])
+            stats.update(tokens=int(tokens.sum()), max_tokens=int(tokens.max()))
+        return stats
+
+    def encode(self, vocab, max_seq_len: int) -> list[np.ndarray]:
+        """Token ids of each example, int32 (n,), cut to max_seq_len + 1 tokens (the inputs
+        then fill the context). Examples of fewer than two tokens are dropped with a warning."""
+        sequences, cut, dropped = [], 0, 0
+        for example in self.examples:
+            ids = np.asarray(vocab.encode(example), np.intc)
+            if len(ids) < 2:
+                dropped += 1
+                continue
+            if len(ids) > max_seq_len + 1:
+                ids, cut = ids[:max_seq_len + 1], cut + 1
+            sequences.append(ids)
+        if cut:
+            log.warning("%s: %d examples longer than max_seq_len + 1 = %d tokens were truncated",
+                        self.source, cut, max_seq_len + 1, extra={"truncated": cut})
+        if dropped:
+            log.warning("%s: %d examples of fewer than 2 tokens were skipped", self.source,
+                        dropped, extra={"skipped": dropped})
+        if not sequences:
+            raise DataLoadError(f"{self.source}: no example has two or more tokens to train on")
+        return sequences
+
+
+def make_batch(sequences: Sequence[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and targets (B, T) for next-token prediction, padded on the right.
+
+    T = longest sequence - 1; padded inputs are `pad_id`, padded targets IGNORE_INDEX."""
+    T = max(len(s) for s in sequences) - 1
+    inputs = np.full((len(sequences), T), pad_id, np.intc)
+    targets = np.full((len(sequences), T), IGNORE_INDEX, np.intc)
+    for row, seq in enumerate(sequences):
+        inputs[row, :len(seq) - 1] = seq[:-1]
+        targets[row, :len(seq) - 1] = seq[1:]
+    return inputs, targets
+
+
+def _kind(value) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+             type(None): "null", int: "a number", float: "a number"}
+    return names.get(type(value), type(value).__name__)

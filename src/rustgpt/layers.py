@@ -1,0 +1,296 @@
+"""The layers of the model, each a forward/backward pair over the C kernels.
+
+Parameters and gradients live in two flat float32 buffers (``FlatParameters``); a layer
+holds named views into them (``wq`` and its gradient ``dwq``). Activations live in a
+``Workspace`` passed to every call, so one set of weights can serve many callers.
+``backward`` returns the input gradient and accumulates (+=) into the parameter gradients.
+Shapes use DESIGN.md's letters: B batch, T sequence, D embedding, H hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+
+from rustgpt import _kernels as K
+
+F32 = np.float32
+
+
+class Workspace:
+    """Grow-only scratch arrays by name: ``get`` returns a C-contiguous float32 view of at
+    least the requested shape without allocating once the buffer is large enough."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype=F32) -> np.ndarray:
+        n = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.size < n or buf.dtype != dtype:
+            buf = self._buffers[name] = np.empty(max(n, 1), dtype)
+        return buf[:n].reshape(shape)
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self._buffers.values())
+
+
+class Module:
+    """A layer: its own parameters (name -> (shape, init std or constant)) and child layers."""
+
+    def __init__(self) -> None:
+        self.path = ""
+        self._params: dict[str, tuple[tuple[int, ...], str, float]] = {}
+        self._children: dict[str, Module] = {}
+
+    def param(self, name: str, shape: tuple[int, ...], init: str, value: float) -> None:
+        """Declare a parameter; init is "normal" (value = std) or "constant"."""
+        self._params[name] = (tuple(shape), init, value)
+
+    def child(self, name: str, module: Module) -> Module:
+        self._children[name] = module
+        return module
+
+    def named_specs(self, prefix: str = "") -> Iterator[tuple[str, tuple[int, ...], str, float]]:
+        """(dotted name, shape, init, value) of every parameter, in a fixed order."""
+        for name, (shape, init, value) in self._params.items():
+            yield prefix + name, shape, init, value
+        for name, module in self._children.items():
+            yield from module.named_specs(f"{prefix}{name}.")
+
+    def bind(self, store: FlatParameters, prefix: str = "") -> None:
+        """Point this layer's parameter and gradient attributes at views of `store`."""
+        self.path = prefix.rstrip(".")
+        for name in self._params:
+            setattr(self, name, store.values[prefix + name])
+            setattr(self, "d" + name, store.grads[prefix + name])
+        for name, module in self._children.items():
+            module.bind(store, f"{prefix}{name}.")
+
+    def parameters(self) -> int:
+        """Number of parameters in this layer and its children."""
+        return sum(math.prod(shape) for _, shape, _, _ in self.named_specs())
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}"
+
+
+class FlatParameters:
+    """One float32 buffer of parameters, one of gradients, and named views into both.
+
+    data, grad: (P,); values[name], grads[name]: views with the parameter's shape."""
+
+    def __init__(self, specs: list[tuple[str, tuple[int, ...], str, float]]) -> None:
+        self.specs = specs
+        total = sum(math.prod(shape) for _, shape, _, _ in specs)
+        self.data = np.zeros(total, F32)
+        self.grad = np.zeros(total, F32)
+        self.values: dict[str, np.ndarray] = {}
+        self.grads: dict[str, np.ndarray] = {}
+        offset = 0
+        for name, shape, _, _ in specs:
+            n = math.prod(shape)
+            self.values[name] = self.data[offset:offset + n].reshape(shape)
+            self.grads[name] = self.grad[offset:offset + n].reshape(shape)
+            offset += n
+
+    def initialize(self, rng: np.random.Generator) -> None:
+        """Draw every parameter from its init rule, in table order."""
+        for name, shape, init, value in self.specs:
+            if init == "normal":
+                self.values[name][...] = rng.normal(0.0, value, shape)
+            else:
+                self.values[name][...] = value
+
+    def zero_grad(self) -> None:
+        self.grad.fill(0.0)
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    """(B, T, C) -> (B*T, C) view."""
+    return x.reshape(-1, x.shape[-1])
+
+
+class Embeddings(Module):
+    """x = token[ids] + position[0:T]. token: (V, D) and position: (T_max, D), N(0, 0.02)."""
+
+    def __init__(self, vocab_size: int, embedding_dim: int, max_seq_len: int) -> None:
+        super().__init__()
+        self.param("token", (vocab_size, embedding_dim), "normal", 0.02)
+        self.param("position", (max_seq_len, embedding_dim), "normal", 0.02)
+
+    def forward(self, ws: Workspace, ids: np.ndarray) -> np.ndarray:
+        """ids: (B, T) int32 -> (B, T, D)."""
+        B, T = ids.shape
+        out = ws.get(self.key("out"), (B, T, self.token.shape[1]))
+        K.embedding_forward(out, ids, self.token, self.position)
+        return out
+
+    def backward(self, ws: Workspace, ids: np.ndarray, dout: np.ndarray) -> None:
+        K.embedding_backward(self.dtoken, self.dposition, dout, ids)
+
+
+class SelfAttention(Module):
+    """Causal multi-head attention without an output projection (as RustGPT).
+    wq, wk, wv: (D, D), N(0, 2/D)."""
+
+    def __init__(self, embedding_dim: int, num_heads: int) -> None:
+        super().__init__()
+        D = embedding_dim
+        self.num_heads = num_heads
+        for name in ("wq", "wk", "wv"):
+            self.param(name, (D, D), "normal", math.sqrt(2.0 / D))
+
+    def forward(self, ws: Workspace, x: np.ndarray) -> np.ndarray:
+        """x: (B, T, D) -> (B, T, D); q, k, v and the probabilities stay in ws for backward."""
+        B, T, D = x.shape
+        x2 = _rows(x)
+        q, k, v, out = (ws.get(self.key(n), (B, T, D)) for n in ("q", "k", "v", "out"))
+        K.sgemm(_rows(q), x2, self.wq)  # q = x Wq
+        K.sgemm(_rows(k), x2, self.wk)
+        K.sgemm(_rows(v), x2, self.wv)
+        att = ws.get(self.key("att"), (B, self.num_heads, T, T))
+        K.attention_forward(out, att, q, k, v, self.num_heads)
+        return out
+
+    def backward(self, ws: Workspace, x: np.ndarray, dout: np.ndarray) -> np.ndarray:
+        B, T, D = x.shape
+        q, k, v = (ws.get(self.key(n), (B, T, D)) for n in ("q", "k", "v"))
+        att = ws.get(self.key("att"), (B, self.num_heads, T, T))
+        dq, dk, dv, dx = (ws.get(self.key(n), (B, T, D)) for n in ("dq", "dk", "dv", "dx"))
+        K.attention_backward(dq, dk, dv, dout, att, q, k, v, self.num_heads)
+        x2, dx2 = _rows(x), _rows(dx)
+        K.sgemm(self.dwq, x2, _rows(dq), trans_a=True, accumulate=True)  # dWq += x^T dq
+        K.sgemm(self.dwk, x2, _rows(dk), trans_a=True, accumulate=True)
+        K.sgemm(self.dwv, x2, _rows(dv), trans_a=True, accumulate=True)
+        K.sgemm(dx2, _rows(dq), self.wq, trans_b=True)  # dx = dq Wq^T + dk Wk^T + dv Wv^T
+        K.sgemm(dx2, _rows(dk), self.wk, trans_b=True, accumulate=True)
+        K.sgemm(dx2, _rows(dv), self.wv, trans_b=True, accumulate=True)
+        return dx
+
+
+class FeedForward(Module):
+    """relu(x W1 + b1) W2 + b2. w1: (D, H) N(0, 2/D); w2: (H, D) N(0, 2/H); biases 0."""
+
+    def __init__(self, embedding_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        D, H = embedding_dim, hidden_dim
+        self.param("w1", (D, H), "normal", math.sqrt(2.0 / D))
+        self.param("b1", (H,), "constant", 0.0)
+        self.param("w2", (H, D), "normal", math.sqrt(2.0 / H))
+        self.param("b2", (D,), "constant", 0.0)
+
+    def forward(self, ws: Workspace, x: np.ndarray) -> np.ndarray:
+        """x: (B, T, D) -> (B, T, D); the hidden activation h (B*T, H) stays in ws."""
+        x2 = _rows(x)
+        N, H = x2.shape[0], self.w1.shape[1]
+        h = ws.get(self.key("h"), (N, H))
+        K.sgemm(h, x2, self.w1)
+        K.bias_add(h, self.b1)
+        K.relu_forward(h, h)
+        out = ws.get(self.key("out"), x.shape)
+        K.sgemm(_rows(out), h, self.w2)
+        K.bias_add(_rows(out), self.b2)
+        return out
+
+    def backward(self, ws: Workspace, x: np.ndarray, dout: np.ndarray) -> np.ndarray:
+        x2, dout2 = _rows(x), _rows(dout)
+        N, H = x2.shape[0], self.w1.shape[1]
+        h = ws.get(self.key("h"), (N, H))
+        dh = ws.get(self.key("dh"), (N, H))
+        K.sgemm(self.dw2, h, dout2, trans_a=True, accumulate=True)  # dW2 += h^T dout
+        K.colsum(self.db2, dout2)
+        K.sgemm(dh, dout2, self.w2, trans_b=True)  # dh = dout W2^T
+        K.relu_backward(dh, dh, h)
+        K.sgemm(self.dw1, x2, dh, trans_a=True, accumulate=True)
+        K.colsum(self.db1, dh)
+        dx = ws.get(self.key("dx"), x.shape)
+        K.sgemm(_rows(dx), dh, self.w1, trans_b=True)
+        return dx
+
+
+class LayerNorm(Module):
+    """(x - mean) / sqrt(var + 1e-5) * gamma + beta over the last axis. gamma 1, beta 0."""
+
+    eps = 1e-5
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.param("gamma", (dim,), "constant", 1.0)
+        self.param("beta", (dim,), "constant", 0.0)
+
+    def forward(self, ws: Workspace, x: np.ndarray) -> np.ndarray:
+        """x: (B, T, D) -> (B, T, D); mean and rstd (B*T,) stay in ws."""
+        x2 = _rows(x)
+        N = x2.shape[0]
+        out = ws.get(self.key("out"), x.shape)
+        mean, rstd = ws.get(self.key("mean"), (N,)), ws.get(self.key("rstd"), (N,))
+        K.layernorm_forward(_rows(out), mean, rstd, x2, self.gamma, self.beta, self.eps)
+        return out
+
+    def backward(self, ws: Workspace, x: np.ndarray, dout: np.ndarray) -> np.ndarray:
+        x2 = _rows(x)
+        N = x2.shape[0]
+        mean, rstd = ws.get(self.key("mean"), (N,)), ws.get(self.key("rstd"), (N,))
+        dx = ws.get(self.key("dx"), x.shape)
+        K.layernorm_backward(_rows(dx), self.dgamma, self.dbeta, _rows(dout), x2,
+                             self.gamma, mean, rstd)
+        return dx
+
+
+class TransformerBlock(Module):
+    """Post-norm block, as RustGPT: x = LN1(x + attn(x)); x = LN2(x + ffn(x))."""
+
+    def __init__(self, embedding_dim: int, hidden_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.attn = self.child("attn", SelfAttention(embedding_dim, num_heads))
+        self.ln1 = self.child("ln1", LayerNorm(embedding_dim))
+        self.ffn = self.child("ffn", FeedForward(embedding_dim, hidden_dim))
+        self.ln2 = self.child("ln2", LayerNorm(embedding_dim))
+
+    def forward(self, ws: Workspace, x: np.ndarray) -> np.ndarray:
+        """x: (B, T, D) -> (B, T, D)."""
+        r1 = ws.get(self.key("r1"), x.shape)
+        np.add(x, self.attn.forward(ws, x), out=r1)
+        x1 = self.ln1.forward(ws, r1)
+        r2 = ws.get(self.key("r2"), x.shape)
+        np.add(x1, self.ffn.forward(ws, x1), out=r2)
+        return self.ln2.forward(ws, r2)
+
+    def backward(self, ws: Workspace, x: np.ndarray, dout: np.ndarray) -> np.ndarray:
+        r1, r2 = ws.get(self.key("r1"), x.shape), ws.get(self.key("r2"), x.shape)
+        x1 = ws.get(self.ln1.key("out"), x.shape)
+        dr2 = self.ln2.backward(ws, r2, dout)
+        dx1 = self.ffn.backward(ws, x1, dr2)
+        dx1 += dr2  # the residual
+        dr1 = self.ln1.backward(ws, r1, dx1)
+        dx = self.attn.backward(ws, x, dr1)
+        dx += dr1
+        return dx
+
+
+class OutputProjection(Module):
+    """logits = x W + b. w: (D, V) N(0, 2/D); b: (V,) 0."""
+
+    def __init__(self, embedding_dim: int, vocab_size: int) -> None:
+        super().__init__()
+        self.param("w", (embedding_dim, vocab_size), "normal", math.sqrt(2.0 / embedding_dim))
+        self.param("b", (vocab_size,), "constant", 0.0)
+
+    def forward(self, ws: Workspace, x: np.ndarray) -> np.ndarray:
+        """x: (B, T, D) -> logits (B, T, V)."""
+        B, T, _ = x.shape
+        logits = ws.get(self.key("logits"), (B, T, self.w.shape[1]))
+        K.sgemm(_rows(logits), _rows(x), self.w)
+        K.bias_add(_rows(logits), self.b)
+        return logits
+
+    def backward(self, ws: Workspace, x: np.ndarray, dlogits: np.ndarray) -> np.ndarray:
+        x2, dl2 = _rows(x), _rows(dlogits)
+        K.sgemm(self.dw, x2, dl2, trans_a=True, accumulate=True)
+        K.colsum(self.db, dl2)
+        dx = ws.get(self.key("dx"), x.shape)
+        K.sgemm(_rows(dx), dl2, self.w, trans_b=True)
+        return dx

@@ -1,0 +1,283 @@
+"""LLM: RustGPT's transformer composed from the layers, over one flat parameter buffer.
+
+Forward, loss and backward for training; prefill and one-token steps against a KV cache
+for generation; the parameter table, named state and description.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+
+from rustgpt import _kernels as K
+from rustgpt.errors import ShapeMismatch, TokenError, TrainingError, ValidationError
+from rustgpt.layers import (
+    Embeddings,
+    FlatParameters,
+    Module,
+    OutputProjection,
+    TransformerBlock,
+    Workspace,
+    _rows,
+)
+
+if TYPE_CHECKING:
+    from rustgpt.config import ModelConfig
+    from rustgpt.optim import Adam
+    from rustgpt.tokenizer import Vocab
+
+IGNORE_INDEX = -1  # target id of padded positions: no loss, no gradient
+
+
+class KVCache:
+    """Per-request decoding state: keys and values of every layer, and scratch.
+
+    k, v: (L, B, T_max, D); ``length`` positions are filled."""
+
+    def __init__(self, num_layers: int, batch: int, max_seq_len: int, dim: int) -> None:
+        self.k = np.zeros((num_layers, batch, max_seq_len, dim), np.float32)
+        self.v = np.zeros_like(self.k)
+        self.length = 0
+        self.workspace = Workspace()
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def reorder(self, rows: np.ndarray) -> None:
+        """Keep batch rows `rows` (in that order): beam search's reshuffle."""
+        self.k = np.ascontiguousarray(self.k[:, rows])
+        self.v = np.ascontiguousarray(self.v[:, rows])
+
+
+class LLM(Module):
+    """The model: embeddings, ``num_layers`` post-norm blocks, output projection.
+
+    Build with ``LLM(config, vocab, seed)``; parameters are drawn from DESIGN.md's init.
+    ``params.data`` / ``params.grad`` are the flat (P,) buffers the optimizer updates.
+    """
+
+    def __init__(self, config: ModelConfig, vocab: Vocab, seed: int = 0) -> None:
+        super().__init__()
+        self.config = config
+        self.vocab = vocab
+        V, D = vocab.size, config.embedding_dim
+        self.embeddings = self.child("embeddings", Embeddings(V, D, config.max_seq_len))
+        self.blocks = [
+            self.child(f"blocks.{i}", TransformerBlock(D, config.hidden_dim, config.num_heads))
+            for i in range(config.num_layers)
+        ]
+        self.output = self.child("output", OutputProjection(D, V))
+        self.params = FlatParameters(list(self.named_specs()))
+        self.bind(self.params)
+        self.params.initialize(np.random.default_rng(seed))
+        self.workspace = Workspace()  # training activations
+
+    # ---- shapes and checks ----------------------------------------------------------------
+
+    def _ids(self, ids, name: str = "ids") -> np.ndarray:
+        """(B, T) int32 token ids, checked against the vocabulary and max_seq_len."""
+        arr = np.asarray(ids)
+        if arr.ndim == 1:
+            arr = arr[None, :]
+        if arr.ndim != 2 or arr.shape[1] == 0 or arr.shape[0] == 0:
+            raise ValidationError(f"{name} has shape {arr.shape}, expected (B, T) with B, T >= 1")
+        T = arr.shape[1]
+        if T > self.config.max_seq_len:
+            raise ValidationError(f"cannot forward a sequence of length {T}, max_seq_len is "
+                                  f"only {self.config.max_seq_len}")
+        return self._in_vocab(arr, name)
+
+    def _in_vocab(self, arr: np.ndarray, name: str) -> np.ndarray:
+        """arr as C-contiguous int32, after checking every id lies in [0, V)."""
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValidationError(f"{name} has dtype {arr.dtype}, expected integer token ids")
+        if arr.min() < 0 or arr.max() >= self.vocab.size:
+            bad = arr[(arr < 0) | (arr >= self.vocab.size)].flat[0]
+            raise TokenError(f"{name} holds token id {bad}, expected ids in [0, {self.vocab.size})")
+        return np.ascontiguousarray(arr, np.intc)
+
+    # ---- training -----------------------------------------------------------------------
+
+    def _forward(self, ws: Workspace, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Logits (B, T, V) and the activations between layers, xs[i] = input of block i,
+        xs[-1] = input of the output projection (each (B, T, D), views into ws)."""
+        xs = [self.embeddings.forward(ws, ids)]
+        for block in self.blocks:
+            xs.append(block.forward(ws, xs[-1]))
+        return self.output.forward(ws, xs[-1]), xs
+
+    def forward(self, ids) -> np.ndarray:
+        """Logits (B, T, V) for token ids (B, T) (or (T,), giving (1, T, V)); a new array."""
+        return self._forward(Workspace(), self._ids(ids))[0].copy()
+
+    def loss_and_backward(self, inputs, targets) -> float:
+        """Mean cross-entropy of next-token prediction and its gradient.
+
+        inputs, targets: (B, T); targets equal to IGNORE_INDEX (-1) are padding. Zeroes
+        ``params.grad`` and fills it with d(loss)/d(params). Returns the loss."""
+        ids = self._ids(inputs, "inputs")
+        tgt = np.ascontiguousarray(targets, np.intc)
+        if tgt.ndim == 1:
+            tgt = tgt[None, :]
+        if tgt.shape != ids.shape:
+            raise ShapeMismatch("targets", ids.shape, tgt.shape)
+        count = int(np.count_nonzero(tgt != IGNORE_INDEX))
+        if count == 0:
+            raise ValidationError("targets are all padding, expected at least one target")
+        ws = self.workspace
+        self.params.zero_grad()
+        logits, xs = self._forward(ws, ids)
+        B, T, V = logits.shape
+        losses = ws.get("losses", (B * T,))
+        # dlogits overwrite the logits in place: (softmax - onehot) / count
+        K.crossentropy_forward_backward(losses, _rows(logits), _rows(logits), tgt.reshape(-1),
+                                        IGNORE_INDEX, 1.0 / count)
+        dx = self.output.backward(ws, xs[-1], logits)
+        for block, x in zip(reversed(self.blocks), reversed(xs[:-1])):
+            dx = block.backward(ws, x, dx)
+        self.embeddings.backward(ws, ids, dx)
+        return float(losses.sum(dtype=np.float64) / count)
+
+    def loss(self, inputs, targets) -> tuple[float, int, int]:
+        """(summed loss, number of targets, number predicted correctly) without gradients."""
+        ids = self._ids(inputs, "inputs")
+        tgt = np.ascontiguousarray(targets, np.intc).reshape(ids.shape)
+        logits = self._forward(Workspace(), ids)[0]
+        losses = np.empty(tgt.size, np.float32)
+        K.crossentropy_forward(losses, _rows(logits), tgt.reshape(-1), IGNORE_INDEX)
+        keep = tgt != IGNORE_INDEX
+        correct = int(np.count_nonzero((logits.argmax(-1) == tgt) & keep))
+        return float(losses.sum(dtype=np.float64)), int(keep.sum()), correct
+
+    def grad_norm(self) -> float:
+        """Global L2 norm of the gradient buffer."""
+        return math.sqrt(K.sum_squares(self.params.grad))
+
+    def train_step(self, inputs, targets, optimizer: Adam, lr: float,
+                   max_grad_norm: float | None = 5.0) -> tuple[float, float]:
+        """One step: loss and backward, clip to ``max_grad_norm`` (global L2), Adam update.
+        Returns (loss, gradient norm before clipping). Raises TrainingError on a NaN/inf
+        loss or gradient, before the parameters change."""
+        loss = self.loss_and_backward(inputs, targets)
+        norm = self.grad_norm()
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            raise TrainingError(f"loss = {loss}, gradient norm = {norm} at optimizer step "
+                                f"{optimizer.t + 1}: training diverged (parameters left as "
+                                f"they were before this step)")
+        scale = 1.0
+        if max_grad_norm is not None and norm > max_grad_norm:
+            scale = max_grad_norm / norm
+        optimizer.step(lr, grad_scale=scale)
+        return loss, norm
+
+    # ---- generation (KV cache) --------------------------------------------------------------
+
+    def new_cache(self, batch: int = 1) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, batch, c.max_seq_len, c.embedding_dim)
+
+    def prefill(self, cache: KVCache, ids) -> np.ndarray:
+        """Run the prompt ids (B, T) through the model, filling cache rows 0..T-1.
+        Returns the last position's logits (B, V), a view into the cache's workspace."""
+        ids = self._ids(ids)
+        B, T = ids.shape
+        if B != cache.batch:
+            raise ShapeMismatch("prompt ids", (cache.batch, T), ids.shape)
+        ws = cache.workspace
+        x = self.embeddings.forward(ws, ids)
+        for layer, block in enumerate(self.blocks):
+            x = block.forward(ws, x)
+            cache.k[layer, :, :T] = ws.get(block.attn.key("k"), (B, T, x.shape[2]))
+            cache.v[layer, :, :T] = ws.get(block.attn.key("v"), (B, T, x.shape[2]))
+        cache.length = T
+        last = ws.get("prefill.last", (B, 1, x.shape[2]))
+        last[...] = x[:, T - 1:T]
+        return self.output.forward(ws, last)[:, 0]
+
+    def step(self, cache: KVCache, ids) -> np.ndarray:
+        """Append one token per batch row (ids: (B,)) at position cache.length.
+        Returns its logits (B, V), a view into the cache's workspace."""
+        n = cache.length
+        if n >= self.config.max_seq_len:
+            raise ValidationError(f"cannot decode position {n}: max_seq_len is "
+                                  f"{self.config.max_seq_len}")
+        ids = self._in_vocab(np.asarray(ids).reshape(-1), "step ids")
+        if ids.shape[0] != cache.batch:
+            raise ShapeMismatch("step ids", (cache.batch,), ids.shape)
+        ws, B, D = cache.workspace, cache.batch, self.config.embedding_dim
+        x = ws.get("step.x", (B, 1, D))
+        # embedding of token ids at position n: token[id] + position[n]
+        np.add(self.embeddings.token[ids], self.embeddings.position[n], out=x[:, 0])
+        for layer, block in enumerate(self.blocks):
+            x = self._block_step(ws, block, x, cache.k[layer], cache.v[layer], n)
+        cache.length = n + 1
+        return self.output.forward(ws, x)[:, 0]
+
+    @staticmethod
+    def _block_step(ws: Workspace, block: TransformerBlock, x: np.ndarray,
+                    kc: np.ndarray, vc: np.ndarray, n: int) -> np.ndarray:
+        """TransformerBlock.forward for one new position; attention reads the cache."""
+        attn = block.attn
+        B, _, D = x.shape
+        x2 = x[:, 0]
+        q, a = ws.get("step.q", (B, D)), ws.get("step.a", (B, D))
+        kv = ws.get("step.kv", (B, D))
+        K.sgemm(q, x2, attn.wq)
+        K.sgemm(kv, x2, attn.wk)
+        kc[:, n] = kv
+        K.sgemm(kv, x2, attn.wv)
+        vc[:, n] = kv
+        K.attention_step(a, q, kc, vc, n + 1, attn.num_heads)
+        r1 = ws.get(block.key("r1"), x.shape)
+        np.add(x2, a, out=r1[:, 0])
+        x1 = block.ln1.forward(ws, r1)
+        r2 = ws.get(block.key("r2"), x.shape)
+        np.add(x1, block.ffn.forward(ws, x1), out=r2)
+        return block.ln2.forward(ws, r2)
+
+    def generate(self, prompt: str, **options) -> str:
+        """Answer `prompt` (RustGPT: prefixed with "User: ", greedy, stop at </s>).
+        Options are those of ``rustgpt.generation.generate``."""
+        from rustgpt.generation import generate  # generation builds on the model
+
+        return generate(self, prompt, **options)
+
+    # ---- state ----------------------------------------------------------------------------
+
+    def total_parameters(self) -> int:
+        return int(self.params.data.size)
+
+    def named_parameters(self) -> Iterator[tuple[str, np.ndarray]]:
+        yield from self.params.values.items()
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of every parameter by name (``blocks.0.attn.wq`` ...)."""
+        return {name: value.copy() for name, value in self.params.values.items()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Copy named arrays into the parameters; every name must be present with its shape."""
+        expected = self.params.values
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValidationError(f"state dict: missing {missing[:5]}, unexpected "
+                                  f"{unexpected[:5]}")
+        for name, value in state.items():
+            arr = np.asarray(value)
+            if arr.shape != expected[name].shape:
+                raise ShapeMismatch(f"state dict: {name}", expected[name].shape, arr.shape)
+            expected[name][...] = arr
+
+    def network_description(self) -> str:
+        """One line per layer with its parameter count, then the total."""
+        c = self.config
+        lines = [f"LLM: vocab {self.vocab.size}, embedding_dim {c.embedding_dim}, hidden_dim "
+                 f"{c.hidden_dim}, {c.num_layers} layers, {c.num_heads} heads, max_seq_len "
+                 f"{c.max_seq_len}"]
+        for name, module in self._children.items():
+            lines.append(f"  {name:<12} {type(module).__name__:<18} {module.parameters():>10,}")
+        lines.append(f"  total parameters {self.total_parameters():,}")
+        return "\n".join(lines)

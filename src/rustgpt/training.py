@@ -1,0 +1,186 @@
+"""Trainer: RustGPT's two phases (pretraining, then instruction tuning), with batching,
+learning-rate schedule, clipping, seeded shuffling and callbacks.
+
+The trainer's position (phase, epoch, example order, batch index, RNG state) is part of its
+state, so a run resumed from a checkpoint continues exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Sequence
+
+import attrs
+import numpy as np
+
+from rustgpt.data import make_batch
+from rustgpt.optim import Adam
+
+if TYPE_CHECKING:
+    from rustgpt.config import TrainingConfig
+    from rustgpt.model import LLM
+
+log = logging.getLogger(__name__)
+
+
+@attrs.define
+class Phase:
+    """One training phase: encoded sequences (each int32 (n,)), epochs and peak lr."""
+
+    name: str
+    sequences: list[np.ndarray]
+    epochs: int
+    lr: float
+
+
+@attrs.define
+class Position:
+    """Where training is: phase index, epoch, next batch in the epoch, global step, and the
+    current epoch's example order (None before the epoch starts)."""
+
+    phase: int = 0
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    order: list[int] | None = None
+
+
+class Callback:
+    """Hooks the trainer calls; override what you need. ``record`` is a dict of metrics."""
+
+    def on_step(self, trainer: Trainer, record: dict) -> None: ...
+
+    def on_epoch_end(self, trainer: Trainer, record: dict) -> None: ...
+
+    def on_phase_end(self, trainer: Trainer, phase: Phase) -> None: ...
+
+    def on_train_end(self, trainer: Trainer) -> None: ...
+
+
+class Trainer:
+    """Runs `phases` over `model` with the settings of a TrainingConfig.
+
+    ``run()`` trains to the end or until ``request_stop()``; ``state_dict()`` /
+    ``load_state_dict()`` carry the optimizer, the position and the shuffling RNG."""
+
+    def __init__(self, model: LLM, config: TrainingConfig, phases: Sequence[Phase],
+                 callbacks: Sequence[Callback] = ()) -> None:
+        self.model = model
+        self.config = config
+        self.phases = list(phases)
+        self.callbacks = list(callbacks)
+        self.optimizer = Adam(model.params, config.beta1, config.beta2, config.eps,
+                              config.weight_decay)
+        self.rng = np.random.default_rng(config.seed)
+        self.position = Position()
+        self.last_loss = math.nan
+        self._stop = False
+        self._epoch_losses: list[float] = []
+        self._epoch_tokens = 0
+        self._epoch_start = time.perf_counter()
+
+    # ---- schedule ---------------------------------------------------------------------------
+
+    def batches_per_epoch(self, phase: Phase) -> int:
+        return math.ceil(len(phase.sequences) / self.config.batch_size)
+
+    def lr_at(self, phase: Phase, step_in_phase: int) -> float:
+        """Constant (RustGPT), or linear warmup then cosine decay to 10% over the phase."""
+        if self.config.schedule == "constant":
+            return phase.lr
+        warmup = self.config.warmup_steps
+        if step_in_phase < warmup:
+            return phase.lr * (step_in_phase + 1) / warmup
+        total = max(phase.epochs * self.batches_per_epoch(phase) - warmup, 1)
+        progress = min((step_in_phase - warmup) / total, 1.0)
+        return phase.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop after the current step (safe to call from a signal handler)."""
+        self._stop = True
+
+    @property
+    def finished(self) -> bool:
+        return self.position.phase >= len(self.phases)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(p.epochs * self.batches_per_epoch(p) for p in self.phases)
+
+    def run(self) -> bool:
+        """Train from the current position. Returns True when every phase is done, False
+        when stopped early by request_stop()."""
+        pos, cfg = self.position, self.config
+        self._stop = False
+        while not self.finished:
+            phase = self.phases[pos.phase]
+            per_epoch = self.batches_per_epoch(phase)
+            while pos.epoch < phase.epochs:
+                if pos.order is None:
+                    n = len(phase.sequences)
+                    pos.order = (self.rng.permutation(n) if cfg.shuffle else np.arange(n)).tolist()
+                    self._epoch_losses, self._epoch_tokens, self._epoch_start = [], 0, time.perf_counter()
+                while pos.batch < per_epoch:
+                    if self._stop:
+                        return False
+                    self._train_batch(phase, per_epoch)
+                self._end_epoch(phase)
+            for cb in self.callbacks:
+                cb.on_phase_end(self, phase)
+            pos.phase, pos.epoch = pos.phase + 1, 0
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        return True
+
+    def _train_batch(self, phase: Phase, per_epoch: int) -> None:
+        pos, bs = self.position, self.config.batch_size
+        rows = pos.order[pos.batch * bs:(pos.batch + 1) * bs]
+        inputs, targets = make_batch([phase.sequences[i] for i in rows])
+        lr = self.lr_at(phase, pos.epoch * per_epoch + pos.batch)
+        start = time.perf_counter()
+        loss, norm = self.model.train_step(inputs, targets, self.optimizer, lr,
+                                           self.config.max_grad_norm)
+        elapsed = time.perf_counter() - start
+        tokens = int(np.count_nonzero(targets >= 0))
+        pos.batch += 1
+        pos.step += 1
+        self.last_loss = loss
+        self._epoch_losses.append(loss)
+        self._epoch_tokens += tokens
+        record = {"phase": phase.name, "epoch": pos.epoch, "step": pos.step, "loss": loss,
+                  "grad_norm": norm, "lr": lr, "tokens": tokens,
+                  "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0}
+        for cb in self.callbacks:
+            cb.on_step(self, record)
+
+    def _end_epoch(self, phase: Phase) -> None:
+        pos = self.position
+        elapsed = time.perf_counter() - self._epoch_start
+        record = {"phase": phase.name, "epoch": pos.epoch, "step": pos.step,
+                  "loss": float(np.mean(self._epoch_losses)) if self._epoch_losses else math.nan,
+                  "tokens_per_s": self._epoch_tokens / elapsed if elapsed > 0 else 0.0}
+        log.info("%s epoch %d: loss %.4f", phase.name, pos.epoch, record["loss"],
+                 extra={k: v for k, v in record.items() if k != "phase"})
+        pos.epoch, pos.batch, pos.order = pos.epoch + 1, 0, None
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, record)
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Optimizer moments and step, position, RNG state, last loss (JSON-able but m, v)."""
+        return {"optimizer": self.optimizer.state_dict(), "position": attrs.asdict(self.position),
+                "rng": self.rng.bit_generator.state, "last_loss": self.last_loss,
+                "epoch_losses": list(self._epoch_losses)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.position = Position(**state["position"])
+        self.rng.bit_generator.state = state["rng"]
+        self.last_loss = state["last_loss"]
+        self._epoch_losses = list(state.get("epoch_losses", []))
+        self._epoch_tokens, self._epoch_start = 0, time.perf_counter()

@@ -1,0 +1,97 @@
+"""Each layer's forward vs the float64 reference, and its backward vs central finite
+differences in float64 (loss = sum(w * out) for a fixed random w)."""
+
+import numpy as np
+import pytest
+
+from rustgpt import layers as L
+from tests import reference as ref
+
+B, T, D, H, V, NH = 2, 5, 8, 12, 11, 2
+
+
+def bind(layer, rng):
+    store = L.FlatParameters(list(layer.named_specs()))
+    layer.bind(store)
+    store.data[...] = rng.standard_normal(store.data.size) * 0.5  # not the init: exercise all
+    return store
+
+
+def params64(store):
+    return {name: value.astype(np.float64) for name, value in store.values.items()}
+
+
+def check_layer(layer, reference, x, rng, tol=2e-3):
+    """Forward vs reference(p, x); dx and every parameter gradient vs finite differences."""
+    store = bind(layer, rng)
+    ws = L.Workspace()
+    out = layer.forward(ws, x)
+    p64, x64 = params64(store), x.astype(np.float64)
+    ref.assert_close(out, reference(p64, x64), 1e-4, 1e-4, "forward")
+    w = rng.standard_normal(out.shape)
+    loss = lambda: float((w * reference(p64, x64)).sum())
+    dx = layer.backward(ws, x, w.astype(np.float32))
+    ref.assert_close(dx, ref.numerical_gradient(loss, x64), tol, tol, "dx")
+    for name in p64:
+        ref.assert_close(store.grads[name], ref.numerical_gradient(loss, p64[name]), tol, tol, name)
+
+
+@pytest.mark.parametrize("num_heads", [1, NH])
+def test_self_attention(rng, num_heads):
+    x = rng.standard_normal((B, T, D)).astype(np.float32)
+    check_layer(L.SelfAttention(D, num_heads),
+                lambda p, x: ref.self_attention(p, x, num_heads), x, rng)
+
+
+def test_feed_forward(rng):
+    x = rng.standard_normal((B, T, D)).astype(np.float32)
+    check_layer(L.FeedForward(D, H), ref.feed_forward, x, rng)
+
+
+def test_layer_norm(rng):
+    x = rng.standard_normal((B, T, D)).astype(np.float32)
+    check_layer(L.LayerNorm(D), ref.layer_norm, x, rng)
+
+
+def test_transformer_block(rng):
+    x = rng.standard_normal((B, T, D)).astype(np.float32)
+    check_layer(L.TransformerBlock(D, H, NH),
+                lambda p, x: ref.transformer_block(p, x, NH), x, rng)
+
+
+def test_output_projection(rng):
+    x = rng.standard_normal((B, T, D)).astype(np.float32)
+    check_layer(L.OutputProjection(D, V), lambda p, x: x @ p["w"] + p["b"], x, rng)
+
+
+def test_embeddings(rng):
+    layer = L.Embeddings(V, D, T + 2)
+    store = bind(layer, rng)
+    ids = rng.integers(0, V, (B, T)).astype(np.intc)
+    ids[0, :2] = 3  # a repeated id accumulates
+    ws = L.Workspace()
+    out = layer.forward(ws, ids)
+    p64 = params64(store)
+    reference = lambda: p64["token"][ids] + p64["position"][:T]
+    ref.assert_close(out, reference(), 1e-6, 1e-6, "forward")
+    w = rng.standard_normal(out.shape)
+    layer.backward(ws, ids, w.astype(np.float32))
+    loss = lambda: float((w * reference()).sum())
+    for name in p64:
+        ref.assert_close(store.grads[name], ref.numerical_gradient(loss, p64[name]), 1e-4, 1e-4, name)
+
+
+def test_parameter_views_share_the_flat_buffer(rng):
+    layer = L.FeedForward(D, H)
+    store = bind(layer, rng)
+    assert layer.parameters() == D * H + H + H * D + D == store.data.size
+    layer.w1[0, 0] = 42.0
+    assert 42.0 in store.data
+    assert np.shares_memory(layer.dw2, store.grad)
+
+
+def test_workspace_reuses_memory():
+    ws = L.Workspace()
+    a = ws.get("x", (4, 8))
+    b = ws.get("x", (2, 8))
+    assert np.shares_memory(a, b) and b.flags.c_contiguous and b.shape == (2, 8)

@@ -1,0 +1,163 @@
+"""LLM: whole-model gradient vs finite differences, batching with padding, KV-cache decoding,
+determinism, parameter count and state."""
+
+import numpy as np
+import pytest
+
+from rustgpt.config import ModelConfig
+from rustgpt.data import make_batch
+from rustgpt.errors import ShapeMismatch, TokenError, TrainingError, ValidationError
+from rustgpt.model import LLM
+from rustgpt.optim import Adam
+from rustgpt.tokenizer import Vocab
+from tests import reference as ref
+
+TINY = ModelConfig(embedding_dim=8, hidden_dim=12, num_layers=2, num_heads=2, max_seq_len=9)
+
+
+def tiny_vocab(n=13):
+    return Vocab([f"w{i}" for i in range(n - 2)] + ["</s>", "<unk>"])
+
+
+@pytest.fixture
+def model():
+    return LLM(TINY, tiny_vocab(), seed=3)
+
+
+def params64(model):
+    return {name: v.astype(np.float64) for name, v in model.params.values.items()}
+
+
+def test_gradient_matches_finite_differences(model, rng):
+    seqs = [rng.integers(0, 13, n).astype(np.intc) for n in (7, 4)]  # second row is padded
+    inputs, targets = make_batch(seqs)
+    loss = model.loss_and_backward(inputs, targets)
+    p = params64(model)
+    f = lambda: ref.model_loss(p, inputs, targets, TINY.num_layers, TINY.num_heads)
+    assert loss == pytest.approx(f(), rel=1e-5)
+    for name in p:
+        ref.assert_close(model.params.grads[name], ref.numerical_gradient(f, p[name]),
+                         2e-3, 2e-4, name)
+
+
+def test_one_head_is_the_single_head_formula(rng):
+    cfg = ModelConfig(embedding_dim=8, hidden_dim=12, num_layers=1, num_heads=1, max_seq_len=9)
+    m = LLM(cfg, tiny_vocab(), seed=1)
+    ids = rng.integers(0, 13, (1, 6))
+    p = params64(m)
+    x = p["embeddings.token"][ids] + p["embeddings.position"][:6]
+    q, k, v = (x @ p[f"blocks.0.attn.w{n}"] for n in "qkv")
+    scores = q[0] @ k[0].T / np.sqrt(8) + np.triu(np.full((6, 6), -np.inf), 1)
+    att = np.exp(scores - scores.max(1, keepdims=True))
+    a = (att / att.sum(1, keepdims=True)) @ v[0]
+    x1 = ref.layernorm_forward(x[0] + a, p["blocks.0.ln1.gamma"], p["blocks.0.ln1.beta"])[0]
+    h = np.maximum(x1 @ p["blocks.0.ffn.w1"] + p["blocks.0.ffn.b1"], 0)
+    x2 = ref.layernorm_forward(x1 + h @ p["blocks.0.ffn.w2"] + p["blocks.0.ffn.b2"],
+                               p["blocks.0.ln2.gamma"], p["blocks.0.ln2.beta"])[0]
+    ref.assert_close(m.forward(ids)[0], x2 @ p["output.w"] + p["output.b"], 1e-4, 1e-4, "logits")
+
+
+def test_padded_batch_equals_sequences_one_at_a_time(model, rng):
+    seqs = [rng.integers(0, 13, n).astype(np.intc) for n in (9, 3, 6)]
+    inputs, targets = make_batch(seqs)
+    batch_loss = model.loss_and_backward(inputs, targets)
+    batch_grad = model.params.grad.copy()
+    total, grad = 0.0, np.zeros_like(batch_grad, np.float64)
+    for s in seqs:
+        i, t = make_batch([s])
+        n = len(s) - 1
+        total += model.loss_and_backward(i, t) * n
+        grad += model.params.grad * n
+    count = sum(len(s) - 1 for s in seqs)
+    assert batch_loss == pytest.approx(total / count, rel=1e-5)
+    ref.assert_close(batch_grad, grad / count, 1e-4, 1e-6, "grad")
+
+
+def test_kv_cache_steps_match_full_forward(model, rng):
+    B, T = 3, 9
+    ids = rng.integers(0, 13, (B, T))
+    full = model.forward(ids)  # (B, T, V)
+    cache = model.new_cache(B)
+    logits = model.prefill(cache, ids[:, :4])
+    ref.assert_close(logits, full[:, 3], 1e-5, 1e-5, "prefill")
+    for t in range(4, T):
+        logits = model.step(cache, ids[:, t])
+        ref.assert_close(logits, full[:, t], 1e-5, 1e-5, f"step {t}")
+    with pytest.raises(ValidationError, match="max_seq_len is 9"):
+        model.step(cache, ids[:, 0])
+
+
+def test_same_seed_same_loss_curve(rng):
+    seqs = [rng.integers(0, 13, 8).astype(np.intc) for _ in range(4)]
+
+    def curve():
+        m = LLM(TINY, tiny_vocab(), seed=7)
+        opt = Adam(m.params)
+        return [m.train_step(*make_batch([s]), opt, 1e-2)[0] for s in seqs * 3]
+
+    assert curve() == curve()
+
+
+def test_training_lowers_the_loss(model, rng):
+    seqs = [rng.integers(0, 13, 9).astype(np.intc) for _ in range(3)]
+    opt = Adam(model.params)
+    first = [model.train_step(*make_batch([s]), opt, 1e-2)[0] for s in seqs]
+    for _ in range(60):
+        last = [model.train_step(*make_batch([s]), opt, 1e-2)[0] for s in seqs]
+    assert np.mean(last) < np.mean(first) / 5
+
+
+def test_clipping_scales_the_gradient(model, rng):
+    inputs, targets = make_batch([rng.integers(0, 13, 9).astype(np.intc)])
+    opt = Adam(model.params)
+    loss, norm = model.train_step(inputs, targets, opt, 1e-3, max_grad_norm=1e-3)
+    assert norm > 1e-3
+    # after one step m = (1 - beta1) * clipped gradient, clipped = grad * max_norm / norm
+    ref.assert_close(opt.m, 0.1 * model.params.grad * (1e-3 / norm), 1e-5, 1e-12, "m")
+
+
+def test_default_architecture_parameter_count():
+    # RustGPT's architecture with its 530-word vocabulary (+ <unk>): about 493k parameters
+    m = LLM(ModelConfig(), Vocab([f"w{i}" for i in range(529)] + ["</s>", "<unk>"]))
+    D, H, V, T, L = 128, 256, 531, 80, 3
+    per_block = 3 * D * D + D * H + H + H * D + D + 4 * D
+    assert m.total_parameters() == V * D + T * D + L * per_block + D * V + V == 493_459
+    assert "total parameters 493,459" in m.network_description()
+
+
+def test_state_dict_round_trip(model, rng):
+    other = LLM(TINY, tiny_vocab(), seed=99)
+    other.load_state_dict(model.state_dict())
+    ids = rng.integers(0, 13, (1, 5))
+    np.testing.assert_array_equal(other.forward(ids), model.forward(ids))
+    state = model.state_dict()
+    state["output.b"] = np.zeros(5)
+    with pytest.raises(ShapeMismatch, match=r"output.b has shape \(5,\), expected \(13,\)"):
+        other.load_state_dict(state)
+    del state["output.b"]
+    with pytest.raises(ValidationError, match="missing"):
+        other.load_state_dict(state)
+
+
+def test_bad_inputs(model):
+    with pytest.raises(TokenError, match=r"token id 13, expected ids in \[0, 13\)"):
+        model.forward([[1, 13]])
+    with pytest.raises(TokenError, match="token id -1"):
+        model.forward([-1])
+    with pytest.raises(ValidationError, match="length 10, max_seq_len is only 9"):
+        model.forward(np.zeros((1, 10), int))
+    with pytest.raises(ValidationError, match="expected integer token ids"):
+        model.forward([[0.5]])
+    with pytest.raises(ShapeMismatch):
+        model.loss_and_backward([[1, 2]], [[1, 2, 3]])
+    with pytest.raises(ValidationError, match="all padding"):
+        model.loss_and_backward([[1, 2]], [[-1, -1]])
+
+
+def test_nan_stops_training_before_the_update(model, rng):
+    inputs, targets = make_batch([rng.integers(0, 13, 5).astype(np.intc)])
+    model.params.values["output.b"][0] = np.nan
+    before = model.params.data.copy()
+    with pytest.raises(TrainingError, match="diverged"):
+        model.train_step(inputs, targets, Adam(model.params), 1e-3)
+    np.testing.assert_array_equal(model.params.data, before)
