@@ -21,6 +21,9 @@ from rustgpt.model import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
+CORPUS = Path(__file__).parent / "corpus"
+BUNDLED_PRETRAINING = CORPUS / "pretraining.json"  # the default data, shipped in the package
+BUNDLED_CHAT = CORPUS / "chat.json"
 MAX_FILE_BYTES = 256 * 1024 * 1024  # larger files are refused, not read into memory
 
 

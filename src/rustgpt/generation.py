@@ -49,12 +49,15 @@ def sample_probabilities(logits: np.ndarray, temperature: float, top_k: int = 0,
         probs[probs < kth] = 0.0
     if min_p > 0.0:
         probs[probs < min_p * probs.max()] = 0.0
+    probs /= probs.sum()
     if top_p < 1.0:
         order = np.argsort(-probs, kind="stable")
         cumulative = np.cumsum(probs[order])
-        keep = np.searchsorted(cumulative, top_p * cumulative[-1]) + 1  # smallest set >= top_p
+        # the smallest set whose mass reaches top_p (1e-9 absorbs the cumsum's rounding)
+        keep = np.searchsorted(cumulative, top_p - 1e-9) + 1
         probs[order[keep:]] = 0.0
-    return probs / probs.sum()
+        probs /= probs.sum()
+    return probs
 
 
 def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.0,
@@ -188,9 +191,9 @@ def generate(model: LLM, prompt: str, *, max_tokens: int | None = None, temperat
 
     Greedy by default (RustGPT); temperature > 0 samples, filtered by top_k / top_p / min_p;
     beam_width > 1 runs beam search. Raises ValidationError for out-of-range options."""
+    _check_options(1 if max_tokens is None else max_tokens, temperature, top_k, top_p, min_p,
+                   repetition_penalty, beam_width)
     if beam_width > 1:
-        _check_options(max_tokens or 1, temperature, top_k, top_p, min_p, repetition_penalty,
-                       beam_width)
         return model.vocab.decode(beam_search(model, prompt, beam_width=beam_width,
                                               max_tokens=max_tokens, raw=raw))
     return "".join(stream(model, prompt, max_tokens=max_tokens, temperature=temperature,

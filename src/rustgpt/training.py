@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 import attrs
 import numpy as np
 
-from rustgpt.data import make_batch
+from rustgpt.data import Dataset, make_batch
 from rustgpt.optim import Adam
 
 if TYPE_CHECKING:
@@ -45,6 +45,17 @@ class Position:
     batch: int = 0
     step: int = 0
     order: list[int] | None = None
+
+
+def rustgpt_phases(config: TrainingConfig, vocab, max_seq_len: int, pretraining: Dataset,
+                   chat: Dataset) -> list[Phase]:
+    """RustGPT's schedule: pretraining on plain sentences, then instruction tuning on chat."""
+    return [
+        Phase("pretraining", pretraining.encode(vocab, max_seq_len), config.pretraining_epochs,
+              config.pretraining_lr),
+        Phase("instruction", chat.encode(vocab, max_seq_len), config.instruction_epochs,
+              config.instruction_lr),
+    ]
 
 
 class Callback:

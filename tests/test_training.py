@@ -1,0 +1,108 @@
+"""Trainer: phases, schedule, shuffling, callbacks, stop and exact resume; learning."""
+
+import math
+
+import numpy as np
+import pytest
+
+from rustgpt.config import ModelConfig, TrainingConfig
+from rustgpt.data import BUNDLED_CHAT, BUNDLED_PRETRAINING, Dataset
+from rustgpt.model import LLM
+from rustgpt.tokenizer import Vocab
+from rustgpt.training import Callback, Phase, Trainer, rustgpt_phases
+
+CFG = ModelConfig(embedding_dim=16, hidden_dim=32, num_layers=2, num_heads=2, max_seq_len=12)
+TEXTS = ["the sun rises in the east </s>", "the sun sets in the west </s>",
+         "User: where does the sun rise ? Assistant: in the east </s>",
+         "User: where does the sun set ? Assistant: in the west </s>", "rain falls </s>"]
+
+
+class Recorder(Callback):
+    def __init__(self, stop_at=None):
+        self.steps, self.epochs, self.phases, self.stop_at, self.ended = [], [], [], stop_at, False
+
+    def on_step(self, trainer, record):
+        self.steps.append(record)
+        if self.stop_at is not None and record["step"] == self.stop_at:
+            trainer.request_stop()
+
+    def on_epoch_end(self, trainer, record):
+        self.epochs.append(record)
+
+    def on_phase_end(self, trainer, phase):
+        self.phases.append(phase.name)
+
+    def on_train_end(self, trainer):
+        self.ended = True
+
+
+def make(config, recorder, seed=0):
+    vocab = Vocab.from_texts(TEXTS)
+    model = LLM(CFG, vocab, seed=seed)
+    phases = rustgpt_phases(config, vocab, CFG.max_seq_len, Dataset(TEXTS[:2] + TEXTS[4:]),
+                            Dataset(TEXTS[2:4]))
+    return Trainer(model, config, phases, [recorder])
+
+
+def test_phases_epochs_batches_and_callbacks():
+    rec = Recorder()
+    cfg = TrainingConfig(pretraining_epochs=3, instruction_epochs=2, batch_size=2)
+    trainer = make(cfg, rec)
+    assert trainer.total_steps == 3 * 2 + 2 * 1
+    assert trainer.run() is True and rec.ended
+    assert len(rec.steps) == 8 and rec.phases == ["pretraining", "instruction"]
+    assert [(e["phase"], e["epoch"]) for e in rec.epochs] == (
+        [("pretraining", i) for i in range(3)] + [("instruction", i) for i in range(2)])
+    assert {r["lr"] for r in rec.steps[:6]} == {5e-4} and rec.steps[-1]["lr"] == 1e-4
+    assert all(r["tokens_per_s"] > 0 and math.isfinite(r["grad_norm"]) for r in rec.steps)
+
+
+def test_stop_and_resume_continue_exactly():
+    cfg = TrainingConfig(pretraining_epochs=4, instruction_epochs=3, batch_size=2, shuffle=True,
+                         schedule="cosine", warmup_steps=3, seed=9)
+    full = Recorder()
+    make(cfg, full).run()
+
+    first = Recorder(stop_at=5)  # mid-epoch, mid-phase
+    trainer = make(cfg, first)
+    assert trainer.run() is False
+    weights, state = trainer.model.state_dict(), trainer.state_dict()
+
+    second = Recorder()
+    resumed = make(cfg, second, seed=123)  # different init: everything must come from the state
+    resumed.model.load_state_dict(weights)
+    resumed.load_state_dict(state)
+    assert resumed.run() is True
+    losses = [r["loss"] for r in first.steps + second.steps]
+    assert losses == [r["loss"] for r in full.steps]
+
+
+def test_shuffle_is_seeded_and_changes_order():
+    orders = []
+    for seed in (1, 1, 2):
+        trainer = make(TrainingConfig(pretraining_epochs=1, instruction_epochs=0, shuffle=True,
+                                      seed=seed), Recorder(stop_at=1))
+        trainer.run()
+        orders.append(trainer.position.order)
+    assert orders[0] == orders[1] and sorted(orders[0]) == [0, 1, 2]
+
+
+def test_cosine_schedule():
+    cfg = TrainingConfig(schedule="cosine", warmup_steps=4)
+    trainer = Trainer(LLM(CFG, Vocab.from_texts(TEXTS)), cfg, [])
+    phase = Phase("p", [np.arange(3)] * 10, epochs=2, lr=1.0)  # 20 steps
+    lrs = [trainer.lr_at(phase, s) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] > 0.1
+
+
+def test_loss_falls_on_bundled_data():
+    pre, chat = Dataset.load(BUNDLED_PRETRAINING), Dataset.load(BUNDLED_CHAT)
+    vocab = Vocab.from_texts(pre.examples + chat.examples)
+    model = LLM(ModelConfig(), vocab, seed=0)
+    cfg = TrainingConfig(pretraining_epochs=3, instruction_epochs=0, batch_size=8,
+                         pretraining_lr=2e-3)
+    rec = Recorder()
+    Trainer(model, cfg, rustgpt_phases(cfg, vocab, 80, pre, chat), [rec]).run()
+    assert rec.epochs[-1]["loss"] < rec.epochs[0]["loss"] * 0.8
+    assert rec.epochs[0]["loss"] < math.log(vocab.size) + 1
