@@ -1,6 +1,13 @@
-"""rustgpt: a small GPT-style language model trained from scratch on the CPU."""
+"""rustgpt: a small GPT-style language model trained from scratch on the CPU.
 
-from rustgpt._kernels import get_num_threads, kernels_info, set_num_threads, set_simd
+    import rustgpt
+    model = rustgpt.load("checkpoints")            # the best checkpoint of a training run
+    print(model.generate("How do mountains form?"))
+
+The heavy parts (numpy, the C extension) load on first use of a name that needs them, so
+importing ``rustgpt.errors`` or running ``rustgpt-cli --help`` stays fast.
+"""
+
 from rustgpt.errors import (
     ArchitectureError,
     ConfigError,
@@ -15,3 +22,47 @@ from rustgpt.errors import (
 )
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "LLM": "rustgpt.model",
+    "KVCache": "rustgpt.model",
+    "Vocab": "rustgpt.tokenizer",
+    "Dataset": "rustgpt.data",
+    "Config": "rustgpt.config",
+    "ModelConfig": "rustgpt.config",
+    "TrainingConfig": "rustgpt.config",
+    "GenerationConfig": "rustgpt.config",
+    "load_config": "rustgpt.config",
+    "Trainer": "rustgpt.training",
+    "Adam": "rustgpt.optim",
+    "Checkpoint": "rustgpt.checkpoint",
+    "CheckpointManager": "rustgpt.checkpoint",
+    "load": "rustgpt.checkpoint",
+    "Metrics": "rustgpt.metrics",
+    "setup_logging": "rustgpt.log",
+    "generate": "rustgpt.generation",
+    "kernels_info": "rustgpt._kernels",
+    "set_num_threads": "rustgpt._kernels",
+    "get_num_threads": "rustgpt._kernels",
+    "set_simd": "rustgpt._kernels",
+}
+
+__all__ = sorted(_LAZY) + [
+    "ArchitectureError", "ConfigError", "DataLoadError", "LlmError", "SerializationError",
+    "ShapeMismatch", "TokenError", "TrainingError", "ValidationError", "VocabularyError",
+    "__version__",
+]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rustgpt' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

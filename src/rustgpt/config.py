@@ -1,47 +1,52 @@
-"""Configuration: attrs classes with RustGPT's defaults, validated on construction.
+"""Configuration: attrs classes with RustGPT's defaults, and ``load_config`` layering them:
+defaults < config file (TOML; YAML with PyYAML) < environment ``LLM_<SECTION>_<KEY>`` < CLI.
 
-Later layers (file < environment ``LLM_<SECTION>_<KEY>`` < CLI) are merged by ``load_config``.
+Every value is checked where it enters; errors name the source, the key, the value and the
+rule. Imports nothing heavy: ``rustgpt-cli config show`` must start fast.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
 import attrs
+import cattrs
 
 from rustgpt.errors import ArchitectureError, ConfigError
 
-
-def _positive(section: str):
-    def check(instance, attribute, value):
-        if isinstance(value, bool) or not value > 0:
-            raise ConfigError(f"[{section}] {attribute.name} = {value!r}, expected > 0")
-    return check
+ENV_PREFIX = "LLM_"
 
 
-def _non_negative(section: str):
-    def check(instance, attribute, value):
-        if isinstance(value, bool) or not value >= 0:
-            raise ConfigError(f"[{section}] {attribute.name} = {value!r}, expected >= 0")
-    return check
+def _help(text: str, **kwargs):
+    """attrs.field with a one-line description (shown in config files and --help)."""
+    return attrs.field(metadata={"help": text}, **kwargs)
 
 
-def _unit_interval(section: str, closed_low: bool = True):
-    def check(instance, attribute, value):
-        ok = (0 <= value < 1) if closed_low else (0 < value <= 1)
-        if not ok:
-            interval = "[0, 1)" if closed_low else "(0, 1]"
-            raise ConfigError(f"[{section}] {attribute.name} = {value!r}, expected in {interval}")
-    return check
+def _check(rule: str, ok) -> Any:
+    def validate(instance, attribute, value):
+        if value is not None and not ok(value):
+            section = SECTIONS_BY_CLASS[type(instance)]
+            raise ConfigError(f"[{section}] {attribute.name} = {value!r}, expected {rule}")
+    return validate
+
+
+_positive = _check("> 0", lambda v: v > 0)
+_non_negative = _check(">= 0", lambda v: v >= 0)
+_fraction = _check("in [0, 1)", lambda v: 0 <= v < 1)
 
 
 @attrs.frozen
 class ModelConfig:
-    """Architecture; the defaults are RustGPT's."""
-
-    embedding_dim: int = attrs.field(default=128, validator=_positive("model"))
-    hidden_dim: int = attrs.field(default=256, validator=_positive("model"))
-    num_layers: int = attrs.field(default=3, validator=_positive("model"))
-    num_heads: int = attrs.field(default=1, validator=_positive("model"))
-    max_seq_len: int = attrs.field(default=80, validator=_positive("model"))
+    embedding_dim: int = _help("width of token vectors (D)", default=128, validator=_positive)
+    hidden_dim: int = _help("feed-forward width (H)", default=256, validator=_positive)
+    num_layers: int = _help("transformer blocks", default=3, validator=_positive)
+    num_heads: int = _help("attention heads; must divide embedding_dim", default=1,
+                           validator=_positive)
+    max_seq_len: int = _help("longest sequence the model reads (context)", default=80,
+                             validator=_positive)
 
     def __attrs_post_init__(self) -> None:
         if self.embedding_dim % self.num_heads:
@@ -51,36 +56,290 @@ class ModelConfig:
 
 @attrs.frozen
 class TrainingConfig:
-    """The two RustGPT phases, their optimizer and schedule."""
+    pretraining_epochs: int = _help("epochs over the pretraining data", default=100,
+                                    validator=_non_negative)
+    pretraining_lr: float = _help("Adam learning rate while pretraining", default=5e-4,
+                                  validator=_positive)
+    instruction_epochs: int = _help("epochs over the chat data", default=100,
+                                    validator=_non_negative)
+    instruction_lr: float = _help("Adam learning rate while instruction tuning", default=1e-4,
+                                  validator=_positive)
+    batch_size: int = _help("examples per step (padded on the right)", default=1,
+                            validator=_positive)
+    max_grad_norm: float = _help("clip gradients to this global L2 norm", default=5.0,
+                                 validator=_positive)
+    beta1: float = _help("Adam beta1", default=0.9, validator=_fraction)
+    beta2: float = _help("Adam beta2", default=0.999, validator=_fraction)
+    eps: float = _help("Adam epsilon", default=1e-8, validator=_positive)
+    weight_decay: float = _help("AdamW decoupled weight decay (0 = Adam)", default=0.0,
+                                validator=_non_negative)
+    schedule: str = _help("learning-rate schedule: constant, or cosine (warmup then decay "
+                          "to 10%)", default="constant",
+                          validator=_check("constant or cosine", lambda v: v in ("constant", "cosine")))
+    warmup_steps: int = _help("linear warmup steps per phase (cosine schedule)", default=0,
+                              validator=_non_negative)
+    shuffle: bool = _help("shuffle examples every epoch (RustGPT keeps file order)",
+                          default=False)
+    seed: int = _help("seed of the weights and the shuffling", default=42,
+                      validator=_non_negative)
+    threads: int = _help("kernel threads; 0 = OMP_NUM_THREADS or the physical cores",
+                         default=0, validator=_non_negative)
 
-    pretraining_epochs: int = attrs.field(default=100, validator=_non_negative("training"))
-    pretraining_lr: float = attrs.field(default=5e-4, validator=_positive("training"))
-    instruction_epochs: int = attrs.field(default=100, validator=_non_negative("training"))
-    instruction_lr: float = attrs.field(default=1e-4, validator=_positive("training"))
-    batch_size: int = attrs.field(default=1, validator=_positive("training"))
-    max_grad_norm: float = attrs.field(default=5.0, validator=_positive("training"))
-    beta1: float = attrs.field(default=0.9, validator=_unit_interval("training"))
-    beta2: float = attrs.field(default=0.999, validator=_unit_interval("training"))
-    eps: float = attrs.field(default=1e-8, validator=_positive("training"))
-    weight_decay: float = attrs.field(default=0.0, validator=_non_negative("training"))
-    # "constant" is RustGPT's; "cosine" warms up linearly for warmup_steps, then decays to 10%
-    schedule: str = attrs.field(default="constant",
-                                validator=attrs.validators.in_(("constant", "cosine")))
-    warmup_steps: int = attrs.field(default=0, validator=_non_negative("training"))
-    shuffle: bool = False  # RustGPT walks the examples in file order
-    seed: int = attrs.field(default=42, validator=_non_negative("training"))
-    threads: int = attrs.field(default=0, validator=_non_negative("training"))  # 0: automatic
+
+@attrs.frozen
+class DataConfig:
+    pretraining_data: str = _help("pretraining examples, .json or .csv; empty = bundled",
+                                  default="")
+    chat_training_data: str = _help("instruction-tuning examples, .json or .csv; empty = "
+                                    "bundled", default="")
+    max_file_mb: int = _help("refuse data files larger than this", default=256,
+                             validator=_positive)
 
 
 @attrs.frozen
 class GenerationConfig:
-    """Decoding; the defaults are RustGPT's greedy decoding."""
+    max_tokens: int = _help("new tokens at most", default=80, validator=_positive)
+    temperature: float = _help("0 = greedy (RustGPT), > 0 samples", default=0.0,
+                               validator=_non_negative)
+    top_k: int = _help("sample among the k likeliest tokens; 0 = off", default=0,
+                       validator=_non_negative)
+    top_p: float = _help("nucleus sampling mass, in (0, 1]", default=1.0,
+                         validator=_check("in (0, 1]", lambda v: 0 < v <= 1))
+    min_p: float = _help("drop tokens below min_p * the top probability", default=0.0,
+                         validator=_fraction)
+    repetition_penalty: float = _help("> 1 discourages repeating tokens", default=1.0,
+                                      validator=_positive)
+    beam_width: int = _help("beams; 1 = no beam search", default=1, validator=_positive)
+    seed: Optional[int] = _help("sampling seed; unset = random", default=None,
+                                validator=_non_negative)
 
-    max_tokens: int = attrs.field(default=80, validator=_positive("generation"))
-    temperature: float = attrs.field(default=0.0, validator=_non_negative("generation"))
-    top_k: int = attrs.field(default=0, validator=_non_negative("generation"))  # 0: off
-    top_p: float = attrs.field(default=1.0, validator=_unit_interval("generation", False))
-    min_p: float = attrs.field(default=0.0, validator=_unit_interval("generation"))
-    repetition_penalty: float = attrs.field(default=1.0, validator=_positive("generation"))
-    beam_width: int = attrs.field(default=1, validator=_positive("generation"))
-    seed: int | None = None
+
+@attrs.frozen
+class LoggingConfig:
+    level: str = _help("DEBUG, INFO, WARNING or ERROR", default="INFO",
+                       validator=_check("DEBUG, INFO, WARNING or ERROR",
+                                        lambda v: v.upper() in ("DEBUG", "INFO", "WARNING", "ERROR")))
+    format: str = _help("text or json (one JSON object per line)", default="text",
+                        validator=_check("text or json", lambda v: v in ("text", "json")))
+    file: str = _help("log to this file instead of stderr; empty = stderr", default="")
+
+
+@attrs.frozen
+class CheckpointConfig:
+    directory: str = _help("where checkpoints are written", default="checkpoints")
+    max_to_keep: int = _help("newest checkpoints kept (best is kept apart)", default=5,
+                             validator=_positive)
+    keep_best: bool = _help("also keep the lowest-loss checkpoint of the latest phase",
+                            default=True)
+    every_epochs: int = _help("save every N epochs (and at the end of each phase)",
+                              default=10, validator=_positive)
+
+
+@attrs.frozen
+class Config:
+    model: ModelConfig = attrs.field(factory=ModelConfig)
+    training: TrainingConfig = attrs.field(factory=TrainingConfig)
+    data: DataConfig = attrs.field(factory=DataConfig)
+    generation: GenerationConfig = attrs.field(factory=GenerationConfig)
+    logging: LoggingConfig = attrs.field(factory=LoggingConfig)
+    checkpoint: CheckpointConfig = attrs.field(factory=CheckpointConfig)
+
+
+SECTIONS = {f.name: f.type for f in attrs.fields(attrs.resolve_types(Config))}
+SECTIONS_BY_CLASS = {cls: name for name, cls in SECTIONS.items()}
+for _cls in SECTIONS.values():
+    attrs.resolve_types(_cls)
+
+_converter = cattrs.Converter()
+
+
+def to_dict(config: Config) -> dict:
+    """Plain nested dict of a Config (JSON and TOML friendly, None kept)."""
+    return _converter.unstructure(config)
+
+
+def from_dict(data: Mapping, source: str = "config") -> Config:
+    """A Config from a nested dict, strictly checked (see ``load_config``)."""
+    merged, _ = _merge({}, {}, data, source)
+    return _build(merged)
+
+
+# ---- layering ------------------------------------------------------------------------------
+
+def _type_name(tp) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, "an integer or nothing")
+
+
+def _coerce(value: Any, tp, where: str, from_text: bool) -> Any:
+    """`value` as type `tp`; strings are parsed when they come from the environment."""
+    optional = tp == Optional[int]
+    base = int if optional else tp
+    if from_text:
+        text = value.strip()
+        try:
+            if optional and text.lower() in ("", "none", "null"):
+                return None
+            if base is bool:
+                lowered = text.lower()
+                if lowered in ("1", "true", "yes", "on"):
+                    return True
+                if lowered in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            return base(text)
+        except ValueError:
+            raise ConfigError(f"{where} = {value!r}, expected {_type_name(tp)}") from None
+    if value is None and optional:
+        return None
+    ok = (isinstance(value, bool) if base is bool else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if base is float else
+          isinstance(value, int) and not isinstance(value, bool) if base is int else
+          isinstance(value, str))
+    if not ok:
+        raise ConfigError(f"{where} = {value!r}, expected {_type_name(tp)}")
+    return float(value) if base is float else value
+
+
+def _merge(values: dict, sources: dict, layer: Mapping, source: str,
+           from_text: bool = False) -> tuple[dict, dict]:
+    """Lay `layer` ({section: {key: value}}) over `values`, recording each key's source."""
+    if not isinstance(layer, Mapping):
+        raise ConfigError(f"{source}: expected a table of sections, found {type(layer).__name__}")
+    for section, table in layer.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{section}], expected one of "
+                              f"{', '.join(SECTIONS)}")
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{source}: [{section}] must be a table of settings")
+        fields = {f.name: f for f in attrs.fields(SECTIONS[section])}
+        for key, value in table.items():
+            if key not in fields:
+                raise ConfigError(f"{source}: unknown key [{section}] {key}, expected one of "
+                                  f"{', '.join(fields)}")
+            where = f"{source}: [{section}] {key}"
+            values.setdefault(section, {})[key] = _coerce(value, fields[key].type, where,
+                                                          from_text)
+            sources[f"{section}.{key}"] = source
+    return values, sources
+
+
+def _build(values: dict, sources: Mapping[str, str] | None = None) -> Config:
+    """Config from merged values; a rule broken by a value names where the value came from."""
+    sections = {}
+    for name, cls in SECTIONS.items():
+        try:
+            sections[name] = cls(**values.get(name, {}))
+        except ConfigError as err:
+            culprits = [src for key, src in (sources or {}).items()
+                        if key.startswith(name + ".") and f"{key.split('.')[1]} =" in str(err)]
+            if culprits:
+                raise type(err)(f"{culprits[0]}: {err}") from None
+            raise
+    return Config(**sections)
+
+
+def read_file(path: str | os.PathLike) -> dict:
+    """The nested dict of a TOML (or, with PyYAML, YAML) config file."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config file ({err.strerror or err})") from err
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"{path}: YAML config needs PyYAML: pip install "
+                              f"'rustgpt[yaml]'") from None
+        try:
+            data = yaml.safe_load(raw) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: malformed YAML ({err})".replace("\n", " ")) from err
+        return data
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{path}: malformed TOML ({err})") from err
+
+
+def env_layer(environ: Mapping[str, str]) -> tuple[dict, dict]:
+    """{section: {key: text}} of the LLM_<SECTION>_<KEY> variables, and their names.
+    Variables whose <SECTION> is not ours are left alone (other tools use LLM_ too)."""
+    layer: dict = {}
+    names: dict = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        section, _, key = rest.partition("_")
+        if section in SECTIONS:
+            layer.setdefault(section, {})[key] = value
+            names[f"{section}.{key}"] = name
+    return layer, names
+
+
+def load_config(file: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None,
+                overrides: Mapping | None = None) -> tuple[Config, dict[str, str]]:
+    """The merged Config and, for each "section.key" set above its default, where it came
+    from ("file PATH", "env LLM_...", "cli"). Raises ConfigError on any bad value."""
+    values: dict = {}
+    sources: dict = {}
+    if file is not None:
+        _merge(values, sources, read_file(file), f"{file}")
+        for key in list(sources):
+            sources[key] = f"file {file}"
+    layer, names = env_layer(os.environ if environ is None else environ)
+    for section, table in layer.items():
+        for key, text in table.items():
+            _merge(values, sources, {section: {key: text}}, f"env {names[f'{section}.{key}']}",
+                   from_text=True)
+    if overrides:
+        given = {s: {k: v for k, v in t.items() if v is not None} for s, t in overrides.items()}
+        _merge(values, sources, given, "cli")
+    return _build(values, sources), sources
+
+
+# ---- documents: config.example.toml, .env.example, `config show` ----------------------------
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def render_toml(config: Config | None = None, sources: Mapping[str, str] | None = None) -> str:
+    """A TOML document of `config` (defaults when None), each key with its help as a comment,
+    or with its source when `sources` is given. Unset optional keys are commented out."""
+    config = config or Config()
+    lines = ["# rustgpt configuration. Precedence: defaults < this file < LLM_* environment "
+             "< command-line options."]
+    for section, cls in SECTIONS.items():
+        lines += ["", f"[{section}]"]
+        current = getattr(config, section)
+        for f in attrs.fields(cls):
+            value = getattr(current, f.name)
+            note = f.metadata["help"] if sources is None else sources.get(f"{section}.{f.name}", "default")
+            entry = f"{f.name} = {_toml_value(value)}" if value is not None else f"# {f.name} ="
+            lines.append(f"{entry:<40} # {note}")
+    return "\n".join(lines) + "\n"
+
+
+def render_env() -> str:
+    """The .env.example document: every setting as an LLM_* variable with its default."""
+    lines = ["# rustgpt settings as environment variables (override the config file)."]
+    for section, cls in SECTIONS.items():
+        lines.append("")
+        for f in attrs.fields(cls):
+            name = f"{ENV_PREFIX}{section}_{f.name}".upper()
+            value = f.default
+            text = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+            lines.append(f"# {f.metadata['help']}")
+            lines.append(f"{name}={text}")
+    return "\n".join(lines) + "\n"

@@ -31,6 +31,22 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -1  # target id of padded positions: no loss, no gradient
 
 
+def _build_layers(root: Module, config: ModelConfig, vocab_size: int) -> None:
+    """The layer tree under `root`: embeddings, blocks.0 .. blocks.L-1, output."""
+    D = config.embedding_dim
+    root.child("embeddings", Embeddings(vocab_size, D, config.max_seq_len))
+    for i in range(config.num_layers):
+        root.child(f"blocks.{i}", TransformerBlock(D, config.hidden_dim, config.num_heads))
+    root.child("output", OutputProjection(D, vocab_size))
+
+
+def parameter_specs(config: ModelConfig, vocab_size: int) -> list[tuple[str, tuple, str, float]]:
+    """The parameter table (name, shape, init, value) of a model, without allocating it."""
+    root = Module()
+    _build_layers(root, config, vocab_size)
+    return list(root.named_specs())
+
+
 class KVCache:
     """Per-request decoding state: keys and values of every layer, and scratch.
 
@@ -63,13 +79,11 @@ class LLM(Module):
         super().__init__()
         self.config = config
         self.vocab = vocab
-        V, D = vocab.size, config.embedding_dim
-        self.embeddings = self.child("embeddings", Embeddings(V, D, config.max_seq_len))
-        self.blocks = [
-            self.child(f"blocks.{i}", TransformerBlock(D, config.hidden_dim, config.num_heads))
-            for i in range(config.num_layers)
-        ]
-        self.output = self.child("output", OutputProjection(D, V))
+        _build_layers(self, config, vocab.size)
+        self.embeddings: Embeddings = self._children["embeddings"]
+        self.blocks: list[TransformerBlock] = [self._children[f"blocks.{i}"]
+                                               for i in range(config.num_layers)]
+        self.output: OutputProjection = self._children["output"]
         self.params = FlatParameters(list(self.named_specs()))
         self.bind(self.params)
         self.params.initialize(np.random.default_rng(seed))

@@ -86,7 +86,8 @@ class Trainer:
                               config.weight_decay)
         self.rng = np.random.default_rng(config.seed)
         self.position = Position()
-        self.last_loss = math.nan
+        self.last_loss = math.nan  # of the latest step
+        self.epoch_loss = math.nan  # mean over the latest finished epoch
         self._stop = False
         self._epoch_losses: list[float] = []
         self._epoch_tokens = 0
@@ -174,8 +175,12 @@ class Trainer:
         record = {"phase": phase.name, "epoch": pos.epoch, "step": pos.step,
                   "loss": float(np.mean(self._epoch_losses)) if self._epoch_losses else math.nan,
                   "tokens_per_s": self._epoch_tokens / elapsed if elapsed > 0 else 0.0}
-        log.info("%s epoch %d: loss %.4f", phase.name, pos.epoch, record["loss"],
-                 extra={k: v for k, v in record.items() if k != "phase"})
+        self.epoch_loss = record["loss"]
+        # every 10th epoch and a phase's last at INFO, the rest at DEBUG
+        level = logging.INFO if (pos.epoch + 1) % 10 == 0 or pos.epoch + 1 == phase.epochs \
+            else logging.DEBUG
+        log.log(level, "%s epoch %d: loss %.4f", phase.name, pos.epoch, record["loss"],
+                extra={k: v for k, v in record.items() if k != "phase"})
         pos.epoch, pos.batch, pos.order = pos.epoch + 1, 0, None
         for cb in self.callbacks:
             cb.on_epoch_end(self, record)
@@ -186,6 +191,7 @@ class Trainer:
         """Optimizer moments and step, position, RNG state, last loss (JSON-able but m, v)."""
         return {"optimizer": self.optimizer.state_dict(), "position": attrs.asdict(self.position),
                 "rng": self.rng.bit_generator.state, "last_loss": self.last_loss,
+                "epoch_loss": self.epoch_loss,
                 "epoch_losses": list(self._epoch_losses)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -193,5 +199,17 @@ class Trainer:
         self.position = Position(**state["position"])
         self.rng.bit_generator.state = state["rng"]
         self.last_loss = state["last_loss"]
+        self.epoch_loss = state["epoch_loss"]
         self._epoch_losses = list(state.get("epoch_losses", []))
         self._epoch_tokens, self._epoch_start = 0, time.perf_counter()
+
+
+def evaluate(model: LLM, sequences: Sequence[np.ndarray], batch_size: int = 16) -> dict:
+    """Mean next-token loss, perplexity and accuracy of `model` over encoded `sequences`."""
+    total, count, correct = 0.0, 0, 0
+    for start in range(0, len(sequences), batch_size):
+        loss, n, right = model.loss(*make_batch(sequences[start:start + batch_size]))
+        total, count, correct = total + loss, count + n, correct + right
+    mean = total / count
+    return {"examples": len(sequences), "tokens": count, "loss": mean,
+            "perplexity": math.exp(min(mean, 700.0)), "accuracy": correct / count}
