@@ -425,3 +425,7 @@ def install_stop_handlers(trainer) -> dict:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handler)
     return seen
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Checkpoints: round trip, exact resume from a file, manager pruning and best tracking,
+and every kind of damaged or foreign file refused with a SerializationError."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from rustgpt.checkpoint import BEST_NAME, Checkpoint, CheckpointManager, load
+from rustgpt.config import Config, ModelConfig, TrainingConfig
+from rustgpt.data import Dataset
+from rustgpt.errors import SerializationError
+from rustgpt.model import LLM
+from rustgpt.tokenizer import Vocab
+from rustgpt.training import Callback, Trainer, rustgpt_phases
+
+TEXTS = ["the sun rises in the east </s>", "rain falls from clouds </s>",
+         "User: where does the sun rise ? Assistant: in the east </s>",
+         "User: what falls from clouds ? Assistant: rain </s>"]
+CONFIG = Config(model=ModelConfig(embedding_dim=16, hidden_dim=24, num_layers=2, num_heads=2,
+                                  max_seq_len=16),
+                training=TrainingConfig(pretraining_epochs=3, instruction_epochs=3, shuffle=True,
+                                        schedule="cosine", warmup_steps=2, seed=5))
+
+
+class Losses(Callback):
+    def __init__(self, stop_at=None):
+        self.losses, self.stop_at = [], stop_at
+
+    def on_step(self, trainer, record):
+        self.losses.append(record["loss"])
+        if record["step"] == self.stop_at:
+            trainer.request_stop()
+
+
+def make_trainer(callback, seed=None, vocab=None):
+    vocab = vocab or Vocab.from_texts(TEXTS)
+    model = LLM(CONFIG.model, vocab, seed=CONFIG.training.seed if seed is None else seed)
+    phases = rustgpt_phases(CONFIG.training, vocab, 16, Dataset(TEXTS[:2]), Dataset(TEXTS[2:]))
+    return Trainer(model, CONFIG.training, phases, [callback])
+
+
+def test_round_trip(tmp_path):
+    trainer = make_trainer(Losses(stop_at=3))
+    trainer.run()
+    path = Checkpoint.from_trainer(trainer, CONFIG).save(tmp_path / "a.safetensors")
+    ckpt = Checkpoint.load(path)
+    assert ckpt.config == CONFIG and ckpt.vocab == trainer.model.vocab and ckpt.step == 3
+    for name, value in trainer.model.named_parameters():
+        np.testing.assert_array_equal(ckpt.weights[name], value)
+    np.testing.assert_array_equal(ckpt.optimizer["m"], trainer.optimizer.m)
+    assert ckpt.optimizer["t"] == 3 and math.isfinite(ckpt.loss)
+    ids = trainer.model.vocab.encode("the sun rises")
+    np.testing.assert_array_equal(load(path).forward([ids]), trainer.model.forward([ids]))
+    # plain safetensors: weights by attribute path, optimizer moments beside them
+    tensors = load_file(path)
+    assert tensors["blocks.0.attn.wq"].shape == (16, 16) and "optim.v.output.b" in tensors
+
+
+def test_resume_from_file_continues_exactly(tmp_path):
+    full = Losses()
+    make_trainer(full).run()
+    first = Losses(stop_at=4)
+    trainer = make_trainer(first)
+    trainer.run()
+    path = Checkpoint.from_trainer(trainer, CONFIG).save(tmp_path / "mid.safetensors")
+    second = Losses()
+    resumed = make_trainer(second, seed=999)
+    Checkpoint.load(path).restore(resumed)
+    resumed.run()
+    assert first.losses + second.losses == full.losses
+
+
+def test_manager_prunes_and_tracks_best_of_the_latest_phase(tmp_path):
+    manager = CheckpointManager(tmp_path / "run", max_to_keep=2)
+    assert manager.latest() is None and manager.best() is None
+    model = LLM(CONFIG.model, Vocab.from_texts(TEXTS))
+
+    def save(step, phase, loss):
+        c = Checkpoint.from_model(model, CONFIG, loss=loss)
+        c.trainer = {"position": {"step": step, "phase": phase, "epoch": 0, "batch": 0,
+                                  "order": None}}
+        return manager.save(c)
+
+    save(1, 0, 3.0)
+    save(2, 0, 2.0)  # best so far
+    save(3, 0, 2.5)
+    assert [p.name for p in manager.checkpoints()] == ["ckpt-00000002.safetensors",
+                                                       "ckpt-00000003.safetensors"]
+    assert Checkpoint.load(manager.best()).loss == 2.0
+    save(4, 1, 4.0)  # a later phase wins despite a higher loss (other data)
+    assert Checkpoint.load(manager.best()).step == 4
+    assert manager.latest().name == "ckpt-00000004.safetensors"
+    assert CheckpointManager.resolve(tmp_path / "run") == tmp_path / "run" / BEST_NAME
+    with pytest.raises(SerializationError, match="no checkpoint in this directory"):
+        CheckpointManager.resolve(tmp_path)
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    model = LLM(CONFIG.model, Vocab.from_texts(TEXTS))
+    path = Checkpoint.from_model(model, CONFIG, loss=1.0).save(tmp_path / "c.safetensors")
+    before = path.read_bytes()
+
+    def boom(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", boom)
+    with pytest.raises(SerializationError, match="No space left on device"):
+        Checkpoint.from_model(model, CONFIG, loss=0.5).save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]  # no temporary left
+
+
+@pytest.fixture
+def good(tmp_path):
+    model = LLM(CONFIG.model, Vocab.from_texts(TEXTS))
+    return Checkpoint.from_model(model, CONFIG, loss=1.0).save(tmp_path / "good.safetensors")
+
+
+def rewrite(path, tmp_path, change):
+    """Copy of checkpoint `path` with its tensors / metadata edited by change(tensors, meta)."""
+    raw = path.read_bytes()
+    meta = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
+    tensors = load_file(path)
+    change(tensors, meta)
+    out = tmp_path / "edited.safetensors"
+    save_file(tensors, out, metadata=meta)
+    return out
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda raw: raw[:len(raw) // 2], "not a readable safetensors file"),
+    (lambda raw: bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8)),
+     "not a readable safetensors file"),
+    (lambda raw: b"", "not a readable safetensors file"),
+])
+def test_truncated_or_random_files(good, tmp_path, damage, message):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(damage(good.read_bytes()))
+    with pytest.raises(SerializationError, match=message):
+        Checkpoint.load(bad)
+
+
+def test_foreign_and_mismatched_files(good, tmp_path):
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": np.zeros((2, 2), np.float32)}, foreign)
+    with pytest.raises(SerializationError, match="not a rustgpt checkpoint"):
+        Checkpoint.load(foreign)
+
+    def version(t, m):
+        m["format_version"] = "99"
+    with pytest.raises(SerializationError, match="format version 99, this rustgpt"):
+        Checkpoint.load(rewrite(good, tmp_path, version))
+
+    def shape(t, m):
+        t["blocks.0.attn.wq"] = np.zeros((16, 8), np.float32)
+    with pytest.raises(SerializationError, match=r"blocks.0.attn.wq has shape \(16, 8\), the "
+                                                 r"stored config"):
+        Checkpoint.load(rewrite(good, tmp_path, shape))
+
+    def vocab(t, m):
+        words = json.loads(m["vocab"])["words"] + ["extra"]
+        m["vocab"] = json.dumps({"words": words})
+    with pytest.raises(SerializationError, match="embeddings.token has shape"):
+        Checkpoint.load(rewrite(good, tmp_path, vocab))
+
+    def missing(t, m):
+        del t["output.b"]
+    with pytest.raises(SerializationError, match=r"missing \['output.b'\]"):
+        Checkpoint.load(rewrite(good, tmp_path, missing))
+
+    def config(t, m):
+        m["config"] = json.dumps({"model": {"num_heads": 3}})
+    with pytest.raises(SerializationError, match="stored config or vocabulary is invalid"):
+        Checkpoint.load(rewrite(good, tmp_path, config))
+
+    def dtype(t, m):
+        t["output.b"] = t["output.b"].astype(np.float64)
+    with pytest.raises(SerializationError, match="dtype float64, expected float32"):
+        Checkpoint.load(rewrite(good, tmp_path, dtype))
+
+    with pytest.raises(SerializationError, match="no such checkpoint"):
+        Checkpoint.load(tmp_path / "nope.safetensors")
+
+
+def test_resume_needs_training_state(good):
+    with pytest.raises(SerializationError, match="no training state"):
+        Checkpoint.load(good).restore(make_trainer(Losses()))
+
+
+def test_loads_in_pytorch(good):
+    torch_safetensors = pytest.importorskip("safetensors.torch")
+    pytest.importorskip("torch")
+    tensors = torch_safetensors.load_file(str(good))
+    assert tuple(tensors["embeddings.token"].shape) == load_file(good)["embeddings.token"].shape

@@ -1,0 +1,183 @@
+"""rustgpt-cli end to end: Click's CliRunner for each command, and real subprocesses for
+train -> generate -> info -> eval, start-up cost, and stop by signal then exact resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from safetensors.numpy import load_file
+
+from rustgpt.cli import main
+
+TINY = """[model]
+embedding_dim = 16
+hidden_dim = 32
+num_layers = 1
+max_seq_len = 40
+[training]
+pretraining_epochs = 2
+instruction_epochs = 2
+batch_size = 8
+[checkpoint]
+every_epochs = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained through the CLI once for the module."""
+    root = tmp_path_factory.mktemp("cli")
+    (root / "tiny.toml").write_text(TINY)
+    result = CliRunner().invoke(main, ["--config", str(root / "tiny.toml"), "train",
+                                       "--output", str(root / "ckpt")])
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def run(*args, env=None):
+    return CliRunner().invoke(main, list(args), env=env)
+
+
+def test_train_writes_checkpoints_metrics_and_summary(trained):
+    files = {p.name for p in (trained / "ckpt").iterdir()}
+    assert {"best.safetensors", "metrics.csv", "metrics.json"} <= files
+    assert any(f.startswith("ckpt-") for f in files)
+    steps = json.loads((trained / "ckpt" / "metrics.json").read_text())["steps"]
+    assert len(steps) > 0 and all(s["loss"] is not None for s in steps)
+
+
+def test_generate_info_eval(trained):
+    ckpt = str(trained / "ckpt")
+    out = run("generate", "How do mountains form?", "--checkpoint", ckpt, "--max-tokens", "5")
+    assert out.exit_code == 0 and out.output.strip()
+    sampled = run("generate", "Hello", "--checkpoint", ckpt, "--temperature", "0.8",
+                  "--top-p", "0.9", "--seed", "3", "--stream", "--max-tokens", "5")
+    assert sampled.exit_code == 0
+    beam = run("generate", "Hello", "--checkpoint", ckpt, "--beam-width", "3")
+    assert beam.exit_code == 0
+    info = run("info", "--checkpoint", ckpt)
+    assert info.exit_code == 0 and "total parameters" in info.output and "step:" in info.output
+    data = trained / "eval.json"
+    data.write_text(json.dumps(["User: Hello Assistant: Hello there </s>"]))
+    ev = run("eval", str(data), "--checkpoint", ckpt)
+    assert ev.exit_code == 0 and "perplexity:" in ev.output and "accuracy:" in ev.output
+
+
+def test_chat_loop(trained):
+    result = CliRunner().invoke(main, ["chat", "--checkpoint", str(trained / "ckpt"),
+                                       "--max-tokens", "3"], input="Hello\n\nexit\n")
+    assert result.exit_code == 0 and result.output.count("Model:") == 1
+
+
+def test_errors_are_one_line(tmp_path):
+    missing = run("generate", "hi", "--checkpoint", str(tmp_path / "none"))
+    assert missing.exit_code == 1
+    assert "run `rustgpt-cli train` first" in missing.output and "Traceback" not in missing.output
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1]")
+    result = run("train", "--pretraining-data", str(bad), "--output", str(tmp_path / "o"))
+    assert result.exit_code == 1 and "bad.json: item 0 is a number" in result.output
+    env_bad = run("config", "show", env={"LLM_MODEL_NUM_HEADS": "3"})
+    assert env_bad.exit_code == 1 and "num_heads = 3 must divide" in env_bad.output
+    assert len(env_bad.output.strip().splitlines()) == 1
+
+
+def test_generation_option_errors(trained):
+    result = run("generate", "hi", "--checkpoint", str(trained / "ckpt"), "--top-p", "2")
+    assert result.exit_code == 1 and "top_p = 2.0, expected in (0, 1]" in result.output
+
+
+def test_config_show_and_init(tmp_path):
+    shown = run("config", "show", env={"LLM_TRAINING_BATCH_SIZE": "4"})
+    assert shown.exit_code == 0
+    assert "batch_size = 4" in shown.output and "env LLM_TRAINING_BATCH_SIZE" in shown.output
+    target = tmp_path / "r.toml"
+    assert run("config", "init", str(target)).exit_code == 0
+    again = run("config", "init", str(target))
+    assert again.exit_code == 1 and "--force" in again.output
+    assert run("--config", str(target), "config", "show").exit_code == 0
+
+
+def test_plot_without_or_with_matplotlib(trained, tmp_path):
+    result = run("plot", "--metrics", str(trained / "ckpt"), "--output", str(tmp_path / "p.png"))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert result.exit_code == 1 and "pip install 'rustgpt[plot]'" in result.output
+    else:
+        assert result.exit_code == 0 and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_json_logs(trained, tmp_path):
+    result = CliRunner().invoke(main, ["--log-format", "json", "--config",
+                                       str(trained / "tiny.toml"), "train", "--output",
+                                       str(tmp_path / "o"), "--pretraining-epochs", "1",
+                                       "--instruction-epochs", "0"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(l) for l in result.stderr.splitlines() if l.startswith("{")]
+    assert any(l.get("message", "").startswith("pretraining epoch 0") and "loss" in l
+               for l in lines)
+
+
+# ---- real processes ---------------------------------------------------------------------------
+
+def cli(*args, cwd, **kwargs):
+    return subprocess.run([sys.executable, "-m", "rustgpt.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_subprocess_train_generate_info_eval(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    train = cli("--config", "tiny.toml", "train", cwd=tmp_path)
+    assert train.returncode == 0, train.stderr
+    assert "checkpoints in checkpoints/" in train.stdout
+    gen = cli("generate", "How do mountains form?", cwd=tmp_path)
+    assert gen.returncode == 0 and gen.stdout.strip(), gen.stderr
+    assert cli("info", cwd=tmp_path).returncode == 0
+    (tmp_path / "d.csv").write_text("User: Hello Assistant: Hi </s>\n")
+    assert cli("eval", "d.csv", cwd=tmp_path).returncode == 0
+
+
+def test_help_does_not_import_numpy():
+    code = ("import sys, runpy; sys.argv = ['rustgpt-cli', '--help']\n"
+            "try:\n    runpy.run_module('rustgpt.cli', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "assert 'numpy' not in sys.modules and 'rustgpt._kernels' not in sys.modules, "
+            "sorted(m for m in sys.modules if 'numpy' in m or 'rustgpt' in m)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_saves_and_resume_matches_an_uninterrupted_run(tmp_path, sig, code):
+    config = TINY.replace("pretraining_epochs = 2", "pretraining_epochs = 30").replace(
+        "batch_size = 8", "batch_size = 1\nshuffle = true")
+    (tmp_path / "c.toml").write_text(config)
+    reference = cli("--config", "c.toml", "train", "--output", "full", cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr
+
+    proc = subprocess.Popen([sys.executable, "-m", "rustgpt.cli", "--config", "c.toml", "train",
+                             "--output", "cut"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "cut").glob("ckpt-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "--resume" in err
+
+    resumed = cli("--config", "c.toml", "train", "--output", "cut", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    final = sorted((tmp_path / "full").glob("ckpt-*"))[-1].name
+    a, b = load_file(tmp_path / "full" / final), load_file(tmp_path / "cut" / final)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
