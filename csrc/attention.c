@@ -1,84 +1,298 @@
-/* attention.c: causal multi-head softmax attention, forward, backward and one KV-cache step. */
+/* attention.c: causal multi-head softmax attention, forward, backward and one KV-cache step.
+ *
+ * Layout: q, k, v, out and their gradients are (B, T, D); head h owns columns
+ * [h*hs, (h+1)*hs), so the rows of one head are hs floats apart by a stride of D.
+ * att is (B, NH, T, T).
+ *
+ * Two block kernels do all the arithmetic, on up to RT rows at a time:
+ *   scores_block: S = scale * Q K^T   (RT query rows against n keys)
+ *   mix_block:    Y = P X             (RT rows of weights over n value rows)
+ * Both keep an RT x 16 (or RT x 32) tile of results in registers and never reduce across
+ * vector lanes: scores_block copies 16 keys transposed into a small stack tile first, so
+ * its inner loop is a broadcast-multiply-add, like mix_block's.
+ * They are written once with GCC vector types and compiled three times (generic, AVX2,
+ * AVX-512); rg_simd_level() picks one at run time.
+ *
+ * Threads: a task is (batch row b, head h, a range of rows). Each task writes only its own
+ * rows of out / att / dq / dk / dv, so there are no atomics. When B * NH alone cannot keep
+ * every thread busy, each head's rows are cut into ranges of equal triangular cost.
+ * The backward runs in two passes: over query rows (dq, and the softmax dot products),
+ * then over key rows (dk, dv), which recomputes dout . v once more instead of storing a
+ * (T, T) matrix of score gradients.
+ */
 #include <math.h>
+#include <string.h>
 #include "rustgpt_kernels.h"
+
+#define RT 4  /* rows per block */
+#define KW 16 /* keys per transposed tile in scores_block */
+#define CW 32 /* columns per register tile in mix_block */
+
+typedef float f32x16 __attribute__((vector_size(64), aligned(4), may_alias));
+typedef float f32x32 __attribute__((vector_size(128), aligned(4), may_alias));
+
+/* ---- block kernels (inlined into each SIMD variant) ----------------------------------- */
+
+/* S[r, j] = scale * q_r . k_j for r < nr, j < n.
+ * q: nr rows (stride D) of hs floats; k: n rows (stride D); S: (nr, lds).
+ * kt: (hs, KW) scratch. Rows past nr repeat the last row; their results are dropped. */
+static inline __attribute__((always_inline))
+void scores_block(float *S, int lds, const float *q, int nr, const float *k, int n,
+                  int D, int hs, float scale, float *kt) {
+    const float *q_r[RT];
+    for (int r = 0; r < RT; r++) q_r[r] = q + (size_t)(r < nr ? r : nr - 1) * D;
+    for (int j0 = 0; j0 < n; j0 += KW) {
+        int nk = n - j0 < KW ? n - j0 : KW;
+        /* kt[i, j] = k[j0 + j, i], zero for keys past n */
+        for (int j = 0; j < KW; j++) {
+            const float *k_j = k + (size_t)(j0 + j) * D;
+            for (int i = 0; i < hs; i++) kt[i * KW + j] = j < nk ? k_j[i] : 0.0f;
+        }
+        f32x16 acc[RT] = {0};
+        for (int i = 0; i < hs; i++) {
+            f32x16 kt_i = *(const f32x16 *)(kt + i * KW);
+            for (int r = 0; r < RT; r++) acc[r] += q_r[r][i] * kt_i;
+        }
+        for (int r = 0; r < nr; r++) {
+            float *s_r = S + (size_t)r * lds + j0;
+            if (nk == KW) *(f32x16 *)s_r = acc[r] * scale;
+            else for (int j = 0; j < nk; j++) s_r[j] = acc[r][j] * scale;
+        }
+    }
+}
+
+/* y_r = sum_j P[r, j] x_j for r < nr, j < n. Overwrites y.
+ * P: (nr, ldp); x: n rows (stride D) of hs floats; y: nr rows (stride D). */
+static inline __attribute__((always_inline))
+void mix_block(float *y, const float *P, int ldp, int nr, const float *x, int n, int D,
+               int hs) {
+    const float *p_r[RT];
+    for (int r = 0; r < RT; r++) p_r[r] = P + (size_t)(r < nr ? r : nr - 1) * ldp;
+    int c0 = 0;
+    for (; c0 + CW <= hs; c0 += CW) {
+        f32x32 acc[RT] = {0};
+        for (int j = 0; j < n; j++) {
+            f32x32 x_j = *(const f32x32 *)(x + (size_t)j * D + c0);
+            for (int r = 0; r < RT; r++) acc[r] += p_r[r][j] * x_j;
+        }
+        for (int r = 0; r < nr; r++) *(f32x32 *)(y + (size_t)r * D + c0) = acc[r];
+    }
+    for (int r = 0; r < nr && c0 < hs; r++) { /* the last hs % CW columns */
+        float *y_r = y + (size_t)r * D;
+        for (int c = c0; c < hs; c++) y_r[c] = 0.0f;
+        for (int j = 0; j < n; j++) {
+            const float *x_j = x + (size_t)j * D;
+            for (int c = c0; c < hs; c++) y_r[c] += p_r[r][j] * x_j[c];
+        }
+    }
+}
+
+/* s[0..n) = softmax(s[0..n)), shifted by the max so large scores cannot overflow. */
+static inline __attribute__((always_inline))
+void softmax_row(float *s, int n) {
+    float mx = -INFINITY, sum = 0.0f;
+    for (int j = 0; j < n; j++) mx = s[j] > mx ? s[j] : mx;
+    for (int j = 0; j < n; j++) {
+        s[j] = expf(s[j] - mx);
+        sum += s[j];
+    }
+    float inv = 1.0f / sum;
+    for (int j = 0; j < n; j++) s[j] *= inv;
+}
+
+/* ---- per-task work, one head (b, h) ----------------------------------------------------- */
+/* Pointers arrive seeked to the head: q, k, v, out, dq, ... at [b, 0, h*hs] (row stride D),
+ * att at [b, h, 0, 0] (T, T), dot at [b, h, 0] (T). */
+
+/* Forward for query rows [t0, t1): att rows and out rows. */
+static inline __attribute__((always_inline))
+void forward_rows(float *out, float *att, const float *q, const float *k, const float *v,
+                  int T, int D, int hs, int t0, int t1) {
+    float scale = 1.0f / sqrtf((float)hs);
+    float kt[hs * KW];
+    for (int t = t0; t < t1; t += RT) {
+        int nr = t1 - t < RT ? t1 - t : RT;
+        int n = t + nr; /* keys 0..t+nr-1 cover every row of the block */
+        float *att_t = att + (size_t)t * T;
+        scores_block(att_t, T, q + (size_t)t * D, nr, k, n, D, hs, scale, kt);
+        for (int r = 0; r < nr; r++) {
+            float *att_r = att_t + (size_t)r * T;
+            softmax_row(att_r, t + r + 1);
+            memset(att_r + t + r + 1, 0, (size_t)(T - t - r - 1) * sizeof(float));
+        }
+        mix_block(out + (size_t)t * D, att_t, T, nr, v, n, D, hs);
+    }
+}
+
+/* Backward pass 1, query rows [t0, t1): dq rows and dot[t] = sum_j att[t, j] datt[t, j].
+ * In the forward, out_t = sum_j att[t, j] v_j and att[t] = softmax(scale * q_t . k_j), so
+ *   datt[t, j] = dout_t . v_j,  dpre[t, j] = att[t, j] (datt[t, j] - dot[t]) * scale,
+ *   dq_t = sum_j dpre[t, j] k_j. */
+static inline __attribute__((always_inline))
+void backward_query_rows(float *dq, float *dot, const float *dout, const float *att,
+                         const float *k, const float *v, int T, int D, int hs, int t0,
+                         int t1) {
+    float scale = 1.0f / sqrtf((float)hs);
+    float kt[hs * KW];
+    float dpre[RT * T];
+    for (int t = t0; t < t1; t += RT) {
+        int nr = t1 - t < RT ? t1 - t : RT;
+        int n = t + nr;
+        scores_block(dpre, T, dout + (size_t)t * D, nr, v, n, D, hs, 1.0f, kt);
+        for (int r = 0; r < nr; r++) {
+            const float *att_r = att + (size_t)(t + r) * T;
+            float *dpre_r = dpre + (size_t)r * T;
+            float d = 0.0f;
+            for (int j = 0; j <= t + r; j++) d += att_r[j] * dpre_r[j];
+            for (int j = 0; j <= t + r; j++) dpre_r[j] = att_r[j] * (dpre_r[j] - d) * scale;
+            for (int j = t + r + 1; j < n; j++) dpre_r[j] = 0.0f;
+            dot[t + r] = d;
+        }
+        mix_block(dq + (size_t)t * D, dpre, T, nr, k, n, D, hs);
+    }
+}
+
+/* Backward pass 2, key rows [j0, j1), given dot from pass 1:
+ *   dk_j = sum_{t >= j} dpre[t, j] q_t,  dv_j = sum_{t >= j} att[t, j] dout_t. */
+static inline __attribute__((always_inline))
+void backward_key_rows(float *dk, float *dv, const float *dot, const float *dout,
+                       const float *att, const float *q, const float *v, int T, int D,
+                       int hs, int j0, int j1) {
+    float scale = 1.0f / sqrtf((float)hs);
+    float kt[hs * KW];
+    float dpre[RT * T], att_col[RT * T]; /* columns j..j+nr-1 of dpre and att, from row j */
+    for (int j = j0; j < j1; j += RT) {
+        int nr = j1 - j < RT ? j1 - j : RT;
+        int n = T - j; /* query rows j..T-1 */
+        scores_block(dpre, T, v + (size_t)j * D, nr, dout + (size_t)j * D, n, D, hs, 1.0f,
+                     kt);
+        for (int r = 0; r < nr; r++) {
+            float *dpre_r = dpre + (size_t)r * T, *att_r = att_col + (size_t)r * T;
+            for (int u = 0; u < n; u++) {
+                float a = u >= r ? att[(size_t)(j + u) * T + j + r] : 0.0f;
+                att_r[u] = a;
+                dpre_r[u] = a * (dpre_r[u] - dot[j + u]) * scale;
+            }
+        }
+        mix_block(dk + (size_t)j * D, dpre, T, nr, q + (size_t)j * D, n, D, hs);
+        mix_block(dv + (size_t)j * D, att_col, T, nr, dout + (size_t)j * D, n, D, hs);
+    }
+}
+
+/* One query against n cached keys; out, q: hs floats; kc, vc: n rows (stride D). */
+static inline __attribute__((always_inline))
+void step_head(float *out, const float *q, const float *kc, const float *vc, int n, int D,
+               int hs) {
+    float kt[hs * KW];
+    float s[n];
+    scores_block(s, n, q, 1, kc, n, D, hs, 1.0f / sqrtf((float)hs), kt);
+    softmax_row(s, n);
+    mix_block(out, s, n, 1, vc, n, D, hs);
+}
+
+/* ---- the three SIMD variants of each task ----------------------------------------------- */
+
+#define AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma")))
+#define AVX2 __attribute__((target("avx2,fma")))
+#define VARIANTS(name, params, args)                                                     \
+    static void name##_generic params { name args; }                                    \
+    AVX2 static void name##_avx2 params { name args; }                                  \
+    AVX512 static void name##_avx512 params { name args; }                              \
+    static void (*name##_pick(void)) params {                                           \
+        int level = rg_simd_level();                                                    \
+        return level == RG_SIMD_AVX512 ? name##_avx512                                  \
+             : level == RG_SIMD_AVX2 ? name##_avx2 : name##_generic;                    \
+    }
+
+VARIANTS(forward_rows,
+         (float *out, float *att, const float *q, const float *k, const float *v, int T,
+          int D, int hs, int t0, int t1),
+         (out, att, q, k, v, T, D, hs, t0, t1))
+VARIANTS(backward_query_rows,
+         (float *dq, float *dot, const float *dout, const float *att, const float *k,
+          const float *v, int T, int D, int hs, int t0, int t1),
+         (dq, dot, dout, att, k, v, T, D, hs, t0, t1))
+VARIANTS(backward_key_rows,
+         (float *dk, float *dv, const float *dot, const float *dout, const float *att,
+          const float *q, const float *v, int T, int D, int hs, int j0, int j1),
+         (dk, dv, dot, dout, att, q, v, T, D, hs, j0, j1))
+VARIANTS(step_head,
+         (float *out, const float *q, const float *kc, const float *vc, int n, int D,
+          int hs),
+         (out, q, kc, vc, n, D, hs))
+
+/* ---- splitting the work over threads -------------------------------------------------- */
+
+/* Pieces each head's rows are cut into: 1 when the B * NH heads spread evenly over the
+ * threads (or are many), else one piece per thread. */
+static int pieces_per_head(int BNH, int T) {
+    int nt = rg_num_threads();
+    if (BNH % nt == 0 || BNH >= 8 * nt) return 1;
+    return nt < T ? nt : T;
+}
+
+/* First row of piece c of P when row t costs t + 1 (query rows, a lower triangle). */
+static int query_split(int T, int c, int P) {
+    return (int)(T * sqrt((double)c / P) + 0.5);
+}
+
+/* First row of piece c of P when row j costs T - j (key rows, the same triangle). */
+static int key_split(int T, int c, int P) {
+    return T - query_split(T, P - c, P);
+}
+
+/* ---- public kernels --------------------------------------------------------------------- */
 
 void rg_attention_forward(float *out, float *att, const float *q, const float *k,
                           const float *v, int B, int T, int D, int NH) {
-    int hs = D / NH;
-    float scale = 1.0f / sqrtf((float)hs);
-    #pragma omp parallel for collapse(2) schedule(static)
-    for (int b = 0; b < B; b++) {
-        for (int h = 0; h < NH; h++) {
-            for (int t = 0; t < T; t++) {
-                const float *q_t = q + ((size_t)b * T + t) * D + h * hs;
-                float *att_t = att + (((size_t)b * NH + h) * T + t) * T;
-                float mx = -INFINITY;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float *k_t2 = k + ((size_t)b * T + t2) * D + h * hs;
-                    float s = 0.0f;
-                    for (int i = 0; i < hs; i++) s += q_t[i] * k_t2[i];
-                    s *= scale;
-                    att_t[t2] = s;
-                    mx = s > mx ? s : mx;
-                }
-                float sum = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    att_t[t2] = expf(att_t[t2] - mx);
-                    sum += att_t[t2];
-                }
-                for (int t2 = 0; t2 <= t; t2++) att_t[t2] /= sum;
-                for (int t2 = t + 1; t2 < T; t2++) att_t[t2] = 0.0f;
-                float *out_t = out + ((size_t)b * T + t) * D + h * hs;
-                for (int i = 0; i < hs; i++) out_t[i] = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float *v_t2 = v + ((size_t)b * T + t2) * D + h * hs;
-                    for (int i = 0; i < hs; i++) out_t[i] += att_t[t2] * v_t2[i];
-                }
-            }
-        }
+    int hs = D / NH, BNH = B * NH, P = pieces_per_head(BNH, T);
+    void (*fwd)(float *, float *, const float *, const float *, const float *, int, int,
+                int, int, int) = forward_rows_pick();
+    #pragma omp parallel for schedule(static)
+    for (int task = 0; task < BNH * P; task++) {
+        int b = task / P / NH, h = task / P % NH, c = task % P;
+        size_t x = (size_t)b * T * D + h * hs; /* seek to [b, 0, h*hs] */
+        fwd(out + x, att + (size_t)(b * NH + h) * T * T, q + x, k + x, v + x, T, D, hs,
+            query_split(T, c, P), query_split(T, c + 1, P));
     }
 }
 
 void rg_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                            const float *att, const float *q, const float *k, const float *v,
                            int B, int T, int D, int NH) {
-    int hs = D / NH;
-    float scale = 1.0f / sqrtf((float)hs);
-    #pragma omp parallel for collapse(2) schedule(static)
-    for (int b = 0; b < B; b++) {
-        for (int h = 0; h < NH; h++) {
-            for (int t = 0; t < T; t++) {
-                size_t row = ((size_t)b * T + t) * D + h * hs;
-                for (int i = 0; i < hs; i++) dq[row + i] = dk[row + i] = dv[row + i] = 0.0f;
-            }
-            for (int t = 0; t < T; t++) {
-                const float *att_t = att + (((size_t)b * NH + h) * T + t) * T;
-                const float *dout_t = dout + ((size_t)b * T + t) * D + h * hs;
-                const float *q_t = q + ((size_t)b * T + t) * D + h * hs;
-                float *dq_t = dq + ((size_t)b * T + t) * D + h * hs;
-                /* datt[t2] = dout_t . v_t2;  dpre = att * (datt - sum(att * datt)) */
-                float dot = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float *v_t2 = v + ((size_t)b * T + t2) * D + h * hs;
-                    float datt = 0.0f;
-                    for (int i = 0; i < hs; i++) datt += dout_t[i] * v_t2[i];
-                    dot += att_t[t2] * datt;
-                }
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float *v_t2 = v + ((size_t)b * T + t2) * D + h * hs;
-                    const float *k_t2 = k + ((size_t)b * T + t2) * D + h * hs;
-                    float *dk_t2 = dk + ((size_t)b * T + t2) * D + h * hs;
-                    float *dv_t2 = dv + ((size_t)b * T + t2) * D + h * hs;
-                    float datt = 0.0f;
-                    for (int i = 0; i < hs; i++) datt += dout_t[i] * v_t2[i];
-                    float dpre = att_t[t2] * (datt - dot) * scale;
-                    for (int i = 0; i < hs; i++) {
-                        dq_t[i] += dpre * k_t2[i];
-                        dk_t2[i] += dpre * q_t[i];
-                        dv_t2[i] += att_t[t2] * dout_t[i];
-                    }
-                }
-            }
+    int hs = D / NH, BNH = B * NH, P = pieces_per_head(BNH, T);
+    void (*query_rows)(float *, float *, const float *, const float *, const float *,
+                       const float *, int, int, int, int, int) = backward_query_rows_pick();
+    void (*key_rows)(float *, float *, const float *, const float *, const float *,
+                     const float *, const float *, int, int, int, int, int) =
+        backward_key_rows_pick();
+    if (P == 1) { /* one task per head: both passes, dot on this thread's stack */
+        #pragma omp parallel for schedule(static)
+        for (int bh = 0; bh < BNH; bh++) {
+            size_t x = (size_t)(bh / NH) * T * D + (bh % NH) * hs; /* [b, 0, h*hs] */
+            const float *att_bh = att + (size_t)bh * T * T;
+            float dot[T];
+            query_rows(dq + x, dot, dout + x, att_bh, k + x, v + x, T, D, hs, 0, T);
+            key_rows(dk + x, dv + x, dot, dout + x, att_bh, q + x, v + x, T, D, hs, 0, T);
+        }
+        return;
+    }
+    float dot[BNH * T]; /* (B, NH, T), small: here B * NH < 8 * threads */
+    #pragma omp parallel
+    {
+        #pragma omp for schedule(static)
+        for (int task = 0; task < BNH * P; task++) {
+            int bh = task / P, c = task % P;
+            size_t x = (size_t)(bh / NH) * T * D + (bh % NH) * hs;
+            query_rows(dq + x, dot + (size_t)bh * T, dout + x, att + (size_t)bh * T * T,
+                       k + x, v + x, T, D, hs, query_split(T, c, P), query_split(T, c + 1, P));
+        }
+        #pragma omp for schedule(static)
+        for (int task = 0; task < BNH * P; task++) {
+            int bh = task / P, c = task % P;
+            size_t x = (size_t)(bh / NH) * T * D + (bh % NH) * hs;
+            key_rows(dk + x, dv + x, dot + (size_t)bh * T, dout + x, att + (size_t)bh * T * T,
+                     q + x, v + x, T, D, hs, key_split(T, c, P), key_split(T, c + 1, P));
         }
     }
 }
@@ -86,32 +300,12 @@ void rg_attention_backward(float *dq, float *dk, float *dv, const float *dout,
 void rg_attention_step(float *out, const float *q, const float *kcache, const float *vcache,
                        int B, int n, int Tmax, int D, int NH) {
     int hs = D / NH;
-    float scale = 1.0f / sqrtf((float)hs);
-    #pragma omp parallel for collapse(2) schedule(static)
-    for (int b = 0; b < B; b++) {
-        for (int h = 0; h < NH; h++) {
-            const float *q_b = q + (size_t)b * D + h * hs;
-            float *out_b = out + (size_t)b * D + h * hs;
-            float mx = -INFINITY;
-            for (int t2 = 0; t2 < n; t2++) {
-                const float *k_t2 = kcache + ((size_t)b * Tmax + t2) * D + h * hs;
-                float s = 0.0f;
-                for (int i = 0; i < hs; i++) s += q_b[i] * k_t2[i];
-                s *= scale;
-                mx = s > mx ? s : mx;
-            }
-            float sum = 0.0f;
-            for (int i = 0; i < hs; i++) out_b[i] = 0.0f;
-            for (int t2 = 0; t2 < n; t2++) {
-                const float *k_t2 = kcache + ((size_t)b * Tmax + t2) * D + h * hs;
-                const float *v_t2 = vcache + ((size_t)b * Tmax + t2) * D + h * hs;
-                float s = 0.0f;
-                for (int i = 0; i < hs; i++) s += q_b[i] * k_t2[i];
-                float p = expf(s * scale - mx);
-                sum += p;
-                for (int i = 0; i < hs; i++) out_b[i] += p * v_t2[i];
-            }
-            for (int i = 0; i < hs; i++) out_b[i] /= sum;
-        }
+    void (*head)(float *, const float *, const float *, const float *, int, int, int) =
+        step_head_pick();
+    #pragma omp parallel for schedule(static) if ((size_t)B * NH * n * hs > 65536)
+    for (int bh = 0; bh < B * NH; bh++) {
+        int b = bh / NH, h = bh % NH;
+        size_t x = (size_t)b * D + h * hs, xc = (size_t)b * Tmax * D + h * hs;
+        head(out + x, q + x, kcache + xc, vcache + xc, n, D, hs);
     }
 }
