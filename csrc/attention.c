@@ -33,30 +33,38 @@ typedef float f32x32 __attribute__((vector_size(128), aligned(4), may_alias));
 
 /* ---- block kernels (inlined into each SIMD variant) ----------------------------------- */
 
-/* S[r, j] = scale * q_r . k_j for r < nr, j < n.
- * q: nr rows (stride D) of hs floats; k: n rows (stride D); S: (nr, lds).
- * kt: (hs, KW) scratch. Rows past nr repeat the last row; their results are dropped. */
+/* kt[i, j] = k[j, i] for j < n, zero for n <= j < ldt. k: n rows (stride D) of hs floats;
+ * kt: (hs, ldt) with ldt >= n + KW, so a tile of KW keys may start at any j < n. */
 static inline __attribute__((always_inline))
-void scores_block(float *S, int lds, const float *q, int nr, const float *k, int n,
-                  int D, int hs, float scale, float *kt) {
+void transpose_keys(float *kt, int ldt, const float *k, int n, int D, int hs) {
+    for (int j = 0; j < n; j++)
+        for (int i = 0; i < hs; i++) kt[(size_t)i * ldt + j] = k[(size_t)j * D + i];
+    for (int i = 0; i < hs; i++) memset(kt + (size_t)i * ldt + n, 0, (ldt - n) * sizeof(float));
+}
+
+/* Size of transpose_keys' scratch for n keys. */
+static int kt_stride(int n) { return (n + KW - 1) / KW * KW + KW; }
+
+/* S[r, j] = scale * q_r . k_j for r < nr, j < n, with the keys given transposed.
+ * q: nr rows (stride D) of hs floats; kt: (hs, ldt) from transpose_keys; S: (nr, lds).
+ * Rows past nr repeat the last row; their results are dropped. */
+static inline __attribute__((always_inline))
+void scores_block(float *S, int lds, const float *q, int nr, const float *kt, int ldt, int n,
+                  int D, int hs, float scale) {
     const float *q_r[RT];
     for (int r = 0; r < RT; r++) q_r[r] = q + (size_t)(r < nr ? r : nr - 1) * D;
     for (int j0 = 0; j0 < n; j0 += KW) {
         int nk = n - j0 < KW ? n - j0 : KW;
-        /* kt[i, j] = k[j0 + j, i], zero for keys past n */
-        for (int j = 0; j < KW; j++) {
-            const float *k_j = k + (size_t)(j0 + j) * D;
-            for (int i = 0; i < hs; i++) kt[i * KW + j] = j < nk ? k_j[i] : 0.0f;
-        }
         f32x16 acc[RT] = {0};
         for (int i = 0; i < hs; i++) {
-            f32x16 kt_i = *(const f32x16 *)(kt + i * KW);
+            f32x16 kt_i = *(const f32x16 *)(kt + (size_t)i * ldt + j0);
             for (int r = 0; r < RT; r++) acc[r] += q_r[r][i] * kt_i;
         }
-        for (int r = 0; r < nr; r++) {
-            float *s_r = S + (size_t)r * lds + j0;
-            if (nk == KW) *(f32x16 *)s_r = acc[r] * scale;
-            else for (int j = 0; j < nk; j++) s_r[j] = acc[r][j] * scale;
+        for (int r = 0; r < RT; r++) { /* constant r, so acc stays in registers */
+            if (r >= nr) break;
+            f32x16 s = acc[r] * scale;
+            if (nk == KW) *(f32x16 *)(S + (size_t)r * lds + j0) = s;
+            else memcpy(S + (size_t)r * lds + j0, &s, (size_t)nk * sizeof(float));
         }
     }
 }
@@ -75,7 +83,10 @@ void mix_block(float *y, const float *P, int ldp, int nr, const float *x, int n,
             f32x32 x_j = *(const f32x32 *)(x + (size_t)j * D + c0);
             for (int r = 0; r < RT; r++) acc[r] += p_r[r][j] * x_j;
         }
-        for (int r = 0; r < nr; r++) *(f32x32 *)(y + (size_t)r * D + c0) = acc[r];
+        for (int r = 0; r < RT; r++) {
+            if (r >= nr) break;
+            *(f32x32 *)(y + (size_t)r * D + c0) = acc[r];
+        }
     }
     for (int r = 0; r < nr && c0 < hs; r++) { /* the last hs % CW columns */
         float *y_r = y + (size_t)r * D;
@@ -109,12 +120,14 @@ static inline __attribute__((always_inline))
 void forward_rows(float *out, float *att, const float *q, const float *k, const float *v,
                   int T, int D, int hs, int t0, int t1) {
     float scale = 1.0f / sqrtf((float)hs);
-    float kt[hs * KW];
+    int ldt = kt_stride(t1);
+    float kt[hs * ldt];
+    transpose_keys(kt, ldt, k, t1, D, hs);
     for (int t = t0; t < t1; t += RT) {
         int nr = t1 - t < RT ? t1 - t : RT;
         int n = t + nr; /* keys 0..t+nr-1 cover every row of the block */
         float *att_t = att + (size_t)t * T;
-        scores_block(att_t, T, q + (size_t)t * D, nr, k, n, D, hs, scale, kt);
+        scores_block(att_t, T, q + (size_t)t * D, nr, kt, ldt, n, D, hs, scale);
         for (int r = 0; r < nr; r++) {
             float *att_r = att_t + (size_t)r * T;
             softmax_row(att_r, t + r + 1);
@@ -133,12 +146,13 @@ void backward_query_rows(float *dq, float *dot, const float *dout, const float *
                          const float *k, const float *v, int T, int D, int hs, int t0,
                          int t1) {
     float scale = 1.0f / sqrtf((float)hs);
-    float kt[hs * KW];
-    float dpre[RT * T];
+    int ldt = kt_stride(t1);
+    float vt[hs * ldt], dpre[RT * T];
+    transpose_keys(vt, ldt, v, t1, D, hs);
     for (int t = t0; t < t1; t += RT) {
         int nr = t1 - t < RT ? t1 - t : RT;
         int n = t + nr;
-        scores_block(dpre, T, dout + (size_t)t * D, nr, v, n, D, hs, 1.0f, kt);
+        scores_block(dpre, T, dout + (size_t)t * D, nr, vt, ldt, n, D, hs, 1.0f);
         for (int r = 0; r < nr; r++) {
             const float *att_r = att + (size_t)(t + r) * T;
             float *dpre_r = dpre + (size_t)r * T;
@@ -159,13 +173,14 @@ void backward_key_rows(float *dk, float *dv, const float *dot, const float *dout
                        const float *att, const float *q, const float *v, int T, int D,
                        int hs, int j0, int j1) {
     float scale = 1.0f / sqrtf((float)hs);
-    float kt[hs * KW];
+    int ldt = kt_stride(T - j0);
+    float dt[hs * ldt]; /* dout rows j0..T-1, transposed */
     float dpre[RT * T], att_col[RT * T]; /* columns j..j+nr-1 of dpre and att, from row j */
+    transpose_keys(dt, ldt, dout + (size_t)j0 * D, T - j0, D, hs);
     for (int j = j0; j < j1; j += RT) {
         int nr = j1 - j < RT ? j1 - j : RT;
         int n = T - j; /* query rows j..T-1 */
-        scores_block(dpre, T, v + (size_t)j * D, nr, dout + (size_t)j * D, n, D, hs, 1.0f,
-                     kt);
+        scores_block(dpre, T, v + (size_t)j * D, nr, dt + (j - j0), ldt, n, D, hs, 1.0f);
         for (int r = 0; r < nr; r++) {
             float *dpre_r = dpre + (size_t)r * T, *att_r = att_col + (size_t)r * T;
             for (int u = 0; u < n; u++) {
@@ -183,9 +198,20 @@ void backward_key_rows(float *dk, float *dv, const float *dot, const float *dout
 static inline __attribute__((always_inline))
 void step_head(float *out, const float *q, const float *kc, const float *vc, int n, int D,
                int hs) {
-    float kt[hs * KW];
+    float scale = 1.0f / sqrtf((float)hs);
     float s[n];
-    scores_block(s, n, q, 1, kc, n, D, hs, 1.0f / sqrtf((float)hs), kt);
+    for (int j = 0; j < n; j++) { /* one query: plain dot products, no transposed tile */
+        const float *k_j = kc + (size_t)j * D;
+        float d = 0.0f;
+        int i = 0;
+        if (hs >= 16) {
+            f32x16 acc = *(const f32x16 *)q * *(const f32x16 *)k_j;
+            for (i = 16; i + 16 <= hs; i += 16) acc += *(const f32x16 *)(q + i) * *(const f32x16 *)(k_j + i);
+            for (int l = 0; l < 16; l++) d += acc[l];
+        }
+        for (; i < hs; i++) d += q[i] * k_j[i];
+        s[j] = d * scale;
+    }
     softmax_row(s, n);
     mix_block(out, s, n, 1, vc, n, D, hs);
 }
