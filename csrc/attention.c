@@ -26,7 +26,7 @@
 
 #define RT 4  /* rows per block */
 #define KW 16 /* keys per transposed tile in scores_block */
-#define CW 32 /* columns per register tile in mix_block */
+#define CW 16 /* columns per register tile in mix_block */
 
 typedef float f32x16 __attribute__((vector_size(64), aligned(4), may_alias));
 typedef float f32x32 __attribute__((vector_size(128), aligned(4), may_alias));
@@ -78,14 +78,14 @@ void mix_block(float *y, const float *P, int ldp, int nr, const float *x, int n,
     for (int r = 0; r < RT; r++) p_r[r] = P + (size_t)(r < nr ? r : nr - 1) * ldp;
     int c0 = 0;
     for (; c0 + CW <= hs; c0 += CW) {
-        f32x32 acc[RT] = {0};
+        f32x16 acc[RT] = {0};
         for (int j = 0; j < n; j++) {
-            f32x32 x_j = *(const f32x32 *)(x + (size_t)j * D + c0);
+            f32x16 x_j = *(const f32x16 *)(x + (size_t)j * D + c0);
             for (int r = 0; r < RT; r++) acc[r] += p_r[r][j] * x_j;
         }
         for (int r = 0; r < RT; r++) {
             if (r >= nr) break;
-            *(f32x32 *)(y + (size_t)r * D + c0) = acc[r];
+            *(f32x16 *)(y + (size_t)r * D + c0) = acc[r];
         }
     }
     for (int r = 0; r < nr && c0 < hs; r++) { /* the last hs % CW columns */
