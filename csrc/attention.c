@@ -49,16 +49,26 @@ static int kt_stride(int n) { return (n + KW - 1) / KW * KW + KW; }
  * q: nr rows (stride D) of hs floats; kt: (hs, ldt) from transpose_keys; S: (nr, lds).
  * Rows past nr repeat the last row; their results are dropped. */
 static inline __attribute__((always_inline))
-void scores_block(float *S, int lds, const float *q, int nr, const float *kt, int ldt, int n,
-                  int D, int hs, float scale) {
+void scores_block(int wide, float *S, int lds, const float *q, int nr, const float *kt,
+                  int ldt, int n, int D, int hs, float scale) {
     const float *q_r[RT];
     for (int r = 0; r < RT; r++) q_r[r] = q + (size_t)(r < nr ? r : nr - 1) * D;
     for (int j0 = 0; j0 < n; j0 += KW) {
         int nk = n - j0 < KW ? n - j0 : KW;
         f32x16 acc[RT] = {0};
-        for (int i = 0; i < hs; i++) {
-            f32x16 kt_i = *(const f32x16 *)(kt + (size_t)i * ldt + j0);
-            for (int r = 0; r < RT; r++) acc[r] += q_r[r][i] * kt_i;
+        if (wide) {
+            for (int i = 0; i < hs; i++) {
+                f32x16 kt_i = *(const f32x16 *)(kt + (size_t)i * ldt + j0);
+                for (int r = 0; r < RT; r++) acc[r] += q_r[r][i] * kt_i;
+            }
+        } else { /* the same loop on floats, left to the auto-vectorizer */
+            float a[RT][KW] = {{0}};
+            for (int i = 0; i < hs; i++) {
+                const float *kt_i = kt + (size_t)i * ldt + j0;
+                for (int r = 0; r < RT; r++)
+                    for (int j = 0; j < KW; j++) a[r][j] += q_r[r][i] * kt_i[j];
+            }
+            memcpy(acc, a, sizeof(a));
         }
         for (int r = 0; r < RT; r++) { /* constant r, so acc stays in registers */
             if (r >= nr) break;
@@ -72,16 +82,26 @@ void scores_block(float *S, int lds, const float *q, int nr, const float *kt, in
 /* y_r = sum_j P[r, j] x_j for r < nr, j < n. Overwrites y.
  * P: (nr, ldp); x: n rows (stride D) of hs floats; y: nr rows (stride D). */
 static inline __attribute__((always_inline))
-void mix_block(float *y, const float *P, int ldp, int nr, const float *x, int n, int D,
-               int hs) {
+void mix_block(int wide, float *y, const float *P, int ldp, int nr, const float *x, int n,
+               int D, int hs) {
     const float *p_r[RT];
     for (int r = 0; r < RT; r++) p_r[r] = P + (size_t)(r < nr ? r : nr - 1) * ldp;
     int c0 = 0;
     for (; c0 + CW <= hs; c0 += CW) {
         f32x16 acc[RT] = {0};
-        for (int j = 0; j < n; j++) {
-            f32x16 x_j = *(const f32x16 *)(x + (size_t)j * D + c0);
-            for (int r = 0; r < RT; r++) acc[r] += p_r[r][j] * x_j;
+        if (wide) {
+            for (int j = 0; j < n; j++) {
+                f32x16 x_j = *(const f32x16 *)(x + (size_t)j * D + c0);
+                for (int r = 0; r < RT; r++) acc[r] += p_r[r][j] * x_j;
+            }
+        } else { /* the same loop on floats, left to the auto-vectorizer */
+            float a[RT][CW] = {{0}};
+            for (int j = 0; j < n; j++) {
+                const float *x_j = x + (size_t)j * D + c0;
+                for (int r = 0; r < RT; r++)
+                    for (int c = 0; c < CW; c++) a[r][c] += p_r[r][j] * x_j[c];
+            }
+            memcpy(acc, a, sizeof(a));
         }
         for (int r = 0; r < RT; r++) {
             if (r >= nr) break;
@@ -146,8 +166,8 @@ void softmax_row(float *s, int n) {
 
 /* Forward for query rows [t0, t1): att rows and out rows. */
 static inline __attribute__((always_inline))
-void forward_rows(float *out, float *att, const float *q, const float *k, const float *v,
-                  int T, int D, int hs, int t0, int t1) {
+void forward_rows(int wide, float *out, float *att, const float *q, const float *k,
+                  const float *v, int T, int D, int hs, int t0, int t1) {
     float scale = 1.0f / sqrtf((float)hs);
     int ldt = kt_stride(t1);
     float kt[hs * ldt];
@@ -156,13 +176,13 @@ void forward_rows(float *out, float *att, const float *q, const float *k, const 
         int nr = t1 - t < RT ? t1 - t : RT;
         int n = t + nr; /* keys 0..t+nr-1 cover every row of the block */
         float *att_t = att + (size_t)t * T;
-        scores_block(att_t, T, q + (size_t)t * D, nr, kt, ldt, n, D, hs, scale);
+        scores_block(wide, att_t, T, q + (size_t)t * D, nr, kt, ldt, n, D, hs, scale);
         for (int r = 0; r < nr; r++) {
             float *att_r = att_t + (size_t)r * T;
             softmax_row(att_r, t + r + 1);
             memset(att_r + t + r + 1, 0, (size_t)(T - t - r - 1) * sizeof(float));
         }
-        mix_block(out + (size_t)t * D, att_t, T, nr, v, n, D, hs);
+        mix_block(wide, out + (size_t)t * D, att_t, T, nr, v, n, D, hs);
     }
 }
 
@@ -171,8 +191,8 @@ void forward_rows(float *out, float *att, const float *q, const float *k, const 
  *   datt[t, j] = dout_t . v_j,  dpre[t, j] = att[t, j] (datt[t, j] - dot[t]) * scale,
  *   dq_t = sum_j dpre[t, j] k_j. */
 static inline __attribute__((always_inline))
-void backward_query_rows(float *dq, float *dot, const float *dout, const float *att,
-                         const float *k, const float *v, int T, int D, int hs, int t0,
+void backward_query_rows(int wide, float *dq, float *dot, const float *dout,
+                         const float *att, const float *k, const float *v, int T, int D, int hs, int t0,
                          int t1) {
     float scale = 1.0f / sqrtf((float)hs);
     int ldt = kt_stride(t1);
@@ -181,7 +201,7 @@ void backward_query_rows(float *dq, float *dot, const float *dout, const float *
     for (int t = t0; t < t1; t += RT) {
         int nr = t1 - t < RT ? t1 - t : RT;
         int n = t + nr;
-        scores_block(dpre, T, dout + (size_t)t * D, nr, vt, ldt, n, D, hs, 1.0f);
+        scores_block(wide, dpre, T, dout + (size_t)t * D, nr, vt, ldt, n, D, hs, 1.0f);
         for (int r = 0; r < nr; r++) {
             const float *att_r = att + (size_t)(t + r) * T;
             float *dpre_r = dpre + (size_t)r * T;
@@ -191,14 +211,14 @@ void backward_query_rows(float *dq, float *dot, const float *dout, const float *
             for (int j = t + r + 1; j < n; j++) dpre_r[j] = 0.0f;
             dot[t + r] = d;
         }
-        mix_block(dq + (size_t)t * D, dpre, T, nr, k, n, D, hs);
+        mix_block(wide, dq + (size_t)t * D, dpre, T, nr, k, n, D, hs);
     }
 }
 
 /* Backward pass 2, key rows [j0, j1), given dot from pass 1:
  *   dk_j = sum_{t >= j} dpre[t, j] q_t,  dv_j = sum_{t >= j} att[t, j] dout_t. */
 static inline __attribute__((always_inline))
-void backward_key_rows(float *dk, float *dv, const float *dot, const float *dout,
+void backward_key_rows(int wide, float *dk, float *dv, const float *dot, const float *dout,
                        const float *att, const float *q, const float *v, int T, int D,
                        int hs, int j0, int j1) {
     float scale = 1.0f / sqrtf((float)hs);
@@ -209,7 +229,8 @@ void backward_key_rows(float *dk, float *dv, const float *dot, const float *dout
     for (int j = j0; j < j1; j += RT) {
         int nr = j1 - j < RT ? j1 - j : RT;
         int n = T - j; /* query rows j..T-1 */
-        scores_block(dpre, T, v + (size_t)j * D, nr, dt + (j - j0), ldt, n, D, hs, 1.0f);
+        scores_block(wide, dpre, T, v + (size_t)j * D, nr, dt + (j - j0), ldt, n, D, hs,
+                     1.0f);
         for (int r = 0; r < nr; r++) {
             float *dpre_r = dpre + (size_t)r * T, *att_r = att_col + (size_t)r * T;
             for (int u = 0; u < n; u++) {
@@ -218,15 +239,15 @@ void backward_key_rows(float *dk, float *dv, const float *dot, const float *dout
                 dpre_r[u] = a * (dpre_r[u] - dot[j + u]) * scale;
             }
         }
-        mix_block(dk + (size_t)j * D, dpre, T, nr, q + (size_t)j * D, n, D, hs);
-        mix_block(dv + (size_t)j * D, att_col, T, nr, dout + (size_t)j * D, n, D, hs);
+        mix_block(wide, dk + (size_t)j * D, dpre, T, nr, q + (size_t)j * D, n, D, hs);
+        mix_block(wide, dv + (size_t)j * D, att_col, T, nr, dout + (size_t)j * D, n, D, hs);
     }
 }
 
 /* One query against n cached keys; out, q: hs floats; kc, vc: n rows (stride D). */
 static inline __attribute__((always_inline))
-void step_head(float *out, const float *q, const float *kc, const float *vc, int n, int D,
-               int hs) {
+void step_head(int wide, float *out, const float *q, const float *kc, const float *vc,
+               int n, int D, int hs) {
     float scale = 1.0f / sqrtf((float)hs);
     float s[n];
     for (int j = 0; j < n; j++) { /* one query: plain dot products, no transposed tile */
@@ -242,17 +263,20 @@ void step_head(float *out, const float *q, const float *kc, const float *vc, int
         s[j] = d * scale;
     }
     softmax_row(s, n);
-    mix_block(out, s, n, 1, vc, n, D, hs);
+    mix_block(wide, out, s, n, 1, vc, n, D, hs);
 }
 
 /* ---- the three SIMD variants of each task ----------------------------------------------- */
 
 #define AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma")))
 #define AVX2 __attribute__((target("avx2,fma")))
+#define UNPAREN(...) __VA_ARGS__
+/* AVX-512 runs the explicit 16-lane loops (wide = 1); AVX2 and generic the float loops,
+ * as GCC keeps 64-byte vectors it must split into halves in memory. */
 #define VARIANTS(name, params, args)                                                     \
-    static void name##_generic params { name args; }                                    \
-    AVX2 static void name##_avx2 params { name args; }                                  \
-    AVX512 static void name##_avx512 params { name args; }                              \
+    static void name##_generic params { name(0, UNPAREN args); }                        \
+    AVX2 static void name##_avx2 params { name(0, UNPAREN args); }                      \
+    AVX512 static void name##_avx512 params { name(1, UNPAREN args); }                  \
     static void (*name##_pick(void)) params {                                           \
         int level = rg_simd_level();                                                    \
         return level == RG_SIMD_AVX512 ? name##_avx512                                  \
