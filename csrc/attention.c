@@ -39,7 +39,8 @@ static inline __attribute__((always_inline))
 void transpose_keys(float *kt, int ldt, const float *k, int n, int D, int hs) {
     for (int j = 0; j < n; j++)
         for (int i = 0; i < hs; i++) kt[(size_t)i * ldt + j] = k[(size_t)j * D + i];
-    for (int i = 0; i < hs; i++) memset(kt + (size_t)i * ldt + n, 0, (ldt - n) * sizeof(float));
+    for (int i = 0; i < hs; i++)
+        memset(kt + (size_t)i * ldt + n, 0, (size_t)(ldt - n) * sizeof(float));
 }
 
 /* Size of transpose_keys' scratch for n keys. */
@@ -192,7 +193,8 @@ void forward_rows(int wide, float *out, float *att, const float *q, const float 
  *   dq_t = sum_j dpre[t, j] k_j. */
 static inline __attribute__((always_inline))
 void backward_query_rows(int wide, float *dq, float *dot, const float *dout,
-                         const float *att, const float *k, const float *v, int T, int D, int hs, int t0,
+                         const float *att, const float *k, const float *v, int T, int D,
+                         int hs, int t0,
                          int t1) {
     float scale = 1.0f / sqrtf((float)hs);
     int ldt = kt_stride(t1);
@@ -256,7 +258,8 @@ void step_head(int wide, float *out, const float *q, const float *kc, const floa
         int i = 0;
         if (hs >= 16) {
             f32x16 acc = *(const f32x16 *)q * *(const f32x16 *)k_j;
-            for (i = 16; i + 16 <= hs; i += 16) acc += *(const f32x16 *)(q + i) * *(const f32x16 *)(k_j + i);
+            for (i = 16; i + 16 <= hs; i += 16)
+                acc += *(const f32x16 *)(q + i) * *(const f32x16 *)(k_j + i);
             for (int l = 0; l < 16; l++) d += acc[l];
         }
         for (; i < hs; i++) d += q[i] * k_j[i];
