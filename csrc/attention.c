@@ -7,11 +7,12 @@
  * Two block kernels do all the arithmetic, on up to RT rows at a time:
  *   scores_block: S = scale * Q K^T   (RT query rows against n keys)
  *   mix_block:    Y = P X             (RT rows of weights over n value rows)
- * Both keep an RT x 16 (or RT x 32) tile of results in registers and never reduce across
+ * Both keep an RT x 16 tile of results in registers and never reduce across
  * vector lanes: scores_block copies 16 keys transposed into a small stack tile first, so
  * its inner loop is a broadcast-multiply-add, like mix_block's.
- * They are written once with GCC vector types and compiled three times (generic, AVX2,
- * AVX-512); rg_simd_level() picks one at run time.
+ * They are compiled three times (generic, AVX2, AVX-512) and rg_simd_level() picks one at
+ * run time. Scratch: each task keeps its head's keys transposed on the stack, hs * (T + 32)
+ * floats (128 KB at T = 256, hs = 128), plus a few rows of T floats.
  *
  * Threads: a task is (batch row b, head h, a range of rows). Each task writes only its own
  * rows of out / att / dq / dk / dv, so there are no atomics. When B * NH alone cannot keep
@@ -29,7 +30,6 @@
 #define CW 16 /* columns per register tile in mix_block */
 
 typedef float f32x16 __attribute__((vector_size(64), aligned(4), may_alias));
-typedef float f32x32 __attribute__((vector_size(128), aligned(4), may_alias));
 
 /* ---- block kernels (inlined into each SIMD variant) ----------------------------------- */
 
