@@ -8,7 +8,7 @@
  *   scores_block: S = scale * Q K^T   (RT query rows against n keys)
  *   mix_block:    Y = P X             (RT rows of weights over n value rows)
  * Both keep an RT x 16 tile of results in registers and never reduce across
- * vector lanes: scores_block copies 16 keys transposed into a small stack tile first, so
+ * vector lanes: scores_block reads the keys transposed (transpose_keys, once per task), so
  * its inner loop is a broadcast-multiply-add, like mix_block's.
  * They are compiled three times (generic, AVX2, AVX-512) and rg_simd_level() picks one at
  * run time. Scratch: each task keeps its head's keys transposed on the stack, hs * (T + 32)
