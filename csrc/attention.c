@@ -1,84 +1,380 @@
-/* attention.c: causal multi-head softmax attention, forward, backward and one KV-cache step. */
+/* attention.c: causal multi-head softmax attention, forward, backward and one KV-cache step.
+ *
+ * Layout: q, k, v, out and their gradients are (B, T, D); head h owns columns
+ * [h*hs, (h+1)*hs), so the rows of one head are hs floats apart by a stride of D.
+ * att is (B, NH, T, T).
+ *
+ * Two block kernels do all the arithmetic, on up to RT rows at a time:
+ *   scores_block: S = scale * Q K^T   (RT query rows against n keys)
+ *   mix_block:    Y = P X             (RT rows of weights over n value rows)
+ * Both keep an RT x 16 tile of results in registers and never reduce across
+ * vector lanes: scores_block reads the keys transposed (transpose_keys, once per task), so
+ * its inner loop is a broadcast-multiply-add, like mix_block's.
+ * They are compiled three times (generic, AVX2, AVX-512) and rg_simd_level() picks one at
+ * run time. Scratch: each task keeps its head's keys transposed on the stack, hs * (T + 32)
+ * floats (128 KB at T = 256, hs = 128), plus a few rows of T floats.
+ *
+ * Threads: a task is (batch row b, head h, a range of rows). Each task writes only its own
+ * rows of out / att / dq / dk / dv, so there are no atomics. When B * NH alone cannot keep
+ * every thread busy, each head's rows are cut into ranges of equal triangular cost.
+ * The backward runs in two passes: over query rows (dq, and the softmax dot products),
+ * then over key rows (dk, dv), which recomputes dout . v once more instead of storing a
+ * (T, T) matrix of score gradients.
+ */
 #include <math.h>
+#include <string.h>
 #include "rustgpt_kernels.h"
+
+#define RT 4  /* rows per block */
+#define KW 16 /* keys per transposed tile in scores_block */
+#define CW 16 /* columns per register tile in mix_block */
+
+typedef float f32x16 __attribute__((vector_size(64), aligned(4), may_alias));
+
+/* ---- block kernels (inlined into each SIMD variant) ----------------------------------- */
+
+/* kt[i, j] = k[j, i] for j < n, zero for n <= j < ldt. k: n rows (stride D) of hs floats;
+ * kt: (hs, ldt) with ldt >= n + KW, so a tile of KW keys may start at any j < n. */
+static inline __attribute__((always_inline))
+void transpose_keys(float *kt, int ldt, const float *k, int n, int D, int hs) {
+    for (int j = 0; j < n; j++)
+        for (int i = 0; i < hs; i++) kt[(size_t)i * ldt + j] = k[(size_t)j * D + i];
+    for (int i = 0; i < hs; i++)
+        memset(kt + (size_t)i * ldt + n, 0, (size_t)(ldt - n) * sizeof(float));
+}
+
+/* Size of transpose_keys' scratch for n keys. */
+static int kt_stride(int n) { return (n + KW - 1) / KW * KW + KW; }
+
+/* S[r, j] = scale * q_r . k_j for r < nr, j < n, with the keys given transposed.
+ * q: nr rows (stride D) of hs floats; kt: (hs, ldt) from transpose_keys; S: (nr, lds).
+ * Rows past nr repeat the last row; their results are dropped. */
+static inline __attribute__((always_inline))
+void scores_block(int wide, float *S, int lds, const float *q, int nr, const float *kt,
+                  int ldt, int n, int D, int hs, float scale) {
+    const float *q_r[RT];
+    for (int r = 0; r < RT; r++) q_r[r] = q + (size_t)(r < nr ? r : nr - 1) * D;
+    for (int j0 = 0; j0 < n; j0 += KW) {
+        int nk = n - j0 < KW ? n - j0 : KW;
+        f32x16 acc[RT] = {0};
+        if (wide) {
+            for (int i = 0; i < hs; i++) {
+                f32x16 kt_i = *(const f32x16 *)(kt + (size_t)i * ldt + j0);
+                for (int r = 0; r < RT; r++) acc[r] += q_r[r][i] * kt_i;
+            }
+        } else { /* the same loop on floats, left to the auto-vectorizer */
+            float a[RT][KW] = {{0}};
+            for (int i = 0; i < hs; i++) {
+                const float *kt_i = kt + (size_t)i * ldt + j0;
+                for (int r = 0; r < RT; r++)
+                    for (int j = 0; j < KW; j++) a[r][j] += q_r[r][i] * kt_i[j];
+            }
+            memcpy(acc, a, sizeof(a));
+        }
+        for (int r = 0; r < RT; r++) { /* constant r, so acc stays in registers */
+            if (r >= nr) break;
+            f32x16 s = acc[r] * scale;
+            if (nk == KW) *(f32x16 *)(S + (size_t)r * lds + j0) = s;
+            else memcpy(S + (size_t)r * lds + j0, &s, (size_t)nk * sizeof(float));
+        }
+    }
+}
+
+/* y_r = sum_j P[r, j] x_j for r < nr, j < n. Overwrites y.
+ * P: (nr, ldp); x: n rows (stride D) of hs floats; y: nr rows (stride D). */
+static inline __attribute__((always_inline))
+void mix_block(int wide, float *y, const float *P, int ldp, int nr, const float *x, int n,
+               int D, int hs) {
+    const float *p_r[RT];
+    for (int r = 0; r < RT; r++) p_r[r] = P + (size_t)(r < nr ? r : nr - 1) * ldp;
+    int c0 = 0;
+    for (; c0 + CW <= hs; c0 += CW) {
+        f32x16 acc[RT] = {0};
+        if (wide) {
+            for (int j = 0; j < n; j++) {
+                f32x16 x_j = *(const f32x16 *)(x + (size_t)j * D + c0);
+                for (int r = 0; r < RT; r++) acc[r] += p_r[r][j] * x_j;
+            }
+        } else { /* the same loop on floats, left to the auto-vectorizer */
+            float a[RT][CW] = {{0}};
+            for (int j = 0; j < n; j++) {
+                const float *x_j = x + (size_t)j * D + c0;
+                for (int r = 0; r < RT; r++)
+                    for (int c = 0; c < CW; c++) a[r][c] += p_r[r][j] * x_j[c];
+            }
+            memcpy(acc, a, sizeof(a));
+        }
+        for (int r = 0; r < RT; r++) {
+            if (r >= nr) break;
+            *(f32x16 *)(y + (size_t)r * D + c0) = acc[r];
+        }
+    }
+    for (int r = 0; r < nr && c0 < hs; r++) { /* the last hs % CW columns */
+        float *y_r = y + (size_t)r * D;
+        for (int c = c0; c < hs; c++) y_r[c] = 0.0f;
+        for (int j = 0; j < n; j++) {
+            const float *x_j = x + (size_t)j * D;
+            for (int c = c0; c < hs; c++) y_r[c] += p_r[r][j] * x_j[c];
+        }
+    }
+}
+
+typedef int i32x16 __attribute__((vector_size(64)));
+
+/* s[j] = e^(s[j] - mx) for 16 lanes, and their sum added to *sum16 (Cephes' expf:
+ * x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial, 2^n built in the
+ * exponent bits; about 1 ulp). Inputs below -87 give e^-87 ~ 1.6e-38, not 0. */
+static inline __attribute__((always_inline))
+void exp16_shifted(float *s, float mx, f32x16 *sum16) {
+    f32x16 x = *(f32x16 *)s - mx;
+    i32x16 low = x < -87.0f;
+    x = (f32x16)(((i32x16)x & ~low) | ((i32x16)(x - x - 87.0f) & low));
+    const float magic = 12582912.0f; /* 1.5 * 2^23: (y + magic) - magic rounds y */
+    f32x16 n = (x * 1.44269504088896341f + magic) - magic;
+    f32x16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    f32x16 p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    i32x16 bits = (__builtin_convertvector(n, i32x16) + 127) << 23;
+    p *= (f32x16)bits;
+    *(f32x16 *)s = p;
+    *sum16 += p;
+}
+
+/* s[0..n) = softmax(s[0..n)), shifted by the max so large scores cannot overflow. */
+static inline __attribute__((always_inline))
+void softmax_row(float *s, int n) {
+    float mx = -INFINITY, sum = 0.0f;
+    for (int j = 0; j < n; j++) mx = s[j] > mx ? s[j] : mx;
+    f32x16 sum16 = {0};
+    int j = 0;
+    for (; j + 16 <= n; j += 16) exp16_shifted(s + j, mx, &sum16);
+    for (int l = 0; l < 16; l++) sum += sum16[l];
+    for (; j < n; j++) {
+        s[j] = expf(s[j] - mx);
+        sum += s[j];
+    }
+    float inv = 1.0f / sum;
+    for (j = 0; j < n; j++) s[j] *= inv;
+}
+
+/* ---- per-task work, one head (b, h) ----------------------------------------------------- */
+/* Pointers arrive seeked to the head: q, k, v, out, dq, ... at [b, 0, h*hs] (row stride D),
+ * att at [b, h, 0, 0] (T, T), dot at [b, h, 0] (T). */
+
+/* Forward for query rows [t0, t1): att rows and out rows. */
+static inline __attribute__((always_inline))
+void forward_rows(int wide, float *out, float *att, const float *q, const float *k,
+                  const float *v, int T, int D, int hs, int t0, int t1) {
+    float scale = 1.0f / sqrtf((float)hs);
+    int ldt = kt_stride(t1);
+    float kt[hs * ldt];
+    transpose_keys(kt, ldt, k, t1, D, hs);
+    for (int t = t0; t < t1; t += RT) {
+        int nr = t1 - t < RT ? t1 - t : RT;
+        int n = t + nr; /* keys 0..t+nr-1 cover every row of the block */
+        float *att_t = att + (size_t)t * T;
+        scores_block(wide, att_t, T, q + (size_t)t * D, nr, kt, ldt, n, D, hs, scale);
+        for (int r = 0; r < nr; r++) {
+            float *att_r = att_t + (size_t)r * T;
+            softmax_row(att_r, t + r + 1);
+            memset(att_r + t + r + 1, 0, (size_t)(T - t - r - 1) * sizeof(float));
+        }
+        mix_block(wide, out + (size_t)t * D, att_t, T, nr, v, n, D, hs);
+    }
+}
+
+/* Backward pass 1, query rows [t0, t1): dq rows and dot[t] = sum_j att[t, j] datt[t, j].
+ * In the forward, out_t = sum_j att[t, j] v_j and att[t] = softmax(scale * q_t . k_j), so
+ *   datt[t, j] = dout_t . v_j,  dpre[t, j] = att[t, j] (datt[t, j] - dot[t]) * scale,
+ *   dq_t = sum_j dpre[t, j] k_j. */
+static inline __attribute__((always_inline))
+void backward_query_rows(int wide, float *dq, float *dot, const float *dout,
+                         const float *att, const float *k, const float *v, int T, int D,
+                         int hs, int t0,
+                         int t1) {
+    float scale = 1.0f / sqrtf((float)hs);
+    int ldt = kt_stride(t1);
+    float vt[hs * ldt], dpre[RT * T];
+    transpose_keys(vt, ldt, v, t1, D, hs);
+    for (int t = t0; t < t1; t += RT) {
+        int nr = t1 - t < RT ? t1 - t : RT;
+        int n = t + nr;
+        scores_block(wide, dpre, T, dout + (size_t)t * D, nr, vt, ldt, n, D, hs, 1.0f);
+        for (int r = 0; r < nr; r++) {
+            const float *att_r = att + (size_t)(t + r) * T;
+            float *dpre_r = dpre + (size_t)r * T;
+            float d = 0.0f;
+            for (int j = 0; j <= t + r; j++) d += att_r[j] * dpre_r[j];
+            for (int j = 0; j <= t + r; j++) dpre_r[j] = att_r[j] * (dpre_r[j] - d) * scale;
+            for (int j = t + r + 1; j < n; j++) dpre_r[j] = 0.0f;
+            dot[t + r] = d;
+        }
+        mix_block(wide, dq + (size_t)t * D, dpre, T, nr, k, n, D, hs);
+    }
+}
+
+/* Backward pass 2, key rows [j0, j1), given dot from pass 1:
+ *   dk_j = sum_{t >= j} dpre[t, j] q_t,  dv_j = sum_{t >= j} att[t, j] dout_t. */
+static inline __attribute__((always_inline))
+void backward_key_rows(int wide, float *dk, float *dv, const float *dot, const float *dout,
+                       const float *att, const float *q, const float *v, int T, int D,
+                       int hs, int j0, int j1) {
+    float scale = 1.0f / sqrtf((float)hs);
+    int ldt = kt_stride(T - j0);
+    float dt[hs * ldt]; /* dout rows j0..T-1, transposed */
+    float dpre[RT * T], att_col[RT * T]; /* columns j..j+nr-1 of dpre and att, from row j */
+    transpose_keys(dt, ldt, dout + (size_t)j0 * D, T - j0, D, hs);
+    for (int j = j0; j < j1; j += RT) {
+        int nr = j1 - j < RT ? j1 - j : RT;
+        int n = T - j; /* query rows j..T-1 */
+        scores_block(wide, dpre, T, v + (size_t)j * D, nr, dt + (j - j0), ldt, n, D, hs,
+                     1.0f);
+        for (int r = 0; r < nr; r++) {
+            float *dpre_r = dpre + (size_t)r * T, *att_r = att_col + (size_t)r * T;
+            for (int u = 0; u < n; u++) {
+                float a = u >= r ? att[(size_t)(j + u) * T + j + r] : 0.0f;
+                att_r[u] = a;
+                dpre_r[u] = a * (dpre_r[u] - dot[j + u]) * scale;
+            }
+        }
+        mix_block(wide, dk + (size_t)j * D, dpre, T, nr, q + (size_t)j * D, n, D, hs);
+        mix_block(wide, dv + (size_t)j * D, att_col, T, nr, dout + (size_t)j * D, n, D, hs);
+    }
+}
+
+/* One query against n cached keys; out, q: hs floats; kc, vc: n rows (stride D). */
+static inline __attribute__((always_inline))
+void step_head(int wide, float *out, const float *q, const float *kc, const float *vc,
+               int n, int D, int hs) {
+    float scale = 1.0f / sqrtf((float)hs);
+    float s[n];
+    for (int j = 0; j < n; j++) { /* one query: plain dot products, no transposed tile */
+        const float *k_j = kc + (size_t)j * D;
+        float d = 0.0f;
+        int i = 0;
+        if (hs >= 16) {
+            f32x16 acc = *(const f32x16 *)q * *(const f32x16 *)k_j;
+            for (i = 16; i + 16 <= hs; i += 16)
+                acc += *(const f32x16 *)(q + i) * *(const f32x16 *)(k_j + i);
+            for (int l = 0; l < 16; l++) d += acc[l];
+        }
+        for (; i < hs; i++) d += q[i] * k_j[i];
+        s[j] = d * scale;
+    }
+    softmax_row(s, n);
+    mix_block(wide, out, s, n, 1, vc, n, D, hs);
+}
+
+/* ---- the three SIMD variants of each task ----------------------------------------------- */
+
+#define AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma")))
+#define AVX2 __attribute__((target("avx2,fma")))
+#define UNPAREN(...) __VA_ARGS__
+/* AVX-512 runs the explicit 16-lane loops (wide = 1); AVX2 and generic the float loops,
+ * as GCC keeps 64-byte vectors it must split into halves in memory. */
+#define VARIANTS(name, params, args)                                                     \
+    static void name##_generic params { name(0, UNPAREN args); }                        \
+    AVX2 static void name##_avx2 params { name(0, UNPAREN args); }                      \
+    AVX512 static void name##_avx512 params { name(1, UNPAREN args); }                  \
+    static void (*name##_pick(void)) params {                                           \
+        int level = rg_simd_level();                                                    \
+        return level == RG_SIMD_AVX512 ? name##_avx512                                  \
+             : level == RG_SIMD_AVX2 ? name##_avx2 : name##_generic;                    \
+    }
+
+VARIANTS(forward_rows,
+         (float *out, float *att, const float *q, const float *k, const float *v, int T,
+          int D, int hs, int t0, int t1),
+         (out, att, q, k, v, T, D, hs, t0, t1))
+VARIANTS(backward_query_rows,
+         (float *dq, float *dot, const float *dout, const float *att, const float *k,
+          const float *v, int T, int D, int hs, int t0, int t1),
+         (dq, dot, dout, att, k, v, T, D, hs, t0, t1))
+VARIANTS(backward_key_rows,
+         (float *dk, float *dv, const float *dot, const float *dout, const float *att,
+          const float *q, const float *v, int T, int D, int hs, int j0, int j1),
+         (dk, dv, dot, dout, att, q, v, T, D, hs, j0, j1))
+VARIANTS(step_head,
+         (float *out, const float *q, const float *kc, const float *vc, int n, int D,
+          int hs),
+         (out, q, kc, vc, n, D, hs))
+
+/* ---- splitting the work over threads -------------------------------------------------- */
+
+/* Pieces each head's rows are cut into: 1 when the B * NH heads spread evenly over the
+ * threads (or are many), else one piece per thread. */
+static int pieces_per_head(int BNH, int T) {
+    int nt = rg_num_threads();
+    if (BNH % nt == 0 || BNH >= 8 * nt) return 1;
+    return nt < T ? nt : T;
+}
+
+/* First row of piece c of P when row t costs t + 1 (query rows, a lower triangle). */
+static int query_split(int T, int c, int P) {
+    return (int)(T * sqrt((double)c / P) + 0.5);
+}
+
+/* First row of piece c of P when row j costs T - j (key rows, the same triangle). */
+static int key_split(int T, int c, int P) {
+    return T - query_split(T, P - c, P);
+}
+
+/* ---- public kernels --------------------------------------------------------------------- */
 
 void rg_attention_forward(float *out, float *att, const float *q, const float *k,
                           const float *v, int B, int T, int D, int NH) {
-    int hs = D / NH;
-    float scale = 1.0f / sqrtf((float)hs);
-    #pragma omp parallel for collapse(2) schedule(static)
-    for (int b = 0; b < B; b++) {
-        for (int h = 0; h < NH; h++) {
-            for (int t = 0; t < T; t++) {
-                const float *q_t = q + ((size_t)b * T + t) * D + h * hs;
-                float *att_t = att + (((size_t)b * NH + h) * T + t) * T;
-                float mx = -INFINITY;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float *k_t2 = k + ((size_t)b * T + t2) * D + h * hs;
-                    float s = 0.0f;
-                    for (int i = 0; i < hs; i++) s += q_t[i] * k_t2[i];
-                    s *= scale;
-                    att_t[t2] = s;
-                    mx = s > mx ? s : mx;
-                }
-                float sum = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    att_t[t2] = expf(att_t[t2] - mx);
-                    sum += att_t[t2];
-                }
-                for (int t2 = 0; t2 <= t; t2++) att_t[t2] /= sum;
-                for (int t2 = t + 1; t2 < T; t2++) att_t[t2] = 0.0f;
-                float *out_t = out + ((size_t)b * T + t) * D + h * hs;
-                for (int i = 0; i < hs; i++) out_t[i] = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float *v_t2 = v + ((size_t)b * T + t2) * D + h * hs;
-                    for (int i = 0; i < hs; i++) out_t[i] += att_t[t2] * v_t2[i];
-                }
-            }
-        }
+    int hs = D / NH, BNH = B * NH, P = pieces_per_head(BNH, T);
+    void (*fwd)(float *, float *, const float *, const float *, const float *, int, int,
+                int, int, int) = forward_rows_pick();
+    #pragma omp parallel for schedule(static)
+    for (int task = 0; task < BNH * P; task++) {
+        int b = task / P / NH, h = task / P % NH, c = task % P;
+        size_t x = (size_t)b * T * D + h * hs; /* seek to [b, 0, h*hs] */
+        fwd(out + x, att + (size_t)(b * NH + h) * T * T, q + x, k + x, v + x, T, D, hs,
+            query_split(T, c, P), query_split(T, c + 1, P));
     }
 }
 
 void rg_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                            const float *att, const float *q, const float *k, const float *v,
                            int B, int T, int D, int NH) {
-    int hs = D / NH;
-    float scale = 1.0f / sqrtf((float)hs);
-    #pragma omp parallel for collapse(2) schedule(static)
-    for (int b = 0; b < B; b++) {
-        for (int h = 0; h < NH; h++) {
-            for (int t = 0; t < T; t++) {
-                size_t row = ((size_t)b * T + t) * D + h * hs;
-                for (int i = 0; i < hs; i++) dq[row + i] = dk[row + i] = dv[row + i] = 0.0f;
-            }
-            for (int t = 0; t < T; t++) {
-                const float *att_t = att + (((size_t)b * NH + h) * T + t) * T;
-                const float *dout_t = dout + ((size_t)b * T + t) * D + h * hs;
-                const float *q_t = q + ((size_t)b * T + t) * D + h * hs;
-                float *dq_t = dq + ((size_t)b * T + t) * D + h * hs;
-                /* datt[t2] = dout_t . v_t2;  dpre = att * (datt - sum(att * datt)) */
-                float dot = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float *v_t2 = v + ((size_t)b * T + t2) * D + h * hs;
-                    float datt = 0.0f;
-                    for (int i = 0; i < hs; i++) datt += dout_t[i] * v_t2[i];
-                    dot += att_t[t2] * datt;
-                }
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float *v_t2 = v + ((size_t)b * T + t2) * D + h * hs;
-                    const float *k_t2 = k + ((size_t)b * T + t2) * D + h * hs;
-                    float *dk_t2 = dk + ((size_t)b * T + t2) * D + h * hs;
-                    float *dv_t2 = dv + ((size_t)b * T + t2) * D + h * hs;
-                    float datt = 0.0f;
-                    for (int i = 0; i < hs; i++) datt += dout_t[i] * v_t2[i];
-                    float dpre = att_t[t2] * (datt - dot) * scale;
-                    for (int i = 0; i < hs; i++) {
-                        dq_t[i] += dpre * k_t2[i];
-                        dk_t2[i] += dpre * q_t[i];
-                        dv_t2[i] += att_t[t2] * dout_t[i];
-                    }
-                }
-            }
+    int hs = D / NH, BNH = B * NH, P = pieces_per_head(BNH, T);
+    void (*query_rows)(float *, float *, const float *, const float *, const float *,
+                       const float *, int, int, int, int, int) = backward_query_rows_pick();
+    void (*key_rows)(float *, float *, const float *, const float *, const float *,
+                     const float *, const float *, int, int, int, int, int) =
+        backward_key_rows_pick();
+    if (P == 1) { /* one task per head: both passes, dot on this thread's stack */
+        #pragma omp parallel for schedule(static)
+        for (int bh = 0; bh < BNH; bh++) {
+            size_t x = (size_t)(bh / NH) * T * D + (bh % NH) * hs; /* [b, 0, h*hs] */
+            const float *att_bh = att + (size_t)bh * T * T;
+            float dot[T];
+            query_rows(dq + x, dot, dout + x, att_bh, k + x, v + x, T, D, hs, 0, T);
+            key_rows(dk + x, dv + x, dot, dout + x, att_bh, q + x, v + x, T, D, hs, 0, T);
+        }
+        return;
+    }
+    float dot[BNH * T]; /* (B, NH, T), small: here B * NH < 8 * threads */
+    #pragma omp parallel
+    {
+        #pragma omp for schedule(static)
+        for (int task = 0; task < BNH * P; task++) {
+            int bh = task / P, c = task % P;
+            size_t x = (size_t)(bh / NH) * T * D + (bh % NH) * hs;
+            query_rows(dq + x, dot + (size_t)bh * T, dout + x, att + (size_t)bh * T * T,
+                       k + x, v + x, T, D, hs, query_split(T, c, P), query_split(T, c + 1, P));
+        }
+        #pragma omp for schedule(static)
+        for (int task = 0; task < BNH * P; task++) {
+            int bh = task / P, c = task % P;
+            size_t x = (size_t)(bh / NH) * T * D + (bh % NH) * hs;
+            key_rows(dk + x, dv + x, dot + (size_t)bh * T, dout + x, att + (size_t)bh * T * T,
+                     q + x, v + x, T, D, hs, key_split(T, c, P), key_split(T, c + 1, P));
         }
     }
 }
@@ -86,32 +382,12 @@ void rg_attention_backward(float *dq, float *dk, float *dv, const float *dout,
 void rg_attention_step(float *out, const float *q, const float *kcache, const float *vcache,
                        int B, int n, int Tmax, int D, int NH) {
     int hs = D / NH;
-    float scale = 1.0f / sqrtf((float)hs);
-    #pragma omp parallel for collapse(2) schedule(static)
-    for (int b = 0; b < B; b++) {
-        for (int h = 0; h < NH; h++) {
-            const float *q_b = q + (size_t)b * D + h * hs;
-            float *out_b = out + (size_t)b * D + h * hs;
-            float mx = -INFINITY;
-            for (int t2 = 0; t2 < n; t2++) {
-                const float *k_t2 = kcache + ((size_t)b * Tmax + t2) * D + h * hs;
-                float s = 0.0f;
-                for (int i = 0; i < hs; i++) s += q_b[i] * k_t2[i];
-                s *= scale;
-                mx = s > mx ? s : mx;
-            }
-            float sum = 0.0f;
-            for (int i = 0; i < hs; i++) out_b[i] = 0.0f;
-            for (int t2 = 0; t2 < n; t2++) {
-                const float *k_t2 = kcache + ((size_t)b * Tmax + t2) * D + h * hs;
-                const float *v_t2 = vcache + ((size_t)b * Tmax + t2) * D + h * hs;
-                float s = 0.0f;
-                for (int i = 0; i < hs; i++) s += q_b[i] * k_t2[i];
-                float p = expf(s * scale - mx);
-                sum += p;
-                for (int i = 0; i < hs; i++) out_b[i] += p * v_t2[i];
-            }
-            for (int i = 0; i < hs; i++) out_b[i] /= sum;
-        }
+    void (*head)(float *, const float *, const float *, const float *, int, int, int) =
+        step_head_pick();
+    #pragma omp parallel for schedule(static) if ((size_t)B * NH * n * hs > 65536)
+    for (int bh = 0; bh < B * NH; bh++) {
+        int b = bh / NH, h = bh % NH;
+        size_t x = (size_t)b * D + h * hs, xc = (size_t)b * Tmax * D + h * hs;
+        head(out + x, q + x, kcache + xc, vcache + xc, n, D, hs);
     }
 }
