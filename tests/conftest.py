@@ -1,5 +1,7 @@
 """Shared fixtures: a seeded generator per test, and every SIMD path the CPU has."""
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -21,3 +23,21 @@ def simd(request):
     rustgpt.set_simd(request.param)
     yield request.param
     rustgpt.set_simd("avx512")
+
+
+_LOGGER = logging.getLogger("rustgpt")
+_PRISTINE = (list(_LOGGER.handlers), _LOGGER.level, _LOGGER.propagate)
+
+
+@pytest.fixture(autouse=True)
+def rustgpt_logger():
+    """Put the "rustgpt" logger back as it was at start-up after each test: the CLI's
+    setup_logging changes it (also in module-scoped fixtures), and caplog needs propagation."""
+    yield _LOGGER
+    handlers, level, propagate = _PRISTINE
+    for h in _LOGGER.handlers:
+        if h not in handlers:
+            h.close()
+    _LOGGER.handlers = list(handlers)
+    _LOGGER.setLevel(level)
+    _LOGGER.propagate = propagate

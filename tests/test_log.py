@@ -9,20 +9,6 @@ from rustgpt.errors import ConfigError, ValidationError
 from rustgpt.log import setup_logging
 
 
-@pytest.fixture(autouse=True)
-def rustgpt_logger():
-    """Restore the "rustgpt" logger's handlers, level and propagation (caplog needs it)."""
-    logger = logging.getLogger("rustgpt")
-    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
-    yield logger
-    for h in logger.handlers:
-        if h not in handlers:
-            h.close()
-    logger.handlers = handlers
-    logger.setLevel(level)
-    logger.propagate = propagate
-
-
 def test_json_lines_hold_fields_and_extras(tmp_path):
     path = tmp_path / "run.log"
     setup_logging("INFO", "json", path)

@@ -116,10 +116,21 @@ cdef int *_ids(object a, str fn, str name, tuple shape, int V) except NULL:
     return p
 
 
-cdef int _heads(str fn, int D, int NH) except -1:
+# attention.c keeps per-task scratch on the thread's stack: about hs * (T + 32) + 16 * T
+# floats. Capped well below the usual 8 MB thread stacks so no size can overflow one.
+_ATTENTION_STACK_FLOATS = 512 * 1024
+
+
+cdef int _heads(str fn, int D, int NH, int T) except -1:
     if NH < 1 or D % NH != 0:
         raise ValidationError(f"{fn}: num_heads = {NH} must be >= 1 and divide D = {D}")
-    return D // NH
+    cdef long hs = D // NH
+    cdef long need = hs * (T + 32) + 16 * <long>T
+    if need > _ATTENTION_STACK_FLOATS:
+        raise ValidationError(f"{fn}: head size {hs} x sequence {T} needs {need * 4:,} bytes "
+                              f"of scratch, more than the kernel's {_ATTENTION_STACK_FLOATS * 4:,}; "
+                              f"use more heads or a shorter sequence")
+    return hs
 
 
 # ---- runtime ---------------------------------------------------------------------------------
@@ -204,7 +215,7 @@ def attention_forward(out, att, q, k, v, int num_heads):
     fn = "attention_forward"
     s = _shape(q, fn, "q", 3)
     cdef int B = s[0], T = s[1], D = s[2], NH = num_heads
-    _heads(fn, D, NH)
+    _heads(fn, D, NH, T)
     cdef const float *qp = _f(q, fn, "q", s)
     cdef const float *kp = _f(k, fn, "k", s)
     cdef const float *vp = _f(v, fn, "v", s)
@@ -219,7 +230,7 @@ def attention_backward(dq, dk, dv, dout, att, q, k, v, int num_heads):
     fn = "attention_backward"
     s = _shape(q, fn, "q", 3)
     cdef int B = s[0], T = s[1], D = s[2], NH = num_heads
-    _heads(fn, D, NH)
+    _heads(fn, D, NH, T)
     cdef const float *qp = _f(q, fn, "q", s)
     cdef const float *kp = _f(k, fn, "k", s)
     cdef const float *vp = _f(v, fn, "v", s)
@@ -237,7 +248,7 @@ def attention_step(out, q, kcache, vcache, int n, int num_heads):
     fn = "attention_step"
     s = _shape(kcache, fn, "kcache", 3)
     cdef int B = s[0], Tmax = s[1], D = s[2], NH = num_heads
-    _heads(fn, D, NH)
+    _heads(fn, D, NH, Tmax)
     if n < 1 or n > Tmax:
         raise ValidationError(f"{fn}: n = {n}, expected 1 <= n <= Tmax = {Tmax}")
     cdef const float *kp = _f(kcache, fn, "kcache", s)
