@@ -3,6 +3,9 @@ and every kind of damaged or foreign file refused with a SerializationError."""
 
 import json
 import math
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -195,3 +198,35 @@ def test_loads_in_pytorch(good):
     pytest.importorskip("torch")
     tensors = torch_safetensors.load_file(str(good))
     assert tuple(tensors["embeddings.token"].shape) == load_file(good)["embeddings.token"].shape
+
+
+SAVER = """
+import sys
+import numpy as np
+from rustgpt.checkpoint import Checkpoint
+from rustgpt.config import Config
+from rustgpt.model import LLM
+from rustgpt.tokenizer import Vocab
+model = LLM(Config().model, Vocab([f"w{i}" for i in range(2000)] + ["</s>", "<unk>"]))
+ckpt = Checkpoint.from_model(model, Config(), loss=0.0)
+for i in range(10**6):
+    ckpt.loss = float(i)
+    ckpt.save(sys.argv[1])
+    print(i, flush=True)
+"""
+
+
+def test_kill_9_during_saves_never_damages_the_checkpoint(tmp_path):
+    path = tmp_path / "c.safetensors"
+    rng = np.random.default_rng(0)
+    for attempt in range(8):
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(path)],
+                                stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # one complete save exists
+        time.sleep(rng.uniform(0.0, 0.05))  # then die somewhere inside a later save
+        proc.kill()
+        proc.wait()
+        ckpt = Checkpoint.load(path)  # intact: the previous or the new version, never a mix
+        assert ckpt.loss >= 0 and ckpt.weights["output.w"].shape == (128, 2002)
+    CheckpointManager(tmp_path).prepare()  # clears temporaries that killed writers left
+    assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]

@@ -100,3 +100,35 @@ def test_rendered_toml_loads_back_to_the_defaults(tmp_path):
     env = dict(line.split("=", 1) for line in render_env().splitlines()
                if line and not line.startswith("#"))
     assert load_config(None, env)[0] == Config()
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+values = st.one_of(st.integers(-5, 300), st.floats(allow_nan=True), st.booleans(), st.text(max_size=8),
+                   st.none(), st.lists(st.integers(), max_size=2))
+keys = st.sampled_from(["embedding_dim", "num_heads", "pretraining_lr", "shuffle", "top_p",
+                        "level", "directory", "seed", "bogus"])
+sections = st.sampled_from(["model", "training", "generation", "logging", "checkpoint", "nope"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(sections, st.dictionaries(keys, values, max_size=3), max_size=3))
+def test_any_structure_gives_a_config_or_a_config_error(data):
+    try:
+        config = from_dict(data)
+    except ConfigError as err:
+        assert "\n" not in str(err)
+    else:
+        assert isinstance(config, Config)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["LLM_MODEL_EMBEDDING_DIM", "LLM_TRAINING_PRETRAINING_LR",
+                        "LLM_TRAINING_SHUFFLE", "LLM_GENERATION_SEED", "LLM_LOGGING_LEVEL"]),
+       st.text(max_size=10))
+def test_any_environment_value_gives_a_config_or_a_config_error(name, value):
+    try:
+        load_config(None, {name: value})
+    except ConfigError as err:
+        assert name in str(err)

@@ -63,6 +63,11 @@ def test_statistics_and_encoding(caplog):
     seqs = ds.encode(vocab, max_seq_len=8)
     assert [len(s) for s in seqs] == [4, 2, 9]  # the long one cut to 9, "</s>" alone skipped
     assert "truncated" in caplog.text and "skipped" in caplog.text
+    split = ds.encode(vocab, max_seq_len=8, long_examples="split")
+    assert [len(s) for s in split] == [4, 2, 9, 9, 5]  # 22 tokens: windows 0-8, 8-16, 16-21
+    long_ids = np.asarray(vocab.encode(ds.examples[2]))
+    targets = np.concatenate([s[1:] for s in split[2:]])
+    np.testing.assert_array_equal(targets, long_ids[1:])  # every target kept exactly once
 
 
 def test_make_batch_pads_on_the_right():

@@ -217,3 +217,63 @@ def test_runtime_switches():
         K.set_simd("sse9")
     assert K.set_simd("generic") == "generic"
     K.set_simd(info["simd_supported"])
+
+
+# ---- property-based: random shapes vs the reference ---------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(N=st.integers(1, 40), D=st.integers(1, 70), seed=st.integers(0, 2**32 - 1))
+def test_layernorm_random_shapes(N, D, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, D)).astype(np.float32)
+    g, b = rng.standard_normal(D).astype(np.float32), rng.standard_normal(D).astype(np.float32)
+    out, mean, rstd = np.empty_like(x), np.empty(N, np.float32), np.empty(N, np.float32)
+    K.layernorm_forward(out, mean, rstd, x, g, b)
+    ref.assert_close(out, ref.layernorm_forward(x, g, b)[0], 2e-3, 2e-3, "out")
+
+
+@settings(max_examples=60, deadline=None)
+@given(N=st.integers(1, 30), V=st.integers(1, 300), seed=st.integers(0, 2**32 - 1))
+def test_crossentropy_random_shapes(N, V, seed):
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((N, V)) * 4).astype(np.float32)
+    targets = rng.integers(-1, V, N).astype(np.intc)
+    losses, dlogits = np.empty(N, np.float32), np.empty_like(logits)
+    K.crossentropy_forward_backward(losses, dlogits, logits, targets, -1, 0.5)
+    e_losses, e_dlogits = ref.crossentropy(logits, targets, dscale=0.5)
+    ref.assert_close(losses, e_losses, 1e-4, 1e-4, "losses")
+    ref.assert_close(dlogits, e_dlogits, 1e-4, 1e-5, "dlogits")
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 3), T=st.integers(1, 20), NH=st.integers(1, 4), hs=st.integers(1, 20),
+       seed=st.integers(0, 2**32 - 1))
+def test_attention_random_shapes(B, T, NH, hs, seed):
+    rng = np.random.default_rng(seed)
+    D = NH * hs
+    q, k, v, dout = (rng.standard_normal((B, T, D)).astype(np.float32) for _ in range(4))
+    out, att = np.empty_like(q), np.empty((B, NH, T, T), np.float32)
+    K.attention_forward(out, att, q, k, v, NH)
+    ref.assert_close(out, ref.attention_forward(q, k, v, NH)[0], 1e-3, 1e-4, "out")
+    dq, dk, dv = np.empty_like(q), np.empty_like(q), np.empty_like(q)
+    K.attention_backward(dq, dk, dv, dout, att, q, k, v, NH)
+    for name, got, want in zip("qkv", (dq, dk, dv), ref.attention_backward(dout, q, k, v, NH)):
+        ref.assert_close(got, want, 2e-3, 2e-4, "d" + name)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(-2**31, 2**31 - 1), min_size=1, max_size=6))
+def test_bad_ids_never_reach_the_kernel(ids):
+    wte = np.zeros((7, 4), np.float32)
+    wpe = np.zeros((8, 4), np.float32)
+    arr = np.array([ids], np.intc)
+    out = np.empty((1, arr.shape[1], 4), np.float32)
+    if all(0 <= i < 7 for i in ids):
+        K.embedding_forward(out, arr, wte, wpe)
+    else:
+        with pytest.raises(ValidationError):
+            K.embedding_forward(out, arr, wte, wpe)

@@ -230,9 +230,12 @@ class CheckpointManager:
         self.max_to_keep = max_to_keep
 
     def prepare(self) -> None:
-        """Create the directory and prove it writable (before training starts)."""
+        """Create the directory, prove it writable (before training starts) and remove the
+        temporary files of writers that were killed mid-save."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+            for stale in self.directory.glob(".*.safetensors.*.tmp"):
+                stale.unlink(missing_ok=True)
             probe = tempfile.NamedTemporaryFile(dir=self.directory, prefix=".probe-")
             probe.close()
         except OSError as err:

@@ -173,7 +173,8 @@ def run_training(config, resume: str | None) -> int:
     saver = CheckpointCallback(manager, config, config.checkpoint.every_epochs)
     progress = ProgressBar()
     trainer = Trainer(model, config.training,
-                      rustgpt_phases(config.training, vocab, config.model.max_seq_len, pre, chat),
+                      rustgpt_phases(config.training, vocab, config.model.max_seq_len, pre, chat,
+                                     config.data.long_examples),
                       [MetricsCallback(out, metrics), saver, progress])
     if checkpoint:
         checkpoint.restore(trainer)

@@ -94,6 +94,10 @@ class DataConfig:
                                     "bundled", default="")
     max_file_mb: int = _help("refuse data files larger than this", default=256,
                              validator=_positive)
+    long_examples: str = _help("examples longer than the context: truncate, or split into "
+                               "windows", default="truncate",
+                               validator=_check("truncate or split",
+                                                lambda v: v in ("truncate", "split")))
 
 
 @attrs.frozen

@@ -127,21 +127,34 @@ class Dataset:
             stats.update(tokens=int(tokens.sum()), max_tokens=int(tokens.max()))
         return stats
 
-    def encode(self, vocab, max_seq_len: int) -> list[np.ndarray]:
-        """Token ids of each example, int32 (n,), cut to max_seq_len + 1 tokens (the inputs
-        then fill the context). Examples of fewer than two tokens are dropped with a warning."""
-        sequences, cut, dropped = [], 0, 0
+    def encode(self, vocab, max_seq_len: int, long_examples: str = "truncate") -> list[np.ndarray]:
+        """Token ids of each example, int32 (n,), at most max_seq_len + 1 tokens (the inputs
+        then fill the context). A longer example is cut to its start ("truncate") or into
+        consecutive windows overlapping by one token, so every target is kept ("split"); either
+        way with a warning. Examples of fewer than two tokens are skipped with a warning."""
+        if long_examples not in ("truncate", "split"):
+            raise DataLoadError(f"long_examples = {long_examples!r}, expected 'truncate' or 'split'")
+        window = max_seq_len + 1
+        sequences, long, dropped = [], 0, 0
         for example in self.examples:
             ids = np.asarray(vocab.encode(example), np.intc)
             if len(ids) < 2:
                 dropped += 1
                 continue
-            if len(ids) > max_seq_len + 1:
-                ids, cut = ids[:max_seq_len + 1], cut + 1
-            sequences.append(ids)
-        if cut:
-            log.warning("%s: %d examples longer than max_seq_len + 1 = %d tokens were truncated",
-                        self.source, cut, max_seq_len + 1, extra={"truncated": cut})
+            if len(ids) <= window:
+                sequences.append(ids)
+                continue
+            long += 1
+            if long_examples == "truncate":
+                sequences.append(ids[:window])
+            else:
+                starts = range(0, len(ids) - 1, max_seq_len)
+                sequences.extend(ids[s:s + window] for s in starts if len(ids) - s >= 2)
+        if long:
+            log.warning("%s: %d examples longer than max_seq_len + 1 = %d tokens were %s",
+                        self.source, long, window,
+                        "truncated" if long_examples == "truncate" else "split into windows",
+                        extra={"long_examples": long})
         if dropped:
             log.warning("%s: %d examples of fewer than 2 tokens were skipped", self.source,
                         dropped, extra={"skipped": dropped})

@@ -48,13 +48,13 @@ class Position:
 
 
 def rustgpt_phases(config: TrainingConfig, vocab, max_seq_len: int, pretraining: Dataset,
-                   chat: Dataset) -> list[Phase]:
+                   chat: Dataset, long_examples: str = "truncate") -> list[Phase]:
     """RustGPT's schedule: pretraining on plain sentences, then instruction tuning on chat."""
     return [
-        Phase("pretraining", pretraining.encode(vocab, max_seq_len), config.pretraining_epochs,
-              config.pretraining_lr),
-        Phase("instruction", chat.encode(vocab, max_seq_len), config.instruction_epochs,
-              config.instruction_lr),
+        Phase("pretraining", pretraining.encode(vocab, max_seq_len, long_examples),
+              config.pretraining_epochs, config.pretraining_lr),
+        Phase("instruction", chat.encode(vocab, max_seq_len, long_examples),
+              config.instruction_epochs, config.instruction_lr),
     ]
 
 
