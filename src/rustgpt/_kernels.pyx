@@ -11,7 +11,8 @@ import os
 
 import numpy as np
 
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_WRITABLE,
+                             PyBuffer_Release, PyObject_GetBuffer)
 
 from rustgpt.errors import ShapeMismatch, ValidationError
 
@@ -77,9 +78,35 @@ cdef tuple _shape(object a, str fn, str name, int ndim):
 
 cdef void *_data(object a, str fn, str name, object dtype, tuple shape, bint out) except NULL:
     """Pointer to a's data after checking dtype, shape, layout and (for outputs) writability.
-    The caller holds `a`, so the pointer stays valid for the call."""
+    The caller holds `a`, so the pointer stays valid for the call. The fast path asks the
+    buffer protocol for exactly what the kernel needs; anything else goes to _refuse."""
     cdef Py_buffer buf
     cdef void *ptr
+    cdef Py_ssize_t i, ndim = len(shape)
+    cdef int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (PyBUF_WRITABLE if out else 0)
+    cdef char kind = b"f" if dtype is _F32 else b"i"
+    cdef bint ok
+    if type(a) is not np.ndarray:
+        _refuse(a, fn, name, dtype, shape, out)
+    try:
+        PyObject_GetBuffer(a, &buf, flags)
+    except (BufferError, ValueError):  # numpy says ValueError for a wrong layout
+        _refuse(a, fn, name, dtype, shape, out)
+    ok = (buf.format[0] == kind and buf.format[1] == 0 and buf.ndim == ndim
+          and buf.len > 0 and buf.len <= 4 * <Py_ssize_t>_INT_MAX)
+    if ok:
+        for i in range(ndim):
+            if buf.shape[i] != <Py_ssize_t>shape[i]:
+                ok = False
+    ptr = buf.buf
+    PyBuffer_Release(&buf)
+    if not ok:
+        _refuse(a, fn, name, dtype, shape, out)
+    return ptr
+
+
+cdef int _refuse(object a, str fn, str name, object dtype, tuple shape, bint out) except -1:
+    """Raise the error that says why `a` cannot be passed as `name`."""
     if not isinstance(a, np.ndarray):
         raise ValidationError(f"{fn}: {name} is a {type(a).__name__}, expected a numpy array")
     if a.dtype != dtype:
@@ -95,20 +122,24 @@ cdef void *_data(object a, str fn, str name, object dtype, tuple shape, bint out
                               f"pass numpy.ascontiguousarray({name})")
     if out and not a.flags.writeable:
         raise ValidationError(f"{fn}: {name} is read-only, expected a writable output array")
-    PyObject_GetBuffer(a, &buf, PyBUF_SIMPLE)
-    ptr = buf.buf
-    PyBuffer_Release(&buf)
-    return ptr
+    raise ValidationError(f"{fn}: {name} cannot be passed to the kernel (dtype {a.dtype}, "
+                          f"shape {a.shape}), expected a native-endian {dtype} array")
 
 
 cdef float *_f(object a, str fn, str name, tuple shape, bint out=False) except NULL:
     return <float *>_data(a, fn, name, _F32, shape, out)
 
 
+cdef inline bint _overlap(const float *x, Py_ssize_t nx, const float *y, Py_ssize_t ny):
+    return x < y + ny and y < x + nx
+
+
 cdef int *_ids(object a, str fn, str name, tuple shape, int V) except NULL:
     """int32 token ids, each checked to lie in [0, V)."""
     cdef int *p = <int *>_data(a, fn, name, _I32, shape, False)
-    cdef Py_ssize_t i, n = a.size
+    cdef Py_ssize_t i, n = 1
+    for i in range(len(shape)):
+        n *= <Py_ssize_t>shape[i]
     for i in range(n):
         if p[i] < 0 or p[i] >= V:
             raise ValidationError(f"{fn}: {name} holds token id {p[i]} at flat index {i}, "
@@ -202,7 +233,7 @@ def sgemm(C, A, B, bint trans_a=False, bint trans_b=False, bint accumulate=False
     cdef const float *a = _f(A, fn, "A", sa)
     cdef const float *b = _f(B, fn, "B", sb)
     cdef float *c = _f(C, fn, "C", (M, N), True)
-    if C is A or C is B or np.shares_memory(C, A) or np.shares_memory(C, B):
+    if _overlap(c, M * N, a, M * K) or _overlap(c, M * N, b, K * N):
         raise ValidationError(f"{fn}: C overlaps an input, expected a separate output array")
     with nogil:
         rg_sgemm(c, a, b, M, N, K, trans_a, trans_b, accumulate)

@@ -20,18 +20,25 @@ F32 = np.float32
 
 
 class Workspace:
-    """Grow-only scratch arrays by name: ``get`` returns a C-contiguous float32 view of at
-    least the requested shape without allocating once the buffer is large enough."""
+    """Grow-only float32 scratch arrays by name: ``get`` returns a C-contiguous view of the
+    requested shape, allocating only when a name first needs more room. Views are cached
+    per (name, shape), so a training loop of repeating shapes does no array bookkeeping."""
 
     def __init__(self) -> None:
         self._buffers: dict[str, np.ndarray] = {}
+        self._views: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
 
-    def get(self, name: str, shape: tuple[int, ...], dtype=F32) -> np.ndarray:
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        view = self._views.get((name, shape))
+        if view is not None:
+            return view
         n = math.prod(shape)
         buf = self._buffers.get(name)
-        if buf is None or buf.size < n or buf.dtype != dtype:
-            buf = self._buffers[name] = np.empty(max(n, 1), dtype)
-        return buf[:n].reshape(shape)
+        if buf is None or buf.size < n:
+            buf = self._buffers[name] = np.empty(max(n, 1), F32)
+            self._views = {k: v for k, v in self._views.items() if k[0] != name}
+        view = self._views[(name, shape)] = buf[:n].reshape(shape)
+        return view
 
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self._buffers.values())
