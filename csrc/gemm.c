@@ -1,21 +1,294 @@
-/* gemm.c: single-precision matrix multiply with the transposes forward and backward need. */
+/* gemm.c: single-precision matrix multiply with the transposes forward and backward need.
+ *
+ * GotoBLAS / BLIS structure. Each thread owns a rectangle of C and runs, on it:
+ *
+ *   for jc in steps of NC (columns of C)         B block (KC, NC) packed, lives in L2
+ *     for pc in steps of KC (the shared dim)
+ *       pack op(B)[pc:pc+KC, jc:jc+NC] into NR-wide panels
+ *       for ic in steps of MC (rows of C)
+ *         pack op(A)[ic:ic+MC, pc:pc+KC] into MR-tall panels
+ *         for ir in steps of MR                  A micro-panel (MR, KC) stays in L1
+ *           for jr in steps of NR                B micro-panels stream from L2
+ *             micro-kernel: C[ir:ir+MR, jr:jr+NR] (+)= Ap (MR, KC) @ Bp (KC, NR)
+ *
+ * Packing reads op(A) and op(B) through the transposes, so one micro-kernel serves all
+ * four (trans_a, trans_b) combinations, and pads the panels with zeros past M and N, so the
+ * micro-kernel only ever sees whole MR x NR tiles; edge tiles of C go through a small
+ * buffer on the stack. The micro-kernel keeps an MR x NR tile of C in registers; there is
+ * one per SIMD path (AVX-512, AVX2+FMA, portable C), chosen by rg_simd_level() at each call.
+ * Pack buffers are static per thread (_Thread_local); nothing is allocated on the heap.
+ */
+#include <stddef.h>
 #include <string.h>
 #include "rustgpt_kernels.h"
 
-void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
-              int trans_a, int trans_b, int accumulate) {
-    #pragma omp parallel for schedule(static)
-    for (int i = 0; i < M; i++) {
-        float *c_i = C + (size_t)i * N;
-        if (!accumulate) memset(c_i, 0, (size_t)N * sizeof(float));
-        for (int p = 0; p < K; p++) {
-            float a = trans_a ? A[(size_t)p * M + i] : A[(size_t)i * K + p];
-            if (trans_b) {
-                for (int j = 0; j < N; j++) c_i[j] += a * B[(size_t)j * K + p];
-            } else {
-                const float *b_p = B + (size_t)p * N;
-                for (int j = 0; j < N; j++) c_i[j] += a * b_p[j];
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define RG_X86 1
+#endif
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Cache blocking, shared by every path: KC x NC floats of B (512 KiB) sit in the 1 MiB L2,
+ * MR x KC of A (at most 12 KiB) in the 32 KiB L1. MC and NC are multiples of every MR / NR. */
+#define KC 256
+#define MC 96
+#define NC 512
+#define MR_MAX 12
+#define NR_MAX 32
+
+static _Thread_local float a_pack[MC * KC] __attribute__((aligned(64)));
+static _Thread_local float b_pack[KC * NC] __attribute__((aligned(64)));
+
+/* One micro-kernel: c (MR, NR) with row stride ldc gets ap (kc, MR) @ bp (kc, NR), both
+ * packed k-major, added onto c when load_c, else written over it. */
+typedef void (*microkernel_fn)(int kc, const float *ap, const float *bp, float *c,
+                               ptrdiff_t ldc, int load_c);
+
+typedef struct {
+    int mr, nr;
+    microkernel_fn kernel;
+} gemm_path;
+
+/* ---- micro-kernels ------------------------------------------------------------------------- */
+
+/* Portable C, 4 x 16: the compiler vectorizes the j loops with whatever the baseline has. */
+#define GEN_MR 4
+#define GEN_NR 16
+static void kernel_generic(int kc, const float *ap, const float *bp, float *c, ptrdiff_t ldc,
+                           int load_c) {
+    float acc[GEN_MR][GEN_NR];
+    for (int i = 0; i < GEN_MR; i++)
+        for (int j = 0; j < GEN_NR; j++) acc[i][j] = load_c ? c[i * ldc + j] : 0.0f;
+    for (int p = 0; p < kc; p++) {
+        const float *a_p = ap + (size_t)p * GEN_MR;
+        const float *b_p = bp + (size_t)p * GEN_NR;
+        for (int i = 0; i < GEN_MR; i++)
+            for (int j = 0; j < GEN_NR; j++) acc[i][j] += a_p[i] * b_p[j];
+    }
+    for (int i = 0; i < GEN_MR; i++)
+        for (int j = 0; j < GEN_NR; j++) c[i * ldc + j] = acc[i][j];
+}
+
+#ifdef RG_X86
+/* AVX2 + FMA, 6 x 16: 12 ymm accumulators, 2 for the B row, 1 for the broadcast A value. */
+#define AVX2_MR 6
+#define AVX2_NR 16
+__attribute__((target("avx2,fma")))
+static void kernel_avx2(int kc, const float *ap, const float *bp, float *c, ptrdiff_t ldc,
+                        int load_c) {
+    __m256 acc[AVX2_MR][2];
+    #pragma GCC unroll 6
+    for (int i = 0; i < AVX2_MR; i++) {
+        acc[i][0] = load_c ? _mm256_loadu_ps(c + i * ldc) : _mm256_setzero_ps();
+        acc[i][1] = load_c ? _mm256_loadu_ps(c + i * ldc + 8) : _mm256_setzero_ps();
+    }
+    for (int p = 0; p < kc; p++) {
+        __m256 b0 = _mm256_load_ps(bp), b1 = _mm256_load_ps(bp + 8);
+        #pragma GCC unroll 6
+        for (int i = 0; i < AVX2_MR; i++) {
+            __m256 a = _mm256_broadcast_ss(ap + i);
+            acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
+        }
+        ap += AVX2_MR;
+        bp += AVX2_NR;
+    }
+    #pragma GCC unroll 6
+    for (int i = 0; i < AVX2_MR; i++) {
+        _mm256_storeu_ps(c + i * ldc, acc[i][0]);
+        _mm256_storeu_ps(c + i * ldc + 8, acc[i][1]);
+    }
+}
+
+/* AVX-512, 12 x 32: 24 zmm accumulators, the A values broadcast straight from memory. */
+#define AVX512_MR 12
+#define AVX512_NR 32
+__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma")))
+static void kernel_avx512(int kc, const float *ap, const float *bp, float *c, ptrdiff_t ldc,
+                          int load_c) {
+    __m512 acc[AVX512_MR][2];
+    #pragma GCC unroll 12
+    for (int i = 0; i < AVX512_MR; i++) {
+        acc[i][0] = load_c ? _mm512_loadu_ps(c + i * ldc) : _mm512_setzero_ps();
+        acc[i][1] = load_c ? _mm512_loadu_ps(c + i * ldc + 16) : _mm512_setzero_ps();
+    }
+    for (int p = 0; p < kc; p++) {
+        __m512 b0 = _mm512_load_ps(bp), b1 = _mm512_load_ps(bp + 16);
+        #pragma GCC unroll 12
+        for (int i = 0; i < AVX512_MR; i++) {
+            __m512 a = _mm512_set1_ps(ap[i]);
+            acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
+        }
+        ap += AVX512_MR;
+        bp += AVX512_NR;
+    }
+    #pragma GCC unroll 12
+    for (int i = 0; i < AVX512_MR; i++) {
+        _mm512_storeu_ps(c + i * ldc, acc[i][0]);
+        _mm512_storeu_ps(c + i * ldc + 16, acc[i][1]);
+    }
+}
+#endif
+
+static gemm_path choose_path(void) {
+    gemm_path path = {GEN_MR, GEN_NR, kernel_generic};
+#ifdef RG_X86
+    int level = rg_simd_level();
+    if (level >= RG_SIMD_AVX512) {
+        path.mr = AVX512_MR; path.nr = AVX512_NR; path.kernel = kernel_avx512;
+    } else if (level >= RG_SIMD_AVX2) {
+        path.mr = AVX2_MR; path.nr = AVX2_NR; path.kernel = kernel_avx2;
+    }
+#endif
+    return path;
+}
+
+/* ---- packing ------------------------------------------------------------------------------- */
+
+/* op(A)[i0:i0+mc, p0:p0+kc] into panels of mr rows, k-major: dst[(i/mr)*kc*mr + p*mr + i%mr].
+ * A is (M, K), or (K, M) when trans_a. Rows past mc are zero. */
+static void pack_a(float *dst, const float *A, int M, int K, int trans_a, int i0, int mc,
+                   int p0, int kc, int mr) {
+    for (int ip = 0; ip < mc; ip += mr) {
+        int rows = mc - ip < mr ? mc - ip : mr;
+        float *d = dst + (size_t)ip * kc;
+        if (trans_a) {
+            /* op(A)[i, p] = A[p, i]: each k is a contiguous run of rows */
+            const float *a_p = A + (size_t)p0 * M + i0 + ip;
+            for (int p = 0; p < kc; p++, a_p += M, d += mr) {
+                for (int r = 0; r < rows; r++) d[r] = a_p[r];
+                for (int r = rows; r < mr; r++) d[r] = 0.0f;
+            }
+        } else {
+            /* op(A)[i, p] = A[i, p]: each row is contiguous along k */
+            for (int r = 0; r < rows; r++) {
+                const float *a_r = A + (size_t)(i0 + ip + r) * K + p0;
+                for (int p = 0; p < kc; p++) d[(size_t)p * mr + r] = a_r[p];
+            }
+            for (int r = rows; r < mr; r++)
+                for (int p = 0; p < kc; p++) d[(size_t)p * mr + r] = 0.0f;
+        }
+    }
+}
+
+/* op(B)[p0:p0+kc, j0:j0+nc] into panels of nr columns, k-major:
+ * dst[(j/nr)*kc*nr + p*nr + j%nr]. B is (K, N), or (N, K) when trans_b. Columns past nc
+ * are zero. */
+static void pack_b(float *dst, const float *B, int N, int K, int trans_b, int j0, int nc,
+                   int p0, int kc, int nr) {
+    for (int jp = 0; jp < nc; jp += nr) {
+        int cols = nc - jp < nr ? nc - jp : nr;
+        float *d = dst + (size_t)jp * kc;
+        if (trans_b) {
+            /* op(B)[p, j] = B[j, p]: each column is contiguous along k */
+            for (int c = 0; c < cols; c++) {
+                const float *b_c = B + (size_t)(j0 + jp + c) * K + p0;
+                for (int p = 0; p < kc; p++) d[(size_t)p * nr + c] = b_c[p];
+            }
+            for (int c = cols; c < nr; c++)
+                for (int p = 0; p < kc; p++) d[(size_t)p * nr + c] = 0.0f;
+        } else {
+            /* op(B)[p, j] = B[p, j]: each k is a contiguous run of columns */
+            const float *b_p = B + (size_t)p0 * N + j0 + jp;
+            for (int p = 0; p < kc; p++, b_p += N, d += nr) {
+                for (int c = 0; c < cols; c++) d[c] = b_p[c];
+                for (int c = cols; c < nr; c++) d[c] = 0.0f;
             }
         }
+    }
+}
+
+/* ---- driver ---------------------------------------------------------------------------------- */
+
+/* C[m0:m1, n0:n1] (+)= op(A)[m0:m1, :] @ op(B)[:, n0:n1] on the calling thread. */
+static void gemm_block(gemm_path path, float *C, const float *A, const float *B, int M, int N,
+                       int K, int trans_a, int trans_b, int accumulate, int m0, int m1, int n0,
+                       int n1) {
+    const int mr = path.mr, nr = path.nr;
+    float *ap = a_pack, *bp = b_pack;
+    float edge[MR_MAX * NR_MAX] __attribute__((aligned(64)));
+    for (int jc = n0; jc < n1; jc += NC) {
+        int nc = n1 - jc < NC ? n1 - jc : NC;
+        for (int pc = 0; pc < K; pc += KC) {
+            int kc = K - pc < KC ? K - pc : KC;
+            int load_c = accumulate || pc > 0;
+            pack_b(bp, B, N, K, trans_b, jc, nc, pc, kc, nr);
+            for (int ic = m0; ic < m1; ic += MC) {
+                int mc = m1 - ic < MC ? m1 - ic : MC;
+                pack_a(ap, A, M, K, trans_a, ic, mc, pc, kc, mr);
+                for (int ir = 0; ir < mc; ir += mr) {
+                    int rows = mc - ir < mr ? mc - ir : mr;
+                    const float *a_panel = ap + (size_t)ir * kc;
+                    for (int jr = 0; jr < nc; jr += nr) {
+                        int cols = nc - jr < nr ? nc - jr : nr;
+                        const float *b_panel = bp + (size_t)jr * kc;
+                        float *c_tile = C + (size_t)(ic + ir) * N + jc + jr;
+                        if (rows == mr && cols == nr) {
+                            path.kernel(kc, a_panel, b_panel, c_tile, N, load_c);
+                            continue;
+                        }
+                        /* edge tile: through a whole-tile buffer */
+                        if (load_c)
+                            for (int i = 0; i < rows; i++)
+                                memcpy(edge + i * nr, c_tile + (size_t)i * N,
+                                       (size_t)cols * sizeof(float));
+                        path.kernel(kc, a_panel, b_panel, edge, nr, load_c);
+                        for (int i = 0; i < rows; i++)
+                            memcpy(c_tile + (size_t)i * N, edge + i * nr,
+                                   (size_t)cols * sizeof(float));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* Below this many multiply-adds one thread beats waking the others. */
+#define PARALLEL_MIN_FMAS (64 * 64 * 64)
+
+void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
+              int trans_a, int trans_b, int accumulate) {
+    /* A is (M, K) or (K, M) if trans_a; B is (K, N) or (N, K) if trans_b; C is (M, N) */
+    gemm_path path = choose_path();
+    int nthreads = rg_num_threads();
+    if ((double)M * N * K < PARALLEL_MIN_FMAS) nthreads = 1;
+    /* Split C into tm x tn rectangles, one per thread, along whole micro-tiles. A split
+     * along M packs B again in every thread, a split along N packs A again: pick the
+     * split whose busiest thread has the least compute plus packing. */
+    int mt = (M + path.mr - 1) / path.mr, nt = (N + path.nr - 1) / path.nr;
+    int tm = 1, tn = 1;
+    double best = -1.0;
+    for (int t = 1; t <= nthreads; t++) {
+        if (nthreads % t) continue;
+        int u = nthreads / t;
+        if (t > mt || u > nt) continue;
+        double rows = (double)((mt + t - 1) / t) * path.mr;
+        double cols = (double)((nt + u - 1) / u) * path.nr;
+        double cost = rows * cols * K / 16.0 + (rows + cols) * K;
+        if (best < 0 || cost < best) { best = cost; tm = t; tn = u; }
+    }
+    nthreads = tm * tn;
+    if (nthreads <= 1) {
+        gemm_block(path, C, A, B, M, N, K, trans_a, trans_b, accumulate, 0, M, 0, N);
+        return;
+    }
+    #pragma omp parallel num_threads(nthreads)
+    {
+#ifdef _OPENMP
+        int t = omp_get_thread_num();
+#else
+        int t = 0;
+#endif
+        int ti = t / tn, tj = t % tn;
+        int m0 = (int)((long)mt * ti / tm) * path.mr, m1 = (int)((long)mt * (ti + 1) / tm) * path.mr;
+        int n0 = (int)((long)nt * tj / tn) * path.nr, n1 = (int)((long)nt * (tj + 1) / tn) * path.nr;
+        if (m1 > M) m1 = M;
+        if (n1 > N) n1 = N;
+        if (m0 < m1 && n0 < n1)
+            gemm_block(path, C, A, B, M, N, K, trans_a, trans_b, accumulate, m0, m1, n0, n1);
     }
 }

@@ -1,0 +1,103 @@
+"""sgemm on every SIMD path vs tests/reference.py, edge tiles and bad input."""
+
+import numpy as np
+import pytest
+
+import rustgpt
+from rustgpt import _kernels as K
+from rustgpt.errors import ShapeMismatch, ValidationError
+from tests import reference as ref
+
+TRANS = [(False, False), (False, True), (True, False), (True, True)]
+
+# (M, K, N): every dimension at 1, 7, 33 and 129 (none a multiple of a register block),
+# the model's shapes, and sizes that cross the KC = 256, MC = 96 and NC = 512 blocks
+SHAPES = [(1, 1, 1), (7, 7, 7), (33, 33, 33), (129, 129, 129),
+          (1, 129, 33), (129, 1, 7), (7, 33, 129), (33, 129, 1),
+          (80, 128, 530), (257, 300, 129), (100, 600, 520)]
+
+
+def _operands(rng, M, Kd, N, trans_a, trans_b):
+    A = rng.standard_normal((Kd, M) if trans_a else (M, Kd)).astype(np.float32)
+    B = rng.standard_normal((N, Kd) if trans_b else (Kd, N)).astype(np.float32)
+    return A, B
+
+
+def _check(C, expected, Kd, name):
+    # float32 dot products of unit normals: error grows like sqrt(K) * eps
+    tol = 4e-6 * np.sqrt(Kd)
+    ref.assert_close(C, expected, tol, tol * 4, name)
+
+
+@pytest.mark.parametrize("M,Kd,N", SHAPES)
+@pytest.mark.parametrize("trans_a,trans_b", TRANS)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_sgemm(simd, rng, M, Kd, N, trans_a, trans_b, accumulate):
+    A, B = _operands(rng, M, Kd, N, trans_a, trans_b)
+    C0 = rng.standard_normal((M, N)).astype(np.float32)
+    C = C0.copy()
+    K.sgemm(C, A, B, trans_a=trans_a, trans_b=trans_b, accumulate=accumulate)
+    expected = ref.matmul(A, B, trans_a, trans_b) + (C0 if accumulate else 0)
+    _check(C, expected, Kd, f"C[{simd}]")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_sgemm_threads(rng, threads):
+    """Any thread count splits C into rectangles that cover it exactly once."""
+    before = rustgpt.get_num_threads()
+    try:
+        rustgpt.set_num_threads(threads)
+        for M, Kd, N in [(80, 128, 128), (1024, 64, 40), (40, 64, 1024), (13, 70, 3)]:
+            A, B = _operands(rng, M, Kd, N, False, False)
+            C = np.full((M, N), np.nan, np.float32)
+            K.sgemm(C, A, B)
+            _check(C, ref.matmul(A, B), Kd, f"C[{threads} threads, {M}x{Kd}x{N}]")
+    finally:
+        rustgpt.set_num_threads(before)
+
+
+def test_sgemm_overwrites_nan(simd, rng):
+    """Without accumulate, C's old contents (even NaN) never leak into the result."""
+    A, B = _operands(rng, 33, 300, 70, False, False)
+    C = np.full((33, 70), np.nan, np.float32)
+    K.sgemm(C, A, B)
+    _check(C, ref.matmul(A, B), 300, "C")
+
+
+def test_sgemm_bad_shapes():
+    A = np.zeros((4, 5), np.float32)
+    B = np.zeros((5, 6), np.float32)
+    with pytest.raises(ShapeMismatch):
+        K.sgemm(np.zeros((4, 6), np.float32), A, B.T.copy())  # K mismatch
+    with pytest.raises(ShapeMismatch):
+        K.sgemm(np.zeros((4, 6), np.float32), A, B, trans_a=True)
+    with pytest.raises(ShapeMismatch):
+        K.sgemm(np.zeros((6, 4), np.float32), A, B)  # wrong C shape
+    with pytest.raises(ValidationError):
+        K.sgemm(np.zeros((4, 6), np.float32), A[None], B)  # 3-d A
+
+
+def test_sgemm_bad_dtype_layout_and_aliasing():
+    A = np.zeros((4, 5), np.float32)
+    B = np.zeros((5, 6), np.float32)
+    C = np.zeros((4, 6), np.float32)
+    with pytest.raises(ValidationError):
+        K.sgemm(C.astype(np.float64), A, B)
+    with pytest.raises(ValidationError):
+        K.sgemm(C, A.astype(np.float64), B)
+    with pytest.raises(ValidationError):
+        K.sgemm(C, A, np.asfortranarray(B))  # not C-contiguous
+    with pytest.raises(ValidationError):
+        K.sgemm(C, A.tolist(), B)
+    with pytest.raises(ValidationError):
+        K.sgemm(np.zeros((4, 0), np.float32), A, np.zeros((5, 0), np.float32))  # empty
+    ro = C.copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValidationError):
+        K.sgemm(ro, A, B)
+    buf = np.zeros((6, 6), np.float32)
+    with pytest.raises(ValidationError):
+        K.sgemm(buf, buf, buf)  # C is A and B
+    flat = np.zeros(64, np.float32)
+    with pytest.raises(ValidationError):  # C overlaps A without being A
+        K.sgemm(flat[:36].reshape(6, 6), flat[28:].reshape(6, 6), np.zeros((6, 6), np.float32))
