@@ -54,22 +54,34 @@ typedef struct {
 
 /* ---- micro-kernels ------------------------------------------------------------------------- */
 
-/* Portable C, 4 x 16: the compiler vectorizes the j loops with whatever the baseline has. */
+/* Portable C, 4 x 8, on GCC / Clang 4-float vectors (SSE on x86-64, NEON on arm64):
+ * 8 accumulators, 2 for the B row, 1 for the broadcast A value. */
 #define GEN_MR 4
-#define GEN_NR 16
+#define GEN_NR 8
+typedef float v4f __attribute__((vector_size(16)));
 static void kernel_generic(int kc, const float *ap, const float *bp, float *c, ptrdiff_t ldc,
                            int load_c) {
-    float acc[GEN_MR][GEN_NR];
+    v4f acc[GEN_MR][2];
     for (int i = 0; i < GEN_MR; i++)
-        for (int j = 0; j < GEN_NR; j++) acc[i][j] = load_c ? c[i * ldc + j] : 0.0f;
+        for (int h = 0; h < 2; h++) {
+            v4f x = {0.0f, 0.0f, 0.0f, 0.0f};
+            if (load_c) memcpy(&x, c + i * ldc + 4 * h, sizeof x);
+            acc[i][h] = x;
+        }
     for (int p = 0; p < kc; p++) {
-        const float *a_p = ap + (size_t)p * GEN_MR;
-        const float *b_p = bp + (size_t)p * GEN_NR;
-        for (int i = 0; i < GEN_MR; i++)
-            for (int j = 0; j < GEN_NR; j++) acc[i][j] += a_p[i] * b_p[j];
+        v4f b0, b1;
+        memcpy(&b0, bp, sizeof b0);
+        memcpy(&b1, bp + 4, sizeof b1);
+        for (int i = 0; i < GEN_MR; i++) {
+            v4f a = {ap[i], ap[i], ap[i], ap[i]};
+            acc[i][0] += a * b0;
+            acc[i][1] += a * b1;
+        }
+        ap += GEN_MR;
+        bp += GEN_NR;
     }
     for (int i = 0; i < GEN_MR; i++)
-        for (int j = 0; j < GEN_NR; j++) c[i * ldc + j] = acc[i][j];
+        for (int h = 0; h < 2; h++) memcpy(c + i * ldc + 4 * h, &acc[i][h], sizeof acc[i][h]);
 }
 
 #ifdef RG_X86
@@ -149,6 +161,56 @@ static gemm_path choose_path(void) {
 
 /* ---- packing ------------------------------------------------------------------------------- */
 
+/* Copy-pack: d[p*w + c] = src[p*ld + c] for p < kc, c < n; zero for n <= c < w.
+ * Packs op(A) when trans_a (each k a contiguous run of rows) and op(B) when not trans_b. */
+static inline void pack_copy(float *d, const float *src, size_t ld, int n, int w, int kc) {
+    /* whole panels, with the width a constant so each copy is a few vector moves */
+#define PACK_COPY_W(W) \
+    case W: \
+        for (int p = 0; p < kc; p++, src += ld, d += W) memcpy(d, src, W * sizeof(float)); \
+        return;
+    if (n == w) switch (w) { PACK_COPY_W(32) PACK_COPY_W(16) PACK_COPY_W(12) PACK_COPY_W(8)
+                             PACK_COPY_W(6) PACK_COPY_W(4) }
+#undef PACK_COPY_W
+    for (int p = 0; p < kc; p++, src += ld, d += w) {
+        for (int c = 0; c < n; c++) d[c] = src[c];
+        for (int c = n; c < w; c++) d[c] = 0.0f;
+    }
+}
+
+/* Transpose-pack: d[p*w + r] = src[r*ld + p] for p < kc, r < n; zero for n <= r < w.
+ * Packs op(A) when not trans_a (each row contiguous along k) and op(B) when trans_b.
+ * Whole groups of 4 rows go through 4 x 4 SSE transposes (x86-64 baseline). */
+static inline void pack_transpose(float *d, const float *src, size_t ld, int n, int w, int kc) {
+    int r0 = 0;
+#ifdef RG_X86
+    int kc4 = kc & ~3;
+    for (; r0 + 4 <= n; r0 += 4) {
+        const float *s0 = src + (size_t)r0 * ld, *s1 = s0 + ld, *s2 = s1 + ld, *s3 = s2 + ld;
+        float *dr = d + r0;
+        for (int p = 0; p < kc4; p += 4) {
+            __m128 x0 = _mm_loadu_ps(s0 + p), x1 = _mm_loadu_ps(s1 + p);
+            __m128 x2 = _mm_loadu_ps(s2 + p), x3 = _mm_loadu_ps(s3 + p);
+            _MM_TRANSPOSE4_PS(x0, x1, x2, x3);
+            _mm_storeu_ps(dr + (size_t)p * w, x0);
+            _mm_storeu_ps(dr + (size_t)(p + 1) * w, x1);
+            _mm_storeu_ps(dr + (size_t)(p + 2) * w, x2);
+            _mm_storeu_ps(dr + (size_t)(p + 3) * w, x3);
+        }
+        for (int p = kc4; p < kc; p++) {
+            dr[(size_t)p * w] = s0[p]; dr[(size_t)p * w + 1] = s1[p];
+            dr[(size_t)p * w + 2] = s2[p]; dr[(size_t)p * w + 3] = s3[p];
+        }
+    }
+#endif
+    for (int r = r0; r < n; r++) {
+        const float *s_r = src + (size_t)r * ld;
+        for (int p = 0; p < kc; p++) d[(size_t)p * w + r] = s_r[p];
+    }
+    for (int r = n; r < w; r++)
+        for (int p = 0; p < kc; p++) d[(size_t)p * w + r] = 0.0f;
+}
+
 /* op(A)[i0:i0+mc, p0:p0+kc] into panels of mr rows, k-major: dst[(i/mr)*kc*mr + p*mr + i%mr].
  * A is (M, K), or (K, M) when trans_a. Rows past mc are zero. */
 static void pack_a(float *dst, const float *A, int M, int K, int trans_a, int i0, int mc,
@@ -156,22 +218,10 @@ static void pack_a(float *dst, const float *A, int M, int K, int trans_a, int i0
     for (int ip = 0; ip < mc; ip += mr) {
         int rows = mc - ip < mr ? mc - ip : mr;
         float *d = dst + (size_t)ip * kc;
-        if (trans_a) {
-            /* op(A)[i, p] = A[p, i]: each k is a contiguous run of rows */
-            const float *a_p = A + (size_t)p0 * M + i0 + ip;
-            for (int p = 0; p < kc; p++, a_p += M, d += mr) {
-                for (int r = 0; r < rows; r++) d[r] = a_p[r];
-                for (int r = rows; r < mr; r++) d[r] = 0.0f;
-            }
-        } else {
-            /* op(A)[i, p] = A[i, p]: each row is contiguous along k */
-            for (int r = 0; r < rows; r++) {
-                const float *a_r = A + (size_t)(i0 + ip + r) * K + p0;
-                for (int p = 0; p < kc; p++) d[(size_t)p * mr + r] = a_r[p];
-            }
-            for (int r = rows; r < mr; r++)
-                for (int p = 0; p < kc; p++) d[(size_t)p * mr + r] = 0.0f;
-        }
+        if (trans_a) /* op(A)[i, p] = A[p, i] */
+            pack_copy(d, A + (size_t)p0 * M + i0 + ip, (size_t)M, rows, mr, kc);
+        else         /* op(A)[i, p] = A[i, p] */
+            pack_transpose(d, A + (size_t)(i0 + ip) * K + p0, (size_t)K, rows, mr, kc);
     }
 }
 
@@ -183,22 +233,10 @@ static void pack_b(float *dst, const float *B, int N, int K, int trans_b, int j0
     for (int jp = 0; jp < nc; jp += nr) {
         int cols = nc - jp < nr ? nc - jp : nr;
         float *d = dst + (size_t)jp * kc;
-        if (trans_b) {
-            /* op(B)[p, j] = B[j, p]: each column is contiguous along k */
-            for (int c = 0; c < cols; c++) {
-                const float *b_c = B + (size_t)(j0 + jp + c) * K + p0;
-                for (int p = 0; p < kc; p++) d[(size_t)p * nr + c] = b_c[p];
-            }
-            for (int c = cols; c < nr; c++)
-                for (int p = 0; p < kc; p++) d[(size_t)p * nr + c] = 0.0f;
-        } else {
-            /* op(B)[p, j] = B[p, j]: each k is a contiguous run of columns */
-            const float *b_p = B + (size_t)p0 * N + j0 + jp;
-            for (int p = 0; p < kc; p++, b_p += N, d += nr) {
-                for (int c = 0; c < cols; c++) d[c] = b_p[c];
-                for (int c = cols; c < nr; c++) d[c] = 0.0f;
-            }
-        }
+        if (trans_b) /* op(B)[p, j] = B[j, p] */
+            pack_transpose(d, B + (size_t)(j0 + jp) * K + p0, (size_t)K, cols, nr, kc);
+        else         /* op(B)[p, j] = B[p, j] */
+            pack_copy(d, B + (size_t)p0 * N + j0 + jp, (size_t)N, cols, nr, kc);
     }
 }
 
