@@ -1,9 +1,9 @@
 """sgemm vs numpy's BLAS (float32 `@`), side by side per shape.
 
 Run: pytest --benchmark-only bench/test_bench_gemm.py
-(unset OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE first for a fair numpy). Each shape and
-transpose combination is one benchmark group holding a rustgpt and a numpy row;
-extra_info carries the GFLOP/s of the median time.
+(unset OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE first for a fair numpy). Each case is one
+benchmark group holding a rustgpt and a numpy row; extra_info carries the GFLOP/s of the
+median time. Shapes are (M, K, N) of op(A) (M, K) @ op(B) (K, N).
 """
 
 import numpy as np
@@ -11,12 +11,22 @@ import pytest
 
 from rustgpt import _kernels as K
 
-# (M, K, N): square, then the model's (B*T rows, D = 128, hidden 512, ...) shapes
+# forward x @ W as (M, K, N): x (M, K), W (K, N); the square case, then the model's
 SHAPES = [(1024, 1024, 1024), (80, 128, 128), (80, 128, 256), (1024, 128, 512),
           (1024, 512, 2048)]
-# forward x @ W, dx = dy @ W^T, dW = x^T @ dy
-TRANS = {"nn": (False, False), "nt": (False, True), "tn": (True, False)}
-CASES = [(s, t) for s in SHAPES for t in TRANS if t == "nn" or s != (1024, 1024, 1024)]
+
+
+def _cases():
+    """(name, (M, K, N), trans_a, trans_b): each forward shape and its two backward matmuls,
+    dx = dy @ W^T (M, N, K) with trans_b, and dW = x^T @ dy (K, M, N) with trans_a."""
+    for M, Kd, N in SHAPES:
+        yield f"{M}x{Kd}x{N}-fwd", (M, Kd, N), False, False
+        if (M, Kd, N) != (1024, 1024, 1024):
+            yield f"{M}x{Kd}x{N}-dx", (M, N, Kd), False, True
+            yield f"{M}x{Kd}x{N}-dW", (Kd, M, N), True, False
+
+
+CASES = list(_cases())
 
 
 def _operands(M, Kd, N, trans_a, trans_b):
@@ -26,9 +36,8 @@ def _operands(M, Kd, N, trans_a, trans_b):
     return A, B, np.empty((M, N), np.float32)
 
 
-def _run(benchmark, lib, shape, trans):
+def _run(benchmark, lib, shape, trans_a, trans_b):
     M, Kd, N = shape
-    trans_a, trans_b = TRANS[trans]
     A, B, C = _operands(M, Kd, N, trans_a, trans_b)
     if lib == "rustgpt":
         benchmark(K.sgemm, C, A, B, trans_a, trans_b)
@@ -39,8 +48,8 @@ def _run(benchmark, lib, shape, trans):
 
 
 @pytest.mark.parametrize("lib", ["rustgpt", "numpy"])
-@pytest.mark.parametrize("shape,trans", CASES, ids=[f"{m}x{k}x{n}-{t}" for (m, k, n), t in CASES])
-def test_sgemm(benchmark, lib, shape, trans):
+@pytest.mark.parametrize("name,shape,trans_a,trans_b", CASES, ids=[c[0] for c in CASES])
+def test_sgemm(benchmark, lib, name, shape, trans_a, trans_b):
     M, Kd, N = shape
-    benchmark.group = f"sgemm {M}x{Kd}x{N} {trans}"
-    _run(benchmark, lib, shape, trans)
+    benchmark.group = f"sgemm {name}: {M}x{Kd}x{N} trans_a={int(trans_a)} trans_b={int(trans_b)}"
+    _run(benchmark, lib, shape, trans_a, trans_b)
