@@ -13,8 +13,8 @@
  *
  * Packing reads op(A) and op(B) through the transposes, so one micro-kernel serves all
  * four (trans_a, trans_b) combinations, and pads the panels with zeros past M and N, so the
- * micro-kernel only ever sees whole MR x NR tiles; edge tiles of C go through a small
- * buffer on the stack. The micro-kernel keeps an MR x NR tile of C in registers; there is
+ * micro-kernel always computes whole MR x NR tiles; it stores only the rows that exist, and
+ * tiles on the right edge of C go through a small buffer on the stack. The micro-kernel keeps an MR x NR tile of C in registers; there is
  * one per SIMD path (AVX-512, AVX2+FMA, portable C), chosen by rg_simd_level() at each call.
  * Pack buffers are static per thread (_Thread_local); nothing is allocated on the heap.
  */
@@ -31,21 +31,30 @@
 #include <omp.h>
 #endif
 
-/* Cache blocking, shared by every path: KC x NC floats of B (512 KiB) sit in the 1 MiB L2,
- * MR x KC of A (at most 12 KiB) in the 32 KiB L1. MC and NC are multiples of every MR / NR. */
-#define KC 256
+/* Cache blocking, shared by every path: MR x KC of A (at most 24 KiB) stays in the 32 KiB L1
+ * while the B micro-panels stream past it from the KC x NC (1 MiB) block in L2 / L3; a large
+ * KC touches C fewer times. MC and NC are multiples of every MR / NR; K is cut into equal
+ * blocks of at most KC. */
+#ifndef KC /* -D overrides are for tuning runs */
+#define KC 512
+#endif
+#ifndef MC
 #define MC 96
+#endif
+#ifndef NC
 #define NC 512
+#endif
 #define MR_MAX 12
 #define NR_MAX 32
 
 static _Thread_local float a_pack[MC * KC] __attribute__((aligned(64)));
 static _Thread_local float b_pack[KC * NC] __attribute__((aligned(64)));
 
-/* One micro-kernel: c (MR, NR) with row stride ldc gets ap (kc, MR) @ bp (kc, NR), both
- * packed k-major, added onto c when load_c, else written over it. */
+/* One micro-kernel: c (rows, NR) with row stride ldc gets ap (kc, MR) @ bp (kc, NR), both
+ * packed k-major, added onto c when load_c, else written over it; rows <= MR, and the rows
+ * of c past `rows` are neither read nor written (the packed rows there are zeros). */
 typedef void (*microkernel_fn)(int kc, const float *ap, const float *bp, float *c,
-                               ptrdiff_t ldc, int load_c);
+                               ptrdiff_t ldc, int load_c, int rows);
 
 typedef struct {
     int mr, nr;
@@ -60,12 +69,12 @@ typedef struct {
 #define GEN_NR 8
 typedef float v4f __attribute__((vector_size(16)));
 static void kernel_generic(int kc, const float *ap, const float *bp, float *c, ptrdiff_t ldc,
-                           int load_c) {
+                           int load_c, int rows) {
     v4f acc[GEN_MR][2];
     for (int i = 0; i < GEN_MR; i++)
         for (int h = 0; h < 2; h++) {
             v4f x = {0.0f, 0.0f, 0.0f, 0.0f};
-            if (load_c) memcpy(&x, c + i * ldc + 4 * h, sizeof x);
+            if (load_c && i < rows) memcpy(&x, c + i * ldc + 4 * h, sizeof x);
             acc[i][h] = x;
         }
     for (int p = 0; p < kc; p++) {
@@ -80,27 +89,31 @@ static void kernel_generic(int kc, const float *ap, const float *bp, float *c, p
         ap += GEN_MR;
         bp += GEN_NR;
     }
-    for (int i = 0; i < GEN_MR; i++)
+    for (int i = 0; i < rows; i++)
         for (int h = 0; h < 2; h++) memcpy(c + i * ldc + 4 * h, &acc[i][h], sizeof acc[i][h]);
 }
 
 #ifdef RG_X86
-/* AVX2 + FMA, 6 x 16: 12 ymm accumulators, 2 for the B row, 1 for the broadcast A value. */
+/* AVX2 + FMA, 6 x 16: 12 ymm accumulators, 2 for the B row, 1 for the broadcast A value.
+ * The body is written once for MU <= 6 used rows and inlined for MU = 6 and 3, so a short
+ * edge panel does not pay for the full tile. */
 #define AVX2_MR 6
 #define AVX2_NR 16
-__attribute__((target("avx2,fma")))
-static void kernel_avx2(int kc, const float *ap, const float *bp, float *c, ptrdiff_t ldc,
-                        int load_c) {
+#define AVX2_TARGET __attribute__((target("avx2,fma")))
+static inline __attribute__((always_inline)) AVX2_TARGET
+void kernel_avx2_body(int kc, const float *ap, const float *bp, float *c, ptrdiff_t ldc,
+                      int load_c, int rows, const int MU) {
     __m256 acc[AVX2_MR][2];
     #pragma GCC unroll 6
-    for (int i = 0; i < AVX2_MR; i++) {
-        acc[i][0] = load_c ? _mm256_loadu_ps(c + i * ldc) : _mm256_setzero_ps();
-        acc[i][1] = load_c ? _mm256_loadu_ps(c + i * ldc + 8) : _mm256_setzero_ps();
+    for (int i = 0; i < MU; i++) {
+        int ld = load_c && i < rows;
+        acc[i][0] = ld ? _mm256_loadu_ps(c + i * ldc) : _mm256_setzero_ps();
+        acc[i][1] = ld ? _mm256_loadu_ps(c + i * ldc + 8) : _mm256_setzero_ps();
     }
     for (int p = 0; p < kc; p++) {
         __m256 b0 = _mm256_load_ps(bp), b1 = _mm256_load_ps(bp + 8);
         #pragma GCC unroll 6
-        for (int i = 0; i < AVX2_MR; i++) {
+        for (int i = 0; i < MU; i++) {
             __m256 a = _mm256_broadcast_ss(ap + i);
             acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
             acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
@@ -109,28 +122,39 @@ static void kernel_avx2(int kc, const float *ap, const float *bp, float *c, ptrd
         bp += AVX2_NR;
     }
     #pragma GCC unroll 6
-    for (int i = 0; i < AVX2_MR; i++) {
+    for (int i = 0; i < MU; i++) {
+        if (i >= rows) break;
         _mm256_storeu_ps(c + i * ldc, acc[i][0]);
         _mm256_storeu_ps(c + i * ldc + 8, acc[i][1]);
     }
 }
 
-/* AVX-512, 12 x 32: 24 zmm accumulators, the A values broadcast straight from memory. */
+AVX2_TARGET
+static void kernel_avx2(int kc, const float *ap, const float *bp, float *c, ptrdiff_t ldc,
+                        int load_c, int rows) {
+    if (rows > 3) kernel_avx2_body(kc, ap, bp, c, ldc, load_c, rows, 6);
+    else          kernel_avx2_body(kc, ap, bp, c, ldc, load_c, rows, 3);
+}
+
+/* AVX-512, 12 x 32: 24 zmm accumulators, the A values broadcast straight from memory.
+ * Inlined for MU = 12, 8 and 4 used rows (M = 80 is six whole panels and one of 8 rows). */
 #define AVX512_MR 12
 #define AVX512_NR 32
-__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma")))
-static void kernel_avx512(int kc, const float *ap, const float *bp, float *c, ptrdiff_t ldc,
-                          int load_c) {
+#define AVX512_TARGET __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma")))
+static inline __attribute__((always_inline)) AVX512_TARGET
+void kernel_avx512_body(int kc, const float *ap, const float *bp, float *c, ptrdiff_t ldc,
+                        int load_c, int rows, const int MU) {
     __m512 acc[AVX512_MR][2];
     #pragma GCC unroll 12
-    for (int i = 0; i < AVX512_MR; i++) {
-        acc[i][0] = load_c ? _mm512_loadu_ps(c + i * ldc) : _mm512_setzero_ps();
-        acc[i][1] = load_c ? _mm512_loadu_ps(c + i * ldc + 16) : _mm512_setzero_ps();
+    for (int i = 0; i < MU; i++) {
+        int ld = load_c && i < rows;
+        acc[i][0] = ld ? _mm512_loadu_ps(c + i * ldc) : _mm512_setzero_ps();
+        acc[i][1] = ld ? _mm512_loadu_ps(c + i * ldc + 16) : _mm512_setzero_ps();
     }
     for (int p = 0; p < kc; p++) {
         __m512 b0 = _mm512_load_ps(bp), b1 = _mm512_load_ps(bp + 16);
         #pragma GCC unroll 12
-        for (int i = 0; i < AVX512_MR; i++) {
+        for (int i = 0; i < MU; i++) {
             __m512 a = _mm512_set1_ps(ap[i]);
             acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
             acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
@@ -139,10 +163,19 @@ static void kernel_avx512(int kc, const float *ap, const float *bp, float *c, pt
         bp += AVX512_NR;
     }
     #pragma GCC unroll 12
-    for (int i = 0; i < AVX512_MR; i++) {
+    for (int i = 0; i < MU; i++) {
+        if (i >= rows) break;
         _mm512_storeu_ps(c + i * ldc, acc[i][0]);
         _mm512_storeu_ps(c + i * ldc + 16, acc[i][1]);
     }
+}
+
+AVX512_TARGET
+static void kernel_avx512(int kc, const float *ap, const float *bp, float *c, ptrdiff_t ldc,
+                          int load_c, int rows) {
+    if (rows > 8)      kernel_avx512_body(kc, ap, bp, c, ldc, load_c, rows, 12);
+    else if (rows > 4) kernel_avx512_body(kc, ap, bp, c, ldc, load_c, rows, 8);
+    else               kernel_avx512_body(kc, ap, bp, c, ldc, load_c, rows, 4);
 }
 #endif
 
@@ -249,10 +282,12 @@ static void gemm_block(gemm_path path, float *C, const float *A, const float *B,
     const int mr = path.mr, nr = path.nr;
     float *ap = a_pack, *bp = b_pack;
     float edge[MR_MAX * NR_MAX] __attribute__((aligned(64)));
+    int kblocks = (K + KC - 1) / KC;
+    int kstep = ((K + kblocks - 1) / kblocks + 3) & ~3; /* <= KC, a multiple of 4 */
     for (int jc = n0; jc < n1; jc += NC) {
         int nc = n1 - jc < NC ? n1 - jc : NC;
-        for (int pc = 0; pc < K; pc += KC) {
-            int kc = K - pc < KC ? K - pc : KC;
+        for (int pc = 0; pc < K; pc += kstep) {
+            int kc = K - pc < kstep ? K - pc : kstep;
             int load_c = accumulate || pc > 0;
             pack_b(bp, B, N, K, trans_b, jc, nc, pc, kc, nr);
             for (int ic = m0; ic < m1; ic += MC) {
@@ -265,16 +300,16 @@ static void gemm_block(gemm_path path, float *C, const float *A, const float *B,
                         int cols = nc - jr < nr ? nc - jr : nr;
                         const float *b_panel = bp + (size_t)jr * kc;
                         float *c_tile = C + (size_t)(ic + ir) * N + jc + jr;
-                        if (rows == mr && cols == nr) {
-                            path.kernel(kc, a_panel, b_panel, c_tile, N, load_c);
+                        if (cols == nr) {
+                            path.kernel(kc, a_panel, b_panel, c_tile, N, load_c, rows);
                             continue;
                         }
-                        /* edge tile: through a whole-tile buffer */
+                        /* right edge: through a whole-width buffer */
                         if (load_c)
                             for (int i = 0; i < rows; i++)
                                 memcpy(edge + i * nr, c_tile + (size_t)i * N,
                                        (size_t)cols * sizeof(float));
-                        path.kernel(kc, a_panel, b_panel, edge, nr, load_c);
+                        path.kernel(kc, a_panel, b_panel, edge, nr, load_c, rows);
                         for (int i = 0; i < rows; i++)
                             memcpy(c_tile + (size_t)i * N, edge + i * nr,
                                    (size_t)cols * sizeof(float));
@@ -286,7 +321,9 @@ static void gemm_block(gemm_path path, float *C, const float *A, const float *B,
 }
 
 /* Below this many multiply-adds one thread beats waking the others. */
+#ifndef PARALLEL_MIN_FMAS
 #define PARALLEL_MIN_FMAS (64 * 64 * 64)
+#endif
 
 void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
               int trans_a, int trans_b, int accumulate) {

@@ -11,10 +11,11 @@ from tests import reference as ref
 TRANS = [(False, False), (False, True), (True, False), (True, True)]
 
 # (M, K, N): every dimension at 1, 7, 33 and 129 (none a multiple of a register block),
-# the model's shapes, and sizes that cross the KC = 256, MC = 96 and NC = 512 blocks
+# the model's rows, and sizes that cross the cache blocks (K cut into <= 512, MC = 96 rows,
+# NC = 512 columns)
 SHAPES = [(1, 1, 1), (7, 7, 7), (33, 33, 33), (129, 129, 129),
           (1, 129, 33), (129, 1, 7), (7, 33, 129), (33, 129, 1),
-          (80, 128, 530), (257, 300, 129), (100, 600, 520)]
+          (80, 128, 530), (257, 300, 129), (100, 600, 520), (13, 1100, 40)]
 
 
 def _operands(rng, M, Kd, N, trans_a, trans_b):
