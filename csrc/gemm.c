@@ -194,20 +194,33 @@ static gemm_path choose_path(void) {
 
 /* ---- packing ------------------------------------------------------------------------------- */
 
-/* Copy-pack: d[p*w + c] = src[p*ld + c] for p < kc, c < n; zero for n <= c < w.
- * Packs op(A) when trans_a (each k a contiguous run of rows) and op(B) when not trans_b. */
+/* Copy-pack of a whole block into panels of width w:
+ * d[(c/w)*kc*w + p*w + c%w] = src[p*ld + c] for p < kc, c < n; zero up to the next multiple
+ * of w. Packs op(A) when trans_a (each k a contiguous run of rows) and op(B) when not
+ * trans_b. Row by row of src, so the reads stream through memory and the prefetchers keep up
+ * (panel by panel would walk down src with a stride of ld). */
 static inline void pack_copy(float *d, const float *src, size_t ld, int n, int w, int kc) {
-    /* whole panels, with the width a constant so each copy is a few vector moves */
+    int whole = n / w, rest = n - whole * w;
+    size_t panel = (size_t)kc * w;
+    for (int p = 0; p < kc; p++, src += ld) {
+        float *d_p = d + (size_t)p * w;
+        /* the width a constant, so each copy is a few vector moves */
 #define PACK_COPY_W(W) \
-    case W: \
-        for (int p = 0; p < kc; p++, src += ld, d += W) memcpy(d, src, W * sizeof(float)); \
-        return;
-    if (n == w) switch (w) { PACK_COPY_W(32) PACK_COPY_W(16) PACK_COPY_W(12) PACK_COPY_W(8)
-                             PACK_COPY_W(6) PACK_COPY_W(4) }
+        case W: \
+            for (int jp = 0; jp < whole; jp++) memcpy(d_p + jp * panel, src + jp * W, W * sizeof(float)); \
+            break;
+        switch (w) {
+            PACK_COPY_W(32) PACK_COPY_W(16) PACK_COPY_W(12) PACK_COPY_W(8) PACK_COPY_W(6) PACK_COPY_W(4)
+            default:
+                for (int jp = 0; jp < whole; jp++) memcpy(d_p + jp * panel, src + jp * w, (size_t)w * sizeof(float));
+        }
 #undef PACK_COPY_W
-    for (int p = 0; p < kc; p++, src += ld, d += w) {
-        for (int c = 0; c < n; c++) d[c] = src[c];
-        for (int c = n; c < w; c++) d[c] = 0.0f;
+        if (rest) {
+            float *e = d_p + whole * panel;
+            const float *s_e = src + whole * w;
+            for (int c = 0; c < rest; c++) e[c] = s_e[c];
+            for (int c = rest; c < w; c++) e[c] = 0.0f;
+        }
     }
 }
 
@@ -248,13 +261,14 @@ static inline void pack_transpose(float *d, const float *src, size_t ld, int n, 
  * A is (M, K), or (K, M) when trans_a. Rows past mc are zero. */
 static void pack_a(float *dst, const float *A, int M, int K, int trans_a, int i0, int mc,
                    int p0, int kc, int mr) {
-    for (int ip = 0; ip < mc; ip += mr) {
+    if (trans_a) { /* op(A)[i, p] = A[p, i] */
+        pack_copy(dst, A + (size_t)p0 * M + i0, (size_t)M, mc, mr, kc);
+        return;
+    }
+    for (int ip = 0; ip < mc; ip += mr) { /* op(A)[i, p] = A[i, p] */
         int rows = mc - ip < mr ? mc - ip : mr;
-        float *d = dst + (size_t)ip * kc;
-        if (trans_a) /* op(A)[i, p] = A[p, i] */
-            pack_copy(d, A + (size_t)p0 * M + i0 + ip, (size_t)M, rows, mr, kc);
-        else         /* op(A)[i, p] = A[i, p] */
-            pack_transpose(d, A + (size_t)(i0 + ip) * K + p0, (size_t)K, rows, mr, kc);
+        pack_transpose(dst + (size_t)ip * kc, A + (size_t)(i0 + ip) * K + p0, (size_t)K, rows,
+                       mr, kc);
     }
 }
 
@@ -263,13 +277,14 @@ static void pack_a(float *dst, const float *A, int M, int K, int trans_a, int i0
  * are zero. */
 static void pack_b(float *dst, const float *B, int N, int K, int trans_b, int j0, int nc,
                    int p0, int kc, int nr) {
-    for (int jp = 0; jp < nc; jp += nr) {
+    if (!trans_b) { /* op(B)[p, j] = B[p, j] */
+        pack_copy(dst, B + (size_t)p0 * N + j0, (size_t)N, nc, nr, kc);
+        return;
+    }
+    for (int jp = 0; jp < nc; jp += nr) { /* op(B)[p, j] = B[j, p] */
         int cols = nc - jp < nr ? nc - jp : nr;
-        float *d = dst + (size_t)jp * kc;
-        if (trans_b) /* op(B)[p, j] = B[j, p] */
-            pack_transpose(d, B + (size_t)(j0 + jp) * K + p0, (size_t)K, cols, nr, kc);
-        else         /* op(B)[p, j] = B[p, j] */
-            pack_copy(d, B + (size_t)p0 * N + j0 + jp, (size_t)N, cols, nr, kc);
+        pack_transpose(dst + (size_t)jp * kc, B + (size_t)(j0 + jp) * K + p0, (size_t)K, cols,
+                       nr, kc);
     }
 }
 
@@ -322,7 +337,7 @@ static void gemm_block(gemm_path path, float *C, const float *A, const float *B,
 
 /* Below this many multiply-adds one thread beats waking the others. */
 #ifndef PARALLEL_MIN_FMAS
-#define PARALLEL_MIN_FMAS (64 * 64 * 64)
+#define PARALLEL_MIN_FMAS (40 * 40 * 40)
 #endif
 
 void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
