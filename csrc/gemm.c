@@ -230,23 +230,27 @@ static inline void pack_copy(float *d, const float *src, size_t ld, int n, int w
 static inline void pack_transpose(float *d, const float *src, size_t ld, int n, int w, int kc) {
     int r0 = 0;
 #ifdef RG_X86
-    int kc4 = kc & ~3;
-    for (; r0 + 4 <= n; r0 += 4) {
-        const float *s0 = src + (size_t)r0 * ld, *s1 = s0 + ld, *s2 = s1 + ld, *s3 = s2 + ld;
-        float *dr = d + r0;
-        for (int p = 0; p < kc4; p += 4) {
-            __m128 x0 = _mm_loadu_ps(s0 + p), x1 = _mm_loadu_ps(s1 + p);
-            __m128 x2 = _mm_loadu_ps(s2 + p), x3 = _mm_loadu_ps(s3 + p);
-            _MM_TRANSPOSE4_PS(x0, x1, x2, x3);
-            _mm_storeu_ps(dr + (size_t)p * w, x0);
-            _mm_storeu_ps(dr + (size_t)(p + 1) * w, x1);
-            _mm_storeu_ps(dr + (size_t)(p + 2) * w, x2);
-            _mm_storeu_ps(dr + (size_t)(p + 3) * w, x3);
+    int kc4 = kc & ~3, n4 = n & ~3;
+    /* k in chunks of 64, so the chunk of d being filled (64 x w) stays in L1 */
+    for (int pb = 0; pb < kc4; pb += 64) {
+        int pe = kc4 - pb < 64 ? kc4 : pb + 64;
+        for (r0 = 0; r0 < n4; r0 += 4) {
+            const float *s0 = src + (size_t)r0 * ld, *s1 = s0 + ld, *s2 = s1 + ld, *s3 = s2 + ld;
+            float *dr = d + r0;
+            for (int p = pb; p < pe; p += 4) {
+                __m128 x0 = _mm_loadu_ps(s0 + p), x1 = _mm_loadu_ps(s1 + p);
+                __m128 x2 = _mm_loadu_ps(s2 + p), x3 = _mm_loadu_ps(s3 + p);
+                _MM_TRANSPOSE4_PS(x0, x1, x2, x3);
+                _mm_storeu_ps(dr + (size_t)p * w, x0);
+                _mm_storeu_ps(dr + (size_t)(p + 1) * w, x1);
+                _mm_storeu_ps(dr + (size_t)(p + 2) * w, x2);
+                _mm_storeu_ps(dr + (size_t)(p + 3) * w, x3);
+            }
         }
-        for (int p = kc4; p < kc; p++) {
-            dr[(size_t)p * w] = s0[p]; dr[(size_t)p * w + 1] = s1[p];
-            dr[(size_t)p * w + 2] = s2[p]; dr[(size_t)p * w + 3] = s3[p];
-        }
+    }
+    for (r0 = 0; r0 < n4; r0++) {
+        const float *s_r = src + (size_t)r0 * ld;
+        for (int p = kc4; p < kc; p++) d[(size_t)p * w + r0] = s_r[p];
     }
 #endif
     for (int r = r0; r < n; r++) {
