@@ -111,7 +111,7 @@ void kernel_avx2_body(int kc, const float *ap, const float *bp, float *c, ptrdif
         acc[i][1] = ld ? _mm256_loadu_ps(c + i * ldc + 8) : _mm256_setzero_ps();
     }
     for (int p = 0; p < kc; p++) {
-        __m256 b0 = _mm256_load_ps(bp), b1 = _mm256_load_ps(bp + 8);
+        __m256 b0 = _mm256_loadu_ps(bp), b1 = _mm256_loadu_ps(bp + 8);
         #pragma GCC unroll 6
         for (int i = 0; i < MU; i++) {
             __m256 a = _mm256_broadcast_ss(ap + i);
@@ -152,7 +152,7 @@ void kernel_avx512_body(int kc, const float *ap, const float *bp, float *c, ptrd
         acc[i][1] = ld ? _mm512_loadu_ps(c + i * ldc + 16) : _mm512_setzero_ps();
     }
     for (int p = 0; p < kc; p++) {
-        __m512 b0 = _mm512_load_ps(bp), b1 = _mm512_load_ps(bp + 16);
+        __m512 b0 = _mm512_loadu_ps(bp), b1 = _mm512_loadu_ps(bp + 16);
         #pragma GCC unroll 12
         for (int i = 0; i < MU; i++) {
             __m512 a = _mm512_set1_ps(ap[i]);
@@ -350,20 +350,19 @@ void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
     gemm_path path = choose_path();
     int nthreads = rg_num_threads();
     if ((double)M * N * K < PARALLEL_MIN_FMAS) nthreads = 1;
-    /* Split C into tm x tn rectangles, one per thread, along whole micro-tiles. A split
-     * along M packs B again in every thread, a split along N packs A again: pick the
-     * split whose busiest thread has the least compute plus packing. */
+    /* Split C into tm x tn <= nthreads rectangles, one per thread, along whole micro-tiles.
+     * A split along M packs B again in every thread, a split along N packs A again: pick
+     * the split whose busiest thread has the least compute plus packing. */
     int mt = (M + path.mr - 1) / path.mr, nt = (N + path.nr - 1) / path.nr;
     int tm = 1, tn = 1;
     double best = -1.0;
-    for (int t = 1; t <= nthreads; t++) {
-        if (nthreads % t) continue;
-        int u = nthreads / t;
-        if (t > mt || u > nt) continue;
-        double rows = (double)((mt + t - 1) / t) * path.mr;
-        double cols = (double)((nt + u - 1) / u) * path.nr;
-        double cost = rows * cols * K / 16.0 + (rows + cols) * K;
-        if (best < 0 || cost < best) { best = cost; tm = t; tn = u; }
+    for (int t = 1; t <= nthreads && t <= mt; t++) {
+        for (int u = 1; t * u <= nthreads && u <= nt; u++) {
+            double rows = (double)((mt + t - 1) / t) * path.mr;
+            double cols = (double)((nt + u - 1) / u) * path.nr;
+            double cost = rows * cols * K / 16.0 + (rows + cols) * K;
+            if (best < 0 || cost < best) { best = cost; tm = t; tn = u; }
+        }
     }
     nthreads = tm * tn;
     if (nthreads <= 1) {
@@ -372,17 +371,20 @@ void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
     }
     #pragma omp parallel num_threads(nthreads)
     {
+        /* a nested call may get fewer threads than asked: each takes rectangles in turn */
 #ifdef _OPENMP
-        int t = omp_get_thread_num();
+        int first = omp_get_thread_num(), step = omp_get_num_threads();
 #else
-        int t = 0;
+        int first = 0, step = 1;
 #endif
-        int ti = t / tn, tj = t % tn;
-        int m0 = (int)((long)mt * ti / tm) * path.mr, m1 = (int)((long)mt * (ti + 1) / tm) * path.mr;
-        int n0 = (int)((long)nt * tj / tn) * path.nr, n1 = (int)((long)nt * (tj + 1) / tn) * path.nr;
-        if (m1 > M) m1 = M;
-        if (n1 > N) n1 = N;
-        if (m0 < m1 && n0 < n1)
-            gemm_block(path, C, A, B, M, N, K, trans_a, trans_b, accumulate, m0, m1, n0, n1);
+        for (int t = first; t < nthreads; t += step) {
+            int ti = t / tn, tj = t % tn;
+            int m0 = (int)((long)mt * ti / tm) * path.mr, m1 = (int)((long)mt * (ti + 1) / tm) * path.mr;
+            int n0 = (int)((long)nt * tj / tn) * path.nr, n1 = (int)((long)nt * (tj + 1) / tn) * path.nr;
+            if (m1 > M) m1 = M;
+            if (n1 > N) n1 = N;
+            if (m0 < m1 && n0 < n1)
+                gemm_block(path, C, A, B, M, N, K, trans_a, trans_b, accumulate, m0, m1, n0, n1);
+        }
     }
 }

@@ -1,5 +1,7 @@
 """sgemm on every SIMD path vs tests/reference.py, edge tiles and bad input."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -42,7 +44,7 @@ def test_sgemm(simd, rng, M, Kd, N, trans_a, trans_b, accumulate):
     _check(C, expected, Kd, f"C[{simd}]")
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
 def test_sgemm_threads(rng, threads):
     """Any thread count splits C into rectangles that cover it exactly once."""
     before = rustgpt.get_num_threads()
@@ -55,6 +57,25 @@ def test_sgemm_threads(rng, threads):
             _check(C, ref.matmul(A, B), Kd, f"C[{threads} threads, {M}x{Kd}x{N}]")
     finally:
         rustgpt.set_num_threads(before)
+
+
+def test_sgemm_concurrent_callers(rng):
+    """Python threads calling at once (the GIL is released) each get their own pack buffers."""
+    problems = [_operands(rng, 97, 300, 75 + i, i % 2 == 1, i % 3 == 1) + (i % 2 == 1, i % 3 == 1)
+                for i in range(8)]
+
+    def run(problem):
+        A, B, ta, tb = problem
+        C = np.empty((A.shape[1] if ta else A.shape[0], B.shape[0] if tb else B.shape[1]),
+                     np.float32)
+        for _ in range(5):
+            K.sgemm(C, A, B, trans_a=ta, trans_b=tb)
+        return C
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, problems))
+    for (A, B, ta, tb), C in zip(problems, results):
+        _check(C, ref.matmul(A, B, ta, tb), 300, "C")
 
 
 def test_sgemm_overwrites_nan(simd, rng):
