@@ -12,10 +12,12 @@
  *             micro-kernel: C[ir:ir+MR, jr:jr+NR] (+)= Ap (MR, KC) @ Bp (KC, NR)
  *
  * Packing reads op(A) and op(B) through the transposes, so one micro-kernel serves all
- * four (trans_a, trans_b) combinations, and pads the panels with zeros past M and N, so the
- * micro-kernel always computes whole MR x NR tiles; it stores only the rows that exist, and
- * tiles on the right edge of C go through a small buffer on the stack. The micro-kernel keeps an MR x NR tile of C in registers; there is
- * one per SIMD path (AVX-512, AVX2+FMA, portable C), chosen by rg_simd_level() at each call.
+ * four (trans_a, trans_b) combinations. The micro-kernel always computes whole MR x NR
+ * tiles: B panels are padded with zeros past N, A panels past M hold whatever was there
+ * (rows of C past M are never stored), and tiles on the right edge of C go through a small
+ * buffer on the stack. It keeps the tile of C in registers; there is one per SIMD path
+ * (AVX-512, AVX2+FMA, portable C), chosen by rg_simd_level() at each call. With one row
+ * panel (M <= MR) and B not transposed, B is read in place instead (gemm_small_m).
  * Pack buffers are static per thread (_Thread_local); nothing is allocated on the heap.
  */
 #include <stddef.h>
@@ -50,11 +52,13 @@
 static _Thread_local float a_pack[MC * KC] __attribute__((aligned(64)));
 static _Thread_local float b_pack[KC * NC] __attribute__((aligned(64)));
 
-/* One micro-kernel: c (rows, NR) with row stride ldc gets ap (kc, MR) @ bp (kc, NR), both
- * packed k-major, added onto c when load_c, else written over it; rows <= MR, and the rows
- * of c past `rows` are neither read nor written (the packed rows there are zeros). */
-typedef void (*microkernel_fn)(int kc, const float *ap, const float *bp, float *c,
-                               ptrdiff_t ldc, int load_c, int rows);
+/* One micro-kernel: c (rows, NR) with row stride ldc gets ap (kc, MR) @ bp (kc, NR), added
+ * onto c when load_c, else written over it. ap is packed k-major; bp has row stride ldb (NR
+ * when packed, N when read straight from B). rows <= MR, and the rows of c past `rows` are
+ * neither read nor written. cols <= NR is a hint: the columns past it are not needed (on the
+ * right edge c is a whole-width buffer), so a kernel may skip vectors that lie wholly past it. */
+typedef void (*microkernel_fn)(int kc, const float *ap, const float *bp, ptrdiff_t ldb,
+                               float *c, ptrdiff_t ldc, int load_c, int rows, int cols);
 
 typedef struct {
     int mr, nr;
@@ -68,8 +72,9 @@ typedef struct {
 #define GEN_MR 4
 #define GEN_NR 8
 typedef float v4f __attribute__((vector_size(16)));
-static void kernel_generic(int kc, const float *ap, const float *bp, float *c, ptrdiff_t ldc,
-                           int load_c, int rows) {
+static void kernel_generic(int kc, const float *ap, const float *bp, ptrdiff_t ldb, float *c,
+                           ptrdiff_t ldc, int load_c, int rows, int cols) {
+    (void)cols;
     v4f acc[GEN_MR][2];
     for (int i = 0; i < GEN_MR; i++)
         for (int h = 0; h < 2; h++) {
@@ -87,7 +92,7 @@ static void kernel_generic(int kc, const float *ap, const float *bp, float *c, p
             acc[i][1] += a * b1;
         }
         ap += GEN_MR;
-        bp += GEN_NR;
+        bp += ldb;
     }
     for (int i = 0; i < rows; i++)
         for (int h = 0; h < 2; h++) memcpy(c + i * ldc + 4 * h, &acc[i][h], sizeof acc[i][h]);
@@ -95,87 +100,104 @@ static void kernel_generic(int kc, const float *ap, const float *bp, float *c, p
 
 #ifdef RG_X86
 /* AVX2 + FMA, 6 x 16: 12 ymm accumulators, 2 for the B row, 1 for the broadcast A value.
- * The body is written once for MU <= 6 used rows and inlined for MU = 6 and 3, so a short
- * edge panel does not pay for the full tile. */
+ * The body is written once for MU <= 6 used rows and NU <= 2 vectors of columns and inlined
+ * for MU = 6, 3 and NU = 2, 1, so short or narrow edge tiles do not pay for the full tile. */
 #define AVX2_MR 6
 #define AVX2_NR 16
 #define AVX2_TARGET __attribute__((target("avx2,fma")))
 static inline __attribute__((always_inline)) AVX2_TARGET
-void kernel_avx2_body(int kc, const float *ap, const float *bp, float *c, ptrdiff_t ldc,
-                      int load_c, int rows, const int MU) {
+void kernel_avx2_body(int kc, const float *ap, const float *bp, ptrdiff_t ldb, float *c,
+                      ptrdiff_t ldc, int load_c, int rows, const int MU, const int NU) {
     __m256 acc[AVX2_MR][2];
     #pragma GCC unroll 6
     for (int i = 0; i < MU; i++) {
         int ld = load_c && i < rows;
-        acc[i][0] = ld ? _mm256_loadu_ps(c + i * ldc) : _mm256_setzero_ps();
-        acc[i][1] = ld ? _mm256_loadu_ps(c + i * ldc + 8) : _mm256_setzero_ps();
+        #pragma GCC unroll 2
+        for (int h = 0; h < NU; h++)
+            acc[i][h] = ld ? _mm256_loadu_ps(c + i * ldc + 8 * h) : _mm256_setzero_ps();
     }
     for (int p = 0; p < kc; p++) {
-        __m256 b0 = _mm256_loadu_ps(bp), b1 = _mm256_loadu_ps(bp + 8);
+        __m256 b[2];
+        #pragma GCC unroll 2
+        for (int h = 0; h < NU; h++) b[h] = _mm256_loadu_ps(bp + 8 * h);
         #pragma GCC unroll 6
         for (int i = 0; i < MU; i++) {
             __m256 a = _mm256_broadcast_ss(ap + i);
-            acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
-            acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
+            #pragma GCC unroll 2
+            for (int h = 0; h < NU; h++) acc[i][h] = _mm256_fmadd_ps(a, b[h], acc[i][h]);
         }
         ap += AVX2_MR;
-        bp += AVX2_NR;
+        bp += ldb;
     }
     #pragma GCC unroll 6
     for (int i = 0; i < MU; i++) {
         if (i >= rows) break;
-        _mm256_storeu_ps(c + i * ldc, acc[i][0]);
-        _mm256_storeu_ps(c + i * ldc + 8, acc[i][1]);
+        #pragma GCC unroll 2
+        for (int h = 0; h < NU; h++) _mm256_storeu_ps(c + i * ldc + 8 * h, acc[i][h]);
     }
 }
 
 AVX2_TARGET
-static void kernel_avx2(int kc, const float *ap, const float *bp, float *c, ptrdiff_t ldc,
-                        int load_c, int rows) {
-    if (rows > 3) kernel_avx2_body(kc, ap, bp, c, ldc, load_c, rows, 6);
-    else          kernel_avx2_body(kc, ap, bp, c, ldc, load_c, rows, 3);
+static void kernel_avx2(int kc, const float *ap, const float *bp, ptrdiff_t ldb, float *c,
+                        ptrdiff_t ldc, int load_c, int rows, int cols) {
+    int nu = cols > 8 ? 2 : 1;
+    if (rows > 3) {
+        if (nu == 2) kernel_avx2_body(kc, ap, bp, ldb, c, ldc, load_c, rows, 6, 2);
+        else         kernel_avx2_body(kc, ap, bp, ldb, c, ldc, load_c, rows, 6, 1);
+    } else {
+        if (nu == 2) kernel_avx2_body(kc, ap, bp, ldb, c, ldc, load_c, rows, 3, 2);
+        else         kernel_avx2_body(kc, ap, bp, ldb, c, ldc, load_c, rows, 3, 1);
+    }
 }
 
 /* AVX-512, 12 x 32: 24 zmm accumulators, the A values broadcast straight from memory.
- * Inlined for MU = 12, 8 and 4 used rows (M = 80 is six whole panels and one of 8 rows). */
+ * Inlined for MU = 12, 8, 4 used rows (M = 80 is six whole panels and one of 8 rows) and
+ * NU = 2, 1 vectors of columns. */
 #define AVX512_MR 12
 #define AVX512_NR 32
 #define AVX512_TARGET __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma")))
 static inline __attribute__((always_inline)) AVX512_TARGET
-void kernel_avx512_body(int kc, const float *ap, const float *bp, float *c, ptrdiff_t ldc,
-                        int load_c, int rows, const int MU) {
+void kernel_avx512_body(int kc, const float *ap, const float *bp, ptrdiff_t ldb, float *c,
+                        ptrdiff_t ldc, int load_c, int rows, const int MU, const int NU) {
     __m512 acc[AVX512_MR][2];
     #pragma GCC unroll 12
     for (int i = 0; i < MU; i++) {
         int ld = load_c && i < rows;
-        acc[i][0] = ld ? _mm512_loadu_ps(c + i * ldc) : _mm512_setzero_ps();
-        acc[i][1] = ld ? _mm512_loadu_ps(c + i * ldc + 16) : _mm512_setzero_ps();
+        #pragma GCC unroll 2
+        for (int h = 0; h < NU; h++)
+            acc[i][h] = ld ? _mm512_loadu_ps(c + i * ldc + 16 * h) : _mm512_setzero_ps();
     }
     for (int p = 0; p < kc; p++) {
-        __m512 b0 = _mm512_loadu_ps(bp), b1 = _mm512_loadu_ps(bp + 16);
+        __m512 b[2];
+        #pragma GCC unroll 2
+        for (int h = 0; h < NU; h++) b[h] = _mm512_loadu_ps(bp + 16 * h);
         #pragma GCC unroll 12
         for (int i = 0; i < MU; i++) {
             __m512 a = _mm512_set1_ps(ap[i]);
-            acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
-            acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
+            #pragma GCC unroll 2
+            for (int h = 0; h < NU; h++) acc[i][h] = _mm512_fmadd_ps(a, b[h], acc[i][h]);
         }
         ap += AVX512_MR;
-        bp += AVX512_NR;
+        bp += ldb;
     }
     #pragma GCC unroll 12
     for (int i = 0; i < MU; i++) {
         if (i >= rows) break;
-        _mm512_storeu_ps(c + i * ldc, acc[i][0]);
-        _mm512_storeu_ps(c + i * ldc + 16, acc[i][1]);
+        #pragma GCC unroll 2
+        for (int h = 0; h < NU; h++) _mm512_storeu_ps(c + i * ldc + 16 * h, acc[i][h]);
     }
 }
 
 AVX512_TARGET
-static void kernel_avx512(int kc, const float *ap, const float *bp, float *c, ptrdiff_t ldc,
-                          int load_c, int rows) {
-    if (rows > 8)      kernel_avx512_body(kc, ap, bp, c, ldc, load_c, rows, 12);
-    else if (rows > 4) kernel_avx512_body(kc, ap, bp, c, ldc, load_c, rows, 8);
-    else               kernel_avx512_body(kc, ap, bp, c, ldc, load_c, rows, 4);
+static void kernel_avx512(int kc, const float *ap, const float *bp, ptrdiff_t ldb, float *c,
+                          ptrdiff_t ldc, int load_c, int rows, int cols) {
+#define KERNEL_AVX512_NU(MU) \
+    if (cols > 16) kernel_avx512_body(kc, ap, bp, ldb, c, ldc, load_c, rows, MU, 2); \
+    else           kernel_avx512_body(kc, ap, bp, ldb, c, ldc, load_c, rows, MU, 1);
+    if (rows > 8)      { KERNEL_AVX512_NU(12) }
+    else if (rows > 4) { KERNEL_AVX512_NU(8) }
+    else               { KERNEL_AVX512_NU(4) }
+#undef KERNEL_AVX512_NU
 }
 #endif
 
@@ -196,10 +218,11 @@ static gemm_path choose_path(void) {
 
 /* Copy-pack of a whole block into panels of width w:
  * d[(c/w)*kc*w + p*w + c%w] = src[p*ld + c] for p < kc, c < n; zero up to the next multiple
- * of w. Packs op(A) when trans_a (each k a contiguous run of rows) and op(B) when not
+ * of w when pad. Packs op(A) when trans_a (each k a contiguous run of rows) and op(B) when not
  * trans_b. Row by row of src, so the reads stream through memory and the prefetchers keep up
  * (panel by panel would walk down src with a stride of ld). */
-static inline void pack_copy(float *d, const float *src, size_t ld, int n, int w, int kc) {
+static inline void pack_copy(float *d, const float *src, size_t ld, int n, int w, int kc,
+                             int pad) {
     int whole = n / w, rest = n - whole * w;
     size_t panel = (size_t)kc * w;
     for (int p = 0; p < kc; p++, src += ld) {
@@ -207,27 +230,31 @@ static inline void pack_copy(float *d, const float *src, size_t ld, int n, int w
         /* the width a constant, so each copy is a few vector moves */
 #define PACK_COPY_W(W) \
         case W: \
-            for (int jp = 0; jp < whole; jp++) memcpy(d_p + jp * panel, src + jp * W, W * sizeof(float)); \
+            for (int jp = 0; jp < whole; jp++) \
+                memcpy(d_p + jp * panel, src + jp * W, W * sizeof(float)); \
             break;
         switch (w) {
-            PACK_COPY_W(32) PACK_COPY_W(16) PACK_COPY_W(12) PACK_COPY_W(8) PACK_COPY_W(6) PACK_COPY_W(4)
+            PACK_COPY_W(32) PACK_COPY_W(16) PACK_COPY_W(12) PACK_COPY_W(8) PACK_COPY_W(6)
+            PACK_COPY_W(4)
             default:
-                for (int jp = 0; jp < whole; jp++) memcpy(d_p + jp * panel, src + jp * w, (size_t)w * sizeof(float));
+                for (int jp = 0; jp < whole; jp++)
+                    memcpy(d_p + jp * panel, src + jp * w, (size_t)w * sizeof(float));
         }
 #undef PACK_COPY_W
         if (rest) {
             float *e = d_p + whole * panel;
             const float *s_e = src + whole * w;
             for (int c = 0; c < rest; c++) e[c] = s_e[c];
-            for (int c = rest; c < w; c++) e[c] = 0.0f;
+            for (int c = rest; pad && c < w; c++) e[c] = 0.0f;
         }
     }
 }
 
-/* Transpose-pack: d[p*w + r] = src[r*ld + p] for p < kc, r < n; zero for n <= r < w.
+/* Transpose-pack: d[p*w + r] = src[r*ld + p] for p < kc, r < n; zero for n <= r < w when pad.
  * Packs op(A) when not trans_a (each row contiguous along k) and op(B) when trans_b.
  * Whole groups of 4 rows go through 4 x 4 SSE transposes (x86-64 baseline). */
-static inline void pack_transpose(float *d, const float *src, size_t ld, int n, int w, int kc) {
+static inline void pack_transpose(float *d, const float *src, size_t ld, int n, int w,
+                                  int kc, int pad) {
     int r0 = 0;
 #ifdef RG_X86
     int kc4 = kc & ~3, n4 = n & ~3;
@@ -257,22 +284,23 @@ static inline void pack_transpose(float *d, const float *src, size_t ld, int n, 
         const float *s_r = src + (size_t)r * ld;
         for (int p = 0; p < kc; p++) d[(size_t)p * w + r] = s_r[p];
     }
-    for (int r = n; r < w; r++)
+    for (int r = n; pad && r < w; r++)
         for (int p = 0; p < kc; p++) d[(size_t)p * w + r] = 0.0f;
 }
 
 /* op(A)[i0:i0+mc, p0:p0+kc] into panels of mr rows, k-major: dst[(i/mr)*kc*mr + p*mr + i%mr].
- * A is (M, K), or (K, M) when trans_a. Rows past mc are zero. */
+ * A is (M, K), or (K, M) when trans_a. Rows past mc are left as they are: a row of C
+ * depends only on its row of A, and the micro-kernel never stores those rows. */
 static void pack_a(float *dst, const float *A, int M, int K, int trans_a, int i0, int mc,
                    int p0, int kc, int mr) {
     if (trans_a) { /* op(A)[i, p] = A[p, i] */
-        pack_copy(dst, A + (size_t)p0 * M + i0, (size_t)M, mc, mr, kc);
+        pack_copy(dst, A + (size_t)p0 * M + i0, (size_t)M, mc, mr, kc, 0);
         return;
     }
     for (int ip = 0; ip < mc; ip += mr) { /* op(A)[i, p] = A[i, p] */
         int rows = mc - ip < mr ? mc - ip : mr;
         pack_transpose(dst + (size_t)ip * kc, A + (size_t)(i0 + ip) * K + p0, (size_t)K, rows,
-                       mr, kc);
+                       mr, kc, 0);
     }
 }
 
@@ -282,13 +310,13 @@ static void pack_a(float *dst, const float *A, int M, int K, int trans_a, int i0
 static void pack_b(float *dst, const float *B, int N, int K, int trans_b, int j0, int nc,
                    int p0, int kc, int nr) {
     if (!trans_b) { /* op(B)[p, j] = B[p, j] */
-        pack_copy(dst, B + (size_t)p0 * N + j0, (size_t)N, nc, nr, kc);
+        pack_copy(dst, B + (size_t)p0 * N + j0, (size_t)N, nc, nr, kc, 1);
         return;
     }
     for (int jp = 0; jp < nc; jp += nr) { /* op(B)[p, j] = B[j, p] */
         int cols = nc - jp < nr ? nc - jp : nr;
         pack_transpose(dst + (size_t)jp * kc, B + (size_t)(j0 + jp) * K + p0, (size_t)K, cols,
-                       nr, kc);
+                       nr, kc, 1);
     }
 }
 
@@ -320,7 +348,7 @@ static void gemm_block(gemm_path path, float *C, const float *A, const float *B,
                         const float *b_panel = bp + (size_t)jr * kc;
                         float *c_tile = C + (size_t)(ic + ir) * N + jc + jr;
                         if (cols == nr) {
-                            path.kernel(kc, a_panel, b_panel, c_tile, N, load_c, rows);
+                            path.kernel(kc, a_panel, b_panel, nr, c_tile, N, load_c, rows, nr);
                             continue;
                         }
                         /* right edge: through a whole-width buffer */
@@ -328,7 +356,7 @@ static void gemm_block(gemm_path path, float *C, const float *A, const float *B,
                             for (int i = 0; i < rows; i++)
                                 memcpy(edge + i * nr, c_tile + (size_t)i * N,
                                        (size_t)cols * sizeof(float));
-                        path.kernel(kc, a_panel, b_panel, edge, nr, load_c, rows);
+                        path.kernel(kc, a_panel, b_panel, nr, edge, nr, load_c, rows, cols);
                         for (int i = 0; i < rows; i++)
                             memcpy(c_tile + (size_t)i * N, edge + i * nr,
                                    (size_t)cols * sizeof(float));
@@ -336,6 +364,29 @@ static void gemm_block(gemm_path path, float *C, const float *A, const float *B,
                 }
             }
         }
+    }
+}
+
+/* C[:, n0:n1] (+)= op(A) @ B[:, n0:n1] for M <= MR rows and B not transposed: each B
+ * element is used once, so packing B would only copy it; the micro-kernel reads B in place
+ * (row stride N) and only the right edge strip and the one A panel (mr x K) are packed. */
+static void gemm_small_m(gemm_path path, float *C, const float *A, const float *B, int M, int N,
+                         int K, int trans_a, int accumulate, int n0, int n1) {
+    const int mr = path.mr, nr = path.nr;
+    float edge[MR_MAX * NR_MAX] __attribute__((aligned(64)));
+    pack_a(a_pack, A, M, K, trans_a, 0, M, 0, K, mr);
+    int j = n0;
+    for (; j + nr <= n1; j += nr)
+        path.kernel(K, a_pack, B + j, N, C + j, N, accumulate, M, nr);
+    if (j < n1) {
+        int cols = n1 - j;
+        pack_b(b_pack, B, N, K, 0, j, cols, 0, K, nr);
+        if (accumulate)
+            for (int i = 0; i < M; i++)
+                memcpy(edge + i * nr, C + (size_t)i * N + j, (size_t)cols * sizeof(float));
+        path.kernel(K, a_pack, b_pack, nr, edge, nr, accumulate, M, cols);
+        for (int i = 0; i < M; i++)
+            memcpy(C + (size_t)i * N + j, edge + i * nr, (size_t)cols * sizeof(float));
     }
 }
 
@@ -350,6 +401,22 @@ void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
     gemm_path path = choose_path();
     int nthreads = rg_num_threads();
     if ((double)M * N * K < PARALLEL_MIN_FMAS) nthreads = 1;
+    /* one row panel, B read in place: threads split the columns */
+    if (!trans_b && M <= path.mr && (size_t)path.mr * K <= (size_t)MC * KC) {
+        int nt = (N + path.nr - 1) / path.nr;
+        if (nthreads > nt) nthreads = nt;
+        if (nthreads <= 1) {
+            gemm_small_m(path, C, A, B, M, N, K, trans_a, accumulate, 0, N);
+            return;
+        }
+        #pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int t = 0; t < nthreads; t++) {
+            int n0 = (int)((long)nt * t / nthreads) * path.nr;
+            int n1 = (int)((long)nt * (t + 1) / nthreads) * path.nr;
+            gemm_small_m(path, C, A, B, M, N, K, trans_a, accumulate, n0, n1 < N ? n1 : N);
+        }
+        return;
+    }
     /* Split C into tm x tn <= nthreads rectangles, one per thread, along whole micro-tiles.
      * A split along M packs B again in every thread, a split along N packs A again: pick
      * the split whose busiest thread has the least compute plus packing. */
@@ -379,8 +446,10 @@ void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
 #endif
         for (int t = first; t < nthreads; t += step) {
             int ti = t / tn, tj = t % tn;
-            int m0 = (int)((long)mt * ti / tm) * path.mr, m1 = (int)((long)mt * (ti + 1) / tm) * path.mr;
-            int n0 = (int)((long)nt * tj / tn) * path.nr, n1 = (int)((long)nt * (tj + 1) / tn) * path.nr;
+            int m0 = (int)((long)mt * ti / tm) * path.mr;
+            int m1 = (int)((long)mt * (ti + 1) / tm) * path.mr;
+            int n0 = (int)((long)nt * tj / tn) * path.nr;
+            int n1 = (int)((long)nt * (tj + 1) / tn) * path.nr;
             if (m1 > M) m1 = M;
             if (n1 > N) n1 = N;
             if (m0 < m1 && n0 < n1)

@@ -17,7 +17,7 @@ TRANS = [(False, False), (False, True), (True, False), (True, True)]
 # NC = 512 columns)
 SHAPES = [(1, 1, 1), (7, 7, 7), (33, 33, 33), (129, 129, 129),
           (1, 129, 33), (129, 1, 7), (7, 33, 129), (33, 129, 1),
-          (80, 128, 530), (257, 300, 129), (100, 600, 520), (13, 1100, 40)]
+          (80, 128, 530), (80, 128, 65), (257, 300, 129), (100, 600, 520), (13, 1100, 40)]
 
 
 def _operands(rng, M, Kd, N, trans_a, trans_b):
@@ -79,11 +79,15 @@ def test_sgemm_concurrent_callers(rng):
 
 
 def test_sgemm_overwrites_nan(simd, rng):
-    """Without accumulate, C's old contents (even NaN) never leak into the result."""
-    A, B = _operands(rng, 33, 300, 70, False, False)
-    C = np.full((33, 70), np.nan, np.float32)
-    K.sgemm(C, A, B)
-    _check(C, ref.matmul(A, B), 300, "C")
+    """Without accumulate, C's old contents (even NaN) never leak into the result; nor do
+    the NaNs a previous call left in the pack buffers past the edge of a smaller problem."""
+    K.sgemm(np.empty((129, 129), np.float32), np.full((129, 600), np.nan, np.float32),
+            np.full((600, 129), np.nan, np.float32))
+    for M, Kd, N in [(33, 300, 70), (7, 300, 33), (1, 129, 7)]:
+        A, B = _operands(rng, M, Kd, N, False, False)
+        C = np.full((M, N), np.nan, np.float32)
+        K.sgemm(C, A, B)
+        _check(C, ref.matmul(A, B), Kd, "C")
 
 
 def test_sgemm_bad_shapes():
