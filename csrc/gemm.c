@@ -101,7 +101,7 @@ static void kernel_generic(int kc, const float *ap, const float *bp, ptrdiff_t l
 #ifdef RG_X86
 /* AVX2 + FMA, 6 x 16: 12 ymm accumulators, 2 for the B row, 1 for the broadcast A value.
  * The body is written once for MU <= 6 used rows and NU <= 2 vectors of columns and inlined
- * for MU = 6, 3 and NU = 2, 1, so short or narrow edge tiles do not pay for the full tile. */
+ * for MU = 6, 3, 1 and NU = 2, 1, so short or narrow edge tiles do not pay for the full tile. */
 #define AVX2_MR 6
 #define AVX2_NR 16
 #define AVX2_TARGET __attribute__((target("avx2,fma")))
@@ -140,19 +140,18 @@ void kernel_avx2_body(int kc, const float *ap, const float *bp, ptrdiff_t ldb, f
 AVX2_TARGET
 static void kernel_avx2(int kc, const float *ap, const float *bp, ptrdiff_t ldb, float *c,
                         ptrdiff_t ldc, int load_c, int rows, int cols) {
-    int nu = cols > 8 ? 2 : 1;
-    if (rows > 3) {
-        if (nu == 2) kernel_avx2_body(kc, ap, bp, ldb, c, ldc, load_c, rows, 6, 2);
-        else         kernel_avx2_body(kc, ap, bp, ldb, c, ldc, load_c, rows, 6, 1);
-    } else {
-        if (nu == 2) kernel_avx2_body(kc, ap, bp, ldb, c, ldc, load_c, rows, 3, 2);
-        else         kernel_avx2_body(kc, ap, bp, ldb, c, ldc, load_c, rows, 3, 1);
-    }
+#define KERNEL_AVX2_NU(MU) \
+    if (cols > 8) kernel_avx2_body(kc, ap, bp, ldb, c, ldc, load_c, rows, MU, 2); \
+    else          kernel_avx2_body(kc, ap, bp, ldb, c, ldc, load_c, rows, MU, 1);
+    if (rows > 3)      { KERNEL_AVX2_NU(6) }
+    else if (rows > 1) { KERNEL_AVX2_NU(3) }
+    else               { KERNEL_AVX2_NU(1) }
+#undef KERNEL_AVX2_NU
 }
 
 /* AVX-512, 12 x 32: 24 zmm accumulators, the A values broadcast straight from memory.
- * Inlined for MU = 12, 8, 4 used rows (M = 80 is six whole panels and one of 8 rows) and
- * NU = 2, 1 vectors of columns. */
+ * Inlined for MU = 12, 8, 4, 2, 1 used rows (M = 80 is six whole panels and one of 8 rows; a
+ * decoding step has M = batch rows) and NU = 2, 1 vectors of columns. */
 #define AVX512_MR 12
 #define AVX512_NR 32
 #define AVX512_TARGET __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma")))
@@ -196,7 +195,9 @@ static void kernel_avx512(int kc, const float *ap, const float *bp, ptrdiff_t ld
     else           kernel_avx512_body(kc, ap, bp, ldb, c, ldc, load_c, rows, MU, 1);
     if (rows > 8)      { KERNEL_AVX512_NU(12) }
     else if (rows > 4) { KERNEL_AVX512_NU(8) }
-    else               { KERNEL_AVX512_NU(4) }
+    else if (rows > 2) { KERNEL_AVX512_NU(4) }
+    else if (rows > 1) { KERNEL_AVX512_NU(2) }
+    else               { KERNEL_AVX512_NU(1) }
 #undef KERNEL_AVX512_NU
 }
 #endif
