@@ -370,7 +370,8 @@ static void gemm_block(gemm_path path, float *C, const float *A, const float *B,
 
 /* C[:, n0:n1] (+)= op(A) @ B[:, n0:n1] for M <= MR rows and B not transposed: each B
  * element is used once, so packing B would only copy it; the micro-kernel reads B in place
- * (row stride N) and only the right edge strip and the one A panel (mr x K) are packed. */
+ * (row stride N) and only the right edge strip and the one A panel (mr x K) are packed.
+ * The caller checks mr * K <= MC * KC, which also keeps the strip (K x nr) within b_pack. */
 static void gemm_small_m(gemm_path path, float *C, const float *A, const float *B, int M, int N,
                          int K, int trans_a, int accumulate, int n0, int n1) {
     const int mr = path.mr, nr = path.nr;
