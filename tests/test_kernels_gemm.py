@@ -13,11 +13,12 @@ from tests import reference as ref
 TRANS = [(False, False), (False, True), (True, False), (True, True)]
 
 # (M, K, N): every dimension at 1, 7, 33 and 129 (none a multiple of a register block),
-# the model's rows, and sizes that cross the cache blocks (K cut into <= 512, MC = 96 rows,
+# 1 to 3 rows (the small-M kernels), the model's 80 rows with whole, ragged and narrow
+# right edges, and sizes that cross the cache blocks (K cut into <= 512, MC = 96 rows,
 # NC = 512 columns)
 SHAPES = [(1, 1, 1), (7, 7, 7), (33, 33, 33), (129, 129, 129),
-          (1, 129, 33), (129, 1, 7), (7, 33, 129), (33, 129, 1),
-          (2, 33, 40), (3, 70, 17), (80, 128, 530), (80, 128, 65), (257, 300, 129), (100, 600, 520), (13, 1100, 40)]
+          (1, 129, 33), (129, 1, 7), (7, 33, 129), (33, 129, 1), (2, 33, 40), (3, 70, 17),
+          (80, 128, 530), (80, 128, 65), (257, 300, 129), (100, 600, 520), (13, 1100, 40)]
 
 
 def _operands(rng, M, Kd, N, trans_a, trans_b):
@@ -50,7 +51,8 @@ def test_sgemm_threads(rng, threads):
     before = rustgpt.get_num_threads()
     try:
         rustgpt.set_num_threads(threads)
-        for M, Kd, N in [(80, 128, 128), (1024, 64, 40), (40, 64, 1024), (13, 70, 3)]:
+        for M, Kd, N in [(80, 128, 128), (1024, 64, 40), (40, 64, 1024), (5, 200, 300),
+                          (13, 70, 3)]:
             A, B = _operands(rng, M, Kd, N, False, False)
             C = np.full((M, N), np.nan, np.float32)
             K.sgemm(C, A, B)
