@@ -1,21 +1,461 @@
-/* gemm.c: single-precision matrix multiply with the transposes forward and backward need. */
+/* gemm.c: single-precision matrix multiply with the transposes forward and backward need.
+ *
+ * GotoBLAS / BLIS structure. Each thread owns a rectangle of C and runs, on it:
+ *
+ *   for jc in steps of NC (columns of C)         B block (KC, NC) packed, lives in L2
+ *     for pc in steps of KC (the shared dim)
+ *       pack op(B)[pc:pc+KC, jc:jc+NC] into NR-wide panels
+ *       for ic in steps of MC (rows of C)
+ *         pack op(A)[ic:ic+MC, pc:pc+KC] into MR-tall panels
+ *         for ir in steps of MR                  A micro-panel (MR, KC) stays in L1
+ *           for jr in steps of NR                B micro-panels stream from L2
+ *             micro-kernel: C[ir:ir+MR, jr:jr+NR] (+)= Ap (MR, KC) @ Bp (KC, NR)
+ *
+ * Packing reads op(A) and op(B) through the transposes, so one micro-kernel serves all
+ * four (trans_a, trans_b) combinations. The micro-kernel always computes whole MR x NR
+ * tiles: B panels are padded with zeros past N, A panels past M hold whatever was there
+ * (rows of C past M are never stored), and tiles on the right edge of C go through a small
+ * buffer on the stack. It keeps the tile of C in registers; there is one per SIMD path
+ * (AVX-512, AVX2+FMA, portable C), chosen by rg_simd_level() at each call. With one row
+ * panel (M <= MR) and B not transposed, B is read in place instead (gemm_small_m).
+ * Pack buffers are static per thread (_Thread_local); nothing is allocated on the heap.
+ */
+#include <stddef.h>
 #include <string.h>
 #include "rustgpt_kernels.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define RG_X86 1
+#endif
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Cache blocking, shared by every path: MR x KC of A (at most 24 KiB) stays in the 32 KiB L1
+ * while the B micro-panels stream past it from the KC x NC (1 MiB) block in L2 / L3; a large
+ * KC touches C fewer times. MC and NC are multiples of every MR / NR; K is cut into equal
+ * blocks of at most KC. */
+#ifndef KC /* -D overrides are for tuning runs */
+#define KC 512
+#endif
+#ifndef MC
+#define MC 96
+#endif
+#ifndef NC
+#define NC 512
+#endif
+#define MR_MAX 12
+#define NR_MAX 32
+
+static _Thread_local float a_pack[MC * KC] __attribute__((aligned(64)));
+static _Thread_local float b_pack[KC * NC] __attribute__((aligned(64)));
+
+/* One micro-kernel: c (rows, NR) with row stride ldc gets ap (kc, MR) @ bp (kc, NR), added
+ * onto c when load_c, else written over it. ap is packed k-major; bp has row stride ldb (NR
+ * when packed, N when read straight from B). rows <= MR, and the rows of c past `rows` are
+ * neither read nor written. cols <= NR is a hint: the columns past it are not needed (on the
+ * right edge c is a whole-width buffer), so a kernel may skip vectors that lie wholly past it. */
+typedef void (*microkernel_fn)(int kc, const float *ap, const float *bp, ptrdiff_t ldb,
+                               float *c, ptrdiff_t ldc, int load_c, int rows, int cols);
+
+typedef struct {
+    int mr, nr;
+    microkernel_fn kernel;
+} gemm_path;
+
+/* ---- micro-kernels ------------------------------------------------------------------------- */
+
+/* Portable C, 4 x 8, on GCC / Clang 4-float vectors (SSE on x86-64, NEON on arm64):
+ * 8 accumulators, 2 for the B row, 1 for the broadcast A value. */
+#define GEN_MR 4
+#define GEN_NR 8
+typedef float v4f __attribute__((vector_size(16)));
+static void kernel_generic(int kc, const float *ap, const float *bp, ptrdiff_t ldb, float *c,
+                           ptrdiff_t ldc, int load_c, int rows, int cols) {
+    (void)cols;
+    v4f acc[GEN_MR][2];
+    for (int i = 0; i < GEN_MR; i++)
+        for (int h = 0; h < 2; h++) {
+            v4f x = {0.0f, 0.0f, 0.0f, 0.0f};
+            if (load_c && i < rows) memcpy(&x, c + i * ldc + 4 * h, sizeof x);
+            acc[i][h] = x;
+        }
+    for (int p = 0; p < kc; p++) {
+        v4f b0, b1;
+        memcpy(&b0, bp, sizeof b0);
+        memcpy(&b1, bp + 4, sizeof b1);
+        for (int i = 0; i < GEN_MR; i++) {
+            v4f a = {ap[i], ap[i], ap[i], ap[i]};
+            acc[i][0] += a * b0;
+            acc[i][1] += a * b1;
+        }
+        ap += GEN_MR;
+        bp += ldb;
+    }
+    for (int i = 0; i < rows; i++)
+        for (int h = 0; h < 2; h++) memcpy(c + i * ldc + 4 * h, &acc[i][h], sizeof acc[i][h]);
+}
+
+#ifdef RG_X86
+/* AVX2 + FMA, 6 x 16: 12 ymm accumulators, 2 for the B row, 1 for the broadcast A value.
+ * The body is written once for MU <= 6 used rows and NU <= 2 vectors of columns and inlined
+ * for MU = 6, 3, 1 and NU = 2, 1, so short or narrow edge tiles do not pay for the full tile. */
+#define AVX2_MR 6
+#define AVX2_NR 16
+#define AVX2_TARGET __attribute__((target("avx2,fma")))
+static inline __attribute__((always_inline)) AVX2_TARGET
+void kernel_avx2_body(int kc, const float *ap, const float *bp, ptrdiff_t ldb, float *c,
+                      ptrdiff_t ldc, int load_c, int rows, const int MU, const int NU) {
+    __m256 acc[AVX2_MR][2];
+    #pragma GCC unroll 6
+    for (int i = 0; i < MU; i++) {
+        int ld = load_c && i < rows;
+        #pragma GCC unroll 2
+        for (int h = 0; h < NU; h++)
+            acc[i][h] = ld ? _mm256_loadu_ps(c + i * ldc + 8 * h) : _mm256_setzero_ps();
+    }
+    for (int p = 0; p < kc; p++) {
+        __m256 b[2];
+        #pragma GCC unroll 2
+        for (int h = 0; h < NU; h++) b[h] = _mm256_loadu_ps(bp + 8 * h);
+        #pragma GCC unroll 6
+        for (int i = 0; i < MU; i++) {
+            __m256 a = _mm256_broadcast_ss(ap + i);
+            #pragma GCC unroll 2
+            for (int h = 0; h < NU; h++) acc[i][h] = _mm256_fmadd_ps(a, b[h], acc[i][h]);
+        }
+        ap += AVX2_MR;
+        bp += ldb;
+    }
+    #pragma GCC unroll 6
+    for (int i = 0; i < MU; i++) {
+        if (i >= rows) break;
+        #pragma GCC unroll 2
+        for (int h = 0; h < NU; h++) _mm256_storeu_ps(c + i * ldc + 8 * h, acc[i][h]);
+    }
+}
+
+AVX2_TARGET
+static void kernel_avx2(int kc, const float *ap, const float *bp, ptrdiff_t ldb, float *c,
+                        ptrdiff_t ldc, int load_c, int rows, int cols) {
+#define KERNEL_AVX2_NU(MU) \
+    if (cols > 8) kernel_avx2_body(kc, ap, bp, ldb, c, ldc, load_c, rows, MU, 2); \
+    else          kernel_avx2_body(kc, ap, bp, ldb, c, ldc, load_c, rows, MU, 1);
+    if (rows > 3)      { KERNEL_AVX2_NU(6) }
+    else if (rows > 1) { KERNEL_AVX2_NU(3) }
+    else               { KERNEL_AVX2_NU(1) }
+#undef KERNEL_AVX2_NU
+}
+
+/* AVX-512, 12 x 32: 24 zmm accumulators, the A values broadcast straight from memory.
+ * Inlined for MU = 12, 8, 4, 2, 1 used rows (M = 80 is six whole panels and one of 8 rows; a
+ * decoding step has M = batch rows) and NU = 2, 1 vectors of columns. */
+#define AVX512_MR 12
+#define AVX512_NR 32
+#define AVX512_TARGET __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma")))
+static inline __attribute__((always_inline)) AVX512_TARGET
+void kernel_avx512_body(int kc, const float *ap, const float *bp, ptrdiff_t ldb, float *c,
+                        ptrdiff_t ldc, int load_c, int rows, const int MU, const int NU) {
+    __m512 acc[AVX512_MR][2];
+    #pragma GCC unroll 12
+    for (int i = 0; i < MU; i++) {
+        int ld = load_c && i < rows;
+        #pragma GCC unroll 2
+        for (int h = 0; h < NU; h++)
+            acc[i][h] = ld ? _mm512_loadu_ps(c + i * ldc + 16 * h) : _mm512_setzero_ps();
+    }
+    for (int p = 0; p < kc; p++) {
+        __m512 b[2];
+        #pragma GCC unroll 2
+        for (int h = 0; h < NU; h++) b[h] = _mm512_loadu_ps(bp + 16 * h);
+        #pragma GCC unroll 12
+        for (int i = 0; i < MU; i++) {
+            __m512 a = _mm512_set1_ps(ap[i]);
+            #pragma GCC unroll 2
+            for (int h = 0; h < NU; h++) acc[i][h] = _mm512_fmadd_ps(a, b[h], acc[i][h]);
+        }
+        ap += AVX512_MR;
+        bp += ldb;
+    }
+    #pragma GCC unroll 12
+    for (int i = 0; i < MU; i++) {
+        if (i >= rows) break;
+        #pragma GCC unroll 2
+        for (int h = 0; h < NU; h++) _mm512_storeu_ps(c + i * ldc + 16 * h, acc[i][h]);
+    }
+}
+
+AVX512_TARGET
+static void kernel_avx512(int kc, const float *ap, const float *bp, ptrdiff_t ldb, float *c,
+                          ptrdiff_t ldc, int load_c, int rows, int cols) {
+#define KERNEL_AVX512_NU(MU) \
+    if (cols > 16) kernel_avx512_body(kc, ap, bp, ldb, c, ldc, load_c, rows, MU, 2); \
+    else           kernel_avx512_body(kc, ap, bp, ldb, c, ldc, load_c, rows, MU, 1);
+    if (rows > 8)      { KERNEL_AVX512_NU(12) }
+    else if (rows > 4) { KERNEL_AVX512_NU(8) }
+    else if (rows > 2) { KERNEL_AVX512_NU(4) }
+    else if (rows > 1) { KERNEL_AVX512_NU(2) }
+    else               { KERNEL_AVX512_NU(1) }
+#undef KERNEL_AVX512_NU
+}
+#endif
+
+static gemm_path choose_path(void) {
+    gemm_path path = {GEN_MR, GEN_NR, kernel_generic};
+#ifdef RG_X86
+    int level = rg_simd_level();
+    if (level >= RG_SIMD_AVX512) {
+        path.mr = AVX512_MR; path.nr = AVX512_NR; path.kernel = kernel_avx512;
+    } else if (level >= RG_SIMD_AVX2) {
+        path.mr = AVX2_MR; path.nr = AVX2_NR; path.kernel = kernel_avx2;
+    }
+#endif
+    return path;
+}
+
+/* ---- packing ------------------------------------------------------------------------------- */
+
+/* Copy-pack of a whole block into panels of width w:
+ * d[(c/w)*kc*w + p*w + c%w] = src[p*ld + c] for p < kc, c < n; zero up to the next multiple
+ * of w when pad. Packs op(A) when trans_a (each k a contiguous run of rows) and op(B) when not
+ * trans_b. Row by row of src, so the reads stream through memory and the prefetchers keep up
+ * (panel by panel would walk down src with a stride of ld). */
+static inline void pack_copy(float *d, const float *src, size_t ld, int n, int w, int kc,
+                             int pad) {
+    int whole = n / w, rest = n - whole * w;
+    size_t panel = (size_t)kc * w;
+    for (int p = 0; p < kc; p++, src += ld) {
+        float *d_p = d + (size_t)p * w;
+        /* the width a constant, so each copy is a few vector moves */
+#define PACK_COPY_W(W) \
+        case W: \
+            for (int jp = 0; jp < whole; jp++) \
+                memcpy(d_p + jp * panel, src + jp * W, W * sizeof(float)); \
+            break;
+        switch (w) {
+            PACK_COPY_W(32) PACK_COPY_W(16) PACK_COPY_W(12) PACK_COPY_W(8) PACK_COPY_W(6)
+            PACK_COPY_W(4)
+            default:
+                for (int jp = 0; jp < whole; jp++)
+                    memcpy(d_p + jp * panel, src + jp * w, (size_t)w * sizeof(float));
+        }
+#undef PACK_COPY_W
+        if (rest) {
+            float *e = d_p + whole * panel;
+            const float *s_e = src + whole * w;
+            for (int c = 0; c < rest; c++) e[c] = s_e[c];
+            for (int c = rest; pad && c < w; c++) e[c] = 0.0f;
+        }
+    }
+}
+
+/* Transpose-pack: d[p*w + r] = src[r*ld + p] for p < kc, r < n; zero for n <= r < w when pad.
+ * Packs op(A) when not trans_a (each row contiguous along k) and op(B) when trans_b.
+ * Whole groups of 4 rows go through 4 x 4 SSE transposes (x86-64 baseline). */
+static inline void pack_transpose(float *d, const float *src, size_t ld, int n, int w,
+                                  int kc, int pad) {
+    int r0 = 0;
+#ifdef RG_X86
+    int kc4 = kc & ~3, n4 = n & ~3;
+    /* k in chunks of 64, so the chunk of d being filled (64 x w) stays in L1 */
+    for (int pb = 0; pb < kc4; pb += 64) {
+        int pe = kc4 - pb < 64 ? kc4 : pb + 64;
+        for (r0 = 0; r0 < n4; r0 += 4) {
+            const float *s0 = src + (size_t)r0 * ld, *s1 = s0 + ld, *s2 = s1 + ld, *s3 = s2 + ld;
+            float *dr = d + r0;
+            for (int p = pb; p < pe; p += 4) {
+                __m128 x0 = _mm_loadu_ps(s0 + p), x1 = _mm_loadu_ps(s1 + p);
+                __m128 x2 = _mm_loadu_ps(s2 + p), x3 = _mm_loadu_ps(s3 + p);
+                _MM_TRANSPOSE4_PS(x0, x1, x2, x3);
+                _mm_storeu_ps(dr + (size_t)p * w, x0);
+                _mm_storeu_ps(dr + (size_t)(p + 1) * w, x1);
+                _mm_storeu_ps(dr + (size_t)(p + 2) * w, x2);
+                _mm_storeu_ps(dr + (size_t)(p + 3) * w, x3);
+            }
+        }
+    }
+    for (r0 = 0; r0 < n4; r0++) {
+        const float *s_r = src + (size_t)r0 * ld;
+        for (int p = kc4; p < kc; p++) d[(size_t)p * w + r0] = s_r[p];
+    }
+#endif
+    for (int r = r0; r < n; r++) {
+        const float *s_r = src + (size_t)r * ld;
+        for (int p = 0; p < kc; p++) d[(size_t)p * w + r] = s_r[p];
+    }
+    for (int r = n; pad && r < w; r++)
+        for (int p = 0; p < kc; p++) d[(size_t)p * w + r] = 0.0f;
+}
+
+/* op(A)[i0:i0+mc, p0:p0+kc] into panels of mr rows, k-major: dst[(i/mr)*kc*mr + p*mr + i%mr].
+ * A is (M, K), or (K, M) when trans_a. Rows past mc are left as they are: a row of C
+ * depends only on its row of A, and the micro-kernel never stores those rows. */
+static void pack_a(float *dst, const float *A, int M, int K, int trans_a, int i0, int mc,
+                   int p0, int kc, int mr) {
+    if (trans_a) { /* op(A)[i, p] = A[p, i] */
+        pack_copy(dst, A + (size_t)p0 * M + i0, (size_t)M, mc, mr, kc, 0);
+        return;
+    }
+    for (int ip = 0; ip < mc; ip += mr) { /* op(A)[i, p] = A[i, p] */
+        int rows = mc - ip < mr ? mc - ip : mr;
+        pack_transpose(dst + (size_t)ip * kc, A + (size_t)(i0 + ip) * K + p0, (size_t)K, rows,
+                       mr, kc, 0);
+    }
+}
+
+/* op(B)[p0:p0+kc, j0:j0+nc] into panels of nr columns, k-major:
+ * dst[(j/nr)*kc*nr + p*nr + j%nr]. B is (K, N), or (N, K) when trans_b. Columns past nc
+ * are zero. */
+static void pack_b(float *dst, const float *B, int N, int K, int trans_b, int j0, int nc,
+                   int p0, int kc, int nr) {
+    if (!trans_b) { /* op(B)[p, j] = B[p, j] */
+        pack_copy(dst, B + (size_t)p0 * N + j0, (size_t)N, nc, nr, kc, 1);
+        return;
+    }
+    for (int jp = 0; jp < nc; jp += nr) { /* op(B)[p, j] = B[j, p] */
+        int cols = nc - jp < nr ? nc - jp : nr;
+        pack_transpose(dst + (size_t)jp * kc, B + (size_t)(j0 + jp) * K + p0, (size_t)K, cols,
+                       nr, kc, 1);
+    }
+}
+
+/* ---- driver ---------------------------------------------------------------------------------- */
+
+/* C[m0:m1, n0:n1] (+)= op(A)[m0:m1, :] @ op(B)[:, n0:n1] on the calling thread. */
+static void gemm_block(gemm_path path, float *C, const float *A, const float *B, int M, int N,
+                       int K, int trans_a, int trans_b, int accumulate, int m0, int m1, int n0,
+                       int n1) {
+    const int mr = path.mr, nr = path.nr;
+    float *ap = a_pack, *bp = b_pack;
+    float edge[MR_MAX * NR_MAX] __attribute__((aligned(64)));
+    int kblocks = (K + KC - 1) / KC;
+    int kstep = ((K + kblocks - 1) / kblocks + 3) & ~3; /* <= KC, a multiple of 4 */
+    for (int jc = n0; jc < n1; jc += NC) {
+        int nc = n1 - jc < NC ? n1 - jc : NC;
+        for (int pc = 0; pc < K; pc += kstep) {
+            int kc = K - pc < kstep ? K - pc : kstep;
+            int load_c = accumulate || pc > 0;
+            pack_b(bp, B, N, K, trans_b, jc, nc, pc, kc, nr);
+            for (int ic = m0; ic < m1; ic += MC) {
+                int mc = m1 - ic < MC ? m1 - ic : MC;
+                pack_a(ap, A, M, K, trans_a, ic, mc, pc, kc, mr);
+                for (int ir = 0; ir < mc; ir += mr) {
+                    int rows = mc - ir < mr ? mc - ir : mr;
+                    const float *a_panel = ap + (size_t)ir * kc;
+                    for (int jr = 0; jr < nc; jr += nr) {
+                        int cols = nc - jr < nr ? nc - jr : nr;
+                        const float *b_panel = bp + (size_t)jr * kc;
+                        float *c_tile = C + (size_t)(ic + ir) * N + jc + jr;
+                        if (cols == nr) {
+                            path.kernel(kc, a_panel, b_panel, nr, c_tile, N, load_c, rows, nr);
+                            continue;
+                        }
+                        /* right edge: through a whole-width buffer */
+                        if (load_c)
+                            for (int i = 0; i < rows; i++)
+                                memcpy(edge + i * nr, c_tile + (size_t)i * N,
+                                       (size_t)cols * sizeof(float));
+                        path.kernel(kc, a_panel, b_panel, nr, edge, nr, load_c, rows, cols);
+                        for (int i = 0; i < rows; i++)
+                            memcpy(c_tile + (size_t)i * N, edge + i * nr,
+                                   (size_t)cols * sizeof(float));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* C[:, n0:n1] (+)= op(A) @ B[:, n0:n1] for M <= MR rows and B not transposed: each B
+ * element is used once, so packing B would only copy it; the micro-kernel reads B in place
+ * (row stride N) and only the right edge strip and the one A panel (mr x K) are packed.
+ * The caller checks mr * K <= MC * KC, which also keeps the strip (K x nr) within b_pack. */
+static void gemm_small_m(gemm_path path, float *C, const float *A, const float *B, int M, int N,
+                         int K, int trans_a, int accumulate, int n0, int n1) {
+    const int mr = path.mr, nr = path.nr;
+    float edge[MR_MAX * NR_MAX] __attribute__((aligned(64)));
+    pack_a(a_pack, A, M, K, trans_a, 0, M, 0, K, mr);
+    int j = n0;
+    for (; j + nr <= n1; j += nr)
+        path.kernel(K, a_pack, B + j, N, C + j, N, accumulate, M, nr);
+    if (j < n1) {
+        int cols = n1 - j;
+        pack_b(b_pack, B, N, K, 0, j, cols, 0, K, nr);
+        if (accumulate)
+            for (int i = 0; i < M; i++)
+                memcpy(edge + i * nr, C + (size_t)i * N + j, (size_t)cols * sizeof(float));
+        path.kernel(K, a_pack, b_pack, nr, edge, nr, accumulate, M, cols);
+        for (int i = 0; i < M; i++)
+            memcpy(C + (size_t)i * N + j, edge + i * nr, (size_t)cols * sizeof(float));
+    }
+}
+
+/* Below this many multiply-adds one thread beats waking the others. */
+#ifndef PARALLEL_MIN_FMAS
+#define PARALLEL_MIN_FMAS (40 * 40 * 40)
+#endif
+
 void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
               int trans_a, int trans_b, int accumulate) {
-    #pragma omp parallel for schedule(static)
-    for (int i = 0; i < M; i++) {
-        float *c_i = C + (size_t)i * N;
-        if (!accumulate) memset(c_i, 0, (size_t)N * sizeof(float));
-        for (int p = 0; p < K; p++) {
-            float a = trans_a ? A[(size_t)p * M + i] : A[(size_t)i * K + p];
-            if (trans_b) {
-                for (int j = 0; j < N; j++) c_i[j] += a * B[(size_t)j * K + p];
-            } else {
-                const float *b_p = B + (size_t)p * N;
-                for (int j = 0; j < N; j++) c_i[j] += a * b_p[j];
-            }
+    /* A is (M, K) or (K, M) if trans_a; B is (K, N) or (N, K) if trans_b; C is (M, N) */
+    gemm_path path = choose_path();
+    int nthreads = rg_num_threads();
+    if ((double)M * N * K < PARALLEL_MIN_FMAS) nthreads = 1;
+    /* one row panel, B read in place: threads split the columns */
+    if (!trans_b && M <= path.mr && (size_t)path.mr * K <= (size_t)MC * KC) {
+        int nt = (N + path.nr - 1) / path.nr;
+        if (nthreads > nt) nthreads = nt;
+        if (nthreads <= 1) {
+            gemm_small_m(path, C, A, B, M, N, K, trans_a, accumulate, 0, N);
+            return;
+        }
+        #pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int t = 0; t < nthreads; t++) {
+            int n0 = (int)((long)nt * t / nthreads) * path.nr;
+            int n1 = (int)((long)nt * (t + 1) / nthreads) * path.nr;
+            gemm_small_m(path, C, A, B, M, N, K, trans_a, accumulate, n0, n1 < N ? n1 : N);
+        }
+        return;
+    }
+    /* Split C into tm x tn <= nthreads rectangles, one per thread, along whole micro-tiles.
+     * A split along M packs B again in every thread, a split along N packs A again: pick
+     * the split whose busiest thread has the least compute plus packing. */
+    int mt = (M + path.mr - 1) / path.mr, nt = (N + path.nr - 1) / path.nr;
+    int tm = 1, tn = 1;
+    double best = -1.0;
+    for (int t = 1; t <= nthreads && t <= mt; t++) {
+        for (int u = 1; t * u <= nthreads && u <= nt; u++) {
+            double rows = (double)((mt + t - 1) / t) * path.mr;
+            double cols = (double)((nt + u - 1) / u) * path.nr;
+            double cost = rows * cols * K / 16.0 + (rows + cols) * K;
+            if (best < 0 || cost < best) { best = cost; tm = t; tn = u; }
+        }
+    }
+    nthreads = tm * tn;
+    if (nthreads <= 1) {
+        gemm_block(path, C, A, B, M, N, K, trans_a, trans_b, accumulate, 0, M, 0, N);
+        return;
+    }
+    #pragma omp parallel num_threads(nthreads)
+    {
+        /* a nested call may get fewer threads than asked: each takes rectangles in turn */
+#ifdef _OPENMP
+        int first = omp_get_thread_num(), step = omp_get_num_threads();
+#else
+        int first = 0, step = 1;
+#endif
+        for (int t = first; t < nthreads; t += step) {
+            int ti = t / tn, tj = t % tn;
+            int m0 = (int)((long)mt * ti / tm) * path.mr;
+            int m1 = (int)((long)mt * (ti + 1) / tm) * path.mr;
+            int n0 = (int)((long)nt * tj / tn) * path.nr;
+            int n1 = (int)((long)nt * (tj + 1) / tn) * path.nr;
+            if (m1 > M) m1 = M;
+            if (n1 > N) n1 = N;
+            if (m0 < m1 && n0 < n1)
+                gemm_block(path, C, A, B, M, N, K, trans_a, trans_b, accumulate, m0, m1, n0, n1);
         }
     }
 }
