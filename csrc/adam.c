@@ -2,7 +2,8 @@
 #include <math.h>
 #include "rustgpt_kernels.h"
 
-void rg_adam_update(float *params, float *m, float *v, const float *grads, size_t n,
+void rg_adam_update(float *restrict params, float *restrict m, float *restrict v,
+                    const float *restrict grads, size_t n,
                     double lr, double beta1, double beta2, double eps,
                     double weight_decay, int t, float grad_scale) {
     /* constants in double, then rounded once: 1 - beta2 in float32 would be 1.3e-5 off */

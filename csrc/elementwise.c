@@ -67,9 +67,17 @@ void rg_embedding_backward(float *dwte, float *dwpe, const float *dout, const in
 }
 
 double rg_sum_squares(const float *x, size_t n) {
+    /* eight independent double accumulators per block: no single long dependency chain */
     double total = 0.0;
     #pragma omp parallel for if (n >= PAR_MIN) reduction(+ : total) schedule(static)
-    for (size_t i = 0; i < n; i++) total += (double)x[i] * x[i];
+    for (size_t b = 0; b < n; b += 4096) {
+        size_t e = b + 4096 < n ? b + 4096 : n, i = b;
+        double acc[8] = {0.0};
+        for (; i + 8 <= e; i += 8)
+            for (int j = 0; j < 8; j++) acc[j] += (double)x[i + j] * x[i + j];
+        for (; i < e; i++) acc[0] += (double)x[i] * x[i];
+        total += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    }
     return total;
 }
 

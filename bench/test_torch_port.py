@@ -1,0 +1,114 @@
+"""The PyTorch port computes what rustgpt computes (as llm.c's test_gpt2.c): logits, loss,
+every gradient, and a few Adam steps with clipping, on a small random model and on the
+default architecture loaded from a checkpoint file. Skipped without torch."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from rustgpt.checkpoint import Checkpoint  # noqa: E402
+from rustgpt.config import Config, ModelConfig  # noqa: E402
+from rustgpt.data import BUNDLED_CHAT, BUNDLED_PRETRAINING, Dataset, make_batch  # noqa: E402
+from rustgpt.model import LLM  # noqa: E402
+from rustgpt.optim import Adam  # noqa: E402
+from rustgpt.tokenizer import Vocab  # noqa: E402
+
+from bench.torch_port import from_rustgpt  # noqa: E402
+from tests import reference as ref  # noqa: E402
+
+SMALL = ModelConfig(embedding_dim=12, hidden_dim=33, num_layers=2, num_heads=3, max_seq_len=9)
+
+
+def small_model(seed=3):
+    vocab = Vocab([f"w{i}" for i in range(17)] + ["</s>", "<unk>"])
+    return LLM(SMALL, vocab, seed=seed)
+
+
+def small_batch(rng):
+    return make_batch([rng.integers(0, 19, n).astype(np.intc) for n in (10, 7, 1 + 1)])
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    """RustGPT's default architecture on the bundled vocabulary, and chat examples."""
+    pre, chat = Dataset.load(BUNDLED_PRETRAINING), Dataset.load(BUNDLED_CHAT)
+    vocab = Vocab.from_texts(pre.examples + chat.examples)
+    model = LLM(ModelConfig(), vocab, seed=7)
+    return model, chat.encode(vocab, model.config.max_seq_len)[:4]
+
+
+def port_grads(port):
+    return {name: p.grad.numpy() for name, p in port.named_parameters()}
+
+
+def test_small_model_logits_and_loss(rng):
+    model = small_model()
+    port = from_rustgpt(model)
+    inputs, targets = small_batch(rng)
+    with torch.no_grad():
+        logits = port(inputs).numpy()
+        loss = port.loss(inputs, targets).item()
+    ref.assert_close(logits, model.forward(inputs), 1e-4, 1e-5, "logits")
+    assert loss == pytest.approx(model.loss_and_backward(inputs, targets), rel=1e-4)
+
+
+def test_default_architecture_from_a_checkpoint_file(default_model, tmp_path):
+    model, sequences = default_model
+    path = Checkpoint.from_model(model, Config()).save(tmp_path / "model.safetensors")
+    port = from_rustgpt(path)
+    inputs, targets = make_batch(sequences)
+    with torch.no_grad():
+        logits = port(inputs).numpy()
+        loss = port.loss(inputs, targets).item()
+    ref.assert_close(logits, model.forward(inputs), 1e-4, 1e-4, "logits")
+    assert loss == pytest.approx(model.loss_and_backward(inputs, targets), rel=1e-4)
+
+
+@pytest.mark.parametrize("which", ["small", "default"])
+def test_gradients_match(which, default_model, rng):
+    if which == "small":
+        model, (inputs, targets) = small_model(), small_batch(rng)
+    else:
+        model, (inputs, targets) = default_model[0], make_batch(default_model[1])
+    port = from_rustgpt(model)
+    port.loss(inputs, targets).backward()
+    model.loss_and_backward(inputs, targets)
+    expected = port_grads(port)
+    assert list(expected) == list(model.params.grads)
+    for name, grad in model.params.grads.items():
+        scale = max(np.abs(expected[name]).max(), 1e-6)  # relative to the tensor's largest
+        ref.assert_close(grad / scale, expected[name] / scale, 0, 2e-4, name)
+
+
+@pytest.mark.parametrize("max_grad_norm", [5.0, 0.1], ids=["clip-5", "clip-active"])
+def test_training_steps_match(max_grad_norm, rng):
+    """Five Adam steps from the same weights: same losses, nearly the same weights."""
+    model = small_model()
+    port = from_rustgpt(model)
+    optimizer = Adam(model.params)
+    inputs, targets = small_batch(rng)
+    lr = 1e-3
+    start = model.params.data.copy()
+    for step in range(5):
+        loss, norm = model.train_step(inputs, targets, optimizer, lr, max_grad_norm)
+        t_loss, t_norm = port.train_step(inputs, targets, lr, max_grad_norm)
+        assert t_loss == pytest.approx(loss, rel=1e-5), f"step {step}"
+        assert t_norm == pytest.approx(norm, rel=1e-4), f"step {step}"
+    moved = np.abs(model.params.data - start).max()
+    assert moved > 4 * lr  # Adam moves each weight by about lr per step
+    for name, value in port.state_dict().items():
+        ref.assert_close(model.params.values[name], value.numpy(), 0, 1e-2 * lr, name)
+
+
+def test_generate_no_cache_is_rustgpts_greedy(default_model):
+    from rustgpt.generation import generate
+
+    model = default_model[0]
+    port = from_rustgpt(model)
+    prompt = "User: How do mountains form?"
+    ids = model.vocab.encode(prompt)
+    expected = generate(model, prompt, max_tokens=8, raw=True)
+    new = port.generate_no_cache(ids, 8)
+    eos = new.index(model.vocab.eos_id) if model.vocab.eos_id in new else len(new)
+    assert model.vocab.decode(new[:eos]) == expected
