@@ -3,8 +3,6 @@
 import numpy as np
 import pytest
 
-BENCH_THREADS = 2  # every side-by-side benchmark row runs at this many threads
-
 
 @pytest.fixture
 def rng():
@@ -13,10 +11,10 @@ def rng():
 
 @pytest.fixture(scope="session")
 def bench_threads():
-    """rustgpt, torch (if installed) and numpy's BLAS at BENCH_THREADS threads; returns a
-    note on how numpy's threads were set, for extra_info."""
-    from bench.compare import limit_threads
+    """rustgpt, torch (if installed) and numpy's BLAS at compare.DEFAULT_THREADS threads;
+    returns a note on how numpy's threads were set, for extra_info."""
+    from bench.compare import DEFAULT_THREADS, limit_threads
 
-    restore, note = limit_threads(BENCH_THREADS)
+    restore, note = limit_threads(DEFAULT_THREADS)
     yield note
     restore()

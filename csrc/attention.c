@@ -21,9 +21,7 @@
  * then over key rows (dk, dv), which recomputes dout . v once more instead of storing a
  * (T, T) matrix of score gradients.
  */
-#include <math.h>
-#include <string.h>
-#include "rustgpt_kernels.h"
+#include "simd.h"
 
 #define RT 4  /* rows per block */
 #define KW 16 /* keys per transposed tile in scores_block */
@@ -271,44 +269,37 @@ void step_head(int wide, float *out, const float *q, const float *kc, const floa
 
 /* ---- the three SIMD variants of each task ----------------------------------------------- */
 
-#define AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma")))
-#define AVX2 __attribute__((target("avx2,fma")))
-#define UNPAREN(...) __VA_ARGS__
 /* AVX-512 runs the explicit 16-lane loops (wide = 1); AVX2 and generic the float loops,
  * as GCC keeps 64-byte vectors it must split into halves in memory. */
-#define VARIANTS(name, params, args)                                                     \
-    static void name##_generic params { name(0, UNPAREN args); }                        \
-    AVX2 static void name##_avx2 params { name(0, UNPAREN args); }                      \
-    AVX512 static void name##_avx512 params { name(1, UNPAREN args); }                  \
-    static void (*name##_pick(void)) params {                                           \
-        int level = rg_simd_level();                                                    \
-        return level == RG_SIMD_AVX512 ? name##_avx512                                  \
-             : level == RG_SIMD_AVX2 ? name##_avx2 : name##_generic;                    \
-    }
-
-VARIANTS(forward_rows,
+RG_VARIANTS(forward_rows,
          (float *out, float *att, const float *q, const float *k, const float *v, int T,
           int D, int hs, int t0, int t1),
          (out, att, q, k, v, T, D, hs, t0, t1))
-VARIANTS(backward_query_rows,
+RG_VARIANTS(backward_query_rows,
          (float *dq, float *dot, const float *dout, const float *att, const float *k,
           const float *v, int T, int D, int hs, int t0, int t1),
          (dq, dot, dout, att, k, v, T, D, hs, t0, t1))
-VARIANTS(backward_key_rows,
+RG_VARIANTS(backward_key_rows,
          (float *dk, float *dv, const float *dot, const float *dout, const float *att,
           const float *q, const float *v, int T, int D, int hs, int j0, int j1),
          (dk, dv, dot, dout, att, q, v, T, D, hs, j0, j1))
-VARIANTS(step_head,
+RG_VARIANTS(step_head,
          (float *out, const float *q, const float *kc, const float *vc, int n, int D,
           int hs),
          (out, q, kc, vc, n, D, hs))
 
 /* ---- splitting the work over threads -------------------------------------------------- */
 
+/* Threads worth waking: one for small problems (B * NH * T^2 * hs / 2 multiply-adds
+ * under about 2^18), where a parallel region costs more than it saves. */
+static int threads_for(int BNH, int T, int hs) {
+    return (double)BNH * T * T * hs < 524288.0 ? 1 : rg_num_threads();
+}
+
 /* Pieces each head's rows are cut into: 1 when the B * NH heads spread evenly over the
  * threads (or are many), else one piece per thread. */
-static int pieces_per_head(int BNH, int T) {
-    int nt = rg_num_threads();
+static int pieces_per_head(int BNH, int T, int hs) {
+    int nt = threads_for(BNH, T, hs);
     if (BNH % nt == 0 || BNH >= 8 * nt) return 1;
     return nt < T ? nt : T;
 }
@@ -327,10 +318,11 @@ static int key_split(int T, int c, int P) {
 
 void rg_attention_forward(float *out, float *att, const float *q, const float *k,
                           const float *v, int B, int T, int D, int NH) {
-    int hs = D / NH, BNH = B * NH, P = pieces_per_head(BNH, T);
+    int hs = D / NH, BNH = B * NH, P = pieces_per_head(BNH, T, hs);
+    int nt = threads_for(BNH, T, hs);
     void (*fwd)(float *, float *, const float *, const float *, const float *, int, int,
                 int, int, int) = forward_rows_pick();
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for num_threads(nt) schedule(static)
     for (int task = 0; task < BNH * P; task++) {
         int b = task / P / NH, h = task / P % NH, c = task % P;
         size_t x = (size_t)b * T * D + h * hs; /* seek to [b, 0, h*hs] */
@@ -342,14 +334,15 @@ void rg_attention_forward(float *out, float *att, const float *q, const float *k
 void rg_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                            const float *att, const float *q, const float *k, const float *v,
                            int B, int T, int D, int NH) {
-    int hs = D / NH, BNH = B * NH, P = pieces_per_head(BNH, T);
+    int hs = D / NH, BNH = B * NH, P = pieces_per_head(BNH, T, hs);
+    int nt = threads_for(BNH, T, hs);
     void (*query_rows)(float *, float *, const float *, const float *, const float *,
                        const float *, int, int, int, int, int) = backward_query_rows_pick();
     void (*key_rows)(float *, float *, const float *, const float *, const float *,
                      const float *, const float *, int, int, int, int, int) =
         backward_key_rows_pick();
     if (P == 1) { /* one task per head: both passes, dot on this thread's stack */
-        #pragma omp parallel for schedule(static)
+        #pragma omp parallel for num_threads(nt) schedule(static)
         for (int bh = 0; bh < BNH; bh++) {
             size_t x = (size_t)(bh / NH) * T * D + (bh % NH) * hs; /* [b, 0, h*hs] */
             const float *att_bh = att + (size_t)bh * T * T;
@@ -360,7 +353,7 @@ void rg_attention_backward(float *dq, float *dk, float *dv, const float *dout,
         return;
     }
     float dot[BNH * T]; /* (B, NH, T), small: here B * NH < 8 * threads */
-    #pragma omp parallel
+    #pragma omp parallel num_threads(nt)
     {
         #pragma omp for schedule(static)
         for (int task = 0; task < BNH * P; task++) {

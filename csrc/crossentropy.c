@@ -1,47 +1,60 @@
-/* crossentropy.c: softmax cross-entropy over the vocabulary, fused with its gradient. */
-#include <math.h>
-#include "rustgpt_kernels.h"
+/* crossentropy.c: softmax cross-entropy over the vocabulary, fused with its gradient.
+ * One row per task; the row loops are vectorized (rg_expf) in three SIMD variants. */
+#include "simd.h"
 
-/* Row i's log-sum-exp, max-shifted for stability. logits_i: (V). */
-static float logsumexp(const float *logits_i, int V, float *maxv) {
-    float mx = logits_i[0];
-    for (int j = 1; j < V; j++) mx = logits_i[j] > mx ? logits_i[j] : mx;
-    float sum = 0.0f;
-    for (int j = 0; j < V; j++) sum += expf(logits_i[j] - mx);
-    *maxv = mx;
-    return mx + logf(sum);
+/* Rows [i0, i1): losses, and when dlogits is not NULL the gradient
+ * dlogits = (softmax - onehot(y)) * dscale, zero rows for ignored targets. logits and
+ * dlogits may be the same array: each element is read before it is written. */
+RG_INLINE void rows(int wide, float *losses, float *dlogits, const float *logits,
+                    const int *targets, int i0, int i1, int V, int ignore_index,
+                    float dscale) {
+    (void)wide;
+    for (int i = i0; i < i1; i++) {
+        const float *x = logits + (size_t)i * V;
+        float *dx = dlogits ? dlogits + (size_t)i * V : NULL;
+        int y = targets[i];
+        if (y == ignore_index) {
+            losses[i] = 0.0f;
+            if (dx) memset(dx, 0, (size_t)V * sizeof(float));
+            continue;
+        }
+        float mx = x[0], sum = 0.0f;
+        #pragma omp simd reduction(max : mx)
+        for (int j = 0; j < V; j++) mx = x[j] > mx ? x[j] : mx;
+        #pragma omp simd reduction(+ : sum)
+        for (int j = 0; j < V; j++) sum += rg_expf(x[j] - mx);
+        float lse = mx + logf(sum);
+        losses[i] = lse - x[y]; /* -log softmax(x)[y] */
+        if (!dx) continue;
+        /* loss = lse - x[y], so dx = softmax(x) - onehot(y), times dscale */
+        float s = dscale / sum;
+        #pragma omp simd
+        for (int j = 0; j < V; j++) dx[j] = rg_expf(x[j] - mx) * s;
+        dx[y] -= dscale;
+    }
+}
+RG_VARIANTS(rows, (float *losses, float *dlogits, const float *logits, const int *targets,
+                   int i0, int i1, int V, int ignore_index, float dscale),
+            (losses, dlogits, logits, targets, i0, i1, V, ignore_index, dscale))
+
+static void run(float *losses, float *dlogits, const float *logits, const int *targets,
+                int N, int V, int ignore_index, float dscale) {
+    void (*f)(float *, float *, const float *, const int *, int, int, int, int, float) =
+        rows_pick();
+    int nt = (size_t)N * V >= 65536 ? rg_num_threads() : 1;
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int c = 0; c < nt; c++)
+        f(losses, dlogits, logits, targets, (int)((long)N * c / nt),
+          (int)((long)N * (c + 1) / nt), V, ignore_index, dscale);
 }
 
 void rg_crossentropy_forward(float *losses, const float *logits, const int *targets,
                              int N, int V, int ignore_index) {
-    #pragma omp parallel for if ((size_t)N * V >= 32768) schedule(static)
-    for (int i = 0; i < N; i++) {
-        const float *logits_i = logits + (size_t)i * V;
-        float mx;
-        losses[i] = targets[i] == ignore_index
-                        ? 0.0f
-                        : logsumexp(logits_i, V, &mx) - logits_i[targets[i]];
-    }
+    run(losses, NULL, logits, targets, N, V, ignore_index, 0.0f);
 }
 
 void rg_crossentropy_forward_backward(float *losses, float *dlogits, const float *logits,
                                       const int *targets, int N, int V, int ignore_index,
                                       float dscale) {
-    #pragma omp parallel for if ((size_t)N * V >= 32768) schedule(static)
-    for (int i = 0; i < N; i++) {
-        const float *logits_i = logits + (size_t)i * V;
-        float *dlogits_i = dlogits + (size_t)i * V;
-        int y = targets[i];
-        if (y == ignore_index) {
-            losses[i] = 0.0f;
-            for (int j = 0; j < V; j++) dlogits_i[j] = 0.0f;
-            continue;
-        }
-        float mx;
-        float lse = logsumexp(logits_i, V, &mx);
-        losses[i] = lse - logits_i[y];
-        /* loss = lse - logits[y], so dlogits = softmax - onehot(y); read before write */
-        for (int j = 0; j < V; j++) dlogits_i[j] = expf(logits_i[j] - lse) * dscale;
-        dlogits_i[y] -= dscale;
-    }
+    run(losses, dlogits, logits, targets, N, V, ignore_index, dscale);
 }

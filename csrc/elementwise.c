@@ -1,19 +1,26 @@
 /* elementwise.c: relu, bias add and column sums, embedding gather / scatter-add, and the
  * sum of squares and scaling that gradient clipping needs. Memory-bound loops: vectorized
  * by the compiler, parallel only where the arrays are large. */
-#include "rustgpt_kernels.h"
+#include "simd.h"
 
 #define PAR_MIN 32768 /* below this many elements a parallel region costs more than it saves */
 
 void rg_relu_forward(float *out, const float *x, size_t n) {
-    #pragma omp parallel for if (n >= PAR_MIN) schedule(static)
-    for (size_t i = 0; i < n; i++) out[i] = x[i] > 0.0f ? x[i] : 0.0f;
+    #pragma omp parallel for simd if (n >= PAR_MIN) schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        float v = x[i];
+        out[i] = v > 0.0f ? v : 0.0f;
+    }
 }
 
 void rg_relu_backward(float *dx, const float *dout, const float *out, size_t n) {
-    /* forward: out = max(x, 0), so dx = dout * [out > 0] */
-    #pragma omp parallel for if (n >= PAR_MIN) schedule(static)
-    for (size_t i = 0; i < n; i++) dx[i] = out[i] > 0.0f ? dout[i] : 0.0f;
+    /* forward: out = max(x, 0), so dx = dout * [out > 0]; both loads unconditional, so the
+     * select vectorizes instead of branching on random signs */
+    #pragma omp parallel for simd if (n >= PAR_MIN) schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        float d = dout[i];
+        dx[i] = out[i] > 0.0f ? d : 0.0f;
+    }
 }
 
 void rg_bias_add(float *x, const float *b, int N, int C) {
@@ -66,17 +73,28 @@ void rg_embedding_backward(float *dwte, float *dwpe, const float *dout, const in
     }
 }
 
+/* Sum of squares of x[i0, i1) in eight independent double accumulators. */
+RG_INLINE void sum_squares_range(int wide, double *out, const float *x, size_t i0, size_t i1) {
+    (void)wide;
+    double acc[8] = {0.0};
+    size_t i = i0;
+    for (; i + 8 <= i1; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += (double)x[i + j] * x[i + j];
+    for (; i < i1; i++) acc[0] += (double)x[i] * x[i];
+    *out = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+RG_VARIANTS(sum_squares_range, (double *out, const float *x, size_t i0, size_t i1),
+            (out, x, i0, i1))
+
 double rg_sum_squares(const float *x, size_t n) {
-    /* eight independent double accumulators per block: no single long dependency chain */
+    void (*f)(double *, const float *, size_t, size_t) = sum_squares_range_pick();
     double total = 0.0;
-    #pragma omp parallel for if (n >= PAR_MIN) reduction(+ : total) schedule(static)
-    for (size_t b = 0; b < n; b += 4096) {
-        size_t e = b + 4096 < n ? b + 4096 : n, i = b;
-        double acc[8] = {0.0};
-        for (; i + 8 <= e; i += 8)
-            for (int j = 0; j < 8; j++) acc[j] += (double)x[i + j] * x[i + j];
-        for (; i < e; i++) acc[0] += (double)x[i] * x[i];
-        total += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    int nt = n >= PAR_MIN ? rg_num_threads() : 1;
+    #pragma omp parallel for num_threads(nt) reduction(+ : total) schedule(static)
+    for (int c = 0; c < nt; c++) {
+        double part;
+        f(&part, x, n * c / nt, n * (c + 1) / nt);
+        total += part;
     }
     return total;
 }

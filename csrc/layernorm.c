@@ -1,66 +1,109 @@
-/* layernorm.c: layer norm forward and backward, row by row (post-norm blocks, as RustGPT). */
-#include <math.h>
-#include "rustgpt_kernels.h"
+/* layernorm.c: layer norm forward and backward, row by row (post-norm blocks, as RustGPT).
+ * Row loops vectorized in three SIMD variants; threads split the rows. */
+#include "simd.h"
 
-void rg_layernorm_forward(float *out, float *mean, float *rstd, const float *x,
-                          const float *g, const float *b, int N, int D, float eps) {
-    #pragma omp parallel for if ((size_t)N * D >= 32768) schedule(static)
-    for (int i = 0; i < N; i++) {
+/* Rows [i0, i1) of the forward. */
+RG_INLINE void forward_rows(int wide, float *out, float *mean, float *rstd, const float *x,
+                            const float *g, const float *b, int i0, int i1, int D, float eps) {
+    (void)wide;
+    for (int i = i0; i < i1; i++) {
         const float *x_i = x + (size_t)i * D;
         float *out_i = out + (size_t)i * D;
-        float mu = 0.0f;
+        float mu = 0.0f, var = 0.0f;
+        #pragma omp simd reduction(+ : mu)
         for (int d = 0; d < D; d++) mu += x_i[d];
         mu /= D;
-        float var = 0.0f; /* two passes: stable when |mean| >> std */
-        for (int d = 0; d < D; d++) {
-            float xm = x_i[d] - mu;
-            var += xm * xm;
-        }
-        var /= D;
-        float rs = 1.0f / sqrtf(var + eps);
+        #pragma omp simd reduction(+ : var)
+        for (int d = 0; d < D; d++) var += (x_i[d] - mu) * (x_i[d] - mu); /* two passes: stable */
+        float rs = 1.0f / sqrtf(var / D + eps);
+        #pragma omp simd
         for (int d = 0; d < D; d++) out_i[d] = (x_i[d] - mu) * rs * g[d] + b[d];
         mean[i] = mu;
         rstd[i] = rs;
     }
 }
+RG_VARIANTS(forward_rows, (float *out, float *mean, float *rstd, const float *x,
+                           const float *g, const float *b, int i0, int i1, int D, float eps),
+            (out, mean, rstd, x, g, b, i0, i1, D, eps))
+
+/* Columns [d0, d1) of dg and db: sums over all N rows. */
+RG_INLINE void param_grads(int wide, float *dg, float *db, const float *dout, const float *x,
+                           const float *mean, const float *rstd, int N, int D, int d0, int d1) {
+    (void)wide;
+    for (int i = 0; i < N; i++) {
+        const float *x_i = x + (size_t)i * D, *dout_i = dout + (size_t)i * D;
+        float mu = mean[i], rs = rstd[i];
+        #pragma omp simd
+        for (int d = d0; d < d1; d++) {
+            db[d] += dout_i[d];
+            dg[d] += dout_i[d] * (x_i[d] - mu) * rs;
+        }
+    }
+}
+RG_VARIANTS(param_grads, (float *dg, float *db, const float *dout, const float *x,
+                          const float *mean, const float *rstd, int N, int D, int d0, int d1),
+            (dg, db, dout, x, mean, rstd, N, D, d0, d1))
+
+/* Rows [i0, i1) of dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)). */
+RG_INLINE void input_grads(int wide, float *dx, const float *dout, const float *x,
+                           const float *g, const float *mean, const float *rstd, int i0,
+                           int i1, int D) {
+    (void)wide;
+    for (int i = i0; i < i1; i++) {
+        const float *x_i = x + (size_t)i * D, *dout_i = dout + (size_t)i * D;
+        float *dx_i = dx + (size_t)i * D;
+        float mu = mean[i], rs = rstd[i], m1 = 0.0f, m2 = 0.0f;
+        #pragma omp simd reduction(+ : m1, m2)
+        for (int d = 0; d < D; d++) {
+            float dxhat = dout_i[d] * g[d];
+            m1 += dxhat;
+            m2 += dxhat * (x_i[d] - mu) * rs;
+        }
+        m1 /= D;
+        m2 /= D;
+        #pragma omp simd
+        for (int d = 0; d < D; d++)
+            dx_i[d] = rs * (dout_i[d] * g[d] - m1 - (x_i[d] - mu) * rs * m2);
+    }
+}
+RG_VARIANTS(input_grads, (float *dx, const float *dout, const float *x, const float *g,
+                          const float *mean, const float *rstd, int i0, int i1, int D),
+            (dx, dout, x, g, mean, rstd, i0, i1, D))
+
+/* threads worth using for n elements of row work */
+static int threads_for(size_t n) { return n >= 32768 ? rg_num_threads() : 1; }
+
+void rg_layernorm_forward(float *out, float *mean, float *rstd, const float *x,
+                          const float *g, const float *b, int N, int D, float eps) {
+    void (*f)(float *, float *, float *, const float *, const float *, const float *, int,
+              int, int, float) = forward_rows_pick();
+    int nt = threads_for((size_t)N * D);
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int c = 0; c < nt; c++)
+        f(out, mean, rstd, x, g, b, (int)((long)N * c / nt), (int)((long)N * (c + 1) / nt),
+          D, eps);
+}
 
 void rg_layernorm_backward(float *dx, float *dg, float *db, const float *dout,
                            const float *x, const float *g, const float *mean,
                            const float *rstd, int N, int D) {
-    /* forward: xhat = (x - mean) * rstd, out = xhat * g + b, so
-     *   db += dout,  dg += dout * xhat,
-     *   dx  = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),  dxhat = dout * g.
-     * dg, db sum over rows: that loop runs first, parallel over column blocks (dx may alias
-     * dout, so dout must be read before dx is written). */
-    #pragma omp parallel for if ((size_t)N * D >= 32768) schedule(static)
-    for (int d0 = 0; d0 < D; d0 += 64) {
-        int d1 = d0 + 64 < D ? d0 + 64 : D;
-        for (int i = 0; i < N; i++) {
-            const float *x_i = x + (size_t)i * D;
-            const float *dout_i = dout + (size_t)i * D;
-            for (int d = d0; d < d1; d++) {
-                db[d] += dout_i[d];
-                dg[d] += dout_i[d] * (x_i[d] - mean[i]) * rstd[i];
-            }
-        }
-    }
-    #pragma omp parallel for if ((size_t)N * D >= 32768) schedule(static)
-    for (int i = 0; i < N; i++) {
-        const float *x_i = x + (size_t)i * D;
-        const float *dout_i = dout + (size_t)i * D;
-        float *dx_i = dx + (size_t)i * D;
-        float mu = mean[i], rs = rstd[i];
-        float dxhat_mean = 0.0f, dxhat_xhat_mean = 0.0f;
-        for (int d = 0; d < D; d++) {
-            float dxhat = dout_i[d] * g[d];
-            dxhat_mean += dxhat;
-            dxhat_xhat_mean += dxhat * (x_i[d] - mu) * rs;
-        }
-        dxhat_mean /= D;
-        dxhat_xhat_mean /= D;
-        for (int d = 0; d < D; d++) {
-            float xhat = (x_i[d] - mu) * rs;
-            dx_i[d] = rs * (dout_i[d] * g[d] - dxhat_mean - xhat * dxhat_xhat_mean);
-        }
+    /* forward: xhat = (x - mean) * rstd, out = xhat * g + b, so db += dout,
+     * dg += dout * xhat. Those sums over rows run first, split by columns (dx may alias
+     * dout, so dout is read before dx is written); then dx, split by rows. */
+    void (*pg)(float *, float *, const float *, const float *, const float *, const float *,
+               int, int, int, int) = param_grads_pick();
+    void (*ig)(float *, const float *, const float *, const float *, const float *,
+               const float *, int, int, int) = input_grads_pick();
+    int nt = threads_for((size_t)N * D);
+    #pragma omp parallel num_threads(nt)
+    {
+        #pragma omp for schedule(static)
+        for (int c = 0; c < nt; c++)
+            pg(dg, db, dout, x, mean, rstd, N, D, (int)((long)D * c / nt / 16 * 16),
+               c + 1 == nt ? D : (int)((long)D * (c + 1) / nt / 16 * 16));
+        #pragma omp for schedule(static)
+        for (int c = 0; c < nt; c++)
+            ig(dx, dout, x, g, mean, rstd, (int)((long)N * c / nt),
+               (int)((long)N * (c + 1) / nt), D);
     }
 }

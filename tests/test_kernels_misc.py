@@ -11,7 +11,7 @@ SIZES = [(1, 1), (7, 33), (33, 129), (80, 128)]
 
 
 @pytest.mark.parametrize("N,D", SIZES)
-def test_layernorm_forward(rng, N, D):
+def test_layernorm_forward(rng, simd, N, D):
     x = (rng.standard_normal((N, D)) * 3 + 2).astype(np.float32)
     g = rng.standard_normal(D).astype(np.float32)
     b = rng.standard_normal(D).astype(np.float32)
@@ -24,7 +24,7 @@ def test_layernorm_forward(rng, N, D):
 
 
 @pytest.mark.parametrize("N,D", SIZES)
-def test_layernorm_backward(rng, N, D):
+def test_layernorm_backward(rng, simd, N, D):
     x = rng.standard_normal((N, D)).astype(np.float32)
     g = rng.standard_normal(D).astype(np.float32)
     b = rng.standard_normal(D).astype(np.float32)
@@ -72,7 +72,7 @@ def test_layernorm_backward_in_place(rng):
 
 
 @pytest.mark.parametrize("N,V", [(1, 1), (7, 33), (33, 530), (64, 4099)])
-def test_crossentropy(rng, N, V):
+def test_crossentropy(rng, simd, N, V):
     logits = (rng.standard_normal((N, V)) * 5).astype(np.float32)
     targets = rng.integers(0, V, N).astype(np.intc)
     targets[::3] = -1  # ignored positions (padding)
@@ -97,7 +97,7 @@ def test_crossentropy_is_stable_for_huge_logits():
 
 @pytest.mark.parametrize("n", [1, 7, 129, 100_003])
 @pytest.mark.parametrize("weight_decay,grad_scale", [(0.0, 1.0), (0.01, 0.5)])
-def test_adam(rng, n, weight_decay, grad_scale):
+def test_adam(rng, simd, n, weight_decay, grad_scale):
     p = rng.standard_normal(n).astype(np.float32)
     m = rng.standard_normal(n).astype(np.float32) * 0.1
     v = np.abs(rng.standard_normal(n)).astype(np.float32) * 0.01
@@ -111,7 +111,7 @@ def test_adam(rng, n, weight_decay, grad_scale):
 
 
 @pytest.mark.parametrize("n", [1, 33, 100_003])
-def test_relu(rng, n):
+def test_relu(rng, simd, n):
     x = rng.standard_normal(n).astype(np.float32)
     out = np.empty_like(x)
     K.relu_forward(out, x)
@@ -154,7 +154,7 @@ def test_embedding(rng, B, T, D, V):
     ref.assert_close(dwpe, e_dwpe, 1e-5, 1e-5, "dwpe")
 
 
-def test_sum_squares_and_scale(rng):
+def test_sum_squares_and_scale(rng, simd):
     x = rng.standard_normal(100_003).astype(np.float32)
     assert K.sum_squares(x) == pytest.approx(float((x.astype(np.float64) ** 2).sum()), rel=1e-9)
     expected = x * np.float32(0.5)

@@ -1,0 +1,654 @@
+"""rustgpt side by side with the same model in PyTorch (bench/torch_port.py) and in float32
+numpy (bench/numpy_model.py): every workload of the performance targets, one markdown table.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/compare.py [--quick] [--full] [--threads 2]
+
+Workloads: (a) RustGPT's schedule step (batch 1, bundled data), (b)-(d) training steps of
+larger shapes, (e) generating 64 tokens, (f) sgemm vs numpy's BLAS, (g) thread scaling;
+then peak memory of `rustgpt-cli train`, import and CLI start-up times. `--full` adds
+(a-full), the whole RustGPT schedule: rustgpt's Trainer vs the same loop on the PyTorch port.
+Rows of one workload are timed round-robin (best of the rounds), each round once the CPU
+is free of other processes (see Settle), so such load hits every column alike.
+
+Threads: rustgpt and torch through set_num_threads; numpy's OpenBLAS through threadpoolctl
+when installed, else the script restarts itself with OPENBLAS_NUM_THREADS = --threads.
+bench/test_bench_model.py reuses the workload builders below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make `bench` and `rustgpt` importable alike
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+import rustgpt  # noqa: E402
+from rustgpt import _kernels as K  # noqa: E402
+from rustgpt.config import Config, ModelConfig, TrainingConfig  # noqa: E402
+from rustgpt.data import BUNDLED_CHAT, BUNDLED_PRETRAINING, Dataset, make_batch  # noqa: E402
+from rustgpt.generation import stream  # noqa: E402
+from rustgpt.model import LLM  # noqa: E402
+from rustgpt.optim import Adam  # noqa: E402
+from rustgpt.tokenizer import Vocab  # noqa: E402
+from rustgpt.training import Trainer, rustgpt_phases  # noqa: E402
+
+from bench.numpy_model import NumpyGPT  # noqa: E402
+
+try:
+    import torch
+except ImportError:
+    torch = None
+
+FRAMEWORKS = ("rustgpt", "torch", "numpy")
+DEFAULT_THREADS = 2  # every side-by-side row runs at this many threads unless told otherwise
+VOCAB_SIZE = 763  # the bundled data's vocabulary
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A synthetic training workload: model sizes and a (B, T) batch."""
+
+    D: int
+    H: int
+    L: int
+    NH: int
+    T: int
+    B: int
+
+    @property
+    def label(self) -> str:
+        return f"d{self.D}/h{self.H}/L{self.L}/T{self.T}/B{self.B}, {self.NH} head" + \
+            ("s" if self.NH > 1 else "")
+
+    def config(self) -> ModelConfig:
+        return ModelConfig(embedding_dim=self.D, hidden_dim=self.H, num_layers=self.L,
+                           num_heads=self.NH, max_seq_len=self.T)
+
+
+SHAPES = {"b": Shape(128, 256, 3, 1, 64, 16), "c": Shape(256, 1024, 4, 4, 128, 16),
+          "d": Shape(512, 2048, 6, 8, 256, 8)}
+# (M, K, N, trans_b): 1024^3, then the model's shapes; the last is the backward's dx = dy W^T
+GEMM_SHAPES = [(1024, 1024, 1024, False), (80, 128, 128, False), (80, 128, 256, False),
+               (1024, 128, 512, False), (1024, 512, 2048, False), (1024, 512, 2048, True)]
+GEN_TOKENS = 64
+GEN_PROMPT = "How do mountains form?"  # "User: " + 5 words + "?" = 7 tokens; + 64 < 80
+TARGETS = {"a": 5.0, "b": 2.0, "c": 1.5, "d": 1.0, "e": 3.0, "f": 0.85, "f-model": 1.0, "g": 1.8}
+
+
+# ---- threads ---------------------------------------------------------------------------------
+
+def set_threads(n: int) -> None:
+    """rustgpt and torch at `n` threads. Both call omp_set_num_threads: in one process they
+    share the OpenMP runtime, so always set both."""
+    rustgpt.set_num_threads(n)
+    if torch is not None:
+        torch.set_num_threads(n)
+
+
+def limit_threads(n: int) -> tuple[Callable[[], None], str]:
+    """rustgpt, torch and numpy's BLAS at `n` threads (BLAS through threadpoolctl if it is
+    installed, else as the environment says). Returns (restore, a note for the header)."""
+    before = rustgpt.get_num_threads(), torch.get_num_threads() if torch is not None else None
+    set_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        limits = None
+        env = {k: os.environ[k] for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS") if k in os.environ}
+        note = (f"numpy's BLAS threads from the environment ({env or 'unset: one per core'}; "
+                f"threadpoolctl not installed)")
+    else:
+        limits = threadpool_limits(n, user_api="blas")
+        note = f"numpy's BLAS at {n} threads through threadpoolctl"
+
+    def restore() -> None:
+        rustgpt.set_num_threads(before[0])
+        if torch is not None:
+            torch.set_num_threads(before[1])
+        if limits is not None:
+            limits.restore_original_limits()
+
+    return restore, note
+
+
+# ---- workload builders (also used by test_bench_model.py) -------------------------------------
+
+def synthetic_vocab() -> Vocab:
+    return Vocab([f"w{i}" for i in range(VOCAB_SIZE - 2)] + ["</s>", "<unk>"])
+
+
+def synthetic_steps(shape: Shape) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """One (inputs, targets, lr) batch of random ids, (B, T) each."""
+    ids = np.random.default_rng(0).integers(0, VOCAB_SIZE, (shape.B, shape.T + 1)).astype(np.intc)
+    return [(np.ascontiguousarray(ids[:, :-1]), np.ascontiguousarray(ids[:, 1:]), 1e-4)]
+
+
+def bundled_data() -> tuple[Dataset, Dataset, Vocab]:
+    pre, chat = Dataset.load(BUNDLED_PRETRAINING), Dataset.load(BUNDLED_CHAT)
+    return pre, chat, Vocab.from_texts(pre.examples + chat.examples)
+
+
+def schedule_steps(vocab: Vocab, pre: Dataset, chat: Dataset):
+    """RustGPT's schedule at batch 1, one epoch of each phase: pretraining (lr 5e-4), then
+    instruction tuning (lr 1e-4), examples in file order; (inputs, targets, lr) each."""
+    phases = rustgpt_phases(TrainingConfig(), vocab, ModelConfig().max_seq_len, pre, chat)
+    return [(*make_batch([seq]), phase.lr) for phase in phases for seq in phase.sequences]
+
+
+def count_tokens(steps) -> int:
+    """Predicted (non-padding) tokens of a list of steps."""
+    return sum(int(np.count_nonzero(targets >= 0)) for _, targets, _ in steps)
+
+
+def training_runs(framework: str, config: ModelConfig, vocab: Vocab, chunks) -> list[Callable]:
+    """One function per chunk of steps (each step loss, backward, clip 5.0, Adam), all
+    training `framework`'s copy of one freshly initialised rustgpt model (seed 0)."""
+    model = LLM(config, vocab, seed=0)
+    convert = np.ascontiguousarray  # ids as each framework takes them
+    if framework == "rustgpt":
+        optimizer = Adam(model.params)
+
+        def step(inputs, targets, lr):
+            model.train_step(inputs, targets, optimizer, lr)
+    elif framework == "torch":
+        from bench.torch_port import from_rustgpt
+
+        port = from_rustgpt(model)
+        port.make_optimizer()
+        step = port.train_step
+
+        def convert(ids):
+            return torch.from_numpy(ids).long()
+    else:
+        step = NumpyGPT.from_rustgpt(model).train_step
+
+    def make(chunk):
+        chunk = [(convert(x), convert(y), lr) for x, y, lr in chunk]
+
+        def run() -> None:
+            for inputs, targets, lr in chunk:
+                step(inputs, targets, lr)
+        return run
+
+    return [make(chunk) for chunk in chunks]
+
+
+def training_run(framework: str, config: ModelConfig, vocab: Vocab, steps) -> Callable[[], None]:
+    """A function running all `steps` (see training_runs)."""
+    return training_runs(framework, config, vocab, [steps])[0]
+
+
+def generation_model(vocab: Vocab) -> LLM:
+    """RustGPT's default model (seed 0) whose </s> logit is pushed down, so every run
+    decodes GEN_TOKENS tokens instead of stopping early on random weights."""
+    model = LLM(ModelConfig(), vocab, seed=0)
+    model.output.b[vocab.eos_id] = -30.0
+    return model
+
+
+def generation_run(kind: str, model: LLM) -> Callable[[], int]:
+    """Generate GEN_TOKENS tokens; kind is "rustgpt" (greedy, KV cache), "rustgpt top-p"
+    (temperature 1, top_p 0.9, KV cache), "torch" or "numpy" (greedy, no cache).
+    The function returns how many tokens it decoded."""
+    if kind.startswith("rustgpt"):
+        options = dict(temperature=1.0, top_p=0.9, seed=0) if kind.endswith("top-p") else {}
+        return lambda: sum(1 for _ in stream(model, GEN_PROMPT, max_tokens=GEN_TOKENS, **options))
+    ids = model.vocab.encode("User: " + GEN_PROMPT)
+    if kind == "torch":
+        from bench.torch_port import from_rustgpt
+
+        net = from_rustgpt(model)
+    else:
+        net = NumpyGPT.from_rustgpt(model)
+    return lambda: len(net.generate_no_cache(ids, GEN_TOKENS))
+
+
+def gemm_run(framework: str, M: int, K_: int, N: int, trans_b: bool) -> Callable[[], None]:
+    """C = A op(B) at (M, K) x (K, N) in float32."""
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((M, K_), np.float32)
+    B = rng.standard_normal((N, K_) if trans_b else (K_, N), np.float32)
+    C = np.empty((M, N), np.float32)
+    if framework == "rustgpt":
+        return lambda: K.sgemm(C, A, B, trans_b=trans_b)
+    if framework == "torch":
+        At, Bt, Ct = torch.from_numpy(A), torch.from_numpy(B), torch.from_numpy(C)
+        Bop = Bt.T if trans_b else Bt
+        return lambda: torch.mm(At, Bop, out=Ct)
+    Bop = B.T if trans_b else B
+    return lambda: np.matmul(A, Bop, out=C)
+
+
+# ---- timing ----------------------------------------------------------------------------------
+
+def measure(fns: dict, budget: float, max_rounds: int, min_sample: float = 0.02,
+            settle: Callable[[], bool] | None = None) -> tuple[dict, bool]:
+    """Best seconds per call of each function, and whether the machine stayed busy.
+
+    One warm-up call each, then rounds that call every function in turn: two, then more
+    until `budget` seconds or `max_rounds`. A function whose warm-up alone took more than
+    half the budget keeps that time (rounds of it would not fit); fast ones repeat within a
+    sample to last at least `min_sample` seconds. `settle()`, called before the warm-up and each round,
+    waits for other processes to leave the CPU and returns False if they did not."""
+    quiet = settle() if settle else True
+    first, number = {}, {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - start
+        number[name] = max(1, math.ceil(min_sample / max(first[name], 1e-9)))
+    best = {name: t for name, t in first.items() if t > budget / 2}
+    rounds = [name for name in fns if name not in best]
+    samples: dict = {name: [] for name in rounds}
+    start = time.perf_counter()
+    for r in range(max_rounds if rounds else 0):
+        round_cost = sum(min(samples[n] or [first[n]]) * number[n] for n in rounds)
+        if r >= 2 and time.perf_counter() - start + round_cost > budget:
+            break
+        if settle:
+            quiet = settle() and quiet
+        for name in rounds:
+            fn, n = fns[name], number[name]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / n)
+    best.update({name: min(s) for name, s in samples.items()})
+    return best, not quiet
+
+
+class Settle:
+    """Waits, before a round, until no other process holds the CPU (the machine may be
+    shared): a tiny 2-thread sgemm that takes ~20 us when the cores are free takes
+    milliseconds while another process runs, since each OpenMP barrier then waits for a
+    time slice. Waits at most `max_wait` seconds per call."""
+
+    PROBE_LIMIT = 5e-4  # seconds: the probe's median above this means the CPU is taken
+
+    def __init__(self, threads: int, max_wait: float) -> None:
+        self.threads, self.max_wait = max(threads, 2), max_wait
+        self.A = np.ones((80, 128), np.float32)
+        self.B = np.ones((128, 128), np.float32)
+        self.C = np.empty((80, 128), np.float32)
+        self.waited = 0.0
+
+    def busy(self) -> bool:
+        before = rustgpt.get_num_threads()
+        rustgpt.set_num_threads(self.threads)
+        times = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            K.sgemm(self.C, self.A, self.B)
+            times.append(time.perf_counter() - t0)
+        rustgpt.set_num_threads(before)
+        return sorted(times)[3] > self.PROBE_LIMIT
+
+    def __call__(self) -> bool:
+        start = time.perf_counter()
+        while self.busy():
+            if time.perf_counter() - start > self.max_wait:
+                self.waited += time.perf_counter() - start
+                return False
+            time.sleep(0.25)
+        self.waited += time.perf_counter() - start
+        return True
+
+
+# ---- the report ------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    workload: str
+    cells: dict  # framework -> text
+    ratio: str = "—"
+    target: str = ""
+    busy: bool = False  # other processes held the CPU during some round
+
+
+def _verdict(value: float, target: float, base: str) -> str:
+    return f">= {target:g}x {base}: {value:.2f}x, {'met' if value >= target else 'MISSED'}"
+
+
+def _rate(value: float, unit: str) -> str:
+    return f"{value:,.0f} {unit}" if value >= 100 else f"{value:,.1f} {unit}"
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _cells(cells: dict) -> dict:
+    """Every column's text; missing ones are "—" (or say that torch is not installed)."""
+    return {f: cells.get(f, "skipped (torch not installed)" if f == "torch" and torch is None
+                         else "—") for f in FRAMEWORKS}
+
+
+class Report:
+    """Runs the workloads and collects the table's rows."""
+
+    def __init__(self, quick: bool, threads: int) -> None:
+        self.quick, self.threads = quick, threads
+        self.budget, self.max_rounds = (6.0, 15) if quick else (20.0, 30)
+        self.settle = Settle(min(2, os.cpu_count() or 1), 10.0 if quick else 30.0)
+        self.rows: list[Row] = []
+        self.frameworks = [f for f in FRAMEWORKS if f != "torch" or torch is not None]
+
+    def _measure(self, fns: dict, budget: float | None = None, max_rounds: int | None = None):
+        return measure(fns, budget or self.budget, max_rounds or self.max_rounds,
+                       settle=self.settle)
+
+    def training_row(self, key: str, label: str, config: ModelConfig, vocab: Vocab, steps,
+                     chunk: int | None = None, budget: float | None = None) -> None:
+        """Tokens/s of training on `steps`; with `chunk`, timed as chunks of that many steps
+        (each chunk's best round, summed: short quiet windows are enough)."""
+        _log(f"[{key}] {label}")
+        set_threads(self.threads)
+        tokens = count_tokens(steps)
+        chunks = [steps[i:i + chunk] for i in range(0, len(steps), chunk)] if chunk else [steps]
+        runs = {(f, i): run for f in self.frameworks
+                for i, run in enumerate(training_runs(f, config, vocab, chunks))}
+        best, busy = self._measure(runs, budget)
+        seconds = {f: sum(best[f, i] for i in range(len(chunks))) for f in self.frameworks}
+        rate = {f: tokens / s for f, s in seconds.items()}
+        row = Row(f"{key}. {label}", _cells({f: _rate(r, "tok/s") for f, r in rate.items()}),
+                  target=f">= {TARGETS[key]:g}x PyTorch", busy=busy)
+        if "torch" in rate:
+            ratio = rate["rustgpt"] / rate["torch"]
+            row.ratio, row.target = f"{ratio:.2f}x", _verdict(ratio, TARGETS[key], "PyTorch")
+        self.rows.append(row)
+
+    def workload_a(self, pre, chat, vocab) -> None:
+        steps = schedule_steps(vocab, pre, chat)
+        self.training_row("a", f"RustGPT schedule steps, batch 1, bundled data (one epoch of "
+                          f"each phase: {len(steps)} examples), default model", ModelConfig(),
+                          vocab, steps, chunk=16, budget=2 * self.budget)
+
+    def workload_e(self, vocab) -> None:
+        _log("[e] generation")
+        set_threads(self.threads)
+        model = generation_model(vocab)
+        kinds = ["rustgpt", "rustgpt top-p"] + [f for f in self.frameworks if f != "rustgpt"]
+        runs = {kind: generation_run(kind, model) for kind in kinds}
+        for kind, run in runs.items():
+            decoded = run()
+            assert decoded == GEN_TOKENS, f"{kind} decoded {decoded} tokens, expected {GEN_TOKENS}"
+        seconds, busy = self._measure(runs)
+        rate = {k: GEN_TOKENS / s for k, s in seconds.items()}
+        for kind, label in (("rustgpt", "greedy"), ("rustgpt top-p", "top-p 0.9")):
+            cells = {"rustgpt": _rate(rate[kind], "tok/s") + " (KV cache)"}
+            cells.update({f: _rate(rate[f], "tok/s") + " (greedy, no cache)"
+                          for f in self.frameworks if f != "rustgpt"})
+            row = Row(f"e. generate {GEN_TOKENS} tokens, rustgpt {label}", _cells(cells),
+                      target=f">= {TARGETS['e']:g}x PyTorch no-cache generate", busy=busy)
+            if "torch" in rate:
+                ratio = rate[kind] / rate["torch"]
+                row.ratio = f"{ratio:.2f}x"
+                row.target = _verdict(ratio, TARGETS["e"], "PyTorch no-cache generate")
+            self.rows.append(row)
+
+    def workload_f(self) -> None:
+        _log("[f] sgemm")
+        set_threads(self.threads)
+        for M, K_, N, trans_b in GEMM_SHAPES:
+            runs = {f: gemm_run(f, M, K_, N, trans_b) for f in self.frameworks}
+            seconds, busy = self._measure(runs, self.budget / 4, 10)
+            gflops = {f: 2 * M * K_ * N / s / 1e9 for f, s in seconds.items()}
+            label = f"f. sgemm {M}x{K_}x{N}" + (" with B transposed (dx = dy W^T)" if trans_b else "")
+            row = Row(label, _cells({f: _rate(g, "GFLOP/s") for f, g in gflops.items()}), busy=busy)
+            if "torch" in gflops:
+                row.ratio = f"{gflops['rustgpt'] / gflops['torch']:.2f}x"
+            key = "f" if M == K_ == N else "f-model"
+            row.target = _verdict(gflops["rustgpt"] / gflops["numpy"], TARGETS[key],
+                                  "numpy (OpenBLAS)")
+            self.rows.append(row)
+
+    def workload_g(self, vocab) -> None:
+        """rustgpt on (d) at 1 thread and at 2, round-robin."""
+        _log("[g] thread scaling on (d)")
+        shape = SHAPES["d"]
+        steps = synthetic_steps(shape)
+        run = training_run("rustgpt", shape.config(), vocab, steps)
+
+        def at(n):
+            def call():
+                set_threads(n)
+                run()
+            return call
+
+        seconds, busy = self._measure({1: at(1), 2: at(2)}, 2 * self.budget)
+        set_threads(self.threads)
+        tokens = count_tokens(steps)
+        speedup = seconds[1] / seconds[2]
+        cells = {"rustgpt": f"{speedup:.2f}x ({_rate(tokens / seconds[1], 'tok/s')} -> "
+                            f"{_rate(tokens / seconds[2], 'tok/s')})"}
+        self.rows.append(Row("g. thread scaling 1 -> 2 threads, rustgpt on (d)", _cells(cells),
+                             target=_verdict(speedup, TARGETS["g"], "from 1 to 2 threads"),
+                             busy=busy))
+
+    def workload_a_full(self, pre, chat, vocab) -> None:
+        """The whole RustGPT schedule (100 + 100 epochs, batch 1): rustgpt's Trainer vs the
+        PyTorch port's loop over the same examples in the same order, from the same weights."""
+        _log("[a-full] the whole RustGPT schedule (minutes)")
+        set_threads(self.threads)
+        config = Config()
+        cells = {}
+        model = LLM(config.model, vocab, seed=config.training.seed)
+        port_start = model.state_dict()
+        phases = rustgpt_phases(config.training, vocab, config.model.max_seq_len, pre, chat)
+        trainer = Trainer(model, config.training, phases)
+        quiet = self.settle()
+        start = time.perf_counter()
+        trainer.run()
+        rg_seconds = time.perf_counter() - start
+        cells["rustgpt"] = f"{rg_seconds:,.1f} s (final epoch loss {trainer.epoch_loss:.3f})"
+        row = Row("a-full. whole RustGPT schedule, wall time (100 + 100 epochs, batch 1)",
+                  {}, target=f">= {TARGETS['a']:g}x PyTorch")
+        if torch is not None:
+            quiet = self.settle() and quiet
+            t_seconds, t_loss = torch_schedule(vocab, pre, chat, port_start, config)
+            cells["torch"] = f"{t_seconds:,.1f} s (final epoch loss {t_loss:.3f})"
+            ratio = t_seconds / rg_seconds
+            row.ratio, row.target = f"{ratio:.2f}x", _verdict(ratio, TARGETS["a"], "PyTorch")
+        row.cells, row.busy = _cells(cells), not quiet
+        self.rows.append(row)
+
+    def footprint(self) -> None:
+        """Peak RSS of a short `rustgpt-cli train`, import and CLI start-up times."""
+        _log("[footprint] rustgpt-cli train, imports, CLI start-up")
+        cli = _cli()
+        repeats = 3 if self.quick else 5
+        with tempfile.TemporaryDirectory() as tmp:
+            rss = _peak_rss([*cli, "train", "--output", str(Path(tmp) / "ckpt"),
+                             "--pretraining-epochs", "2", "--instruction-epochs", "2"], tmp)
+            cells = {"rustgpt": f"{rss / 1024:.0f} MiB"}
+            if torch is not None:
+                t_rss = _peak_rss([sys.executable, __file__, "--torch-train-epochs", "2"], tmp)
+                cells["torch"] = f"{t_rss / 1024:.0f} MiB (the port's loop, same data)"
+            self.rows.append(Row("peak RSS, `rustgpt-cli train` (default config, 2 + 2 epochs)",
+                                 _cells(cells)))
+            numpy_s = _best_import("import numpy", repeats)
+            rg_s = _best_import("import rustgpt; rustgpt.LLM", repeats)
+            cells = {"rustgpt": f"{(rg_s - numpy_s) * 1e3:.0f} ms",
+                     "numpy": f"{numpy_s * 1e3:.0f} ms (import numpy itself)"}
+            if torch is not None:
+                cells["torch"] = f"{(_best_import('import torch', repeats) - numpy_s) * 1e3:.0f} ms" \
+                                 " (import torch − import numpy)"
+            self.rows.append(Row("`import rustgpt; rustgpt.LLM` − `import numpy`",
+                                 _cells(cells)))
+            for args in (["--help"], ["config", "show"]):
+                seconds = _best_wall([*cli, *args], repeats, tmp)
+                self.rows.append(Row(f"`rustgpt-cli {' '.join(args)}` wall time",
+                                     _cells({"rustgpt": f"{seconds * 1e3:.0f} ms"})))
+
+    def table(self) -> str:
+        head = "| workload | rustgpt | PyTorch | numpy | ratio vs PyTorch | target |"
+        lines = [head, "| --- | --- | --- | --- | --- | --- |"]
+        for r in self.rows:
+            mark = " †" if r.busy else ""
+            lines.append(f"| {r.workload}{mark} | {r.cells['rustgpt']} | {r.cells['torch']} | "
+                         f"{r.cells['numpy']} | {r.ratio} | {r.target} |")
+        if any(r.busy for r in self.rows):
+            lines += ["", f"† other processes held the CPU during some of this row's rounds even "
+                          f"after waiting {self.settle.max_wait:g} s for them: its numbers are "
+                          f"unreliable (rows with several threads suffer most)."]
+        return "\n".join(lines)
+
+
+def torch_schedule(vocab, pre, chat, weights, config) -> tuple[float, float]:
+    """Wall seconds and last epoch's mean loss of the schedule on the PyTorch port, with the
+    Trainer's per-step work (make_batch, clip, Adam) and lr of each phase."""
+    from bench.torch_port import TorchGPT
+
+    c = config.model
+    port = TorchGPT(vocab.size, c.embedding_dim, c.hidden_dim, c.num_layers, c.num_heads,
+                    c.max_seq_len)
+    port.load_rustgpt_state(weights)
+    port.make_optimizer()
+    phases = rustgpt_phases(config.training, vocab, c.max_seq_len, pre, chat)
+    start = time.perf_counter()
+    losses = []
+    for phase in phases:
+        for _ in range(phase.epochs):
+            losses = [port.train_step(*make_batch([seq]), phase.lr, config.training.max_grad_norm)[0]
+                      for seq in phase.sequences]
+    return time.perf_counter() - start, float(np.mean(losses))
+
+
+def _cli() -> list[str]:
+    """rustgpt-cli beside this interpreter (a pyenv shim on PATH would add its own start-up)."""
+    beside = Path(sys.executable).parent / "rustgpt-cli"
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("rustgpt-cli")
+    return [found] if found else [sys.executable, "-c", "from rustgpt.cli import main; main()"]
+
+
+_RSS_CHILD = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
+              "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
+def _peak_rss(cmd: list[str], cwd: str) -> int:
+    """ru_maxrss (KiB) of `cmd`, run by an intermediate process so that nothing else this
+    script started counts."""
+    out = subprocess.run([sys.executable, "-c", _RSS_CHILD, *cmd], cwd=cwd, check=True,
+                         capture_output=True, text=True)
+    return int(out.stdout.strip())
+
+
+def _best_import(statement: str, repeats: int) -> float:
+    code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
+    return min(float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                    text=True, cwd=ROOT).stdout) for _ in range(repeats))
+
+
+def _best_wall(cmd: list[str], repeats: int, cwd: str) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=cwd)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def header(args, thread_note: str) -> str:
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    coretype = os.environ.get("OPENBLAS_CORETYPE")
+    lines = [
+        f"# rustgpt vs PyTorch vs numpy — {datetime.datetime.now():%Y-%m-%d %H:%M}",
+        "",
+        f"- CPU: {cpu}; {os.cpu_count()} logical CPUs, {K.physical_cores()} physical cores",
+        f"- rustgpt {rustgpt.__version__}, kernels_info(): {rustgpt.kernels_info()}",
+        f"- numpy {np.__version__} ({blas.get('name')} {blas.get('version')}); {thread_note}",
+        f"- PyTorch: {torch.__version__ + f', {torch.get_num_threads()} threads' if torch else 'skipped (torch not installed)'}",
+        f"- threads: {args.threads} (rustgpt.set_num_threads, torch.set_num_threads)",
+        "- OPENBLAS_CORETYPE: " + (f"set to {coretype!r}: numpy's OpenBLAS may use a slower kernel "
+                                   f"(run with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE`)"
+                                   if coretype else "not set")
+        + (f"; OPENBLAS_L2_SIZE={os.environ['OPENBLAS_L2_SIZE']}" if "OPENBLAS_L2_SIZE" in os.environ else ""),
+        f"- load average at the start: {_loadavg()} (other processes' load makes ratios noisy)",
+        f"- timing: time.perf_counter, best of up to {'15' if args.quick else '30'} round-robin "
+        f"rounds after a warm-up, each round after the CPU is free of other processes "
+        f"(waiting at most {'10' if args.quick else '30'} s){' (--quick)' if args.quick else ''}; "
+        f"rates are predicted tokens (or FLOP) per second",
+    ]
+    return "\n".join(lines)
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def _torch_train_child(epochs: int) -> None:
+    """--torch-train-epochs: the PyTorch port's schedule loop alone (for its peak RSS)."""
+    pre, chat, vocab = bundled_data()
+    config = Config(training=TrainingConfig(pretraining_epochs=epochs, instruction_epochs=epochs))
+    torch_schedule(vocab, pre, chat, LLM(config.model, vocab, seed=42).state_dict(), config)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a shorter time budget per workload (a few minutes in all)")
+    parser.add_argument("--full", action="store_true",
+                        help="also time the whole RustGPT schedule (a-full; many minutes)")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                        help="threads of every framework (default %(default)s)")
+    parser.add_argument("--torch-train-epochs", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.torch_train_epochs:
+        _torch_train_child(args.torch_train_epochs)
+        return
+    try:
+        import threadpoolctl  # noqa: F401
+    except ImportError:
+        # OpenBLAS reads its thread count once, at load: start again with it set
+        if os.environ.get("OPENBLAS_NUM_THREADS") != str(args.threads):
+            os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)
+            os.execv(sys.executable, [sys.executable, __file__, *sys.argv[1:]])
+    _, thread_note = limit_threads(args.threads)
+    print(header(args, thread_note), "", sep="\n", flush=True)
+    report = Report(args.quick, args.threads)
+    start = time.perf_counter()
+    pre, chat, vocab = bundled_data()
+    report.workload_a(pre, chat, vocab)
+    synthetic = synthetic_vocab()
+    for key, shape in SHAPES.items():
+        report.training_row(key, f"training step {shape.label}", shape.config(), synthetic,
+                            synthetic_steps(shape))
+    report.workload_e(vocab)
+    report.workload_f()
+    report.workload_g(synthetic)
+    if args.full:
+        report.workload_a_full(pre, chat, vocab)
+    report.footprint()
+    print(report.table())
+    print(f"\nMeasured in {time.perf_counter() - start:.0f} s, {report.settle.waited:.0f} s of it "
+          f"waiting for other processes to leave the CPU; load average {_loadavg()} at the end.")
+
+
+if __name__ == "__main__":
+    main()

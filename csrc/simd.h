@@ -1,0 +1,49 @@
+/* simd.h: private to csrc/. Run-time SIMD variants of a kernel's inner function, and a
+ * vectorizable e^x. The default build has no -march flag, so each hot inner function is
+ * compiled three times (generic, AVX2, AVX-512) and rg_simd_level() picks one per call. */
+#ifndef RUSTGPT_SIMD_H
+#define RUSTGPT_SIMD_H
+
+#include <math.h>
+#include <string.h>
+#include "rustgpt_kernels.h"
+
+#define RG_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma")))
+#define RG_AVX2 __attribute__((target("avx2,fma")))
+#define RG_INLINE static inline __attribute__((always_inline))
+#define RG_UNPAREN(...) __VA_ARGS__
+
+/* From `RG_INLINE void name(int wide, params...)` make name_generic / _avx2 / _avx512 and
+ * name_pick(), which returns the variant for the current SIMD level. `wide` is 1 only in the
+ * AVX-512 variant, for bodies that use explicit 16-lane vectors there. */
+#define RG_VARIANTS(name, params, args)                                                  \
+    static void name##_generic params { name(0, RG_UNPAREN args); }                     \
+    RG_AVX2 static void name##_avx2 params { name(0, RG_UNPAREN args); }                \
+    RG_AVX512 static void name##_avx512 params { name(1, RG_UNPAREN args); }            \
+    static void (*name##_pick(void)) params {                                           \
+        int level = rg_simd_level();                                                    \
+        return level == RG_SIMD_AVX512 ? name##_avx512                                  \
+             : level == RG_SIMD_AVX2 ? name##_avx2 : name##_generic;                    \
+    }
+
+/* e^x by Cephes' single-precision method: x = n ln2 + r with |r| <= ln2/2, e^r by a
+ * degree-6 polynomial, 2^n built in the exponent bits; about 1 ulp. Branch-free, so a loop
+ * of it vectorizes. x is clamped to [-87, 88]: below gives e^-87 ~ 1.6e-38, not 0. */
+RG_INLINE float rg_expf(float x) {
+    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
+    const float magic = 12582912.0f; /* 1.5 * 2^23: (y + magic) - magic rounds y */
+    float n = (x * 1.44269504088896341f + magic) - magic;
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int bits = ((int)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+#endif /* RUSTGPT_SIMD_H */
