@@ -28,22 +28,24 @@
 
 /* e^x by Cephes' single-precision method: x = n ln2 + r with |r| <= ln2/2, e^r by a
  * degree-6 polynomial, 2^n built in the exponent bits; about 1 ulp. Branch-free, so a loop
- * of it vectorizes. x is clamped to [-87, 88]: below gives e^-87 ~ 1.6e-38, not 0. */
+ * of it vectorizes. x is clamped to [-87, 88] (below -87 gives e^-87 ~ 1.6e-38, not 0);
+ * NaN in gives NaN out, and never reaches the float-to-int conversion. */
 RG_INLINE float rg_expf(float x) {
-    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
+    float c = x > -87.0f ? x : -87.0f; /* NaN fails the comparison: c = -87 */
+    c = c < 88.0f ? c : 88.0f;
     const float magic = 12582912.0f; /* 1.5 * 2^23: (y + magic) - magic rounds y */
-    float n = (x * 1.44269504088896341f + magic) - magic;
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float n = (c * 1.44269504088896341f + magic) - magic;
+    float r = c - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    int bits = ((int)n + 127) << 23;
+    unsigned bits = (unsigned)((int)n + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+    return x == x ? p * scale : x;
 }
 
 #endif /* RUSTGPT_SIMD_H */

@@ -88,6 +88,14 @@ def test_crossentropy(rng, simd, N, V):
     ref.assert_close(logits, e_dlogits, 1e-5, 1e-6, "dlogits in place")
 
 
+def test_crossentropy_propagates_nan(simd):
+    logits = np.zeros((2, 40), np.float32)
+    logits[0, 17] = np.nan  # not the target: NaN must still reach the loss and gradient
+    losses, dlogits = np.empty(2, np.float32), np.empty_like(logits)
+    K.crossentropy_forward_backward(losses, dlogits, logits, np.array([3, 3], np.intc), -1, 1.0)
+    assert np.isnan(losses[0]) and np.isnan(dlogits[0]).any() and np.isfinite(losses[1])
+
+
 def test_crossentropy_is_stable_for_huge_logits():
     logits = np.array([[1e4, 0.0, -1e4]], np.float32)
     losses = np.empty(1, np.float32)
