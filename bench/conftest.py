@@ -1,12 +1,8 @@
-"""Fixtures of bench/: a seeded generator per test, and the thread count benchmarks run at."""
+"""Fixtures of bench/: tests/' seeded generator, and the thread count benchmarks run at."""
 
-import numpy as np
 import pytest
 
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(1234)
+from tests.conftest import rng  # noqa: F401  (the same fixture as the unit tests)
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,8 @@ class Workspace:
         if buf is None or buf.size < n:
             buf = self._buffers[name] = np.empty(max(n, 1), F32)
             self._views = {k: v for k, v in self._views.items() if k[0] != name}
+        if len(self._views) >= 8192:  # many distinct shapes: start over, memory stays bounded
+            self._views.clear()
         view = self._views[(name, shape)] = buf[:n].reshape(shape)
         return view
 
