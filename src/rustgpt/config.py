@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import attrs
-import cattrs
 
 from rustgpt.errors import ArchitectureError, ConfigError
 
@@ -149,21 +148,23 @@ class Config:
     checkpoint: CheckpointConfig = attrs.field(factory=CheckpointConfig)
 
 
-SECTIONS = {f.name: f.type for f in attrs.fields(attrs.resolve_types(Config))}
+SECTIONS = {f.name: f.default.factory for f in attrs.fields(Config)}
 SECTIONS_BY_CLASS = {cls: name for name, cls in SECTIONS.items()}
-for _cls in SECTIONS.values():
-    attrs.resolve_types(_cls)
-
-_converter = cattrs.Converter()
+# the annotations are strings (from __future__; cattrs may resolve them in place later);
+# their types without typing.get_type_hints, which costs more start-up time than the rest
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "Optional[int]": Optional[int]}
 
 
 def to_dict(config: Config) -> dict:
     """Plain nested dict of a Config (JSON and TOML friendly, None kept)."""
-    return _converter.unstructure(config)
+    import cattrs  # not at module level: `rustgpt-cli config show` must start fast
+
+    return cattrs.Converter().unstructure(config)
 
 
 def from_dict(data: Mapping, source: str = "config") -> Config:
-    """A Config from a nested dict, strictly checked (see ``load_config``)."""
+    """A Config from a nested dict, strictly checked (see ``load_config``): unlike cattrs'
+    default structuring, 1.5 is not silently accepted as the integer 1."""
     merged, _ = _merge({}, {}, data, source)
     return _build(merged)
 
@@ -222,7 +223,7 @@ def _merge(values: dict, sources: dict, layer: Mapping, source: str,
                 raise ConfigError(f"{source}: unknown key [{section}] {key}, expected one of "
                                   f"{', '.join(fields)}")
             where = f"{source}: [{section}] {key}"
-            values.setdefault(section, {})[key] = _coerce(value, fields[key].type, where,
+            values.setdefault(section, {})[key] = _coerce(value, _TYPES.get(fields[key].type, fields[key].type), where,
                                                           from_text)
             sources[f"{section}.{key}"] = source
     return values, sources
