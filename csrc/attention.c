@@ -117,46 +117,19 @@ void mix_block(int wide, float *y, const float *P, int ldp, int nr, const float 
     }
 }
 
-typedef int i32x16 __attribute__((vector_size(64)));
-
-/* s[j] = e^(s[j] - mx) for 16 lanes, and their sum added to *sum16 (Cephes' expf:
- * x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial, 2^n built in the
- * exponent bits; about 1 ulp). Inputs below -87 give e^-87 ~ 1.6e-38, not 0. */
-static inline __attribute__((always_inline))
-void exp16_shifted(float *s, float mx, f32x16 *sum16) {
-    f32x16 x = *(f32x16 *)s - mx;
-    i32x16 low = x < -87.0f;
-    x = (f32x16)(((i32x16)x & ~low) | ((i32x16)(x - x - 87.0f) & low));
-    const float magic = 12582912.0f; /* 1.5 * 2^23: (y + magic) - magic rounds y */
-    f32x16 n = (x * 1.44269504088896341f + magic) - magic;
-    f32x16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    f32x16 p = 1.9875691500e-4f * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    i32x16 bits = (__builtin_convertvector(n, i32x16) + 127) << 23;
-    p *= (f32x16)bits;
-    *(f32x16 *)s = p;
-    *sum16 += p;
-}
-
-/* s[0..n) = softmax(s[0..n)), shifted by the max so large scores cannot overflow. */
+/* s[0..n) = softmax(s[0..n)), shifted by the max so large scores cannot overflow; the
+ * exponentials vectorize through rg_expf. */
 static inline __attribute__((always_inline))
 void softmax_row(float *s, int n) {
     float mx = -INFINITY, sum = 0.0f;
     for (int j = 0; j < n; j++) mx = s[j] > mx ? s[j] : mx;
-    f32x16 sum16 = {0};
-    int j = 0;
-    for (; j + 16 <= n; j += 16) exp16_shifted(s + j, mx, &sum16);
-    for (int l = 0; l < 16; l++) sum += sum16[l];
-    for (; j < n; j++) {
-        s[j] = expf(s[j] - mx);
+    #pragma omp simd reduction(+ : sum)
+    for (int j = 0; j < n; j++) {
+        s[j] = rg_expf(s[j] - mx);
         sum += s[j];
     }
     float inv = 1.0f / sum;
-    for (j = 0; j < n; j++) s[j] *= inv;
+    for (int j = 0; j < n; j++) s[j] *= inv;
 }
 
 /* ---- per-task work, one head (b, h) ----------------------------------------------------- */

@@ -184,8 +184,10 @@ def test_foreign_and_mismatched_files(good, tmp_path):
     with pytest.raises(SerializationError, match="dtype float64, expected float32"):
         Checkpoint.load(rewrite(good, tmp_path, dtype))
 
-    with pytest.raises(SerializationError, match="no such checkpoint"):
+    with pytest.raises(SerializationError, match="nope.safetensors: no such file"):
         Checkpoint.load(tmp_path / "nope.safetensors")
+    with pytest.raises(SerializationError, match="not a regular file"):
+        Checkpoint.load(tmp_path)
 
 
 def test_resume_needs_training_state(good):

@@ -20,7 +20,7 @@ import numpy as np
 from rustgpt import __version__
 from rustgpt.config import Config, from_dict, to_dict
 from rustgpt.errors import LlmError, SerializationError
-from rustgpt.fileio import write_atomic
+from rustgpt.fileio import read_bytes, write_atomic
 from rustgpt.model import LLM, parameter_specs
 from rustgpt.tokenizer import Vocab
 from rustgpt.training import Callback
@@ -178,14 +178,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError as err:
-        raise SerializationError(f"{path}: no such checkpoint") from err
-    except IsADirectoryError as err:
-        raise SerializationError(f"{path}: is a directory, expected a .safetensors file") from err
-    except OSError as err:
-        raise SerializationError(f"{path}: cannot read ({err.strerror or err})") from err
+    raw = read_bytes(path, SerializationError)
     try:
         tensors = load(raw)
         header_len = int.from_bytes(raw[:8], "little")

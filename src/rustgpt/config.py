@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional
 import attrs
 
 from rustgpt.errors import ArchitectureError, ConfigError
+from rustgpt.fileio import read_bytes
 
 ENV_PREFIX = "LLM_"
 
@@ -247,10 +248,7 @@ def _build(values: dict, sources: Mapping[str, str] | None = None) -> Config:
 def read_file(path: str | os.PathLike) -> dict:
     """The nested dict of a TOML (or, with PyYAML, YAML) config file."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read config file ({err.strerror or err})") from err
+    raw = read_bytes(path, ConfigError)
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml

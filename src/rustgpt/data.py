@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from rustgpt.errors import DataLoadError
+from rustgpt.fileio import read_bytes
 from rustgpt.model import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -28,20 +29,7 @@ MAX_FILE_BYTES = 256 * 1024 * 1024  # larger files are refused, not read into me
 
 
 def _read_text(path: Path, max_bytes: int) -> str:
-    try:
-        size = path.stat().st_size
-        if not path.is_file():
-            raise DataLoadError(f"{path}: not a regular file")
-        if size > max_bytes:
-            raise DataLoadError(f"{path}: {size:,} bytes, more than the limit of {max_bytes:,}; "
-                                f"split the file or raise the limit")
-        raw = path.read_bytes()
-    except FileNotFoundError as err:
-        raise DataLoadError(f"{path}: no such file") from err
-    except PermissionError as err:
-        raise DataLoadError(f"{path}: permission denied") from err
-    except OSError as err:
-        raise DataLoadError(f"{path}: cannot read ({err.strerror or err})") from err
+    raw = read_bytes(path, DataLoadError, max_bytes)
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
