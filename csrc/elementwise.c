@@ -6,7 +6,7 @@
 #define PAR_MIN 32768 /* below this many elements a parallel region costs more than it saves */
 
 void rg_relu_forward(float *out, const float *x, size_t n) {
-    #pragma omp parallel for simd if (n >= PAR_MIN) schedule(static)
+    #pragma omp parallel for if (n >= PAR_MIN) schedule(static)
     for (size_t i = 0; i < n; i++) {
         float v = x[i];
         out[i] = v > 0.0f ? v : 0.0f;
@@ -16,7 +16,7 @@ void rg_relu_forward(float *out, const float *x, size_t n) {
 void rg_relu_backward(float *dx, const float *dout, const float *out, size_t n) {
     /* forward: out = max(x, 0), so dx = dout * [out > 0]; both loads unconditional, so the
      * select vectorizes instead of branching on random signs */
-    #pragma omp parallel for simd if (n >= PAR_MIN) schedule(static)
+    #pragma omp parallel for if (n >= PAR_MIN) schedule(static)
     for (size_t i = 0; i < n; i++) {
         float d = dout[i];
         dx[i] = out[i] > 0.0f ? d : 0.0f;
