@@ -48,6 +48,8 @@ from rustgpt.tokenizer import Vocab  # noqa: E402
 from rustgpt.training import Trainer, rustgpt_phases  # noqa: E402
 
 from bench.numpy_model import NumpyGPT  # noqa: E402
+from bench.test_bench_attention import numpy_backward as numpy_attention_backward  # noqa: E402
+from bench.test_bench_attention import numpy_forward as numpy_attention_forward  # noqa: E402
 
 try:
     import torch
@@ -417,6 +419,47 @@ class Report:
                                   "numpy (OpenBLAS)")
             self.rows.append(row)
 
+    def workload_k(self) -> None:
+        """The kernels issue 2 times against numpy: attention forward + backward, and the
+        Adam update over the default model's 553k parameters."""
+        _log("[k] attention and Adam kernels")
+        set_threads(self.threads)
+        rng = np.random.default_rng(0)
+        for B, T, D, NH in ((1, 80, 128, 1), (16, 64, 128, 1), (8, 256, 512, 8)):
+            q, k, v, dout = (rng.standard_normal((B, T, D), np.float32) for _ in range(4))
+            out, att = np.empty_like(q), np.empty((B, NH, T, T), np.float32)
+            grads = [np.empty_like(q) for _ in range(3)]
+
+            def ours():
+                K.attention_forward(out, att, q, k, v, NH)
+                K.attention_backward(*grads, dout, att, q, k, v, NH)
+
+            def theirs():
+                _, p = numpy_attention_forward(q, k, v, NH)
+                numpy_attention_backward(dout, p, q, k, v, NH)
+
+            seconds, busy = self._measure({"rustgpt": ours, "numpy": theirs}, self.budget / 4, 10)
+            self.rows.append(Row(f"k. attention forward + backward B{B} T{T} D{D} NH{NH}",
+                                 _cells({f: f"{s * 1e6:,.0f} µs" for f, s in seconds.items()}),
+                                 ratio=f"{seconds['numpy'] / seconds['rustgpt']:.2f}x vs numpy",
+                                 busy=busy))
+        n = LLM(ModelConfig(), bundled_data()[2]).total_parameters()
+        p, m, v, g = (rng.standard_normal(n, np.float32) for _ in range(4))
+        v = np.abs(v)
+        mn, vn, pn = m.copy(), v.copy(), p.copy()
+
+        def numpy_adam():  # the same math, in place, float32
+            mn[...] = 0.9 * mn + 0.1 * g
+            vn[...] = 0.999 * vn + 0.001 * g * g
+            pn[...] -= 1e-4 * (mn / 0.1) / (np.sqrt(vn / 0.001) + 1e-8)
+
+        runs = {"rustgpt": lambda: K.adam_update(p, m, v, g, 1e-4), "numpy": numpy_adam}
+        seconds, busy = self._measure(runs, self.budget / 4, 10)
+        self.rows.append(Row(f"k. Adam update, {n:,} parameters",
+                             _cells({f: f"{s * 1e6:,.0f} µs" for f, s in seconds.items()}),
+                             ratio=f"{seconds['numpy'] / seconds['rustgpt']:.2f}x vs numpy",
+                             busy=busy))
+
     def workload_g(self, vocab) -> None:
         """rustgpt on (d) at 1 thread and at 2, round-robin."""
         _log("[g] thread scaling on (d)")
@@ -641,6 +684,7 @@ def main() -> None:
                             synthetic_steps(shape))
     report.workload_e(vocab)
     report.workload_f()
+    report.workload_k()
     report.workload_g(synthetic)
     if args.full:
         report.workload_a_full(pre, chat, vocab)

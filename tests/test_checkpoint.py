@@ -3,6 +3,7 @@ and every kind of damaged or foreign file refused with a SerializationError."""
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -232,3 +233,16 @@ def test_kill_9_during_saves_never_damages_the_checkpoint(tmp_path):
         assert ckpt.loss >= 0 and ckpt.weights["output.w"].shape == (128, 2002)
     CheckpointManager(tmp_path).prepare()  # clears temporaries that killed writers left
     assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
+
+
+def test_prepare_refuses_a_full_or_unwritable_directory(tmp_path, monkeypatch):
+    manager = CheckpointManager(tmp_path / "run", max_to_keep=2)
+    manager.prepare(checkpoint_bytes=1000)  # fits
+    full = shutil._ntuple_diskusage(10**9, 10**9 - 5 * 2**20, 5 * 2**20)  # 5 MB free
+    monkeypatch.setattr("shutil.disk_usage", lambda path: full)
+    with pytest.raises(SerializationError, match=r"5 MB free, the checkpoints need about 24 MB"):
+        manager.prepare(checkpoint_bytes=6 * 2**20)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SerializationError, match="cannot write checkpoints here"):
+        CheckpointManager(blocker / "run").prepare()

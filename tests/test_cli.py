@@ -83,6 +83,10 @@ def test_errors_are_one_line(tmp_path):
     bad.write_text("[1]")
     result = run("train", "--pretraining-data", str(bad), "--output", str(tmp_path / "o"))
     assert result.exit_code == 1 and "bad.json: item 0 is a number" in result.output
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    unwritable = run("train", "--output", str(blocker / "out"), "--pretraining-epochs", "1")
+    assert unwritable.exit_code == 1 and "cannot write checkpoints here" in unwritable.output
     env_bad = run("config", "show", env={"LLM_MODEL_NUM_HEADS": "3"})
     assert env_bad.exit_code == 1 and "num_heads = 3 must divide" in env_bad.output
     assert len(env_bad.output.strip().splitlines()) == 1

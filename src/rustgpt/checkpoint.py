@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -222,18 +223,25 @@ class CheckpointManager:
         self.keep_best = keep_best
         self.max_to_keep = max_to_keep
 
-    def prepare(self) -> None:
-        """Create the directory, prove it writable (before training starts) and remove the
-        temporary files of writers that were killed mid-save."""
+    def prepare(self, checkpoint_bytes: int = 0) -> None:
+        """Before training starts: create the directory, prove it writable, check it has room
+        for the checkpoints this manager keeps (each about `checkpoint_bytes`, plus one being
+        written), and remove the temporary files of writers that were killed mid-save."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             for stale in self.directory.glob(".*.safetensors.*.tmp"):
                 stale.unlink(missing_ok=True)
             probe = tempfile.NamedTemporaryFile(dir=self.directory, prefix=".probe-")
             probe.close()
+            free = shutil.disk_usage(self.directory).free
         except OSError as err:
             raise SerializationError(f"{self.directory}: cannot write checkpoints here "
                                      f"({err.strerror or err})") from err
+        need = checkpoint_bytes * (self.max_to_keep + 1 + self.keep_best)
+        if need > free:
+            raise SerializationError(f"{self.directory}: {free / 2**20:,.0f} MB free, the "
+                                     f"checkpoints need about {need / 2**20:,.0f} MB "
+                                     f"({self.max_to_keep} kept + best + one being written)")
 
     def checkpoints(self) -> list[Path]:
         """Step checkpoints, oldest first."""

@@ -160,7 +160,6 @@ def run_training(config, resume: str | None) -> int:
         config = attrs.evolve(checkpoint.config, checkpoint=config.checkpoint,
                               logging=config.logging)
         log.info("resuming from %s at step %d", path, checkpoint.step)
-    manager.prepare()  # an unwritable output fails now, not after an hour of training
     if config.training.threads:
         rustgpt.set_num_threads(config.training.threads)
     limit = config.data.max_file_mb * 2**20
@@ -168,6 +167,8 @@ def run_training(config, resume: str | None) -> int:
     chat = Dataset.load(config.data.chat_training_data or BUNDLED_CHAT, limit)
     vocab = checkpoint.vocab if checkpoint else Vocab.from_texts(pre.examples + chat.examples)
     model = LLM(config.model, vocab, seed=config.training.seed)
+    # an unwritable or full output fails now, not after an hour of training
+    manager.prepare(checkpoint_bytes=3 * 4 * model.total_parameters())  # weights, m, v
     metrics_file = out / "metrics.json"
     metrics = Metrics.from_json(metrics_file) if checkpoint and metrics_file.exists() else None
     saver = CheckpointCallback(manager, config, config.checkpoint.every_epochs)
