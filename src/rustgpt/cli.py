@@ -146,7 +146,7 @@ def run_training(config, resume: str | None) -> int:
     from rustgpt.metrics import Metrics, MetricsCallback
     from rustgpt.model import LLM
     from rustgpt.tokenizer import Vocab
-    from rustgpt.training import Trainer, rustgpt_phases
+    from rustgpt.training import ProgressBar, Trainer, rustgpt_phases
 
     out = Path(config.checkpoint.directory)
     manager = CheckpointManager(out, config.checkpoint.keep_best, config.checkpoint.max_to_keep)
@@ -202,53 +202,18 @@ def run_training(config, resume: str | None) -> int:
     return 0
 
 
-class ProgressBar:
-    """A tqdm bar over all steps with the running loss and tokens/s (a trainer callback)."""
-
-    def __init__(self) -> None:
-        self.bar = None
-        self.loss = None
-
-    def on_step(self, trainer, record: dict) -> None:
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=trainer.total_steps, initial=trainer.position.step - 1,
-                            unit="step", dynamic_ncols=True, mininterval=0.25)
-        loss = record["loss"]
-        self.loss = loss if self.loss is None else 0.98 * self.loss + 0.02 * loss
-        self.bar.update(1)
-        if record["step"] % 50 == 0:
-            self.bar.set_postfix_str(f"{record['phase']} loss {self.loss:.3f} "
-                                     f"{record['tokens_per_s']:,.0f} tok/s", refresh=False)
-
-    def on_epoch_end(self, trainer, record: dict) -> None: ...
-
-    def on_phase_end(self, trainer, phase) -> None: ...
-
-    def on_train_end(self, trainer) -> None: ...
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 # ---- generate / chat -------------------------------------------------------------------------
 
-def _load_model(checkpoint: str):
+def _load_checkpoint(checkpoint: str):
+    """The Checkpoint at a file or directory path; a missing path says to train first."""
     from rustgpt.checkpoint import Checkpoint, CheckpointManager
+    from rustgpt.errors import SerializationError
 
     path = Path(checkpoint)
     if not path.exists():
-        raise_missing(path)
+        raise SerializationError(f"no trained model at {path}: run `rustgpt-cli train` first "
+                                 f"(or pass --checkpoint FILE|DIR)")
     return Checkpoint.load(CheckpointManager.resolve(path))
-
-
-def raise_missing(path: Path) -> None:
-    from rustgpt.errors import SerializationError
-
-    raise SerializationError(f"no trained model at {path}: run `rustgpt-cli train` first "
-                             f"(or pass --checkpoint FILE|DIR)")
 
 
 def _generation_options(f):
@@ -271,7 +236,7 @@ def _generation_options(f):
 
 def _decoding(state: State, checkpoint, options):
     config, _ = state.config(generation=options)
-    ckpt = _load_model(checkpoint or config.checkpoint.directory)
+    ckpt = _load_checkpoint(checkpoint or config.checkpoint.directory)
     g = config.generation
     kwargs = dict(max_tokens=g.max_tokens, temperature=g.temperature, top_k=g.top_k,
                   top_p=g.top_p, min_p=g.min_p, repetition_penalty=g.repetition_penalty,
@@ -328,13 +293,13 @@ def chat(state: State, checkpoint, **options):
 # ---- info / eval / plot --------------------------------------------------------------------
 
 @main.command()
-@click.option("--checkpoint", default="checkpoints", type=click.Path(),
-              help="Checkpoint file or directory (default ./checkpoints).")
+@click.option("--checkpoint", default=None, type=click.Path(),
+              help="Checkpoint file or directory (default: [checkpoint] directory, ./checkpoints).")
 @click.pass_obj
 def info(state: State, checkpoint):
     """Architecture, parameter count, vocabulary and training state of a checkpoint."""
-    state.config()
-    ckpt = _load_model(checkpoint)
+    config, _ = state.config()
+    ckpt = _load_checkpoint(checkpoint or config.checkpoint.directory)
     model = ckpt.build_model()
     click.echo(model.network_description())
     stats = model.vocab.statistics(top=10)
@@ -347,8 +312,8 @@ def info(state: State, checkpoint):
 
 @main.command(name="eval")
 @click.argument("data", type=click.Path(dir_okay=False))
-@click.option("--checkpoint", default="checkpoints", type=click.Path(),
-              help="Checkpoint file or directory (default ./checkpoints).")
+@click.option("--checkpoint", default=None, type=click.Path(),
+              help="Checkpoint file or directory (default: [checkpoint] directory, ./checkpoints).")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
 @click.pass_obj
 def evaluate(state: State, data, checkpoint, batch_size):
@@ -357,7 +322,7 @@ def evaluate(state: State, data, checkpoint, batch_size):
     from rustgpt.data import Dataset
     from rustgpt.training import evaluate as evaluate_model
 
-    ckpt = _load_model(checkpoint)
+    ckpt = _load_checkpoint(checkpoint or config.checkpoint.directory)
     model = ckpt.build_model()
     dataset = Dataset.load(data, config.data.max_file_mb * 2**20)
     result = evaluate_model(model, dataset.encode(model.vocab, model.config.max_seq_len),

@@ -70,6 +70,31 @@ class Callback:
     def on_train_end(self, trainer: Trainer) -> None: ...
 
 
+class ProgressBar(Callback):
+    """A tqdm bar over all steps with the running loss and tokens/s."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.loss = None
+
+    def on_step(self, trainer: Trainer, record: dict) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=trainer.total_steps, initial=trainer.position.step - 1,
+                            unit="step", dynamic_ncols=True, mininterval=0.25)
+        loss = record["loss"]
+        self.loss = loss if self.loss is None else 0.98 * self.loss + 0.02 * loss
+        self.bar.update(1)
+        if record["step"] % 50 == 0:
+            self.bar.set_postfix_str(f"{record['phase']} loss {self.loss:.3f} "
+                                     f"{record['tokens_per_s']:,.0f} tok/s", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 class Trainer:
     """Runs `phases` over `model` with the settings of a TrainingConfig.
 
