@@ -2,7 +2,6 @@
 train -> generate -> info -> eval, start-up cost, and stop by signal then exact resume."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

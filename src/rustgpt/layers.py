@@ -42,9 +42,6 @@ class Workspace:
         view = self._views[(name, shape)] = buf[:n].reshape(shape)
         return view
 
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self._buffers.values())
-
 
 class Module:
     """A layer: its own parameters (name -> (shape, init std or constant)) and child layers."""
@@ -164,6 +161,22 @@ class SelfAttention(Module):
         K.attention_forward(out, att, q, k, v, self.num_heads)
         return out
 
+    def step(self, ws: Workspace, x: np.ndarray, kcache: np.ndarray, vcache: np.ndarray,
+             n: int) -> np.ndarray:
+        """Attention of one new position n: x (B, 1, D) -> (B, 1, D). Its k and v go to row n
+        of kcache, vcache (B, T_max, D), and its query attends to rows 0..n."""
+        B, _, D = x.shape
+        x2 = x[:, 0]
+        q, kv = ws.get(self.key("step.q"), (B, D)), ws.get(self.key("step.kv"), (B, D))
+        out = ws.get(self.key("step.out"), (B, 1, D))
+        K.sgemm(q, x2, self.wq)
+        K.sgemm(kv, x2, self.wk)
+        kcache[:, n] = kv
+        K.sgemm(kv, x2, self.wv)
+        vcache[:, n] = kv
+        K.attention_step(out[:, 0], q, kcache, vcache, n + 1, self.num_heads)
+        return out
+
     def backward(self, ws: Workspace, x: np.ndarray, dout: np.ndarray) -> np.ndarray:
         B, T, D = x.shape
         q, k, v = (ws.get(self.key(n), (B, T, D)) for n in ("q", "k", "v"))
@@ -261,8 +274,12 @@ class TransformerBlock(Module):
 
     def forward(self, ws: Workspace, x: np.ndarray) -> np.ndarray:
         """x: (B, T, D) -> (B, T, D)."""
+        return self.after_attention(ws, x, self.attn.forward(ws, x))
+
+    def after_attention(self, ws: Workspace, x: np.ndarray, a: np.ndarray) -> np.ndarray:
+        """The block's rest once the attention output a (B, T, D) of x is known."""
         r1 = ws.get(self.key("r1"), x.shape)
-        np.add(x, self.attn.forward(ws, x), out=r1)
+        np.add(x, a, out=r1)
         x1 = self.ln1.forward(ws, r1)
         r2 = ws.get(self.key("r2"), x.shape)
         np.add(x1, self.ffn.forward(ws, x1), out=r2)

@@ -226,31 +226,10 @@ class LLM(Module):
         # embedding of token ids at position n: token[id] + position[n]
         np.add(self.embeddings.token[ids], self.embeddings.position[n], out=x[:, 0])
         for layer, block in enumerate(self.blocks):
-            x = self._block_step(ws, block, x, cache.k[layer], cache.v[layer], n)
+            x = block.after_attention(ws, x, block.attn.step(ws, x, cache.k[layer],
+                                                              cache.v[layer], n))
         cache.length = n + 1
         return self.output.forward(ws, x)[:, 0]
-
-    @staticmethod
-    def _block_step(ws: Workspace, block: TransformerBlock, x: np.ndarray,
-                    kc: np.ndarray, vc: np.ndarray, n: int) -> np.ndarray:
-        """TransformerBlock.forward for one new position; attention reads the cache."""
-        attn = block.attn
-        B, _, D = x.shape
-        x2 = x[:, 0]
-        q, a = ws.get("step.q", (B, D)), ws.get("step.a", (B, D))
-        kv = ws.get("step.kv", (B, D))
-        K.sgemm(q, x2, attn.wq)
-        K.sgemm(kv, x2, attn.wk)
-        kc[:, n] = kv
-        K.sgemm(kv, x2, attn.wv)
-        vc[:, n] = kv
-        K.attention_step(a, q, kc, vc, n + 1, attn.num_heads)
-        r1 = ws.get(block.key("r1"), x.shape)
-        np.add(x2, a, out=r1[:, 0])
-        x1 = block.ln1.forward(ws, r1)
-        r2 = ws.get(block.key("r2"), x.shape)
-        np.add(x1, block.ffn.forward(ws, x1), out=r2)
-        return block.ln2.forward(ws, r2)
 
     def generate(self, prompt: str, **options) -> str:
         """Answer `prompt` (RustGPT: prefixed with "User: ", greedy, stop at </s>).
