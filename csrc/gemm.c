@@ -429,7 +429,7 @@ void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
         for (int u = 1; t * u <= nthreads && u <= nt; u++) {
             double rows = (double)((mt + t - 1) / t) * path.mr;
             double cols = (double)((nt + u - 1) / u) * path.nr;
-            double cost = rows * cols * K / 16.0 + (rows + cols) * K;
+            double cost = rows * cols * (K / 16.0 + (u > 1)) + (rows + cols) * K;
             if (best < 0 || cost < best) { best = cost; tm = t; tn = u; }
         }
     }

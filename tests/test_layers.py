@@ -95,3 +95,14 @@ def test_workspace_reuses_memory():
     a = ws.get("x", (4, 8))
     b = ws.get("x", (2, 8))
     assert np.shares_memory(a, b) and b.flags.c_contiguous and b.shape == (2, 8)
+
+
+@pytest.mark.parametrize("n", [1, 1000, 553_083, (2 << 20) // 4 + 1])
+def test_zeros_hugepage(n):
+    x = L.zeros_hugepage(n)
+    assert x.shape == (n,) and x.dtype == np.float32 and x.flags.c_contiguous
+    assert x.flags.writeable and not x.any()
+    if n * 4 >= L.HUGE_PAGE:  # big buffers start on a huge page
+        assert x.ctypes.data % L.HUGE_PAGE == 0
+    x[:] = 1.5
+    assert x.sum(dtype=np.float64) == 1.5 * n

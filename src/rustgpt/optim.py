@@ -6,7 +6,7 @@ import numpy as np
 
 from rustgpt import _kernels as K
 from rustgpt.errors import ValidationError
-from rustgpt.layers import FlatParameters
+from rustgpt.layers import FlatParameters, zeros_hugepage
 
 
 class Adam:
@@ -19,8 +19,8 @@ class Adam:
                  eps: float = 1e-8, weight_decay: float = 0.0) -> None:
         self.params = params
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
-        self.m = np.zeros_like(params.data)
-        self.v = np.zeros_like(params.data)
+        self.m = zeros_hugepage(params.data.size)
+        self.v = zeros_hugepage(params.data.size)
         self.t = 0
 
     def step(self, lr: float, grad_scale: float = 1.0) -> None:
