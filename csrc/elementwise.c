@@ -31,11 +31,12 @@ void rg_bias_add(float *x, const float *b, int N, int C) {
     }
 }
 
-void rg_colsum(float *db, const float *dy, int N, int C) {
+void rg_colsum(float *db, const float *dy, int N, int C, int accumulate) {
     /* parallel over column blocks: each thread owns its columns of db, no reduction needed */
     #pragma omp parallel for if ((size_t)N * C >= PAR_MIN) schedule(static)
     for (int c0 = 0; c0 < C; c0 += 64) {
         int c1 = c0 + 64 < C ? c0 + 64 : C;
+        if (!accumulate) memset(db + c0, 0, (size_t)(c1 - c0) * sizeof(float));
         for (int i = 0; i < N; i++) {
             const float *dy_i = dy + (size_t)i * C;
             for (int c = c0; c < c1; c++) db[c] += dy_i[c];
@@ -55,7 +56,11 @@ void rg_embedding_forward(float *out, const int *ids, const float *wte, const fl
 }
 
 void rg_embedding_backward(float *dwte, float *dwpe, const float *dout, const int *ids,
-                           int B, int T, int D) {
+                           int B, int T, int D, int V, int Tmax, int accumulate) {
+    if (!accumulate) {
+        memset(dwte, 0, (size_t)V * D * sizeof(float));
+        memset(dwpe, 0, (size_t)Tmax * D * sizeof(float));
+    }
     /* Repeated ids add into the same row of dwte, so rows cannot be split between threads;
      * columns can: each thread owns a block of columns of dwte and dwpe. */
     #pragma omp parallel for if ((size_t)B * T * D >= PAR_MIN) schedule(static)

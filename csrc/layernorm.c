@@ -26,10 +26,13 @@ RG_VARIANTS(forward_rows, (float *out, float *mean, float *rstd, const float *x,
                            const float *g, const float *b, int i0, int i1, int D, float eps),
             (out, mean, rstd, x, g, b, i0, i1, D, eps))
 
-/* Columns [d0, d1) of dg and db: sums over all N rows. */
+/* Columns [d0, d1) of dg and db: sums over all N rows, added to them when accumulate. */
 RG_INLINE void param_grads(int wide, float *dg, float *db, const float *dout, const float *x,
-                           const float *mean, const float *rstd, int N, int D, int d0, int d1) {
+                           const float *mean, const float *rstd, int N, int D, int d0, int d1,
+                           int accumulate) {
     (void)wide;
+    if (!accumulate)
+        for (int d = d0; d < d1; d++) dg[d] = db[d] = 0.0f;
     for (int i = 0; i < N; i++) {
         const float *x_i = x + (size_t)i * D, *dout_i = dout + (size_t)i * D;
         float mu = mean[i], rs = rstd[i];
@@ -41,8 +44,9 @@ RG_INLINE void param_grads(int wide, float *dg, float *db, const float *dout, co
     }
 }
 RG_VARIANTS(param_grads, (float *dg, float *db, const float *dout, const float *x,
-                          const float *mean, const float *rstd, int N, int D, int d0, int d1),
-            (dg, db, dout, x, mean, rstd, N, D, d0, d1))
+                          const float *mean, const float *rstd, int N, int D, int d0, int d1,
+                          int accumulate),
+            (dg, db, dout, x, mean, rstd, N, D, d0, d1, accumulate))
 
 /* Rows [i0, i1) of dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)). */
 RG_INLINE void input_grads(int wide, float *dx, const float *dout, const float *x,
@@ -86,12 +90,12 @@ void rg_layernorm_forward(float *out, float *mean, float *rstd, const float *x,
 
 void rg_layernorm_backward(float *dx, float *dg, float *db, const float *dout,
                            const float *x, const float *g, const float *mean,
-                           const float *rstd, int N, int D) {
+                           const float *rstd, int N, int D, int accumulate) {
     /* forward: xhat = (x - mean) * rstd, out = xhat * g + b, so db += dout,
      * dg += dout * xhat. Those sums over rows run first, split by columns (dx may alias
      * dout, so dout is read before dx is written); then dx, split by rows. */
     void (*pg)(float *, float *, const float *, const float *, const float *, const float *,
-               int, int, int, int) = param_grads_pick();
+               int, int, int, int, int) = param_grads_pick();
     void (*ig)(float *, const float *, const float *, const float *, const float *,
                const float *, int, int, int) = input_grads_pick();
     int nt = threads_for((size_t)N * D);
@@ -100,7 +104,7 @@ void rg_layernorm_backward(float *dx, float *dg, float *db, const float *dout,
         #pragma omp for schedule(static)
         for (int c = 0; c < nt; c++)
             pg(dg, db, dout, x, mean, rstd, N, D, (int)((long)D * c / nt / 16 * 16),
-               c + 1 == nt ? D : (int)((long)D * (c + 1) / nt / 16 * 16));
+               c + 1 == nt ? D : (int)((long)D * (c + 1) / nt / 16 * 16), accumulate);
         #pragma omp for schedule(static)
         for (int c = 0; c < nt; c++)
             ig(dx, dout, x, g, mean, rstd, (int)((long)N * c / nt),

@@ -69,10 +69,11 @@ void rg_layernorm_forward(float *out, float *mean, float *rstd, const float *x,
                           const float *g, const float *b, int N, int D, float eps);
 
 /* Backward of rg_layernorm_forward. dout, x: (N, D); g: (D); mean, rstd: (N).
- * Overwrites dx: (N, D) (dx may alias dout); accumulates dg, db: (D). */
+ * Overwrites dx: (N, D) (dx may alias dout); adds into dg, db: (D) when accumulate,
+ * else overwrites them. */
 void rg_layernorm_backward(float *dx, float *dg, float *db, const float *dout,
                            const float *x, const float *g, const float *mean,
-                           const float *rstd, int N, int D);
+                           const float *rstd, int N, int D, int accumulate);
 
 /* ---- softmax cross-entropy (crossentropy.c) ------------------------------------------ */
 
@@ -109,16 +110,17 @@ void rg_relu_backward(float *dx, const float *dout, const float *out, size_t n);
 
 /* x[i, :] += b. x: (N, C); b: (C). */
 void rg_bias_add(float *x, const float *b, int N, int C);
-/* db += sum over rows of dy. dy: (N, C); db: (C). Accumulates. */
-void rg_colsum(float *db, const float *dy, int N, int C);
+/* db (+)= sum over rows of dy: adds when accumulate, else overwrites. dy: (N, C); db: (C). */
+void rg_colsum(float *db, const float *dy, int N, int C, int accumulate);
 
 /* out[b, t, :] = wte[ids[b, t], :] + wpe[t, :].
  * ids: (B, T) in [0, V); wte: (V, D); wpe: (Tmax, D) with T <= Tmax; out: (B, T, D). */
 void rg_embedding_forward(float *out, const int *ids, const float *wte, const float *wpe,
                           int B, int T, int D);
-/* dwte[ids[b, t], :] += dout[b, t, :]; dwpe[t, :] += dout[b, t, :]. Accumulates. */
+/* dwte[ids[b, t], :] += dout[b, t, :]; dwpe[t, :] += dout[b, t, :], dwte: (V, D) and
+ * dwpe: (Tmax, D) first set to zero unless accumulate. */
 void rg_embedding_backward(float *dwte, float *dwpe, const float *dout, const int *ids,
-                           int B, int T, int D);
+                           int B, int T, int D, int V, int Tmax, int accumulate);
 
 /* Sum of x[i]^2, accumulated in double. x: (n). */
 double rg_sum_squares(const float *x, size_t n);

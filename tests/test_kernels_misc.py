@@ -39,6 +39,10 @@ def test_layernorm_backward(rng, simd, N, D):
     ref.assert_close(dx, e_dx, 1e-3, 1e-4, "dx")
     ref.assert_close(dg, e_dg + 1, 1e-4, 1e-4, "dg")
     ref.assert_close(db, e_db + 1, 1e-4, 1e-4, "db")
+    dg.fill(np.nan), db.fill(np.nan)
+    K.layernorm_backward(dx, dg, db, dout, x, g, mean, rstd, accumulate=False)
+    ref.assert_close(dg, e_dg, 1e-4, 1e-4, "dg")
+    ref.assert_close(db, e_db, 1e-4, 1e-4, "db")
 
 
 def test_layernorm_backward_matches_finite_differences(rng):
@@ -142,6 +146,9 @@ def test_bias_add_and_colsum(rng, N, C):
     db = np.ones(C, np.float32)
     K.colsum(db, x)
     ref.assert_close(db, expected.sum(0) + 1, 1e-5, 1e-3, "colsum")
+    db.fill(np.nan)
+    K.colsum(db, x, accumulate=False)
+    ref.assert_close(db, expected.sum(0), 1e-5, 1e-3, "colsum")
 
 
 @pytest.mark.parametrize("B,T,D,V", [(1, 1, 1, 1), (2, 7, 33, 11), (4, 80, 128, 530)])
@@ -158,6 +165,10 @@ def test_embedding(rng, B, T, D, V):
     dwte, dwpe = np.zeros_like(wte), np.zeros_like(wpe)
     K.embedding_backward(dwte, dwpe, dout, ids)
     e_dwte, e_dwpe = ref.embedding_backward(dout, ids, V, Tmax)
+    ref.assert_close(dwte, e_dwte, 1e-5, 1e-5, "dwte")
+    ref.assert_close(dwpe, e_dwpe, 1e-5, 1e-5, "dwpe")
+    dwte.fill(np.nan), dwpe.fill(np.nan)  # every row set, the unused ones to zero
+    K.embedding_backward(dwte, dwpe, dout, ids, accumulate=False)
     ref.assert_close(dwte, e_dwte, 1e-5, 1e-5, "dwte")
     ref.assert_close(dwpe, e_dwpe, 1e-5, 1e-5, "dwpe")
 

@@ -34,6 +34,18 @@ def check_layer(layer, reference, x, rng, tol=2e-3):
     ref.assert_close(dx, ref.numerical_gradient(loss, x64), tol, tol, "dx")
     for name in p64:
         ref.assert_close(store.grads[name], ref.numerical_gradient(loss, p64[name]), tol, tol, name)
+    check_accumulate(store, lambda **kw: layer.backward(ws, x, w.astype(np.float32), **kw))
+
+
+def check_accumulate(store, backward):
+    """backward() adds into the parameter gradients; backward(accumulate=False) writes
+    over them, whatever they held."""
+    once = store.grad.copy()
+    backward()
+    ref.assert_close(store.grad, 2 * once.astype(np.float64), 1e-6, 1e-6, "accumulated")
+    store.grad.fill(np.nan)
+    backward(accumulate=False)
+    np.testing.assert_array_equal(store.grad, once)
 
 
 @pytest.mark.parametrize("num_heads", [1, NH])
@@ -79,6 +91,7 @@ def test_embeddings(rng):
     loss = lambda: float((w * reference()).sum())
     for name in p64:
         ref.assert_close(store.grads[name], ref.numerical_gradient(loss, p64[name]), 1e-4, 1e-4, name)
+    check_accumulate(store, lambda **kw: layer.backward(ws, ids, w.astype(np.float32), **kw))
 
 
 def test_parameter_views_share_the_flat_buffer(rng):

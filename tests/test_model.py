@@ -31,6 +31,7 @@ def params64(model):
 def test_gradient_matches_finite_differences(model, rng):
     seqs = [rng.integers(0, 13, n).astype(np.intc) for n in (7, 4)]  # second row is padded
     inputs, targets = make_batch(seqs)
+    model.params.grad.fill(np.nan)  # every gradient must be written over, none added to
     loss = model.loss_and_backward(inputs, targets)
     p = params64(model)
     f = lambda: ref.model_loss(p, inputs, targets, TINY.num_layers, TINY.num_heads)

@@ -38,7 +38,7 @@ cdef extern from "rustgpt_kernels.h" nogil:
                               const float *g, const float *b, int N, int D, float eps) noexcept
     void rg_layernorm_backward(float *dx, float *dg, float *db, const float *dout,
                                const float *x, const float *g, const float *mean,
-                               const float *rstd, int N, int D) noexcept
+                               const float *rstd, int N, int D, int accumulate) noexcept
     void rg_crossentropy_forward(float *losses, const float *logits, const int *targets,
                                  int N, int V, int ignore_index) noexcept
     void rg_crossentropy_forward_backward(float *losses, float *dlogits, const float *logits,
@@ -50,11 +50,11 @@ cdef extern from "rustgpt_kernels.h" nogil:
     void rg_relu_forward(float *out, const float *x, size_t n) noexcept
     void rg_relu_backward(float *dx, const float *dout, const float *out, size_t n) noexcept
     void rg_bias_add(float *x, const float *b, int N, int C) noexcept
-    void rg_colsum(float *db, const float *dy, int N, int C) noexcept
+    void rg_colsum(float *db, const float *dy, int N, int C, int accumulate) noexcept
     void rg_embedding_forward(float *out, const int *ids, const float *wte, const float *wpe,
                               int B, int T, int D) noexcept
     void rg_embedding_backward(float *dwte, float *dwpe, const float *dout, const int *ids,
-                               int B, int T, int D) noexcept
+                               int B, int T, int D, int V, int Tmax, int accumulate) noexcept
     double rg_sum_squares(const float *x, size_t n) noexcept
     void rg_scale(float *x, float s, size_t n) noexcept
 
@@ -309,8 +309,9 @@ def layernorm_forward(out, mean, rstd, x, g, b, float eps=1e-5):
         rg_layernorm_forward(op, mp, rp, xp, gp, bp, N, D, eps)
 
 
-def layernorm_backward(dx, dg, db, dout, x, g, mean, rstd):
-    """Overwrites dx (N, D) (may be dout itself); accumulates dg, db (D)."""
+def layernorm_backward(dx, dg, db, dout, x, g, mean, rstd, bint accumulate=True):
+    """Overwrites dx (N, D) (may be dout itself); adds into dg, db (D), or overwrites them
+    when not accumulate."""
     fn = "layernorm_backward"
     s = _shape(x, fn, "x", 2)
     cdef int N = s[0], D = s[1]
@@ -323,7 +324,7 @@ def layernorm_backward(dx, dg, db, dout, x, g, mean, rstd):
     cdef float *dgp = _f(dg, fn, "dg", (D,), True)
     cdef float *dbp = _f(db, fn, "db", (D,), True)
     with nogil:
-        rg_layernorm_backward(dxp, dgp, dbp, dop, xp, gp, mp, rp, N, D)
+        rg_layernorm_backward(dxp, dgp, dbp, dop, xp, gp, mp, rp, N, D, accumulate)
 
 
 # ---- cross-entropy ---------------------------------------------------------------------------
@@ -418,15 +419,15 @@ def bias_add(x, b):
         rg_bias_add(xp, bp, N, C)
 
 
-def colsum(db, dy):
-    """db += dy summed over rows. dy: (N, C); db: (C)."""
+def colsum(db, dy, bint accumulate=True):
+    """db += dy summed over rows (db = ... when not accumulate). dy: (N, C); db: (C)."""
     fn = "colsum"
     s = _shape(dy, fn, "dy", 2)
     cdef int N = s[0], C = s[1]
     cdef const float *dyp = _f(dy, fn, "dy", s)
     cdef float *dbp = _f(db, fn, "db", (C,), True)
     with nogil:
-        rg_colsum(dbp, dyp, N, C)
+        rg_colsum(dbp, dyp, N, C, accumulate)
 
 
 def embedding_forward(out, ids, wte, wpe):
@@ -446,8 +447,9 @@ def embedding_forward(out, ids, wte, wpe):
         rg_embedding_forward(op, ip, wtep, wpep, B, T, D)
 
 
-def embedding_backward(dwte, dwpe, dout, ids):
-    """dwte[ids[b, t]] += dout[b, t]; dwpe[t] += dout[b, t]. Accumulates."""
+def embedding_backward(dwte, dwpe, dout, ids, bint accumulate=True):
+    """dwte[ids[b, t]] += dout[b, t]; dwpe[t] += dout[b, t], into zeroed dwte, dwpe when
+    not accumulate."""
     fn = "embedding_backward"
     s = _shape(dout, fn, "dout", 3)
     sw = _shape(dwte, fn, "dwte", 2)
@@ -460,7 +462,7 @@ def embedding_backward(dwte, dwpe, dout, ids):
     cdef float *dwtep = _f(dwte, fn, "dwte", (V, D), True)
     cdef float *dwpep = _f(dwpe, fn, "dwpe", (Tmax, D), True)
     with nogil:
-        rg_embedding_backward(dwtep, dwpep, dop, ip, B, T, D)
+        rg_embedding_backward(dwtep, dwpep, dop, ip, B, T, D, V, Tmax, accumulate)
 
 
 def sum_squares(x):

@@ -3,7 +3,8 @@
 Parameters and gradients live in two flat float32 buffers (``FlatParameters``); a layer
 holds named views into them (``wq`` and its gradient ``dwq``). Activations live in a
 ``Workspace`` passed to every call, so one set of weights can serve many callers.
-``backward`` returns the input gradient and accumulates (+=) into the parameter gradients.
+``backward`` returns the input gradient and adds (+=) into the parameter gradients, or, with
+``accumulate=False``, overwrites them (no separate zeroing pass over the gradient buffer).
 Shapes use DESIGN.md's letters: B batch, T sequence, D embedding, H hidden, V vocabulary.
 """
 
@@ -129,9 +130,6 @@ class FlatParameters:
             else:
                 self.values[name][...] = value
 
-    def zero_grad(self) -> None:
-        self.grad.fill(0.0)
-
 
 def _rows(x: np.ndarray) -> np.ndarray:
     """(B, T, C) -> (B*T, C) view."""
@@ -153,8 +151,9 @@ class Embeddings(Module):
         K.embedding_forward(out, ids, self.token, self.position)
         return out
 
-    def backward(self, ws: Workspace, ids: np.ndarray, dout: np.ndarray) -> None:
-        K.embedding_backward(self.dtoken, self.dposition, dout, ids)
+    def backward(self, ws: Workspace, ids: np.ndarray, dout: np.ndarray,
+                 accumulate: bool = True) -> None:
+        K.embedding_backward(self.dtoken, self.dposition, dout, ids, accumulate)
 
 
 class SelfAttention(Module):
@@ -196,16 +195,17 @@ class SelfAttention(Module):
         K.attention_step(out[:, 0], q, kcache, vcache, n + 1, self.num_heads)
         return out
 
-    def backward(self, ws: Workspace, x: np.ndarray, dout: np.ndarray) -> np.ndarray:
+    def backward(self, ws: Workspace, x: np.ndarray, dout: np.ndarray,
+                 accumulate: bool = True) -> np.ndarray:
         B, T, D = x.shape
         q, k, v = (ws.get(self.key(n), (B, T, D)) for n in ("q", "k", "v"))
         att = ws.get(self.key("att"), (B, self.num_heads, T, T))
         dq, dk, dv, dx = (ws.get(self.key(n), (B, T, D)) for n in ("dq", "dk", "dv", "dx"))
         K.attention_backward(dq, dk, dv, dout, att, q, k, v, self.num_heads)
         x2, dx2 = _rows(x), _rows(dx)
-        K.sgemm(self.dwq, x2, _rows(dq), trans_a=True, accumulate=True)  # dWq += x^T dq
-        K.sgemm(self.dwk, x2, _rows(dk), trans_a=True, accumulate=True)
-        K.sgemm(self.dwv, x2, _rows(dv), trans_a=True, accumulate=True)
+        K.sgemm(self.dwq, x2, _rows(dq), trans_a=True, accumulate=accumulate)  # dWq += x^T dq
+        K.sgemm(self.dwk, x2, _rows(dk), trans_a=True, accumulate=accumulate)
+        K.sgemm(self.dwv, x2, _rows(dv), trans_a=True, accumulate=accumulate)
         K.sgemm(dx2, _rows(dq), self.wq, trans_b=True)  # dx = dq Wq^T + dk Wk^T + dv Wv^T
         K.sgemm(dx2, _rows(dk), self.wk, trans_b=True, accumulate=True)
         K.sgemm(dx2, _rows(dv), self.wv, trans_b=True, accumulate=True)
@@ -236,17 +236,18 @@ class FeedForward(Module):
         K.bias_add(_rows(out), self.b2)
         return out
 
-    def backward(self, ws: Workspace, x: np.ndarray, dout: np.ndarray) -> np.ndarray:
+    def backward(self, ws: Workspace, x: np.ndarray, dout: np.ndarray,
+                 accumulate: bool = True) -> np.ndarray:
         x2, dout2 = _rows(x), _rows(dout)
         N, H = x2.shape[0], self.w1.shape[1]
         h = ws.get(self.key("h"), (N, H))
         dh = ws.get(self.key("dh"), (N, H))
-        K.sgemm(self.dw2, h, dout2, trans_a=True, accumulate=True)  # dW2 += h^T dout
-        K.colsum(self.db2, dout2)
+        K.sgemm(self.dw2, h, dout2, trans_a=True, accumulate=accumulate)  # dW2 += h^T dout
+        K.colsum(self.db2, dout2, accumulate)
         K.sgemm(dh, dout2, self.w2, trans_b=True)  # dh = dout W2^T
         K.relu_backward(dh, dh, h)
-        K.sgemm(self.dw1, x2, dh, trans_a=True, accumulate=True)
-        K.colsum(self.db1, dh)
+        K.sgemm(self.dw1, x2, dh, trans_a=True, accumulate=accumulate)
+        K.colsum(self.db1, dh, accumulate)
         dx = ws.get(self.key("dx"), x.shape)
         K.sgemm(_rows(dx), dh, self.w1, trans_b=True)
         return dx
@@ -271,13 +272,14 @@ class LayerNorm(Module):
         K.layernorm_forward(_rows(out), mean, rstd, x2, self.gamma, self.beta, self.eps)
         return out
 
-    def backward(self, ws: Workspace, x: np.ndarray, dout: np.ndarray) -> np.ndarray:
+    def backward(self, ws: Workspace, x: np.ndarray, dout: np.ndarray,
+                 accumulate: bool = True) -> np.ndarray:
         x2 = _rows(x)
         N = x2.shape[0]
         mean, rstd = ws.get(self.key("mean"), (N,)), ws.get(self.key("rstd"), (N,))
         dx = ws.get(self.key("dx"), x.shape)
         K.layernorm_backward(_rows(dx), self.dgamma, self.dbeta, _rows(dout), x2,
-                             self.gamma, mean, rstd)
+                             self.gamma, mean, rstd, accumulate)
         return dx
 
 
@@ -304,14 +306,15 @@ class TransformerBlock(Module):
         np.add(x1, self.ffn.forward(ws, x1), out=r2)
         return self.ln2.forward(ws, r2)
 
-    def backward(self, ws: Workspace, x: np.ndarray, dout: np.ndarray) -> np.ndarray:
+    def backward(self, ws: Workspace, x: np.ndarray, dout: np.ndarray,
+                 accumulate: bool = True) -> np.ndarray:
         r1, r2 = ws.get(self.key("r1"), x.shape), ws.get(self.key("r2"), x.shape)
         x1 = ws.get(self.ln1.key("out"), x.shape)
-        dr2 = self.ln2.backward(ws, r2, dout)
-        dx1 = self.ffn.backward(ws, x1, dr2)
+        dr2 = self.ln2.backward(ws, r2, dout, accumulate)
+        dx1 = self.ffn.backward(ws, x1, dr2, accumulate)
         dx1 += dr2  # the residual
-        dr1 = self.ln1.backward(ws, r1, dx1)
-        dx = self.attn.backward(ws, x, dr1)
+        dr1 = self.ln1.backward(ws, r1, dx1, accumulate)
+        dx = self.attn.backward(ws, x, dr1, accumulate)
         dx += dr1
         return dx
 
@@ -332,10 +335,11 @@ class OutputProjection(Module):
         K.bias_add(_rows(logits), self.b)
         return logits
 
-    def backward(self, ws: Workspace, x: np.ndarray, dlogits: np.ndarray) -> np.ndarray:
+    def backward(self, ws: Workspace, x: np.ndarray, dlogits: np.ndarray,
+                 accumulate: bool = True) -> np.ndarray:
         x2, dl2 = _rows(x), _rows(dlogits)
-        K.sgemm(self.dw, x2, dl2, trans_a=True, accumulate=True)
-        K.colsum(self.db, dl2)
+        K.sgemm(self.dw, x2, dl2, trans_a=True, accumulate=accumulate)
+        K.colsum(self.db, dl2, accumulate)
         dx = ws.get(self.key("dx"), x.shape)
         K.sgemm(_rows(dx), dl2, self.w, trans_b=True)
         return dx

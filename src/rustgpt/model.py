@@ -130,8 +130,9 @@ class LLM(Module):
     def loss_and_backward(self, inputs, targets) -> float:
         """Mean cross-entropy of next-token prediction and its gradient.
 
-        inputs, targets: (B, T); targets equal to IGNORE_INDEX (-1) are padding. Zeroes
-        ``params.grad`` and fills it with d(loss)/d(params). Returns the loss."""
+        inputs, targets: (B, T); targets equal to IGNORE_INDEX (-1) are padding. Overwrites
+        ``params.grad`` with d(loss)/d(params) (every layer writes its gradients over the old
+        ones, so no zeroing pass is needed). Returns the loss."""
         ids = self._ids(inputs, "inputs")
         tgt = np.ascontiguousarray(targets, np.intc)
         if tgt.ndim == 1:
@@ -142,17 +143,16 @@ class LLM(Module):
         if count == 0:
             raise ValidationError("targets are all padding, expected at least one target")
         ws = self.workspace
-        self.params.zero_grad()
         logits, xs = self._forward(ws, ids)
         B, T, V = logits.shape
         losses = ws.get("losses", (B * T,))
         # dlogits overwrite the logits in place: (softmax - onehot) / count
         K.crossentropy_forward_backward(losses, _rows(logits), _rows(logits), tgt.reshape(-1),
                                         IGNORE_INDEX, 1.0 / count)
-        dx = self.output.backward(ws, xs[-1], logits)
+        dx = self.output.backward(ws, xs[-1], logits, accumulate=False)
         for block, x in zip(reversed(self.blocks), reversed(xs[:-1])):
-            dx = block.backward(ws, x, dx)
-        self.embeddings.backward(ws, ids, dx)
+            dx = block.backward(ws, x, dx, accumulate=False)
+        self.embeddings.backward(ws, ids, dx, accumulate=False)
         return float(losses.sum(dtype=np.float64) / count)
 
     def loss(self, inputs, targets) -> tuple[float, int, int]:
