@@ -2,6 +2,7 @@
 numpy (bench/numpy_model.py): every workload of the performance targets, one markdown table.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/compare.py [--quick] [--full] [--threads 2]
+        [--only a,b,...]
 
 Workloads: (a) RustGPT's schedule step (batch 1, bundled data), (b)-(d) training steps of
 larger shapes, (e) generating 64 tokens, (f) sgemm vs numpy's BLAS, (g) thread scaling;
@@ -57,6 +58,7 @@ except ImportError:
     torch = None
 
 FRAMEWORKS = ("rustgpt", "torch", "numpy")
+WORKLOADS = ("a", "b", "c", "d", "e", "f", "k", "g", "a-full", "footprint")  # in table order
 DEFAULT_THREADS = 2  # every side-by-side row runs at this many threads unless told otherwise
 VOCAB_SIZE = 763  # the bundled data's vocabulary
 
@@ -660,8 +662,17 @@ def main() -> None:
                         help="also time the whole RustGPT schedule (a-full; many minutes)")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                         help="threads of every framework (default %(default)s)")
+    parser.add_argument("--only", metavar="LIST",
+                        help=f"comma-separated workloads to run, of {','.join(WORKLOADS)} "
+                             f"(default: all of them, a-full only with --full)")
     parser.add_argument("--torch-train-epochs", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    run = set(WORKLOADS) - ({"a-full"} if not args.full else set())
+    if args.only:
+        run = set(args.only.split(","))
+        if run - set(WORKLOADS):
+            parser.error(f"--only: unknown workload(s) {', '.join(sorted(run - set(WORKLOADS)))}, "
+                         f"expected some of {','.join(WORKLOADS)}")
     if args.torch_train_epochs:
         _torch_train_child(args.torch_train_epochs)
         return
@@ -677,18 +688,19 @@ def main() -> None:
     report = Report(args.quick, args.threads)
     start = time.perf_counter()
     pre, chat, vocab = bundled_data()
-    report.workload_a(pre, chat, vocab)
     synthetic = synthetic_vocab()
+    if "a" in run:
+        report.workload_a(pre, chat, vocab)
     for key, shape in SHAPES.items():
-        report.training_row(key, f"training step {shape.label}", shape.config(), synthetic,
-                            synthetic_steps(shape))
-    report.workload_e(vocab)
-    report.workload_f()
-    report.workload_k()
-    report.workload_g(synthetic)
-    if args.full:
-        report.workload_a_full(pre, chat, vocab)
-    report.footprint()
+        if key in run:
+            report.training_row(key, f"training step {shape.label}", shape.config(), synthetic,
+                                synthetic_steps(shape))
+    for key, workload in (("e", lambda: report.workload_e(vocab)), ("f", report.workload_f),
+                          ("k", report.workload_k), ("g", lambda: report.workload_g(synthetic)),
+                          ("a-full", lambda: report.workload_a_full(pre, chat, vocab)),
+                          ("footprint", report.footprint)):
+        if key in run:
+            workload()
     print(report.table())
     print(f"\nMeasured in {time.perf_counter() - start:.0f} s, {report.settle.waited:.0f} s of it "
           f"waiting for other processes to leave the CPU; load average {_loadavg()} at the end.")

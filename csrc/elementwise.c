@@ -1,4 +1,4 @@
-/* elementwise.c: relu, bias add and column sums, embedding gather / scatter-add, and the
+/* elementwise.c: relu, addition, bias add and column sums, embedding gather / scatter-add, and the
  * sum of squares and scaling that gradient clipping needs. Memory-bound loops: vectorized
  * by the compiler, parallel only where the arrays are large. */
 #include "simd.h"
@@ -21,6 +21,11 @@ void rg_relu_backward(float *dx, const float *dout, const float *out, size_t n) 
         float d = dout[i];
         dx[i] = out[i] > 0.0f ? d : 0.0f;
     }
+}
+
+void rg_add(float *out, const float *a, const float *b, size_t n) {
+    #pragma omp parallel for if (n >= PAR_MIN) schedule(static)
+    for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
 void rg_bias_add(float *x, const float *b, int N, int C) {

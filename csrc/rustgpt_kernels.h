@@ -108,6 +108,8 @@ void rg_relu_forward(float *out, const float *x, size_t n);
 /* dx = dout where out > 0, else 0. out is the forward's output. dx may alias dout. */
 void rg_relu_backward(float *dx, const float *dout, const float *out, size_t n);
 
+/* out = a + b. a, b, out: (n); out may alias a or b (residual connections). */
+void rg_add(float *out, const float *a, const float *b, size_t n);
 /* x[i, :] += b. x: (N, C); b: (C). */
 void rg_bias_add(float *x, const float *b, int N, int C);
 /* db (+)= sum over rows of dy: adds when accumulate, else overwrites. dy: (N, C); db: (C). */

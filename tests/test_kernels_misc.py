@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from rustgpt import _kernels as K
-from rustgpt.errors import ShapeMismatch, ValidationError
+from rustgpt.errors import ShapeMismatch, TokenError, ValidationError
 from tests import reference as ref
 
 SIZES = [(1, 1), (7, 33), (33, 129), (80, 128)]
@@ -296,3 +296,57 @@ def test_bad_ids_never_reach_the_kernel(ids):
     else:
         with pytest.raises(ValidationError):
             K.embedding_forward(out, arr, wte, wpe)
+
+
+def test_plan_replays_the_recorded_calls_on_current_contents(rng):
+    ids = np.array([[1, 2, 2]], np.intc)
+    wte = rng.standard_normal((5, 4)).astype(np.float32)
+    wpe = rng.standard_normal((3, 4)).astype(np.float32)
+    emb, out = np.empty((1, 3, 4), np.float32), np.empty((1, 3, 4), np.float32)
+    with K.Plan() as plan:
+        K.embedding_forward(emb, ids, wte, wpe)
+        K.relu_forward(out, emb)
+        K.add(out, out, emb)
+    assert len(plan) == 3
+    ids[0] = [4, 0, 3]
+    wte *= 2
+    plan.run()
+    e = np.asarray(wte, np.float64)[ids] + wpe
+    ref.assert_close(out, np.maximum(e, 0) + e, 1e-6, 1e-6, "replayed")
+
+
+def test_plan_checks_ids_again_before_a_replay():
+    ids = np.array([[1, 2]], np.intc)
+    wte, wpe = np.ones((3, 2), np.float32), np.ones((2, 2), np.float32)
+    out = np.empty((1, 2, 2), np.float32)
+    with K.Plan() as plan:
+        K.embedding_forward(out, ids, wte, wpe)
+    ids[0, 1] = 3  # out of range since the recording: refused, never read by the C
+    with pytest.raises(TokenError, match=r"embedding_forward: ids holds id 3 at flat index 1"):
+        plan.run()
+
+
+def test_plan_refuses_what_it_could_not_replay():
+    x = np.ones(4, np.float32)
+    with K.Plan() as plan:
+        with pytest.raises(ValidationError, match="sum_squares cannot be recorded"):
+            K.sum_squares(x)
+        with pytest.raises(ValidationError, match="one at a time"):
+            with K.Plan():
+                pass
+    with pytest.raises(ValidationError, match="already recorded"):
+        with plan:
+            pass
+    assert K.sum_squares(x) == 4.0  # recording ended with the with-block, even on errors
+
+
+def test_plan_records_only_its_own_thread():
+    import threading
+
+    a, out = np.ones(8, np.float32), np.empty(8, np.float32)
+    with K.Plan() as plan:
+        worker = threading.Thread(target=K.add, args=(out, a, a))
+        worker.start()
+        worker.join()
+        K.relu_forward(out, a)
+    assert len(plan) == 1

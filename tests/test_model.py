@@ -162,3 +162,34 @@ def test_nan_stops_training_before_the_update(model, rng):
     with pytest.raises(TrainingError, match="diverged"):
         model.train_step(inputs, targets, Adam(model.params), 1e-3)
     np.testing.assert_array_equal(model.params.data, before)
+
+
+def test_replayed_step_equals_a_recorded_one(rng):
+    """The second step of a shape replays the first one's kernel plan on new ids: same
+    loss and gradient, bit for bit, as a fresh model running that step layer by layer."""
+    first, second = (rng.integers(0, 13, (2, 6)).astype(np.intc) for _ in range(2))
+    targets = rng.integers(0, 13, (2, 6)).astype(np.intc)
+    replaying, fresh = LLM(TINY, tiny_vocab(), seed=5), LLM(TINY, tiny_vocab(), seed=5)
+    replaying.loss_and_backward(first, targets)
+    assert len(replaying._plans) == 1
+    loss = replaying.loss_and_backward(second, targets)
+    assert len(replaying._plans) == 1
+    assert loss == fresh.loss_and_backward(second, targets)
+    np.testing.assert_array_equal(replaying.params.grad, fresh.params.grad)
+
+
+def test_replay_after_new_weights_and_bad_targets(model, rng):
+    ids = rng.integers(0, 13, (1, 5)).astype(np.intc)
+    model.loss_and_backward(ids, ids)
+    other = LLM(TINY, tiny_vocab(), seed=9)
+    model.load_state_dict(other.state_dict())  # in place: the plan sees the new weights
+    assert model.loss_and_backward(ids, ids) == other.loss_and_backward(ids, ids)
+    np.testing.assert_array_equal(model.params.grad, other.params.grad)
+    with pytest.raises(TokenError, match="targets holds token id 13"):
+        model.loss_and_backward(ids, np.array([[0, 1, 2, 3, 13]]))
+
+
+def test_plans_are_dropped_when_the_workspace_grows(model, rng):
+    for T in (2, 3, 9, 4):  # T = 9 needs bigger buffers than the plans of 2 and 3 hold
+        model.loss_and_backward(*(rng.integers(0, 13, (1, T)) for _ in range(2)))
+    assert sorted(key[1] for key in model._plans) == [4, 9]

@@ -5,6 +5,10 @@ Each function checks its arrays once (numpy.ndarray, float32 or int32, C-contigu
 non-empty, outputs writable, shapes agreeing, token ids in range) and raises a
 ``ValidationError`` / ``ShapeMismatch`` naming the function and the array; then it calls
 the C kernel without the GIL. Shapes follow the header's letters; the C trusts them.
+
+The kernels of a training step can also be recorded into a ``Plan`` (``with Plan() as
+plan:``) while they run, and replayed later by one ``plan.run()``: the same C calls on the
+same arrays, without Python or the checks in between (see Plan).
 """
 
 import os
@@ -13,8 +17,10 @@ import numpy as np
 
 from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_WRITABLE,
                              PyBuffer_Release, PyObject_GetBuffer)
+from cpython.pythread cimport PyThread_get_thread_ident
+from libc.stdlib cimport free, realloc
 
-from rustgpt.errors import ShapeMismatch, ValidationError
+from rustgpt.errors import ShapeMismatch, TokenError, ValidationError
 
 
 cdef extern from "rustgpt_kernels.h" nogil:
@@ -49,6 +55,7 @@ cdef extern from "rustgpt_kernels.h" nogil:
                         double weight_decay, int t, float grad_scale) noexcept
     void rg_relu_forward(float *out, const float *x, size_t n) noexcept
     void rg_relu_backward(float *dx, const float *dout, const float *out, size_t n) noexcept
+    void rg_add(float *out, const float *a, const float *b, size_t n) noexcept
     void rg_bias_add(float *x, const float *b, int N, int C) noexcept
     void rg_colsum(float *db, const float *dy, int N, int C, int accumulate) noexcept
     void rg_embedding_forward(float *out, const int *ids, const float *wte, const float *wpe,
@@ -164,6 +171,171 @@ cdef int _heads(str fn, int D, int NH, int T) except -1:
     return hs
 
 
+# ---- one kernel call as data: run now, and recorded into a Plan -------------------------
+
+cdef enum:
+    OP_SGEMM, OP_ATTENTION_FORWARD, OP_ATTENTION_BACKWARD, OP_LAYERNORM_FORWARD,
+    OP_LAYERNORM_BACKWARD, OP_CROSSENTROPY_FORWARD_BACKWARD, OP_RELU_FORWARD,
+    OP_RELU_BACKWARD, OP_ADD, OP_BIAS_ADD, OP_COLSUM, OP_EMBEDDING_FORWARD,
+    OP_EMBEDDING_BACKWARD
+
+
+cdef struct Op:
+    int kind
+    void *p[8]  # the kernel's arrays, in its argument order
+    int i[6]    # its int arguments (sizes, flags), in order
+    size_t n    # element count of the flat kernels
+    float f     # its float argument (eps, dscale)
+
+
+cdef void _run(const Op *o) noexcept nogil:
+    cdef float **p = <float **>o.p
+    cdef const int *i = o.i
+    if o.kind == OP_SGEMM:
+        rg_sgemm(p[0], p[1], p[2], i[0], i[1], i[2], i[3], i[4], i[5])
+    elif o.kind == OP_ATTENTION_FORWARD:
+        rg_attention_forward(p[0], p[1], p[2], p[3], p[4], i[0], i[1], i[2], i[3])
+    elif o.kind == OP_ATTENTION_BACKWARD:
+        rg_attention_backward(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], i[0], i[1],
+                              i[2], i[3])
+    elif o.kind == OP_LAYERNORM_FORWARD:
+        rg_layernorm_forward(p[0], p[1], p[2], p[3], p[4], p[5], i[0], i[1], o.f)
+    elif o.kind == OP_LAYERNORM_BACKWARD:
+        rg_layernorm_backward(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], i[0], i[1], i[2])
+    elif o.kind == OP_CROSSENTROPY_FORWARD_BACKWARD:
+        rg_crossentropy_forward_backward(p[0], p[1], p[2], <int *>o.p[3], i[0], i[1], i[2], o.f)
+    elif o.kind == OP_RELU_FORWARD:
+        rg_relu_forward(p[0], p[1], o.n)
+    elif o.kind == OP_RELU_BACKWARD:
+        rg_relu_backward(p[0], p[1], p[2], o.n)
+    elif o.kind == OP_ADD:
+        rg_add(p[0], p[1], p[2], o.n)
+    elif o.kind == OP_BIAS_ADD:
+        rg_bias_add(p[0], p[1], i[0], i[1])
+    elif o.kind == OP_COLSUM:
+        rg_colsum(p[0], p[1], i[0], i[1], i[2])
+    elif o.kind == OP_EMBEDDING_FORWARD:
+        rg_embedding_forward(p[0], <int *>o.p[1], p[2], p[3], i[0], i[1], i[2])
+    elif o.kind == OP_EMBEDDING_BACKWARD:
+        rg_embedding_backward(p[0], p[1], p[2], <int *>o.p[3], i[0], i[1], i[2], i[3], i[4],
+                              i[5])
+
+
+cdef int _check_ids(const Op *o) except -1:
+    """The int arrays of a recorded op still hold ids in range (checked again at replay:
+    their contents may have changed since)."""
+    cdef const int *ids
+    cdef Py_ssize_t j, n
+    cdef int V, ignore = -1
+    cdef bint allow_ignore = False
+    if o.kind == OP_CROSSENTROPY_FORWARD_BACKWARD:
+        ids, n, V, ignore, allow_ignore = <int *>o.p[3], o.i[0], o.i[1], o.i[2], True
+        what = "crossentropy_forward_backward: targets"
+    elif o.kind == OP_EMBEDDING_FORWARD:
+        ids, n, V = <int *>o.p[1], <Py_ssize_t>o.i[0] * o.i[1], o.i[3]
+        what = "embedding_forward: ids"
+    elif o.kind == OP_EMBEDDING_BACKWARD:
+        ids, n, V = <int *>o.p[3], <Py_ssize_t>o.i[0] * o.i[1], o.i[3]
+        what = "embedding_backward: ids"
+    else:
+        return 0
+    for j in range(n):
+        if (ids[j] < 0 or ids[j] >= V) and not (allow_ignore and ids[j] == ignore):
+            raise TokenError(f"{what} holds id {ids[j]} at flat index {j}, expected ids in "
+                             f"[0, {V})")
+    return 0
+
+
+cdef Plan _recording = None  # the plan being recorded, by the thread in _recording_thread
+cdef unsigned long _recording_thread = 0
+
+
+cdef int _submit(Op *op, tuple arrays) except -1:
+    """Run one checked kernel call; record it too if this thread is recording a plan."""
+    if _recording is not None and PyThread_get_thread_ident() == _recording_thread:
+        _recording._append(op, arrays)
+    with nogil:
+        _run(op)
+    return 0
+
+
+cdef int _not_recorded(str fn) except -1:
+    """Refuse a kernel whose result Python reads back (a plan could not replay it)."""
+    if _recording is not None and PyThread_get_thread_ident() == _recording_thread:
+        raise ValidationError(f"{fn} cannot be recorded in a Plan: a replay would not "
+                              f"return its result")
+    return 0
+
+
+cdef class Plan:
+    """Kernel calls recorded while they run, replayed in C by ``run()``.
+
+        with Plan() as plan:      # every kernel call of this thread runs and is recorded
+            model_step(...)
+        plan.run()                # the same calls again, on the same arrays
+
+    A plan keeps a reference to every array it was recorded with, so its pointers stay
+    valid; a replay reads whatever those arrays hold by then (new token ids copied into
+    the recorded ids array, updated parameters). Token ids and targets are checked again
+    before each replay. Kernels whose result Python reads (sum_squares, adam_update, ...)
+    refuse to be recorded. One plan records at a time, on the thread that entered it."""
+
+    cdef Op *ops
+    cdef Py_ssize_t n, cap
+    cdef list arrays
+    cdef bint entered
+
+    def __cinit__(self):
+        self.ops = NULL
+        self.n = self.cap = 0
+        self.arrays = []
+        self.entered = False
+
+    def __dealloc__(self):
+        free(self.ops)
+
+    cdef int _append(self, const Op *op, tuple arrays) except -1:
+        cdef Op *grown
+        if self.n == self.cap:
+            grown = <Op *>realloc(self.ops, (2 * self.cap + 16) * sizeof(Op))
+            if grown == NULL:
+                raise MemoryError("Plan: out of memory recording a kernel call")
+            self.ops, self.cap = grown, 2 * self.cap + 16
+        self.ops[self.n] = op[0]
+        self.n += 1
+        self.arrays.append(arrays)
+        return 0
+
+    def __enter__(self):
+        global _recording, _recording_thread
+        if _recording is not None:
+            raise ValidationError("Plan: another plan is being recorded, expected one at a time")
+        if self.entered:
+            raise ValidationError("Plan: already recorded, expected a new Plan()")
+        self.entered = True
+        _recording, _recording_thread = self, PyThread_get_thread_ident()
+        return self
+
+    def __exit__(self, *exc):
+        global _recording
+        _recording = None
+        return False
+
+    def __len__(self):
+        return self.n
+
+    def run(self):
+        """Replay every recorded call, in order, without the GIL."""
+        cdef Py_ssize_t j
+        if _recording is self:
+            raise ValidationError("Plan.run: the plan is still being recorded")
+        for j in range(self.n):
+            _check_ids(&self.ops[j])
+        with nogil:
+            for j in range(self.n):
+                _run(&self.ops[j])
+
+
 # ---- runtime ---------------------------------------------------------------------------------
 
 def physical_cores():
@@ -235,8 +407,10 @@ def sgemm(C, A, B, bint trans_a=False, bint trans_b=False, bint accumulate=False
     cdef float *c = _f(C, fn, "C", (M, N), True)
     if _overlap(c, M * N, a, M * K) or _overlap(c, M * N, b, K * N):
         raise ValidationError(f"{fn}: C overlaps an input, expected a separate output array")
-    with nogil:
-        rg_sgemm(c, a, b, M, N, K, trans_a, trans_b, accumulate)
+    cdef Op op
+    op.kind, op.p[0], op.p[1], op.p[2] = OP_SGEMM, c, <void *>a, <void *>b
+    op.i[0], op.i[1], op.i[2], op.i[3], op.i[4], op.i[5] = M, N, K, trans_a, trans_b, accumulate
+    _submit(&op, (C, A, B))
 
 
 # ---- attention --------------------------------------------------------------------------------
@@ -252,8 +426,11 @@ def attention_forward(out, att, q, k, v, int num_heads):
     cdef const float *vp = _f(v, fn, "v", s)
     cdef float *op = _f(out, fn, "out", s, True)
     cdef float *ap = _f(att, fn, "att", (B, NH, T, T), True)
-    with nogil:
-        rg_attention_forward(op, ap, qp, kp, vp, B, T, D, NH)
+    cdef Op o
+    o.kind, o.p[0], o.p[1], o.p[2], o.p[3], o.p[4] = (OP_ATTENTION_FORWARD, op, ap, <void *>qp,
+                                                      <void *>kp, <void *>vp)
+    o.i[0], o.i[1], o.i[2], o.i[3] = B, T, D, NH
+    _submit(&o, (out, att, q, k, v))
 
 
 def attention_backward(dq, dk, dv, dout, att, q, k, v, int num_heads):
@@ -270,8 +447,11 @@ def attention_backward(dq, dk, dv, dout, att, q, k, v, int num_heads):
     cdef float *dqp = _f(dq, fn, "dq", s, True)
     cdef float *dkp = _f(dk, fn, "dk", s, True)
     cdef float *dvp = _f(dv, fn, "dv", s, True)
-    with nogil:
-        rg_attention_backward(dqp, dkp, dvp, dop, ap, qp, kp, vp, B, T, D, NH)
+    cdef Op o
+    o.kind, o.p[0], o.p[1], o.p[2], o.p[3] = OP_ATTENTION_BACKWARD, dqp, dkp, dvp, <void *>dop
+    o.p[4], o.p[5], o.p[6], o.p[7] = <void *>ap, <void *>qp, <void *>kp, <void *>vp
+    o.i[0], o.i[1], o.i[2], o.i[3] = B, T, D, NH
+    _submit(&o, (dq, dk, dv, dout, att, q, k, v))
 
 
 def attention_step(out, q, kcache, vcache, int n, int num_heads):
@@ -286,6 +466,7 @@ def attention_step(out, q, kcache, vcache, int n, int num_heads):
     cdef const float *vp = _f(vcache, fn, "vcache", s)
     cdef const float *qp = _f(q, fn, "q", (B, D))
     cdef float *op = _f(out, fn, "out", (B, D), True)
+    _not_recorded(fn)
     with nogil:
         rg_attention_step(op, qp, kp, vp, B, n, Tmax, D, NH)
 
@@ -305,8 +486,11 @@ def layernorm_forward(out, mean, rstd, x, g, b, float eps=1e-5):
     cdef float *op = _f(out, fn, "out", s, True)
     cdef float *mp = _f(mean, fn, "mean", (N,), True)
     cdef float *rp = _f(rstd, fn, "rstd", (N,), True)
-    with nogil:
-        rg_layernorm_forward(op, mp, rp, xp, gp, bp, N, D, eps)
+    cdef Op o
+    o.kind, o.p[0], o.p[1], o.p[2] = OP_LAYERNORM_FORWARD, op, mp, rp
+    o.p[3], o.p[4], o.p[5] = <void *>xp, <void *>gp, <void *>bp
+    o.i[0], o.i[1], o.f = N, D, eps
+    _submit(&o, (out, mean, rstd, x, g, b))
 
 
 def layernorm_backward(dx, dg, db, dout, x, g, mean, rstd, bint accumulate=True):
@@ -323,8 +507,11 @@ def layernorm_backward(dx, dg, db, dout, x, g, mean, rstd, bint accumulate=True)
     cdef float *dxp = _f(dx, fn, "dx", s, True)
     cdef float *dgp = _f(dg, fn, "dg", (D,), True)
     cdef float *dbp = _f(db, fn, "db", (D,), True)
-    with nogil:
-        rg_layernorm_backward(dxp, dgp, dbp, dop, xp, gp, mp, rp, N, D, accumulate)
+    cdef Op o
+    o.kind, o.p[0], o.p[1], o.p[2], o.p[3] = OP_LAYERNORM_BACKWARD, dxp, dgp, dbp, <void *>dop
+    o.p[4], o.p[5], o.p[6], o.p[7] = <void *>xp, <void *>gp, <void *>mp, <void *>rp
+    o.i[0], o.i[1], o.i[2] = N, D, accumulate
+    _submit(&o, (dx, dg, db, dout, x, g, mean, rstd))
 
 
 # ---- cross-entropy ---------------------------------------------------------------------------
@@ -347,6 +534,7 @@ def crossentropy_forward(losses, logits, targets, int ignore_index=-1):
     cdef const float *lp = _f(logits, fn, "logits", s)
     cdef const int *tp = _targets(targets, fn, N, V, ignore_index)
     cdef float *op = _f(losses, fn, "losses", (N,), True)
+    _not_recorded(fn)
     with nogil:
         rg_crossentropy_forward(op, lp, tp, N, V, ignore_index)
 
@@ -361,8 +549,11 @@ def crossentropy_forward_backward(losses, dlogits, logits, targets, int ignore_i
     cdef const int *tp = _targets(targets, fn, N, V, ignore_index)
     cdef float *op = _f(losses, fn, "losses", (N,), True)
     cdef float *dp = _f(dlogits, fn, "dlogits", s, True)
-    with nogil:
-        rg_crossentropy_forward_backward(op, dp, lp, tp, N, V, ignore_index, dscale)
+    cdef Op o
+    o.kind, o.p[0], o.p[1], o.p[2], o.p[3] = (OP_CROSSENTROPY_FORWARD_BACKWARD, op, dp,
+                                              <void *>lp, <void *>tp)
+    o.i[0], o.i[1], o.i[2], o.f = N, V, ignore_index, dscale
+    _submit(&o, (losses, dlogits, logits, targets))
 
 
 # ---- Adam ---------------------------------------------------------------------------------------
@@ -381,6 +572,7 @@ def adam_update(params, m, v, grads, double lr, double beta1=0.9, double beta2=0
     cdef float *mp = _f(m, fn, "m", s, True)
     cdef float *vp = _f(v, fn, "v", s, True)
     cdef const float *gp = _f(grads, fn, "grads", s)
+    _not_recorded(fn)
     with nogil:
         rg_adam_update(pp, mp, vp, gp, n, lr, beta1, beta2, eps, weight_decay, t, grad_scale)
 
@@ -392,9 +584,9 @@ def relu_forward(out, x):
     fn = "relu_forward"
     cdef const float *xp = _f(x, fn, "x", x.shape if isinstance(x, np.ndarray) else ())
     cdef float *op = _f(out, fn, "out", x.shape, True)
-    cdef size_t n = x.size
-    with nogil:
-        rg_relu_forward(op, xp, n)
+    cdef Op o
+    o.kind, o.p[0], o.p[1], o.n = OP_RELU_FORWARD, op, <void *>xp, x.size
+    _submit(&o, (out, x))
 
 
 def relu_backward(dx, dout, out):
@@ -403,9 +595,20 @@ def relu_backward(dx, dout, out):
     cdef const float *outp = _f(out, fn, "out", out.shape if isinstance(out, np.ndarray) else ())
     cdef const float *dop = _f(dout, fn, "dout", out.shape)
     cdef float *dxp = _f(dx, fn, "dx", out.shape, True)
-    cdef size_t n = out.size
-    with nogil:
-        rg_relu_backward(dxp, dop, outp, n)
+    cdef Op o
+    o.kind, o.p[0], o.p[1], o.p[2], o.n = OP_RELU_BACKWARD, dxp, <void *>dop, <void *>outp, out.size
+    _submit(&o, (dx, dout, out))
+
+
+def add(out, a, b):
+    """out = a + b elementwise; out may be a or b. Any shape, all three the same."""
+    fn = "add"
+    cdef const float *ap = _f(a, fn, "a", a.shape if isinstance(a, np.ndarray) else ())
+    cdef const float *bp = _f(b, fn, "b", a.shape)
+    cdef float *op = _f(out, fn, "out", a.shape, True)
+    cdef Op o
+    o.kind, o.p[0], o.p[1], o.p[2], o.n = OP_ADD, op, <void *>ap, <void *>bp, a.size
+    _submit(&o, (out, a, b))
 
 
 def bias_add(x, b):
@@ -415,8 +618,9 @@ def bias_add(x, b):
     cdef int N = s[0], C = s[1]
     cdef float *xp = _f(x, fn, "x", s, True)
     cdef const float *bp = _f(b, fn, "b", (C,))
-    with nogil:
-        rg_bias_add(xp, bp, N, C)
+    cdef Op o
+    o.kind, o.p[0], o.p[1], o.i[0], o.i[1] = OP_BIAS_ADD, xp, <void *>bp, N, C
+    _submit(&o, (x, b))
 
 
 def colsum(db, dy, bint accumulate=True):
@@ -426,8 +630,9 @@ def colsum(db, dy, bint accumulate=True):
     cdef int N = s[0], C = s[1]
     cdef const float *dyp = _f(dy, fn, "dy", s)
     cdef float *dbp = _f(db, fn, "db", (C,), True)
-    with nogil:
-        rg_colsum(dbp, dyp, N, C, accumulate)
+    cdef Op o
+    o.kind, o.p[0], o.p[1], o.i[0], o.i[1], o.i[2] = OP_COLSUM, dbp, <void *>dyp, N, C, accumulate
+    _submit(&o, (db, dy))
 
 
 def embedding_forward(out, ids, wte, wpe):
@@ -443,8 +648,11 @@ def embedding_forward(out, ids, wte, wpe):
     cdef const float *wpep = _f(wpe, fn, "wpe", (Tmax, D))
     cdef const int *ip = _ids(ids, fn, "ids", s, V)
     cdef float *op = _f(out, fn, "out", (B, T, D), True)
-    with nogil:
-        rg_embedding_forward(op, ip, wtep, wpep, B, T, D)
+    cdef Op o
+    o.kind, o.p[0], o.p[1], o.p[2], o.p[3] = (OP_EMBEDDING_FORWARD, op, <void *>ip, <void *>wtep,
+                                              <void *>wpep)
+    o.i[0], o.i[1], o.i[2], o.i[3] = B, T, D, V
+    _submit(&o, (out, ids, wte, wpe))
 
 
 def embedding_backward(dwte, dwpe, dout, ids, bint accumulate=True):
@@ -461,8 +669,11 @@ def embedding_backward(dwte, dwpe, dout, ids, bint accumulate=True):
     cdef const int *ip = _ids(ids, fn, "ids", (B, T), V)
     cdef float *dwtep = _f(dwte, fn, "dwte", (V, D), True)
     cdef float *dwpep = _f(dwpe, fn, "dwpe", (Tmax, D), True)
-    with nogil:
-        rg_embedding_backward(dwtep, dwpep, dop, ip, B, T, D, V, Tmax, accumulate)
+    cdef Op o
+    o.kind, o.p[0], o.p[1], o.p[2], o.p[3] = (OP_EMBEDDING_BACKWARD, dwtep, dwpep, <void *>dop,
+                                              <void *>ip)
+    o.i[0], o.i[1], o.i[2], o.i[3], o.i[4], o.i[5] = B, T, D, V, Tmax, accumulate
+    _submit(&o, (dwte, dwpe, dout, ids))
 
 
 def sum_squares(x):
@@ -472,6 +683,7 @@ def sum_squares(x):
     cdef const float *xp = _f(x, fn, "x", s)
     cdef size_t n = s[0]
     cdef double r
+    _not_recorded(fn)
     with nogil:
         r = rg_sum_squares(xp, n)
     return r
@@ -483,5 +695,6 @@ def scale(x, float s):
     sh = _shape(x, fn, "x", 1)
     cdef float *xp = _f(x, fn, "x", sh, True)
     cdef size_t n = sh[0]
+    _not_recorded(fn)
     with nogil:
         rg_scale(xp, s, n)

@@ -42,11 +42,14 @@ def zeros_hugepage(n: int) -> np.ndarray:
 class Workspace:
     """Grow-only float32 scratch arrays by name: ``get`` returns a C-contiguous view of the
     requested shape, allocating only when a name first needs more room. Views are cached
-    per (name, shape), so a training loop of repeating shapes does no array bookkeeping."""
+    per (name, shape), so a training loop of repeating shapes does no array bookkeeping.
+    ``generation`` counts the allocations: views taken before a change may point at a
+    buffer the workspace no longer uses."""
 
     def __init__(self) -> None:
         self._buffers: dict[str, np.ndarray] = {}
         self._views: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
+        self.generation = 0
 
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         view = self._views.get((name, shape))
@@ -56,6 +59,7 @@ class Workspace:
         buf = self._buffers.get(name)
         if buf is None or buf.size < n:
             buf = self._buffers[name] = np.empty(max(n, 1), F32)
+            self.generation += 1
             self._views = {k: v for k, v in self._views.items() if k[0] != name}
         if len(self._views) >= 8192:  # many distinct shapes: start over, memory stays bounded
             self._views.clear()
@@ -300,10 +304,10 @@ class TransformerBlock(Module):
     def after_attention(self, ws: Workspace, x: np.ndarray, a: np.ndarray) -> np.ndarray:
         """The block's rest once the attention output a (B, T, D) of x is known."""
         r1 = ws.get(self.key("r1"), x.shape)
-        np.add(x, a, out=r1)
+        K.add(r1, x, a)
         x1 = self.ln1.forward(ws, r1)
         r2 = ws.get(self.key("r2"), x.shape)
-        np.add(x1, self.ffn.forward(ws, x1), out=r2)
+        K.add(r2, x1, self.ffn.forward(ws, x1))
         return self.ln2.forward(ws, r2)
 
     def backward(self, ws: Workspace, x: np.ndarray, dout: np.ndarray,
@@ -312,10 +316,10 @@ class TransformerBlock(Module):
         x1 = ws.get(self.ln1.key("out"), x.shape)
         dr2 = self.ln2.backward(ws, r2, dout, accumulate)
         dx1 = self.ffn.backward(ws, x1, dr2, accumulate)
-        dx1 += dr2  # the residual
+        K.add(dx1, dx1, dr2)  # the residual
         dr1 = self.ln1.backward(ws, r1, dx1, accumulate)
         dx = self.attn.backward(ws, x, dr1, accumulate)
-        dx += dr1
+        K.add(dx, dx, dr1)
         return dx
 
 

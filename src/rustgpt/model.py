@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from rustgpt.tokenizer import Vocab
 
 IGNORE_INDEX = -1  # target id of padded positions: no loss, no gradient
+MAX_PLANS = 256  # recorded training steps kept per model, one per batch shape and target count
 
 
 def _build_layers(root: Module, config: ModelConfig, vocab_size: int) -> None:
@@ -88,6 +89,9 @@ class LLM(Module):
         self.bind(self.params)
         self.params.initialize(np.random.default_rng(seed))
         self.workspace = Workspace()  # training activations
+        # recorded training steps: (B, T, targets) -> (plan, its ids, its targets, losses)
+        self._plans: dict[tuple[int, int, int], tuple] = {}
+        self._plans_generation = -1  # the workspace generation the plans were recorded in
 
     # ---- shapes and checks ----------------------------------------------------------------
 
@@ -132,17 +136,43 @@ class LLM(Module):
 
         inputs, targets: (B, T); targets equal to IGNORE_INDEX (-1) are padding. Overwrites
         ``params.grad`` with d(loss)/d(params) (every layer writes its gradients over the old
-        ones, so no zeroing pass is needed). Returns the loss."""
+        ones, so no zeroing pass is needed). Returns the loss.
+
+        The first step of each (B, T, number of targets) runs layer by layer and is recorded
+        as a kernel plan (``_kernels.Plan``); later steps of that shape copy their ids into
+        the plan's arrays and replay it in C, without the Python in between."""
         ids = self._ids(inputs, "inputs")
         tgt = np.ascontiguousarray(targets, np.intc)
         if tgt.ndim == 1:
             tgt = tgt[None, :]
         if tgt.shape != ids.shape:
             raise ShapeMismatch("targets", ids.shape, tgt.shape)
-        count = int(np.count_nonzero(tgt != IGNORE_INDEX))
+        keep = tgt != IGNORE_INDEX
+        count = int(np.count_nonzero(keep))
         if count == 0:
             raise ValidationError("targets are all padding, expected at least one target")
-        ws = self.workspace
+        self._in_vocab(tgt[keep], "targets")
+        key = (*ids.shape, count)
+        entry = self._plans.get(key)
+        if entry is None:
+            plan, ids, tgt = K.Plan(), ids.copy(), tgt.copy()  # the plan's own inputs
+            with plan:
+                losses = self._loss_and_backward(self.workspace, ids, tgt, count)
+            ws = self.workspace
+            if ws.generation != self._plans_generation or len(self._plans) >= MAX_PLANS:
+                self._plans.clear()  # plans over replaced buffers would keep those alive
+                self._plans_generation = ws.generation
+            self._plans[key] = plan, ids, tgt, losses
+        else:
+            plan, plan_ids, plan_tgt, losses = entry
+            plan_ids[...] = ids
+            plan_tgt[...] = tgt
+            plan.run()
+        return float(losses.sum(dtype=np.float64) / count)
+
+    def _loss_and_backward(self, ws: Workspace, ids: np.ndarray, tgt: np.ndarray,
+                           count: int) -> np.ndarray:
+        """Forward, loss and backward as kernel calls; the per-position losses (B*T,)."""
         logits, xs = self._forward(ws, ids)
         B, T, V = logits.shape
         losses = ws.get("losses", (B * T,))
@@ -153,7 +183,7 @@ class LLM(Module):
         for block, x in zip(reversed(self.blocks), reversed(xs[:-1])):
             dx = block.backward(ws, x, dx, accumulate=False)
         self.embeddings.backward(ws, ids, dx, accumulate=False)
-        return float(losses.sum(dtype=np.float64) / count)
+        return losses
 
     def loss(self, inputs, targets) -> tuple[float, int, int]:
         """(summed loss, number of targets, number predicted correctly) without gradients."""
