@@ -450,14 +450,16 @@ class Report:
         v = np.abs(v)
         mn, vn, pn = m.copy(), v.copy(), p.copy()
 
-        def numpy_adam():  # the same math, in place, float32
-            mn[...] = 0.9 * mn + 0.1 * g
-            vn[...] = 0.999 * vn + 0.001 * g * g
+        def numpy_adam():  # the same math, in place, float32: norm, clip to 5, update
+            gs = g * min(1.0, 5.0 / float(np.sqrt(np.dot(g, g))))
+            mn[...] = 0.9 * mn + 0.1 * gs
+            vn[...] = 0.999 * vn + 0.001 * gs * gs
             pn[...] -= 1e-4 * (mn / 0.1) / (np.sqrt(vn / 0.001) + 1e-8)
 
-        runs = {"rustgpt": lambda: K.adam_update(p, m, v, g, 1e-4), "numpy": numpy_adam}
+        runs = {"rustgpt": lambda: K.adam_update(p, m, v, g, 1e-4, max_norm=5.0),
+                "numpy": numpy_adam}
         seconds, busy = self._measure(runs, self.budget / 4, 10)
-        self.rows.append(Row(f"k. Adam update, {n:,} parameters",
+        self.rows.append(Row(f"k. Adam update with gradient clipping, {n:,} parameters",
                              _cells({f: f"{s * 1e6:,.0f} µs" for f, s in seconds.items()}),
                              ratio=f"{seconds['numpy'] / seconds['rustgpt']:.2f}x vs numpy",
                              busy=busy))

@@ -1,13 +1,22 @@
-/* adam.c: the fused Adam / AdamW update over the model's one flat parameter buffer,
- * vectorized in three SIMD variants, threads over contiguous chunks. */
+/* adam.c: the fused Adam / AdamW update over the model's one flat parameter buffer, and
+ * the gradient norm its clipping needs; vectorized in three SIMD variants, threads over
+ * contiguous chunks. */
 #include "simd.h"
 
-/* Elements [i0, i1). c1, c2: bias corrections 1 / (1 - beta^t); decay = lr * weight_decay. */
+#define PAR_MIN 65536 /* elements below which one thread does it all */
+
+typedef struct {
+    float b1, b2, a1, a2;             /* beta1, beta2, 1 - beta1, 1 - beta2 */
+    float c1, c2;                     /* bias corrections 1 / (1 - beta^t) */
+    float lr, eps, decay, grad_scale; /* decay = lr * weight_decay */
+} adam_consts;
+
+/* Elements [i0, i1) of the update. */
 RG_INLINE void update(int wide, float *restrict params, float *restrict m, float *restrict v,
-                      const float *restrict grads, size_t i0, size_t i1, float b1, float b2,
-                      float a1, float a2, float c1, float c2, float lr, float eps, float decay,
-                      float grad_scale) {
+                      const float *restrict grads, size_t i0, size_t i1, const adam_consts *k) {
     (void)wide;
+    const float b1 = k->b1, b2 = k->b2, a1 = k->a1, a2 = k->a2, c1 = k->c1, c2 = k->c2;
+    const float lr = k->lr, eps = k->eps, decay = k->decay, grad_scale = k->grad_scale;
     #pragma omp simd
     for (size_t i = i0; i < i1; i++) {
         float g = grads[i] * grad_scale;
@@ -19,25 +28,71 @@ RG_INLINE void update(int wide, float *restrict params, float *restrict m, float
     }
 }
 RG_VARIANTS(update, (float *restrict params, float *restrict m, float *restrict v,
-                     const float *restrict grads, size_t i0, size_t i1, float b1, float b2,
-                     float a1, float a2, float c1, float c2, float lr, float eps, float decay,
-                     float grad_scale),
-            (params, m, v, grads, i0, i1, b1, b2, a1, a2, c1, c2, lr, eps, decay, grad_scale))
+                     const float *restrict grads, size_t i0, size_t i1, const adam_consts *k),
+            (params, m, v, grads, i0, i1, k))
 
-void rg_adam_update(float *params, float *m, float *v, const float *grads, size_t n,
-                    double lr, double beta1, double beta2, double eps,
-                    double weight_decay, int t, float grad_scale) {
-    /* constants in double, then rounded once: 1 - beta2 in float32 would be 1.3e-5 off */
-    const float a1 = (float)(1.0 - beta1), a2 = (float)(1.0 - beta2);
-    const float c1 = (float)(1.0 / (1.0 - pow(beta1, t)));  /* bias corrections */
-    const float c2 = (float)(1.0 / (1.0 - pow(beta2, t)));
-    void (*f)(float *restrict, float *restrict, float *restrict, const float *restrict, size_t,
-              size_t, float, float, float, float, float, float, float, float, float, float) =
-        update_pick();
-    int nt = n >= 65536 ? rg_num_threads() : 1;
+/* Sum of squares of x[i0, i1) in eight independent double accumulators. */
+RG_INLINE void sum_squares_range(int wide, double *out, const float *x, size_t i0, size_t i1) {
+    (void)wide;
+    double acc[8] = {0.0};
+    size_t i = i0;
+    for (; i + 8 <= i1; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += (double)x[i + j] * x[i + j];
+    for (; i < i1; i++) acc[0] += (double)x[i] * x[i];
+    *out = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+RG_VARIANTS(sum_squares_range, (double *out, const float *x, size_t i0, size_t i1),
+            (out, x, i0, i1))
+
+/* Chunk c of nt over n elements: the sum of squares' bounds, and the update's (multiples
+ * of 16, so every vector loop but the last chunk's runs whole). */
+#define SQ_LO(c) (n * (size_t)(c) / (size_t)nt)
+#define UP_LO(c) (n * (size_t)(c) / (size_t)nt / 16 * 16)
+#define UP_HI(c) ((c) + 1 == nt ? n : UP_LO((c) + 1))
+
+/* parts[0] + ... + parts[nt - 1] in that order: the same total whatever the threads did. */
+static double total_of(const double *parts, int nt) {
+    double total = 0.0;
+    for (int c = 0; c < nt; c++) total += parts[c];
+    return total;
+}
+
+double rg_sum_squares(const float *x, size_t n) {
+    void (*sq)(double *, const float *, size_t, size_t) = sum_squares_range_pick();
+    int nt = n >= PAR_MIN ? rg_num_threads() : 1;
+    double parts[nt];
     #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int c = 0; c < nt; c++)
-        f(params, m, v, grads, n * c / nt / 16 * 16, c + 1 == nt ? n : n * (c + 1) / nt / 16 * 16,
-          (float)beta1, (float)beta2, a1, a2, c1, c2, (float)lr, (float)eps,
-          (float)(lr * weight_decay), grad_scale);
+    for (int c = 0; c < nt; c++) sq(&parts[c], x, SQ_LO(c), SQ_LO(c + 1));
+    return total_of(parts, nt);
+}
+
+double rg_adam_update(float *params, float *m, float *v, const float *grads, size_t n,
+                      double lr, double beta1, double beta2, double eps,
+                      double weight_decay, int t, double max_norm) {
+    /* One parallel region, two loops with the same static schedule: each thread updates
+     * the chunk whose squares it summed, while that part of grads is still in its cache. */
+    void (*sq)(double *, const float *, size_t, size_t) = sum_squares_range_pick();
+    void (*f)(float *restrict, float *restrict, float *restrict, const float *restrict, size_t,
+              size_t, const adam_consts *) = update_pick();
+    int nt = n >= PAR_MIN ? rg_num_threads() : 1;
+    double parts[nt], norm = 0.0;
+    /* constants in double, then rounded once: 1 - beta2 in float32 would be 1.3e-5 off */
+    adam_consts k = {(float)beta1, (float)beta2, (float)(1.0 - beta1), (float)(1.0 - beta2),
+                     (float)(1.0 / (1.0 - pow(beta1, t))), (float)(1.0 / (1.0 - pow(beta2, t))),
+                     (float)lr, (float)eps, (float)(lr * weight_decay), 1.0f};
+    #pragma omp parallel num_threads(nt)
+    {
+        #pragma omp for schedule(static)
+        for (int c = 0; c < nt; c++) sq(&parts[c], grads, SQ_LO(c), SQ_LO(c + 1));
+        #pragma omp single
+        {
+            norm = sqrt(total_of(parts, nt));
+            if (max_norm > 0.0 && norm > max_norm) k.grad_scale = (float)(max_norm / norm);
+        }
+        if (isfinite(norm)) {
+            #pragma omp for schedule(static)
+            for (int c = 0; c < nt; c++) f(params, m, v, grads, UP_LO(c), UP_HI(c), &k);
+        }
+    }
+    return norm;
 }

@@ -1,6 +1,5 @@
-/* elementwise.c: relu, addition, bias add and column sums, embedding gather / scatter-add, and the
- * sum of squares and scaling that gradient clipping needs. Memory-bound loops: vectorized
- * by the compiler, parallel only where the arrays are large. */
+/* elementwise.c: relu, addition, bias add and column sums, embedding gather / scatter-add.
+ * Memory-bound loops: vectorized by the compiler, parallel only where the arrays are large. */
 #include "simd.h"
 
 #define PAR_MIN 32768 /* below this many elements a parallel region costs more than it saves */
@@ -81,35 +80,4 @@ void rg_embedding_backward(float *dwte, float *dwpe, const float *dout, const in
             }
         }
     }
-}
-
-/* Sum of squares of x[i0, i1) in eight independent double accumulators. */
-RG_INLINE void sum_squares_range(int wide, double *out, const float *x, size_t i0, size_t i1) {
-    (void)wide;
-    double acc[8] = {0.0};
-    size_t i = i0;
-    for (; i + 8 <= i1; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] += (double)x[i + j] * x[i + j];
-    for (; i < i1; i++) acc[0] += (double)x[i] * x[i];
-    *out = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
-RG_VARIANTS(sum_squares_range, (double *out, const float *x, size_t i0, size_t i1),
-            (out, x, i0, i1))
-
-double rg_sum_squares(const float *x, size_t n) {
-    void (*f)(double *, const float *, size_t, size_t) = sum_squares_range_pick();
-    double total = 0.0;
-    int nt = n >= PAR_MIN ? rg_num_threads() : 1;
-    #pragma omp parallel for num_threads(nt) reduction(+ : total) schedule(static)
-    for (int c = 0; c < nt; c++) {
-        double part;
-        f(&part, x, n * c / nt, n * (c + 1) / nt);
-        total += part;
-    }
-    return total;
-}
-
-void rg_scale(float *x, float s, size_t n) {
-    #pragma omp parallel for if (n >= PAR_MIN) schedule(static)
-    for (size_t i = 0; i < n; i++) x[i] *= s;
 }

@@ -89,19 +89,26 @@ void rg_crossentropy_forward_backward(float *losses, float *dlogits, const float
                                       const int *targets, int N, int V, int ignore_index,
                                       float dscale);
 
-/* ---- Adam / AdamW (adam.c) ---------------------------------------------------------------- */
+/* ---- Adam / AdamW and the gradient norm (adam.c) ------------------------------------------- */
 
-/* One Adam step over a flat buffer of n parameters, at step t >= 1:
- *   g = grads * grad_scale          (grad_scale carries gradient clipping)
+/* One Adam step over a flat buffer of n parameters, at step t >= 1, with the gradient
+ * clipped to global L2 norm max_norm (no clipping when max_norm <= 0):
+ *   norm = sqrt(sum of grads^2);  s = max_norm / norm if 0 < max_norm < norm, else 1
+ *   g = grads * s
  *   m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2
  *   params -= lr * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
  *             + lr * weight_decay * params      (decoupled, AdamW; 0 gives Adam)
- * Overwrites params, m, v in place. */
-void rg_adam_update(float *params, float *m, float *v, const float *grads, size_t n,
-                    double lr, double beta1, double beta2, double eps,
-                    double weight_decay, int t, float grad_scale);
+ * Overwrites params, m, v in place and returns norm; when norm is NaN or infinite they are
+ * left as they were. */
+double rg_adam_update(float *params, float *m, float *v, const float *grads, size_t n,
+                      double lr, double beta1, double beta2, double eps,
+                      double weight_decay, int t, double max_norm);
 
-/* ---- elementwise, bias, embedding, norms (elementwise.c) ------------------------------- */
+/* Sum of x[i]^2 in double, summed in a fixed order (the same for the same thread count).
+ * x: (n). */
+double rg_sum_squares(const float *x, size_t n);
+
+/* ---- elementwise, bias, embedding (elementwise.c) -------------------------------------- */
 
 /* out = max(x, 0). x, out: (n); out may alias x. */
 void rg_relu_forward(float *out, const float *x, size_t n);
@@ -123,10 +130,5 @@ void rg_embedding_forward(float *out, const int *ids, const float *wte, const fl
  * dwpe: (Tmax, D) first set to zero unless accumulate. */
 void rg_embedding_backward(float *dwte, float *dwpe, const float *dout, const int *ids,
                            int B, int T, int D, int V, int Tmax, int accumulate);
-
-/* Sum of x[i]^2, accumulated in double. x: (n). */
-double rg_sum_squares(const float *x, size_t n);
-/* x *= s. x: (n). */
-void rg_scale(float *x, float s, size_t n);
 
 #endif /* RUSTGPT_KERNELS_H */

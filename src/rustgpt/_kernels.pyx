@@ -50,9 +50,9 @@ cdef extern from "rustgpt_kernels.h" nogil:
     void rg_crossentropy_forward_backward(float *losses, float *dlogits, const float *logits,
                                           const int *targets, int N, int V, int ignore_index,
                                           float dscale) noexcept
-    void rg_adam_update(float *params, float *m, float *v, const float *grads, size_t n,
-                        double lr, double beta1, double beta2, double eps,
-                        double weight_decay, int t, float grad_scale) noexcept
+    double rg_adam_update(float *params, float *m, float *v, const float *grads, size_t n,
+                          double lr, double beta1, double beta2, double eps,
+                          double weight_decay, int t, double max_norm) noexcept
     void rg_relu_forward(float *out, const float *x, size_t n) noexcept
     void rg_relu_backward(float *dx, const float *dout, const float *out, size_t n) noexcept
     void rg_add(float *out, const float *a, const float *b, size_t n) noexcept
@@ -63,7 +63,6 @@ cdef extern from "rustgpt_kernels.h" nogil:
     void rg_embedding_backward(float *dwte, float *dwpe, const float *dout, const int *ids,
                                int B, int T, int D, int V, int Tmax, int accumulate) noexcept
     double rg_sum_squares(const float *x, size_t n) noexcept
-    void rg_scale(float *x, float s, size_t n) noexcept
 
 
 _F32 = np.dtype(np.float32)
@@ -559,8 +558,10 @@ def crossentropy_forward_backward(losses, dlogits, logits, targets, int ignore_i
 # ---- Adam ---------------------------------------------------------------------------------------
 
 def adam_update(params, m, v, grads, double lr, double beta1=0.9, double beta2=0.999,
-                double eps=1e-8, double weight_decay=0.0, int t=1, float grad_scale=1.0):
-    """One fused Adam/AdamW step over flat float32 buffers of equal length (see the header)."""
+                double eps=1e-8, double weight_decay=0.0, int t=1, double max_norm=0.0):
+    """One fused Adam/AdamW step over flat float32 buffers of equal length, grads clipped
+    to global L2 norm max_norm (0: no clipping) (see the header). Returns the gradient norm
+    before clipping; a NaN or infinite norm leaves params, m and v unchanged."""
     fn = "adam_update"
     s = _shape(params, fn, "params", 1)
     cdef size_t n = s[0]
@@ -572,9 +573,12 @@ def adam_update(params, m, v, grads, double lr, double beta1=0.9, double beta2=0
     cdef float *mp = _f(m, fn, "m", s, True)
     cdef float *vp = _f(v, fn, "v", s, True)
     cdef const float *gp = _f(grads, fn, "grads", s)
+    cdef double norm
     _not_recorded(fn)
     with nogil:
-        rg_adam_update(pp, mp, vp, gp, n, lr, beta1, beta2, eps, weight_decay, t, grad_scale)
+        norm = rg_adam_update(pp, mp, vp, gp, n, lr, beta1, beta2, eps, weight_decay, t,
+                              max_norm)
+    return norm
 
 
 # ---- elementwise, bias, embedding, norms ---------------------------------------------------
@@ -687,14 +691,3 @@ def sum_squares(x):
     with nogil:
         r = rg_sum_squares(xp, n)
     return r
-
-
-def scale(x, float s):
-    """x *= s in place over a flat float32 array."""
-    fn = "scale"
-    sh = _shape(x, fn, "x", 1)
-    cdef float *xp = _f(x, fn, "x", sh, True)
-    cdef size_t n = sh[0]
-    _not_recorded(fn)
-    with nogil:
-        rg_scale(xp, s, n)

@@ -206,15 +206,12 @@ class LLM(Module):
         Returns (loss, gradient norm before clipping). Raises TrainingError on a NaN/inf
         loss or gradient, before the parameters change."""
         loss = self.loss_and_backward(inputs, targets)
-        norm = self.grad_norm()
+        # the update checks the norm itself and leaves everything as it was if not finite
+        norm = optimizer.step(lr, max_grad_norm) if math.isfinite(loss) else self.grad_norm()
         if not (math.isfinite(loss) and math.isfinite(norm)):
             raise TrainingError(f"loss = {loss}, gradient norm = {norm} at optimizer step "
                                 f"{optimizer.t + 1}: training diverged (parameters left as "
                                 f"they were before this step)")
-        scale = 1.0
-        if max_grad_norm is not None and norm > max_grad_norm:
-            scale = max_grad_norm / norm
-        optimizer.step(lr, grad_scale=scale)
         return loss, norm
 
     # ---- generation (KV cache) --------------------------------------------------------------

@@ -1,6 +1,9 @@
-"""Adam / AdamW over the model's flat parameter buffer: one fused kernel call per step."""
+"""Adam / AdamW over the model's flat parameter buffer: one fused kernel call per step,
+gradient-norm clipping included."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -23,13 +26,22 @@ class Adam:
         self.v = zeros_hugepage(params.data.size)
         self.t = 0
 
-    def step(self, lr: float, grad_scale: float = 1.0) -> None:
-        """params -= Adam(lr, grad * grad_scale); grad_scale carries gradient clipping."""
+    def step(self, lr: float, max_grad_norm: float | None = None) -> float:
+        """params -= Adam(lr, grad), the gradient first scaled down to global L2 norm
+        ``max_grad_norm`` if it is longer (None: no clipping). Returns the gradient's norm
+        before clipping. A NaN or infinite norm leaves the parameters, the moments and the
+        step count as they were (the caller decides what to do about it)."""
         if not lr > 0:
             raise ValidationError(f"Adam.step: lr = {lr}, expected > 0")
-        self.t += 1
-        K.adam_update(self.params.data, self.m, self.v, self.params.grad, lr, self.beta1,
-                      self.beta2, self.eps, self.weight_decay, self.t, grad_scale)
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValidationError(f"Adam.step: max_grad_norm = {max_grad_norm}, expected > 0 "
+                                  f"or None")
+        norm = K.adam_update(self.params.data, self.m, self.v, self.params.grad, lr,
+                             self.beta1, self.beta2, self.eps, self.weight_decay, self.t + 1,
+                             max_grad_norm or 0.0)
+        if math.isfinite(norm):
+            self.t += 1
+        return norm
 
     def state_dict(self) -> dict:
         return {"m": self.m.copy(), "v": self.v.copy(), "t": self.t}
