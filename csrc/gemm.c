@@ -17,7 +17,7 @@
  * (rows of C past M are never stored), and tiles on the right edge of C go through a small
  * buffer on the stack. It keeps the tile of C in registers; there is one per SIMD path
  * (AVX-512, AVX2+FMA, portable C), chosen by rg_simd_level() at each call. With one row
- * panel (M <= MR) and B not transposed, B is read in place instead (gemm_small_m).
+ * panels (M <= SMALL_M) and B not transposed, B is read in place instead (gemm_small_m).
  * Pack buffers are static per thread (_Thread_local); nothing is allocated on the heap.
  */
 #include <stddef.h>
@@ -368,10 +368,12 @@ static void gemm_block(gemm_path path, float *C, const float *A, const float *B,
     }
 }
 
-/* C[:, n0:n1] (+)= op(A) @ B[:, n0:n1] for M <= MR rows and B not transposed: each B
- * element is used once, so packing B would only copy it; the micro-kernel reads B in place
- * (row stride N) and only the right edge strip and the one A panel (mr x K) are packed.
- * The caller checks mr * K <= MC * KC, which also keeps the strip (K x nr) within b_pack. */
+/* C[:, n0:n1] (+)= op(A) @ B[:, n0:n1] for a few row panels (M <= SMALL_M) and B not
+ * transposed: each B element is used by only those few panels, so packing B would cost
+ * about as much as the multiply-adds it feeds; the micro-kernel reads B in place (row
+ * stride N), one column panel at a time for every row panel while it is in L1, and only
+ * the right edge strip and A (panels of mr x K) are packed. The caller checks that the A
+ * panels fit a_pack (MC * KC floats), which also keeps the strip (K x nr) within b_pack. */
 static void gemm_small_m(gemm_path path, float *C, const float *A, const float *B, int M, int N,
                          int K, int trans_a, int accumulate, int n0, int n1) {
     const int mr = path.mr, nr = path.nr;
@@ -379,18 +381,29 @@ static void gemm_small_m(gemm_path path, float *C, const float *A, const float *
     pack_a(a_pack, A, M, K, trans_a, 0, M, 0, K, mr);
     int j = n0;
     for (; j + nr <= n1; j += nr)
-        path.kernel(K, a_pack, B + j, N, C + j, N, accumulate, M, nr);
+        for (int ip = 0; ip < M; ip += mr)
+            path.kernel(K, a_pack + (size_t)ip * K, B + j, N, C + (size_t)ip * N + j, N,
+                        accumulate, M - ip < mr ? M - ip : mr, nr);
     if (j < n1) {
         int cols = n1 - j;
         pack_b(b_pack, B, N, K, 0, j, cols, 0, K, nr);
-        if (accumulate)
-            for (int i = 0; i < M; i++)
-                memcpy(edge + i * nr, C + (size_t)i * N + j, (size_t)cols * sizeof(float));
-        path.kernel(K, a_pack, b_pack, nr, edge, nr, accumulate, M, cols);
-        for (int i = 0; i < M; i++)
-            memcpy(C + (size_t)i * N + j, edge + i * nr, (size_t)cols * sizeof(float));
+        for (int ip = 0; ip < M; ip += mr) {
+            int rows = M - ip < mr ? M - ip : mr;
+            float *c = C + (size_t)ip * N + j;
+            if (accumulate)
+                for (int i = 0; i < rows; i++)
+                    memcpy(edge + i * nr, c + (size_t)i * N, (size_t)cols * sizeof(float));
+            path.kernel(K, a_pack + (size_t)ip * K, b_pack, nr, edge, nr, accumulate, rows, cols);
+            for (int i = 0; i < rows; i++)
+                memcpy(c + (size_t)i * N, edge + i * nr, (size_t)cols * sizeof(float));
+        }
     }
 }
+
+/* Rows of C up to which B is read in place (gemm_small_m) when not transposed. */
+#ifndef SMALL_M
+#define SMALL_M 24
+#endif
 
 /* Below this many multiply-adds one thread beats waking the others. */
 #ifndef PARALLEL_MIN_FMAS
@@ -403,8 +416,9 @@ void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
     gemm_path path = choose_path();
     int nthreads = rg_num_threads();
     if ((double)M * N * K < PARALLEL_MIN_FMAS) nthreads = 1;
-    /* one row panel, B read in place: threads split the columns */
-    if (!trans_b && M <= path.mr && (size_t)path.mr * K <= (size_t)MC * KC) {
+    /* a few row panels, B read in place: threads split the columns */
+    int panels = (M + path.mr - 1) / path.mr;
+    if (!trans_b && M <= SMALL_M && (size_t)panels * path.mr * K <= (size_t)MC * KC) {
         int nt = (N + path.nr - 1) / path.nr;
         if (nthreads > nt) nthreads = nt;
         if (nthreads <= 1) {

@@ -13,12 +13,13 @@ from tests import reference as ref
 TRANS = [(False, False), (False, True), (True, False), (True, True)]
 
 # (M, K, N): every dimension at 1, 7, 33 and 129 (none a multiple of a register block),
-# 1 to 3 rows (the small-M kernels), the model's 80 rows with whole, ragged and narrow
-# right edges, and sizes that cross the cache blocks (K cut into <= 512, MC = 96 rows,
-# NC = 512 columns)
+# 1 to 3 rows (the small-M kernels), 13 to 24 rows (B read in place over two row panels),
+# the model's 80 rows with whole, ragged and narrow right edges, and sizes that cross the
+# cache blocks (K cut into <= 512, MC = 96 rows, NC = 512 columns)
 SHAPES = [(1, 1, 1), (7, 7, 7), (33, 33, 33), (129, 129, 129),
           (1, 129, 33), (129, 1, 7), (7, 33, 129), (33, 129, 1), (2, 33, 40), (3, 70, 17),
-          (80, 128, 530), (80, 128, 65), (257, 300, 129), (100, 600, 520), (13, 1100, 40)]
+          (80, 128, 530), (80, 128, 65), (257, 300, 129), (100, 600, 520), (13, 1100, 40),
+          (17, 128, 763), (24, 513, 100), (20, 4000, 33)]
 
 
 def _operands(rng, M, Kd, N, trans_a, trans_b):
@@ -55,7 +56,7 @@ def test_sgemm_threads(rng, threads):
     try:
         rustgpt.set_num_threads(threads)
         for M, Kd, N in [(80, 128, 128), (1024, 64, 40), (40, 64, 1024), (5, 200, 300),
-                          (13, 70, 3)]:
+                          (13, 70, 3), (17, 128, 763)]:
             A, B = _operands(rng, M, Kd, N, False, False)
             C = np.full((M, N), np.nan, np.float32)
             K.sgemm(C, A, B)
