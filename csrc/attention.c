@@ -264,9 +264,10 @@ RG_VARIANTS(step_head,
 /* ---- splitting the work over threads -------------------------------------------------- */
 
 /* Threads worth waking: one for small problems (B * NH * T^2 * hs / 2 multiply-adds
- * under about 2^18), where a parallel region costs more than it saves. */
+ * under 2^14, a few microseconds), where a parallel region costs more than it saves. A
+ * batch-1 training step at T = 17 already gains from two threads. */
 static int threads_for(int BNH, int T, int hs) {
-    return (double)BNH * T * T * hs < 524288.0 ? 1 : rg_num_threads();
+    return (double)BNH * T * T * hs < 32768.0 ? 1 : rg_num_threads();
 }
 
 /* Pieces each head's rows are cut into: 1 when the B * NH heads spread evenly over the
