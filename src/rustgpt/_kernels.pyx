@@ -583,36 +583,33 @@ def adam_update(params, m, v, grads, double lr, double beta1=0.9, double beta2=0
 
 # ---- elementwise, bias, embedding, norms ---------------------------------------------------
 
+cdef int _elementwise(int kind, str fn, tuple names, tuple arrays) except -1:
+    """Submit flat op `kind` over float32 arrays of one shape (arrays[1]'s): arrays[0] is
+    written, the others read."""
+    cdef Op o
+    cdef Py_ssize_t j
+    src = arrays[1]
+    shape = src.shape if isinstance(src, np.ndarray) else ()
+    for j in (*range(1, len(arrays)), 0):  # the inputs first: their errors say most
+        o.p[j] = _f(arrays[j], fn, names[j], shape, j == 0)
+    o.kind, o.n = kind, src.size
+    _submit(&o, arrays)
+    return 0
+
+
 def relu_forward(out, x):
     """out = max(x, 0); out may be x. Any shape, out the same."""
-    fn = "relu_forward"
-    cdef const float *xp = _f(x, fn, "x", x.shape if isinstance(x, np.ndarray) else ())
-    cdef float *op = _f(out, fn, "out", x.shape, True)
-    cdef Op o
-    o.kind, o.p[0], o.p[1], o.n = OP_RELU_FORWARD, op, <void *>xp, x.size
-    _submit(&o, (out, x))
+    _elementwise(OP_RELU_FORWARD, "relu_forward", ("out", "x"), (out, x))
 
 
 def relu_backward(dx, dout, out):
     """dx = dout where out > 0 else 0; dx may be dout. out is the forward's output."""
-    fn = "relu_backward"
-    cdef const float *outp = _f(out, fn, "out", out.shape if isinstance(out, np.ndarray) else ())
-    cdef const float *dop = _f(dout, fn, "dout", out.shape)
-    cdef float *dxp = _f(dx, fn, "dx", out.shape, True)
-    cdef Op o
-    o.kind, o.p[0], o.p[1], o.p[2], o.n = OP_RELU_BACKWARD, dxp, <void *>dop, <void *>outp, out.size
-    _submit(&o, (dx, dout, out))
+    _elementwise(OP_RELU_BACKWARD, "relu_backward", ("dx", "dout", "out"), (dx, dout, out))
 
 
 def add(out, a, b):
     """out = a + b elementwise; out may be a or b. Any shape, all three the same."""
-    fn = "add"
-    cdef const float *ap = _f(a, fn, "a", a.shape if isinstance(a, np.ndarray) else ())
-    cdef const float *bp = _f(b, fn, "b", a.shape)
-    cdef float *op = _f(out, fn, "out", a.shape, True)
-    cdef Op o
-    o.kind, o.p[0], o.p[1], o.p[2], o.n = OP_ADD, op, <void *>ap, <void *>bp, a.size
-    _submit(&o, (out, a, b))
+    _elementwise(OP_ADD, "add", ("out", "a", "b"), (out, a, b))
 
 
 def bias_add(x, b):
