@@ -44,19 +44,27 @@ def sample_probabilities(logits: np.ndarray, temperature: float, top_k: int = 0,
     z = np.asarray(logits, np.float64) / temperature
     probs = np.exp(z - z.max())
     probs /= probs.sum()
+    filtered = False
     if 0 < top_k < probs.size:
         kth = np.partition(probs, -top_k)[-top_k]
         probs[probs < kth] = 0.0
+        filtered = True
     if min_p > 0.0:
         probs[probs < min_p * probs.max()] = 0.0
-    probs /= probs.sum()
-    if top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        cumulative = np.cumsum(probs[order])
-        # the smallest set whose mass reaches top_p (1e-9 absorbs the cumsum's rounding)
-        keep = np.searchsorted(cumulative, top_p - 1e-9) + 1
-        probs[order[keep:]] = 0.0
+        filtered = True
+    if filtered:
         probs /= probs.sum()
+    if top_p < 1.0:
+        # the smallest set of most likely tokens whose mass reaches top_p (1e-9 absorbs the
+        # cumsum's rounding), ties at its edge taken in token order; found from the sorted
+        # values, cheaper than sorting the token ids
+        descending = np.sort(probs)[::-1]
+        cumulative = np.cumsum(descending)
+        keep = min(int(np.searchsorted(cumulative, top_p - 1e-9)) + 1, probs.size)
+        edge = descending[keep - 1]
+        kept = probs > edge
+        kept[np.flatnonzero(probs == edge)[:keep - np.count_nonzero(kept)]] = True
+        probs = np.where(kept, probs, 0.0) / cumulative[keep - 1]
     return probs
 
 
@@ -66,7 +74,11 @@ def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.
     if temperature == 0.0:
         return sample_greedy(logits)
     probs = sample_probabilities(logits, temperature, top_k, top_p, min_p)
-    return int(rng.choice(probs.size, p=probs))
+    # what rng.choice(V, p=probs) does, without its checks of p: one uniform draw, the same
+    # token for the same generator state
+    cdf = np.cumsum(probs)
+    cdf /= cdf[-1]
+    return int(cdf.searchsorted(rng.random(), side="right"))
 
 
 # ---- the decoding loops ---------------------------------------------------------------------
