@@ -104,3 +104,29 @@ def test_prompts_empty_unknown_long_and_odd(model, caplog):
     assert isinstance(G.generate(model, long, max_tokens=3), str)
     assert "keeps its last" in caplog.text
     assert isinstance(G.generate(model, "sun\x00\x1b[31m \u202e" + "x" * 100_000, max_tokens=2), str)
+
+
+def test_top_p_is_the_smallest_nucleus_ties_in_token_order(rng):
+    """sample_probabilities' top-p against the definition: sort tokens by probability
+    (stable: equal ones in token order), keep the shortest prefix reaching top_p."""
+    for i in range(300):
+        V = int(rng.integers(1, 40))
+        logits = (rng.integers(-3, 3, V) if i % 2 else rng.standard_normal(V)).astype(np.float32)
+        top_p = float(rng.choice([0.1, 0.5, 0.9, 0.999999]))
+        z = logits.astype(np.float64)
+        probs = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        order = np.argsort(-probs, kind="stable")
+        keep = int(np.searchsorted(np.cumsum(probs[order]), top_p - 1e-9)) + 1
+        expected = np.zeros(V)
+        expected[order[:keep]] = probs[order[:keep]]
+        np.testing.assert_allclose(G.sample_probabilities(logits, 1.0, top_p=top_p),
+                                   expected / expected.sum(), rtol=1e-12, atol=0)
+
+
+def test_sample_draws_what_rng_choice_would(rng):
+    probs = rng.random(763) ** 4
+    logits = np.log(probs).astype(np.float32)
+    p = G.sample_probabilities(logits, 1.0)
+    mine, theirs = np.random.default_rng(7), np.random.default_rng(7)
+    assert [G.sample(logits, mine, 1.0) for _ in range(200)] == \
+        [int(theirs.choice(p.size, p=p)) for _ in range(200)]
