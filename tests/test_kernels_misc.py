@@ -334,7 +334,7 @@ def test_plan_checks_ids_again_before_a_replay():
     with K.Plan() as plan:
         K.embedding_forward(out, ids, wte, wpe)
     ids[0, 1] = 3  # out of range since the recording: refused, never read by the C
-    with pytest.raises(TokenError, match=r"embedding_forward: ids holds id 3 at flat index 1"):
+    with pytest.raises(TokenError, match=r"embedding_forward: ids holds token id 3 at flat index 1"):
         plan.run()
 
 

@@ -140,16 +140,36 @@ cdef inline bint _overlap(const float *x, Py_ssize_t nx, const float *y, Py_ssiz
     return x < y + ny and y < x + nx
 
 
+cdef Py_ssize_t _first_bad_id(const int *p, Py_ssize_t n, int V, bint allow_ignore,
+                              int ignore) noexcept:
+    """Index of the first of p[0 .. n) outside [0, V) (and, when allow_ignore, not equal to
+    ignore), or -1 when all are in range."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if (p[i] < 0 or p[i] >= V) and not (allow_ignore and p[i] == ignore):
+            return i
+    return -1
+
+
+cdef int _check_id_range(const int *p, Py_ssize_t n, int V, bint allow_ignore, int ignore,
+                         str fn, str name, object error) except -1:
+    """Each of p[0 .. n) lies in [0, V) (or equals ignore, when allow_ignore); else raise
+    `error` naming the array, the id and where it is."""
+    cdef Py_ssize_t i = _first_bad_id(p, n, V, allow_ignore, ignore)
+    if i >= 0:
+        also = f" or ignore_index = {ignore}" if allow_ignore else ""
+        raise error(f"{fn}: {name} holds token id {p[i]} at flat index {i}, expected ids "
+                    f"in [0, {V}){also}")
+    return 0
+
+
 cdef int *_ids(object a, str fn, str name, tuple shape, int V) except NULL:
     """int32 token ids, each checked to lie in [0, V)."""
     cdef int *p = <int *>_data(a, fn, name, _I32, shape, False)
     cdef Py_ssize_t i, n = 1
     for i in range(len(shape)):
         n *= <Py_ssize_t>shape[i]
-    for i in range(n):
-        if p[i] < 0 or p[i] >= V:
-            raise ValidationError(f"{fn}: {name} holds token id {p[i]} at flat index {i}, "
-                                  f"expected ids in [0, {V})")
+    _check_id_range(p, n, V, False, 0, fn, name, ValidationError)
     return p
 
 
@@ -223,25 +243,15 @@ cdef void _run(const Op *o) noexcept nogil:
 cdef int _check_ids(const Op *o) except -1:
     """The int arrays of a recorded op still hold ids in range (checked again at replay:
     their contents may have changed since)."""
-    cdef const int *ids
-    cdef Py_ssize_t j, n
-    cdef int V, ignore = -1
-    cdef bint allow_ignore = False
     if o.kind == OP_CROSSENTROPY_FORWARD_BACKWARD:
-        ids, n, V, ignore, allow_ignore = <int *>o.p[3], o.i[0], o.i[1], o.i[2], True
-        what = "crossentropy_forward_backward: targets"
+        _check_id_range(<int *>o.p[3], o.i[0], o.i[1], True, o.i[2],
+                        "crossentropy_forward_backward", "targets", TokenError)
     elif o.kind == OP_EMBEDDING_FORWARD:
-        ids, n, V = <int *>o.p[1], <Py_ssize_t>o.i[0] * o.i[1], o.i[3]
-        what = "embedding_forward: ids"
+        _check_id_range(<int *>o.p[1], <Py_ssize_t>o.i[0] * o.i[1], o.i[3], False, 0,
+                        "embedding_forward", "ids", TokenError)
     elif o.kind == OP_EMBEDDING_BACKWARD:
-        ids, n, V = <int *>o.p[3], <Py_ssize_t>o.i[0] * o.i[1], o.i[3]
-        what = "embedding_backward: ids"
-    else:
-        return 0
-    for j in range(n):
-        if (ids[j] < 0 or ids[j] >= V) and not (allow_ignore and ids[j] == ignore):
-            raise TokenError(f"{what} holds id {ids[j]} at flat index {j}, expected ids in "
-                             f"[0, {V})")
+        _check_id_range(<int *>o.p[3], <Py_ssize_t>o.i[0] * o.i[1], o.i[3], False, 0,
+                        "embedding_backward", "ids", TokenError)
     return 0
 
 
@@ -516,12 +526,12 @@ def layernorm_backward(dx, dg, db, dout, x, g, mean, rstd, bint accumulate=True)
 # ---- cross-entropy ---------------------------------------------------------------------------
 
 cdef int *_targets(object targets, str fn, int N, int V, int ignore_index) except NULL:
+    """int32 target ids (N,), each in [0, V) or ignore_index."""
     cdef int *p = <int *>_data(targets, fn, "targets", _I32, (N,), False)
-    cdef Py_ssize_t i
-    for i in range(N):
-        if p[i] != ignore_index and (p[i] < 0 or p[i] >= V):
-            raise ValidationError(f"{fn}: targets[{i}] = {p[i]}, expected an id in [0, {V}) "
-                                  f"or ignore_index = {ignore_index}")
+    cdef Py_ssize_t i = _first_bad_id(p, N, V, True, ignore_index)
+    if i >= 0:
+        raise ValidationError(f"{fn}: targets[{i}] = {p[i]}, expected an id in [0, {V}) "
+                              f"or ignore_index = {ignore_index}")
     return p
 
 
