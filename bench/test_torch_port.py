@@ -42,27 +42,23 @@ def port_grads(port):
     return {name: p.grad.numpy() for name, p in port.named_parameters()}
 
 
-def test_small_model_logits_and_loss(rng):
-    model = small_model()
-    port = from_rustgpt(model)
-    inputs, targets = small_batch(rng)
+def assert_same_logits_and_loss(port, model, inputs, targets, atol):
     with torch.no_grad():
         logits = port(inputs).numpy()
         loss = port.loss(inputs, targets).item()
-    ref.assert_close(logits, model.forward(inputs), 1e-4, 1e-5, "logits")
+    ref.assert_close(logits, model.forward(inputs), 1e-4, atol, "logits")
     assert loss == pytest.approx(model.loss_and_backward(inputs, targets), rel=1e-4)
+
+
+def test_small_model_logits_and_loss(rng):
+    model = small_model()
+    assert_same_logits_and_loss(from_rustgpt(model), model, *small_batch(rng), atol=1e-5)
 
 
 def test_default_architecture_from_a_checkpoint_file(default_model, tmp_path):
     model, sequences = default_model
     path = Checkpoint.from_model(model, Config()).save(tmp_path / "model.safetensors")
-    port = from_rustgpt(path)
-    inputs, targets = make_batch(sequences)
-    with torch.no_grad():
-        logits = port(inputs).numpy()
-        loss = port.loss(inputs, targets).item()
-    ref.assert_close(logits, model.forward(inputs), 1e-4, 1e-4, "logits")
-    assert loss == pytest.approx(model.loss_and_backward(inputs, targets), rel=1e-4)
+    assert_same_logits_and_loss(from_rustgpt(path), model, *make_batch(sequences), atol=1e-4)
 
 
 @pytest.mark.parametrize("which", ["small", "default"])
