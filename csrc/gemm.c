@@ -101,7 +101,9 @@ static void kernel_generic(int kc, const float *ap, const float *bp, ptrdiff_t l
 #ifdef RG_X86
 /* AVX2 + FMA, 6 x 16: 12 ymm accumulators, 2 for the B row, 1 for the broadcast A value.
  * The body is written once for MU <= 6 used rows and NU <= 2 vectors of columns and inlined
- * for MU = 6, 3, 1 and NU = 2, 1, so short or narrow edge tiles do not pay for the full tile. */
+ * for every MU and NU = 2, 1, so short or narrow edge tiles (a batch-1 training step has
+ * M = T rows, a decoding step M = batch rows) do no multiply-adds for rows or vectors of
+ * columns they do not store. */
 #define AVX2_MR 6
 #define AVX2_NR 16
 #define AVX2_TARGET __attribute__((target("avx2,fma")))
@@ -141,17 +143,19 @@ AVX2_TARGET
 static void kernel_avx2(int kc, const float *ap, const float *bp, ptrdiff_t ldb, float *c,
                         ptrdiff_t ldc, int load_c, int rows, int cols) {
 #define KERNEL_AVX2_NU(MU) \
-    if (cols > 8) kernel_avx2_body(kc, ap, bp, ldb, c, ldc, load_c, rows, MU, 2); \
-    else          kernel_avx2_body(kc, ap, bp, ldb, c, ldc, load_c, rows, MU, 1);
-    if (rows > 3)      { KERNEL_AVX2_NU(6) }
-    else if (rows > 1) { KERNEL_AVX2_NU(3) }
-    else               { KERNEL_AVX2_NU(1) }
+    case MU: \
+        if (cols > 8) kernel_avx2_body(kc, ap, bp, ldb, c, ldc, load_c, MU, MU, 2); \
+        else          kernel_avx2_body(kc, ap, bp, ldb, c, ldc, load_c, MU, MU, 1); \
+        break;
+    switch (rows) {
+        KERNEL_AVX2_NU(6) KERNEL_AVX2_NU(5) KERNEL_AVX2_NU(4) KERNEL_AVX2_NU(3)
+        KERNEL_AVX2_NU(2) KERNEL_AVX2_NU(1)
+    }
 #undef KERNEL_AVX2_NU
 }
 
 /* AVX-512, 12 x 32: 24 zmm accumulators, the A values broadcast straight from memory.
- * Inlined for MU = 12, 8, 4, 2, 1 used rows (M = 80 is six whole panels and one of 8 rows; a
- * decoding step has M = batch rows) and NU = 2, 1 vectors of columns. */
+ * Inlined for every MU <= 12 used rows and NU = 2, 1 vectors of columns, as above. */
 #define AVX512_MR 12
 #define AVX512_NR 32
 #define AVX512_TARGET __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma")))
@@ -191,13 +195,15 @@ AVX512_TARGET
 static void kernel_avx512(int kc, const float *ap, const float *bp, ptrdiff_t ldb, float *c,
                           ptrdiff_t ldc, int load_c, int rows, int cols) {
 #define KERNEL_AVX512_NU(MU) \
-    if (cols > 16) kernel_avx512_body(kc, ap, bp, ldb, c, ldc, load_c, rows, MU, 2); \
-    else           kernel_avx512_body(kc, ap, bp, ldb, c, ldc, load_c, rows, MU, 1);
-    if (rows > 8)      { KERNEL_AVX512_NU(12) }
-    else if (rows > 4) { KERNEL_AVX512_NU(8) }
-    else if (rows > 2) { KERNEL_AVX512_NU(4) }
-    else if (rows > 1) { KERNEL_AVX512_NU(2) }
-    else               { KERNEL_AVX512_NU(1) }
+    case MU: \
+        if (cols > 16) kernel_avx512_body(kc, ap, bp, ldb, c, ldc, load_c, MU, MU, 2); \
+        else           kernel_avx512_body(kc, ap, bp, ldb, c, ldc, load_c, MU, MU, 1); \
+        break;
+    switch (rows) {
+        KERNEL_AVX512_NU(12) KERNEL_AVX512_NU(11) KERNEL_AVX512_NU(10) KERNEL_AVX512_NU(9)
+        KERNEL_AVX512_NU(8) KERNEL_AVX512_NU(7) KERNEL_AVX512_NU(6) KERNEL_AVX512_NU(5)
+        KERNEL_AVX512_NU(4) KERNEL_AVX512_NU(3) KERNEL_AVX512_NU(2) KERNEL_AVX512_NU(1)
+    }
 #undef KERNEL_AVX512_NU
 }
 #endif

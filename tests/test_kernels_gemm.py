@@ -49,6 +49,17 @@ def test_sgemm(simd, rng, M, Kd, N, trans_a, trans_b):
     _check(C, expected + C0, Kd, f"C[{simd}, accumulate]")
 
 
+@pytest.mark.parametrize("trans_a,trans_b", TRANS)
+def test_sgemm_every_row_count(simd, rng, trans_a, trans_b):
+    """M = 1 .. 25: every row count of a last row panel on every path (the micro-kernels
+    are inlined per count), in place (M <= 24) and packed, both sides of a 32-column edge."""
+    for M in range(1, 26):
+        A, B = _operands(rng, M, 37, 45, trans_a, trans_b)
+        C = np.full((M, 45), np.nan, np.float32)
+        K.sgemm(C, A, B, trans_a=trans_a, trans_b=trans_b)
+        _check(C, ref.matmul(A, B, trans_a, trans_b), 37, f"C[{simd}, M={M}]")
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3, 4])
 def test_sgemm_threads(rng, threads):
     """Any thread count splits C into rectangles that cover it exactly once."""
