@@ -1,6 +1,8 @@
 """Each layer's forward vs the float64 reference, and its backward vs central finite
 differences in float64 (loss = sum(w * out) for a fixed random w)."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -119,3 +121,32 @@ def test_zeros_hugepage(n):
         assert x.ctypes.data % L.HUGE_PAGE == 0
     x[:] = 1.5
     assert x.sum(dtype=np.float64) == 1.5 * n
+
+
+def _mapping_of(address: int) -> dict[str, str]:
+    """The /proc/self/smaps entry (header 'range' and its fields) holding `address`."""
+    entry: dict[str, str] = {}
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head, _, rest = line.partition(" ")
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(h, 16) for h in head.split("-"))
+                if entry:
+                    return entry
+                if lo <= address < hi:
+                    entry["range"] = line.strip()
+            elif entry:
+                entry[head.rstrip(":")] = rest.strip()
+    return entry
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps")
+                    or "[never]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read(),
+                    reason="needs Linux with transparent huge pages enabled")
+def test_zeros_hugepage_is_eligible_for_huge_pages():
+    """A private anonymous mapping the kernel may back with huge pages (a shared one, mmap's
+    default, is shmem and would get none)."""
+    x = L.zeros_hugepage(1 << 20)
+    mapping = _mapping_of(x.ctypes.data)
+    assert mapping["range"].split()[1].endswith("p"), mapping["range"]  # rw-p, not rw-s
+    assert mapping.get("THPeligible") == "1", mapping

@@ -28,12 +28,14 @@ def zeros_hugepage(n: int) -> np.ndarray:
 
     For the buffers a training step sweeps whole every step: parameters, gradients and the
     Adam moments. With 4 KiB pages such a sweep misses the TLB on nearly every page, and
-    under a hypervisor each miss walks two page tables; on huge pages a batch-1 step of the
-    default model took 1.06-1.09 ms instead of 1.21-1.40 ms."""
+    under a hypervisor each miss walks two page tables. (On the benchmark VM the default
+    model's 2.2 MB buffers, one huge page each, measured no faster than 4 KiB pages: a
+    batch-1 step's Adam sweep took 164-170 us either way.)"""
     nbytes = n * F32().itemsize
     if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return np.zeros(n, F32)
-    buf = mmap.mmap(-1, nbytes + HUGE_PAGE)  # anonymous, zero-filled, page-aligned
+    # private: a shared mapping (mmap's default) is shmem, which gets no huge pages
+    buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     start = -np.frombuffer(buf, np.uint8, count=1).ctypes.data % HUGE_PAGE
     buf.madvise(mmap.MADV_HUGEPAGE, start, nbytes)
     return np.frombuffer(buf, F32, count=n, offset=start)
