@@ -11,8 +11,9 @@
  * vector lanes: scores_block reads the keys transposed (transpose_keys, once per task), so
  * its inner loop is a broadcast-multiply-add, like mix_block's.
  * They are compiled three times (generic, AVX2, AVX-512) and rg_simd_level() picks one at
- * run time. Scratch: each task keeps its head's keys transposed on the stack, hs * (T + 32)
- * floats (128 KB at T = 256, hs = 128), plus a few rows of T floats.
+ * run time. Scratch: each task keeps on its stack its head's keys transposed, hs * (T + 32)
+ * floats, and up to two more blocks of its head's rows packed (pack_rows), hs * T floats
+ * each (384 KB in all at T = 256, hs = 128), plus a few rows of T floats.
  *
  * Threads: a task is (batch row b, head h, a range of rows). Each task writes only its own
  * rows of out / att / dq / dk / dv, so there are no atomics. When B * NH alone cannot keep
@@ -43,6 +44,12 @@ void transpose_keys(float *kt, int ldt, const float *k, int n, int D, int hs) {
 
 /* Size of transpose_keys' scratch for n keys. */
 static int kt_stride(int n) { return (n + KW - 1) / KW * KW + KW; }
+
+/* xp[j, :] = x[j, :] for j < n: n rows of hs floats from a row stride of D to hs. */
+static inline __attribute__((always_inline))
+void pack_rows(float *xp, const float *x, int n, int D, int hs) {
+    for (int j = 0; j < n; j++) memcpy(xp + (size_t)j * hs, x + (size_t)j * D, hs * sizeof(float));
+}
 
 /* S[r, j] = scale * q_r . k_j for r < nr, j < n, with the keys given transposed.
  * q: nr rows (stride D) of hs floats; kt: (hs, ldt) from transpose_keys; S: (nr, lds).
@@ -79,10 +86,12 @@ void scores_block(int wide, float *S, int lds, const float *q, int nr, const flo
 }
 
 /* y_r = sum_j P[r, j] x_j for r < nr, j < n. Overwrites y.
- * P: (nr, ldp); x: n rows (stride D) of hs floats; y: nr rows (stride D). */
+ * P: (nr, ldp); x: n rows (stride ldx) of hs floats; y: nr rows (stride D). The tasks pass
+ * x packed (ldx = hs, see pack_rows): with a stride of D = 256 or more floats the rows of a
+ * column tile fall into a few L1 sets and evict each other before the next tile reuses them. */
 static inline __attribute__((always_inline))
-void mix_block(int wide, float *y, const float *P, int ldp, int nr, const float *x, int n,
-               int D, int hs) {
+void mix_block(int wide, float *y, const float *P, int ldp, int nr, const float *x, int ldx,
+               int n, int D, int hs) {
     const float *p_r[RT];
     for (int r = 0; r < RT; r++) p_r[r] = P + (size_t)(r < nr ? r : nr - 1) * ldp;
     int c0 = 0;
@@ -90,13 +99,13 @@ void mix_block(int wide, float *y, const float *P, int ldp, int nr, const float 
         f32x16 acc[RT] = {0};
         if (wide) {
             for (int j = 0; j < n; j++) {
-                f32x16 x_j = *(const f32x16 *)(x + (size_t)j * D + c0);
+                f32x16 x_j = *(const f32x16 *)(x + (size_t)j * ldx + c0);
                 for (int r = 0; r < RT; r++) acc[r] += p_r[r][j] * x_j;
             }
         } else { /* the same loop on floats, left to the auto-vectorizer */
             float a[RT][CW] = {{0}};
             for (int j = 0; j < n; j++) {
-                const float *x_j = x + (size_t)j * D + c0;
+                const float *x_j = x + (size_t)j * ldx + c0;
                 for (int r = 0; r < RT; r++)
                     for (int c = 0; c < CW; c++) a[r][c] += p_r[r][j] * x_j[c];
             }
@@ -111,7 +120,7 @@ void mix_block(int wide, float *y, const float *P, int ldp, int nr, const float 
         float *y_r = y + (size_t)r * D;
         for (int c = c0; c < hs; c++) y_r[c] = 0.0f;
         for (int j = 0; j < n; j++) {
-            const float *x_j = x + (size_t)j * D;
+            const float *x_j = x + (size_t)j * ldx;
             for (int c = c0; c < hs; c++) y_r[c] += p_r[r][j] * x_j[c];
         }
     }
@@ -142,8 +151,9 @@ void forward_rows(int wide, float *out, float *att, const float *q, const float 
                   const float *v, int T, int D, int hs, int t0, int t1) {
     float scale = 1.0f / sqrtf((float)hs);
     int ldt = kt_stride(t1);
-    float kt[hs * ldt];
+    float kt[hs * ldt], vp[hs * t1];
     transpose_keys(kt, ldt, k, t1, D, hs);
+    pack_rows(vp, v, t1, D, hs);
     for (int t = t0; t < t1; t += RT) {
         int nr = t1 - t < RT ? t1 - t : RT;
         int n = t + nr; /* keys 0..t+nr-1 cover every row of the block */
@@ -154,7 +164,7 @@ void forward_rows(int wide, float *out, float *att, const float *q, const float 
             softmax_row(att_r, t + r + 1);
             memset(att_r + t + r + 1, 0, (size_t)(T - t - r - 1) * sizeof(float));
         }
-        mix_block(wide, out + (size_t)t * D, att_t, T, nr, v, n, D, hs);
+        mix_block(wide, out + (size_t)t * D, att_t, T, nr, vp, hs, n, D, hs);
     }
 }
 
@@ -169,8 +179,9 @@ void backward_query_rows(int wide, float *dq, float *dot, const float *dout,
                          int t1) {
     float scale = 1.0f / sqrtf((float)hs);
     int ldt = kt_stride(t1);
-    float vt[hs * ldt], dpre[RT * T];
+    float vt[hs * ldt], kp[hs * t1], dpre[RT * T];
     transpose_keys(vt, ldt, v, t1, D, hs);
+    pack_rows(kp, k, t1, D, hs);
     for (int t = t0; t < t1; t += RT) {
         int nr = t1 - t < RT ? t1 - t : RT;
         int n = t + nr;
@@ -184,7 +195,7 @@ void backward_query_rows(int wide, float *dq, float *dot, const float *dout,
             for (int j = t + r + 1; j < n; j++) dpre_r[j] = 0.0f;
             dot[t + r] = d;
         }
-        mix_block(wide, dq + (size_t)t * D, dpre, T, nr, k, n, D, hs);
+        mix_block(wide, dq + (size_t)t * D, dpre, T, nr, kp, hs, n, D, hs);
     }
 }
 
@@ -197,8 +208,11 @@ void backward_key_rows(int wide, float *dk, float *dv, const float *dot, const f
     float scale = 1.0f / sqrtf((float)hs);
     int ldt = kt_stride(T - j0);
     float dt[hs * ldt]; /* dout rows j0..T-1, transposed */
+    float qp[hs * (T - j0)], dp[hs * (T - j0)]; /* q and dout rows j0..T-1, packed */
     float dpre[RT * T], att_col[RT * T]; /* columns j..j+nr-1 of dpre and att, from row j */
     transpose_keys(dt, ldt, dout + (size_t)j0 * D, T - j0, D, hs);
+    pack_rows(qp, q + (size_t)j0 * D, T - j0, D, hs);
+    pack_rows(dp, dout + (size_t)j0 * D, T - j0, D, hs);
     for (int j = j0; j < j1; j += RT) {
         int nr = j1 - j < RT ? j1 - j : RT;
         int n = T - j; /* query rows j..T-1 */
@@ -212,8 +226,9 @@ void backward_key_rows(int wide, float *dk, float *dv, const float *dot, const f
                 dpre_r[u] = a * (dpre_r[u] - dot[j + u]) * scale;
             }
         }
-        mix_block(wide, dk + (size_t)j * D, dpre, T, nr, q + (size_t)j * D, n, D, hs);
-        mix_block(wide, dv + (size_t)j * D, att_col, T, nr, dout + (size_t)j * D, n, D, hs);
+        const float *qp_j = qp + (size_t)(j - j0) * hs, *dp_j = dp + (size_t)(j - j0) * hs;
+        mix_block(wide, dk + (size_t)j * D, dpre, T, nr, qp_j, hs, n, D, hs);
+        mix_block(wide, dv + (size_t)j * D, att_col, T, nr, dp_j, hs, n, D, hs);
     }
 }
 
@@ -237,7 +252,7 @@ void step_head(int wide, float *out, const float *q, const float *kc, const floa
         s[j] = d * scale;
     }
     softmax_row(s, n);
-    mix_block(wide, out, s, n, 1, vc, n, D, hs);
+    mix_block(wide, out, s, n, 1, vc, D, n, D, hs);
 }
 
 /* ---- the three SIMD variants of each task ----------------------------------------------- */

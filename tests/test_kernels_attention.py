@@ -177,3 +177,18 @@ def test_attention_any_thread_count(rng, threads, B, T, D, NH):
     for name, g, e in zip(("dq", "dk", "dv"), (dq, dk, dv),
                           ref.attention_backward(dout, q, k, v, NH)):
         ref.assert_close(g, e, 1e-3, 1e-4, name)
+
+
+def test_attention_refuses_a_head_too_big_for_its_scratch():
+    """hs * (3 T + 32) + 16 T floats of per-task stack scratch: 1,024 x 128 fits, 2,048 x 128
+    is refused with a message instead of overflowing a thread's stack."""
+    rng = np.random.default_rng(0)
+    for T, ok in ((1024, True), (2048, False)):
+        q = rng.standard_normal((1, T, 128)).astype(np.float32)
+        out, att = np.empty_like(q), np.empty((1, 1, T, T), np.float32)
+        if ok:
+            K.attention_forward(out, att, q, q, q, 1)
+            assert np.isfinite(out).all()
+        else:
+            with pytest.raises(ValidationError, match="bytes of scratch"):
+                K.attention_forward(out, att, q, q, q, 1)
