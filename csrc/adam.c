@@ -63,38 +63,49 @@ RG_INLINE void sum_squares_range(int wide, double *out, const float *x, size_t i
 RG_VARIANTS(sum_squares_range, (double *out, const float *x, size_t i0, size_t i1),
             (out, x, i0, i1))
 
-/* Chunk c of nt over n elements: the sum of squares' bounds, and the update's (multiples
- * of 16, so every vector loop but the last chunk's runs whole). */
-#define SQ_LO(c) (n * (size_t)(c) / (size_t)nt)
-#define UP_LO(c) (n * (size_t)(c) / (size_t)nt / 16 * 16)
-#define UP_HI(c) ((c) + 1 == nt ? n : UP_LO((c) + 1))
+/* The sum of squares is taken over fixed chunks of the buffer and the chunks' sums are
+ * added in order, so the total does not depend on the thread count (nor, through the
+ * gradient clipping, anything a training step computes). A chunk is 16K elements or more,
+ * a multiple of 16 (every vector loop but the last chunk's runs whole), at most MAX_CHUNKS
+ * of them; threads take runs of whole chunks, the same ones in both loops of the update. */
+#define MIN_CHUNK 16384
+#define MAX_CHUNKS 4096
 
-/* parts[0] + ... + parts[nt - 1] in that order: the same total whatever the threads did. */
-static double total_of(const double *parts, int nt) {
+static size_t chunk_size(size_t n) {
+    size_t c = (n + MAX_CHUNKS - 1) / MAX_CHUNKS;
+    c = (c + 15) / 16 * 16;
+    return c > MIN_CHUNK ? c : MIN_CHUNK;
+}
+
+/* parts[0] + ... + parts[count - 1] in that order. */
+static double total_of(const double *parts, size_t count) {
     double total = 0.0;
-    for (int c = 0; c < nt; c++) total += parts[c];
+    for (size_t c = 0; c < count; c++) total += parts[c];
     return total;
 }
 
 double rg_sum_squares(const float *x, size_t n) {
     void (*sq)(double *, const float *, size_t, size_t) = sum_squares_range_pick();
+    size_t chunk = chunk_size(n), count = (n + chunk - 1) / chunk;
     int nt = n >= PAR_MIN ? rg_num_threads() : 1;
-    double parts[nt];
+    double parts[count];
     #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int c = 0; c < nt; c++) sq(&parts[c], x, SQ_LO(c), SQ_LO(c + 1));
-    return total_of(parts, nt);
+    for (size_t c = 0; c < count; c++)
+        sq(&parts[c], x, c * chunk, (c + 1) * chunk < n ? (c + 1) * chunk : n);
+    return total_of(parts, count);
 }
 
 double rg_adam_update(float *params, float *m, float *v, const float *grads, size_t n,
                       double lr, double beta1, double beta2, double eps,
                       double weight_decay, int t, double max_norm) {
     /* One parallel region, two loops with the same static schedule: each thread updates
-     * the chunk whose squares it summed, while that part of grads is still in its cache. */
+     * the chunks whose squares it summed, while that part of grads is still in its cache. */
     void (*sq)(double *, const float *, size_t, size_t) = sum_squares_range_pick();
     void (*f)(float *restrict, float *restrict, float *restrict, const float *restrict, size_t,
               size_t, const adam_consts *) = update_pick();
+    size_t chunk = chunk_size(n), count = (n + chunk - 1) / chunk;
     int nt = n >= PAR_MIN ? rg_num_threads() : 1;
-    double parts[nt], norm = 0.0;
+    double parts[count], norm = 0.0;
     /* constants in double, then rounded once: 1 - beta2 in float32 would be 1.3e-5 off */
     adam_consts k = {(float)beta1, (float)beta2, (float)(1.0 - beta1), (float)(1.0 - beta2),
                      (float)(1.0 / (1.0 - pow(beta1, t))), (float)(1.0 / (1.0 - pow(beta2, t))),
@@ -102,15 +113,17 @@ double rg_adam_update(float *params, float *m, float *v, const float *grads, siz
     #pragma omp parallel num_threads(nt)
     {
         #pragma omp for schedule(static)
-        for (int c = 0; c < nt; c++) sq(&parts[c], grads, SQ_LO(c), SQ_LO(c + 1));
+        for (size_t c = 0; c < count; c++)
+            sq(&parts[c], grads, c * chunk, (c + 1) * chunk < n ? (c + 1) * chunk : n);
         #pragma omp single
         {
-            norm = sqrt(total_of(parts, nt));
+            norm = sqrt(total_of(parts, count));
             if (max_norm > 0.0 && norm > max_norm) k.grad_scale = (float)(max_norm / norm);
         }
         if (isfinite(norm)) {
             #pragma omp for schedule(static)
-            for (int c = 0; c < nt; c++) f(params, m, v, grads, UP_LO(c), UP_HI(c), &k);
+            for (size_t c = 0; c < count; c++)
+                f(params, m, v, grads, c * chunk, (c + 1) * chunk < n ? (c + 1) * chunk : n, &k);
         }
     }
     return norm;

@@ -104,8 +104,8 @@ double rg_adam_update(float *params, float *m, float *v, const float *grads, siz
                       double lr, double beta1, double beta2, double eps,
                       double weight_decay, int t, double max_norm);
 
-/* Sum of x[i]^2 in double, summed in a fixed order (the same for the same thread count).
- * x: (n). */
+/* Sum of x[i]^2 in double, summed in a fixed order whatever the thread count (fixed
+ * chunks, their sums added in order; rg_adam_update's norm is the same sum). x: (n). */
 double rg_sum_squares(const float *x, size_t n);
 
 /* ---- elementwise, bias, embedding (elementwise.c) -------------------------------------- */

@@ -127,6 +127,28 @@ def test_adam(rng, simd, n, weight_decay, clip):
     ref.assert_close(v, e_v, 1e-5, 1e-8, "v")
 
 
+def test_norm_and_adam_do_not_depend_on_the_thread_count(rng):
+    """sum_squares and adam_update (its clipping included) give bit-identical results on
+    1 to 4 threads: the squares are summed over fixed chunks, added in order."""
+    n = 1_000_003
+    p0, m0, g = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
+    v0 = np.abs(rng.standard_normal(n)).astype(np.float32)
+    results = []
+    before = K.get_num_threads()
+    try:
+        for threads in (1, 2, 3, 4):
+            K.set_num_threads(threads)
+            p, m, v = p0.copy(), m0.copy(), v0.copy()
+            norm = K.adam_update(p, m, v, g, 1e-3, t=3, max_norm=1.0)
+            results.append((K.sum_squares(g), norm, p, m, v))
+    finally:
+        K.set_num_threads(before)
+    for other in results[1:]:
+        assert other[:2] == results[0][:2]
+        for a, b in zip(other[2:], results[0][2:]):
+            assert np.array_equal(a, b)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_adam_leaves_everything_on_a_non_finite_gradient(rng, bad):
     p, m, v, g = (rng.standard_normal(100_003).astype(np.float32) for _ in range(4))
