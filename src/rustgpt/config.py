@@ -84,6 +84,8 @@ class TrainingConfig:
                       validator=_non_negative)
     threads: int = _help("kernel threads; 0 = OMP_NUM_THREADS or the physical cores",
                          default=0, validator=_non_negative)
+    adaptive_threads: bool = _help("run steps on one thread while that measures faster "
+                                   "than all (a busy shared VM); same results", default=True)
 
 
 @attrs.frozen

@@ -22,6 +22,7 @@ from rustgpt.layers import (
     Workspace,
     _rows,
 )
+from rustgpt.threads import StepThreads
 
 if TYPE_CHECKING:
     from rustgpt.config import ModelConfig
@@ -92,6 +93,7 @@ class LLM(Module):
         # recorded training steps: (B, T, targets) -> (plan, its ids, its targets, losses)
         self._plans: dict[tuple[int, int, int], tuple] = {}
         self._plans_generation = -1  # the workspace generation the plans were recorded in
+        self.step_threads = StepThreads()  # train_step's choice of 1 or all threads
 
     # ---- shapes and checks ----------------------------------------------------------------
 
@@ -204,7 +206,15 @@ class LLM(Module):
                    max_grad_norm: float | None = 5.0) -> tuple[float, float]:
         """One step: loss and backward, clip to ``max_grad_norm`` (global L2), Adam update.
         Returns (loss, gradient norm before clipping). Raises TrainingError on a NaN/inf
-        loss or gradient, before the parameters change."""
+        loss or gradient, before the parameters change. Short steps run on one thread or on
+        all, whichever measures faster (``step_threads``, rustgpt.threads); the results are
+        the same either way."""
+        return self.step_threads.run(
+            lambda: self._train_step(inputs, targets, optimizer, lr, max_grad_norm),
+            np.size(inputs))
+
+    def _train_step(self, inputs, targets, optimizer: Adam, lr: float,
+                    max_grad_norm: float | None) -> tuple[float, float]:
         loss = self.loss_and_backward(inputs, targets)
         # the update checks the norm itself and leaves everything as it was if not finite
         norm = optimizer.step(lr, max_grad_norm) if math.isfinite(loss) else self.grad_norm()

@@ -1,0 +1,104 @@
+"""StepThreads: the choice of one thread or all for short training steps, on a fake clock."""
+
+import pytest
+
+from rustgpt import _kernels as K
+from rustgpt import threads as T
+
+
+class FakeClock:
+    """perf_counter for rustgpt.threads; a fake step advances it by the time the step
+    'takes' at the thread count it finds set."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = FakeClock()
+    monkeypatch.setattr(T.time, "perf_counter", c.perf_counter)
+    return c
+
+
+@pytest.fixture
+def four_threads():
+    before = K.get_num_threads()
+    K.set_num_threads(4)
+    yield
+    K.set_num_threads(before)
+
+
+def steps(tuner, clock, n, seconds_at, tokens=10):
+    """Run n fake steps; seconds_at(threads) is a step's duration. Returns the thread
+    counts the steps ran on."""
+    seen = []
+
+    def step():
+        threads = K.get_num_threads()
+        seen.append(threads)
+        clock.now += seconds_at(threads)
+        return threads
+
+    for _ in range(n):
+        assert tuner.run(step, tokens) == seen[-1]
+        assert K.get_num_threads() == 4  # the caller's count is back after every step
+    return seen
+
+
+def test_switches_to_one_thread_when_it_is_faster_and_back(clock, four_threads):
+    tuner = T.StepThreads()
+    # every thread until the first probe (1 s), then one thread but for probes
+    slow_sharing = steps(tuner, clock, 10_000, lambda t: 2e-4 if t == 1 else 5e-4)
+    assert tuner.single
+    assert set(slow_sharing[:1990]) == {4}
+    assert slow_sharing[-5000:].count(1) > 4900
+    quiet = steps(tuner, clock, 30_000, lambda t: 4e-4 if t == 1 else 1e-4)
+    assert not tuner.single
+    assert quiet[-10_000:].count(4) > 9900
+
+
+def test_stays_on_every_thread_while_that_is_faster(clock, four_threads):
+    tuner = T.StepThreads()
+    seen = steps(tuner, clock, 30_000, lambda t: 3e-4 if t == 1 else 1e-4)
+    assert not tuner.single
+    probes = seen.count(1)
+    assert 0 < probes <= T.PROBE_STEPS * (clock.now / T.PROBE_SECONDS + 1)
+
+
+def test_a_small_gain_does_not_switch(clock, four_threads):
+    tuner = T.StepThreads()
+    steps(tuner, clock, 30_000, lambda t: 0.97e-4 if t == 1 else 1e-4)  # 3%: within MARGIN
+    assert not tuner.single
+
+
+def test_probes_of_long_steps_are_spaced_out(clock, four_threads):
+    """Probes of steps twice as slow cost at most PROBE_SHARE of the time in extra time."""
+    tuner = T.StepThreads()
+    seen = steps(tuner, clock, 2000, lambda t: 0.1 if t == 1 else 0.05)  # 100 s
+    assert not tuner.single
+    assert 0 < seen.count(1) * (0.1 - 0.05) <= T.PROBE_SHARE * clock.now
+
+
+def test_disabled_or_one_thread_runs_as_asked(clock, four_threads):
+    tuner = T.StepThreads(enabled=False)
+    assert set(steps(tuner, clock, 10_000, lambda t: 1e-4 if t == 1 else 5e-4)) == {4}
+    K.set_num_threads(1)
+    tuner = T.StepThreads()
+    assert tuner.run(K.get_num_threads, 10) == 1
+
+
+def test_a_failing_step_restores_the_thread_count(clock, four_threads):
+    tuner = T.StepThreads()
+    tuner.single = True
+
+    def fail():
+        assert K.get_num_threads() == 1
+        raise RuntimeError("diverged")
+
+    with pytest.raises(RuntimeError, match="diverged"):
+        tuner.run(fail, 10)
+    assert K.get_num_threads() == 4
