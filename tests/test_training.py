@@ -96,6 +96,13 @@ def test_cosine_schedule():
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] > 0.1
 
 
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_trainer_applies_adaptive_threads(adaptive):
+    model = LLM(CFG, Vocab.from_texts(TEXTS))
+    Trainer(model, TrainingConfig(adaptive_threads=adaptive), [])
+    assert model.step_threads.enabled is adaptive
+
+
 @pytest.fixture(scope="module")
 def rustgpt_run():
     """The default schedule (RustGPT's: 100 + 100 epochs, batch 1) on the bundled data."""

@@ -167,7 +167,6 @@ def run_training(config, resume: str | None) -> int:
     chat = Dataset.load(config.data.chat_training_data or BUNDLED_CHAT, limit)
     vocab = checkpoint.vocab if checkpoint else Vocab.from_texts(pre.examples + chat.examples)
     model = LLM(config.model, vocab, seed=config.training.seed)
-    model.step_threads.enabled = config.training.adaptive_threads
     # an unwritable or full output fails now, not after an hour of training
     manager.prepare(checkpoint_bytes=3 * 4 * model.total_parameters())  # weights, m, v
     metrics_file = out / "metrics.json"

@@ -206,9 +206,9 @@ class LLM(Module):
                    max_grad_norm: float | None = 5.0) -> tuple[float, float]:
         """One step: loss and backward, clip to ``max_grad_norm`` (global L2), Adam update.
         Returns (loss, gradient norm before clipping). Raises TrainingError on a NaN/inf
-        loss or gradient, before the parameters change. Short steps run on one thread or on
-        all, whichever measures faster (``step_threads``, rustgpt.threads); the results are
-        the same either way."""
+        loss or gradient, before the parameters change. The step runs on one thread or on
+        all, whichever measures faster (``step_threads``, see rustgpt.threads); the results
+        are the same either way."""
         return self.step_threads.run(
             lambda: self._train_step(inputs, targets, optimizer, lr, max_grad_norm),
             np.size(inputs))

@@ -110,6 +110,7 @@ class Trainer:
         self.optimizer = Adam(model.params, config.beta1, config.beta2, config.eps,
                               config.weight_decay)
         self.rng = np.random.default_rng(config.seed)
+        model.step_threads.enabled = config.adaptive_threads
         self.position = Position()
         self.last_loss = math.nan  # of the latest step
         self.epoch_loss = math.nan  # mean over the latest finished epoch
