@@ -78,19 +78,19 @@ static size_t chunk_size(size_t n) {
 }
 
 /* parts[0] + ... + parts[count - 1] in that order. */
-static double total_of(const double *parts, size_t count) {
+static double total_of(const double *parts, int count) {
     double total = 0.0;
-    for (size_t c = 0; c < count; c++) total += parts[c];
+    for (int c = 0; c < count; c++) total += parts[c];
     return total;
 }
 
 double rg_sum_squares(const float *x, size_t n) {
     void (*sq)(double *, const float *, size_t, size_t) = sum_squares_range_pick();
-    size_t chunk = chunk_size(n), count = (n + chunk - 1) / chunk;
-    int nt = n >= PAR_MIN ? rg_num_threads() : 1;
-    double parts[count];
+    size_t chunk = chunk_size(n);
+    int count = (int)((n + chunk - 1) / chunk), nt = n >= PAR_MIN ? rg_num_threads() : 1;
+    double parts[MAX_CHUNKS];
     #pragma omp parallel for num_threads(nt) schedule(static)
-    for (size_t c = 0; c < count; c++)
+    for (int c = 0; c < count; c++)
         sq(&parts[c], x, c * chunk, (c + 1) * chunk < n ? (c + 1) * chunk : n);
     return total_of(parts, count);
 }
@@ -103,9 +103,9 @@ double rg_adam_update(float *params, float *m, float *v, const float *grads, siz
     void (*sq)(double *, const float *, size_t, size_t) = sum_squares_range_pick();
     void (*f)(float *restrict, float *restrict, float *restrict, const float *restrict, size_t,
               size_t, const adam_consts *) = update_pick();
-    size_t chunk = chunk_size(n), count = (n + chunk - 1) / chunk;
-    int nt = n >= PAR_MIN ? rg_num_threads() : 1;
-    double parts[count], norm = 0.0;
+    size_t chunk = chunk_size(n);
+    int count = (int)((n + chunk - 1) / chunk), nt = n >= PAR_MIN ? rg_num_threads() : 1;
+    double parts[MAX_CHUNKS], norm = 0.0;
     /* constants in double, then rounded once: 1 - beta2 in float32 would be 1.3e-5 off */
     adam_consts k = {(float)beta1, (float)beta2, (float)(1.0 - beta1), (float)(1.0 - beta2),
                      (float)(1.0 / (1.0 - pow(beta1, t))), (float)(1.0 / (1.0 - pow(beta2, t))),
@@ -113,7 +113,7 @@ double rg_adam_update(float *params, float *m, float *v, const float *grads, siz
     #pragma omp parallel num_threads(nt)
     {
         #pragma omp for schedule(static)
-        for (size_t c = 0; c < count; c++)
+        for (int c = 0; c < count; c++)
             sq(&parts[c], grads, c * chunk, (c + 1) * chunk < n ? (c + 1) * chunk : n);
         #pragma omp single
         {
@@ -122,7 +122,7 @@ double rg_adam_update(float *params, float *m, float *v, const float *grads, siz
         }
         if (isfinite(norm)) {
             #pragma omp for schedule(static)
-            for (size_t c = 0; c < count; c++)
+            for (int c = 0; c < count; c++)
                 f(params, m, v, grads, c * chunk, (c + 1) * chunk < n ? (c + 1) * chunk : n, &k);
         }
     }
