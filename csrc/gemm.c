@@ -99,6 +99,14 @@ static void kernel_generic(int kc, const float *ap, const float *bp, ptrdiff_t l
 }
 
 #ifdef RG_X86
+/* One case of a micro-kernel's switch over its rows: BODY inlined for MU rows, with two
+ * vectors of columns when more than VEC columns are needed, else one. */
+#define KERNEL_CASE(BODY, MU, VEC) \
+    case MU: \
+        if (cols > VEC) BODY(kc, ap, bp, ldb, c, ldc, load_c, MU, MU, 2); \
+        else            BODY(kc, ap, bp, ldb, c, ldc, load_c, MU, MU, 1); \
+        break;
+
 /* AVX2 + FMA, 6 x 16: 12 ymm accumulators, 2 for the B row, 1 for the broadcast A value.
  * The body is written once for MU <= 6 used rows and NU <= 2 vectors of columns and inlined
  * for every MU and NU = 2, 1, so short or narrow edge tiles (a batch-1 training step has
@@ -142,16 +150,11 @@ void kernel_avx2_body(int kc, const float *ap, const float *bp, ptrdiff_t ldb, f
 AVX2_TARGET
 static void kernel_avx2(int kc, const float *ap, const float *bp, ptrdiff_t ldb, float *c,
                         ptrdiff_t ldc, int load_c, int rows, int cols) {
-#define KERNEL_AVX2_NU(MU) \
-    case MU: \
-        if (cols > 8) kernel_avx2_body(kc, ap, bp, ldb, c, ldc, load_c, MU, MU, 2); \
-        else          kernel_avx2_body(kc, ap, bp, ldb, c, ldc, load_c, MU, MU, 1); \
-        break;
     switch (rows) {
-        KERNEL_AVX2_NU(6) KERNEL_AVX2_NU(5) KERNEL_AVX2_NU(4) KERNEL_AVX2_NU(3)
-        KERNEL_AVX2_NU(2) KERNEL_AVX2_NU(1)
+        KERNEL_CASE(kernel_avx2_body, 6, 8) KERNEL_CASE(kernel_avx2_body, 5, 8)
+        KERNEL_CASE(kernel_avx2_body, 4, 8) KERNEL_CASE(kernel_avx2_body, 3, 8)
+        KERNEL_CASE(kernel_avx2_body, 2, 8) KERNEL_CASE(kernel_avx2_body, 1, 8)
     }
-#undef KERNEL_AVX2_NU
 }
 
 /* AVX-512, 12 x 32: 24 zmm accumulators, the A values broadcast straight from memory.
@@ -194,18 +197,16 @@ void kernel_avx512_body(int kc, const float *ap, const float *bp, ptrdiff_t ldb,
 AVX512_TARGET
 static void kernel_avx512(int kc, const float *ap, const float *bp, ptrdiff_t ldb, float *c,
                           ptrdiff_t ldc, int load_c, int rows, int cols) {
-#define KERNEL_AVX512_NU(MU) \
-    case MU: \
-        if (cols > 16) kernel_avx512_body(kc, ap, bp, ldb, c, ldc, load_c, MU, MU, 2); \
-        else           kernel_avx512_body(kc, ap, bp, ldb, c, ldc, load_c, MU, MU, 1); \
-        break;
     switch (rows) {
-        KERNEL_AVX512_NU(12) KERNEL_AVX512_NU(11) KERNEL_AVX512_NU(10) KERNEL_AVX512_NU(9)
-        KERNEL_AVX512_NU(8) KERNEL_AVX512_NU(7) KERNEL_AVX512_NU(6) KERNEL_AVX512_NU(5)
-        KERNEL_AVX512_NU(4) KERNEL_AVX512_NU(3) KERNEL_AVX512_NU(2) KERNEL_AVX512_NU(1)
+        KERNEL_CASE(kernel_avx512_body, 12, 16) KERNEL_CASE(kernel_avx512_body, 11, 16)
+        KERNEL_CASE(kernel_avx512_body, 10, 16) KERNEL_CASE(kernel_avx512_body, 9, 16)
+        KERNEL_CASE(kernel_avx512_body, 8, 16) KERNEL_CASE(kernel_avx512_body, 7, 16)
+        KERNEL_CASE(kernel_avx512_body, 6, 16) KERNEL_CASE(kernel_avx512_body, 5, 16)
+        KERNEL_CASE(kernel_avx512_body, 4, 16) KERNEL_CASE(kernel_avx512_body, 3, 16)
+        KERNEL_CASE(kernel_avx512_body, 2, 16) KERNEL_CASE(kernel_avx512_body, 1, 16)
     }
-#undef KERNEL_AVX512_NU
 }
+#undef KERNEL_CASE
 #endif
 
 static gemm_path choose_path(void) {
