@@ -366,7 +366,8 @@ void rg_attention_step(float *out, const float *q, const float *kcache, const fl
     int hs = D / NH;
     void (*head)(float *, const float *, const float *, const float *, int, int, int) =
         step_head_pick();
-    #pragma omp parallel for schedule(static) if ((size_t)B * NH * n * hs > 65536)
+    #pragma omp parallel for num_threads(rg_num_threads()) schedule(static) \
+        if ((size_t)B * NH * n * hs > 65536)
     for (int bh = 0; bh < B * NH; bh++) {
         int b = bh / NH, h = bh % NH;
         size_t x = (size_t)b * D + h * hs, xc = (size_t)b * Tmax * D + h * hs;

@@ -5,7 +5,7 @@
 #define PAR_MIN 32768 /* below this many elements a parallel region costs more than it saves */
 
 void rg_relu_forward(float *out, const float *x, size_t n) {
-    #pragma omp parallel for if (n >= PAR_MIN) schedule(static)
+    #pragma omp parallel for num_threads(rg_num_threads()) if (n >= PAR_MIN) schedule(static)
     for (size_t i = 0; i < n; i++) {
         float v = x[i];
         out[i] = v > 0.0f ? v : 0.0f;
@@ -15,7 +15,7 @@ void rg_relu_forward(float *out, const float *x, size_t n) {
 void rg_relu_backward(float *dx, const float *dout, const float *out, size_t n) {
     /* forward: out = max(x, 0), so dx = dout * [out > 0]; both loads unconditional, so the
      * select vectorizes instead of branching on random signs */
-    #pragma omp parallel for if (n >= PAR_MIN) schedule(static)
+    #pragma omp parallel for num_threads(rg_num_threads()) if (n >= PAR_MIN) schedule(static)
     for (size_t i = 0; i < n; i++) {
         float d = dout[i];
         dx[i] = out[i] > 0.0f ? d : 0.0f;
@@ -23,12 +23,13 @@ void rg_relu_backward(float *dx, const float *dout, const float *out, size_t n) 
 }
 
 void rg_add(float *out, const float *a, const float *b, size_t n) {
-    #pragma omp parallel for if (n >= PAR_MIN) schedule(static)
+    #pragma omp parallel for num_threads(rg_num_threads()) if (n >= PAR_MIN) schedule(static)
     for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
 void rg_bias_add(float *x, const float *b, int N, int C) {
-    #pragma omp parallel for if ((size_t)N * C >= PAR_MIN) schedule(static)
+    #pragma omp parallel for num_threads(rg_num_threads()) if ((size_t)N * C >= PAR_MIN) \
+        schedule(static)
     for (int i = 0; i < N; i++) {
         float *x_i = x + (size_t)i * C;
         for (int c = 0; c < C; c++) x_i[c] += b[c];
@@ -37,7 +38,8 @@ void rg_bias_add(float *x, const float *b, int N, int C) {
 
 void rg_colsum(float *db, const float *dy, int N, int C, int accumulate) {
     /* parallel over column blocks: each thread owns its columns of db, no reduction needed */
-    #pragma omp parallel for if ((size_t)N * C >= PAR_MIN) schedule(static)
+    #pragma omp parallel for num_threads(rg_num_threads()) if ((size_t)N * C >= PAR_MIN) \
+        schedule(static)
     for (int c0 = 0; c0 < C; c0 += 64) {
         int c1 = c0 + 64 < C ? c0 + 64 : C;
         if (!accumulate) memset(db + c0, 0, (size_t)(c1 - c0) * sizeof(float));
@@ -50,7 +52,8 @@ void rg_colsum(float *db, const float *dy, int N, int C, int accumulate) {
 
 void rg_embedding_forward(float *out, const int *ids, const float *wte, const float *wpe,
                           int B, int T, int D) {
-    #pragma omp parallel for if ((size_t)B * T * D >= PAR_MIN) schedule(static)
+    #pragma omp parallel for num_threads(rg_num_threads()) if ((size_t)B * T * D >= PAR_MIN) \
+        schedule(static)
     for (int bt = 0; bt < B * T; bt++) {
         const float *wte_i = wte + (size_t)ids[bt] * D;
         const float *wpe_t = wpe + (size_t)(bt % T) * D;
@@ -67,7 +70,8 @@ void rg_embedding_backward(float *dwte, float *dwpe, const float *dout, const in
     }
     /* Repeated ids add into the same row of dwte, so rows cannot be split between threads;
      * columns can: each thread owns a block of columns of dwte and dwpe. */
-    #pragma omp parallel for if ((size_t)B * T * D >= PAR_MIN) schedule(static)
+    #pragma omp parallel for num_threads(rg_num_threads()) if ((size_t)B * T * D >= PAR_MIN) \
+        schedule(static)
     for (int d0 = 0; d0 < D; d0 += 32) {
         int d1 = d0 + 32 < D ? d0 + 32 : D;
         for (int bt = 0; bt < B * T; bt++) {

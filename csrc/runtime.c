@@ -39,18 +39,28 @@ int rg_has_openmp(void) {
 #endif
 }
 
+/* The process-wide count (0: OpenMP's default, OMP_NUM_THREADS or the CPUs) and this
+ * thread's override of it (0: none). Every parallel region passes rg_num_threads() as its
+ * num_threads: omp_set_num_threads would set only the calling thread's count. */
+static int threads_all = 0;
+static _Thread_local int threads_here = 0;
+
 int rg_num_threads(void) {
 #ifdef _OPENMP
-    return omp_get_max_threads();
+    if (threads_here > 0) return threads_here;
+    int n = __atomic_load_n(&threads_all, __ATOMIC_RELAXED);
+    return n > 0 ? n : omp_get_max_threads();
 #else
     return 1;
 #endif
 }
 
 void rg_set_num_threads(int n) {
-#ifdef _OPENMP
-    omp_set_num_threads(n);
-#else
-    (void)n;
-#endif
+    __atomic_store_n(&threads_all, n > 0 ? n : 0, __ATOMIC_RELAXED);
+}
+
+int rg_set_local_threads(int n) {
+    int before = threads_here;
+    threads_here = n > 0 ? n : 0;
+    return before;
 }

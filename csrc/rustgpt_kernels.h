@@ -25,9 +25,14 @@ int rg_simd_level(void);
 int rg_set_simd_level(int level);
 /* 1 when compiled with OpenMP, else 0. */
 int rg_has_openmp(void);
-/* Threads the parallel kernels use (1 without OpenMP). */
+/* Threads the parallel kernels of the calling thread use (1 without OpenMP): its own
+ * count if rg_set_local_threads gave one, else the process-wide rg_set_num_threads count,
+ * else OpenMP's default. */
 int rg_num_threads(void);
+/* The count for every thread of the process (n >= 1). */
 void rg_set_num_threads(int n);
+/* The calling thread's own count (n >= 1), or none (0); returns the one it replaces. */
+int rg_set_local_threads(int n);
 
 /* ---- matrix multiply (gemm.c) ------------------------------------------------------------ */
 

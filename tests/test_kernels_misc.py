@@ -1,5 +1,7 @@
 """Layer norm, cross-entropy, Adam, relu, bias, embedding and norm kernels vs tests/reference.py."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -256,6 +258,28 @@ def test_wrong_shape_dtype_layout_and_readonly_are_refused():
         K.adam_update(p, p.copy(), p.copy(), p.copy(), 1e-3, t=0)
 
 
+@pytest.mark.skipif(not K.kernels_info()["openmp"], reason="needs OpenMP")
+def test_thread_counts_apply_to_every_thread_and_local_ones_to_one():
+    """set_num_threads is process-wide (OpenMP's own setting would hold only for the
+    calling thread); set_local_threads holds for its thread, until set back to 0."""
+    def elsewhere():
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(K.get_num_threads).result()
+
+    old = K.get_num_threads()
+    try:
+        K.set_num_threads(3)
+        assert K.get_num_threads() == 3 and elsewhere() == 3
+        assert K.set_local_threads(1) == 0
+        assert K.get_num_threads() == 1 and elsewhere() == 3
+        assert K.set_local_threads(2) == 1
+        assert K.set_local_threads(0) == 2
+        assert K.get_num_threads() == 3
+    finally:
+        K.set_local_threads(0)
+        K.set_num_threads(old)
+
+
 def test_runtime_switches():
     info = K.kernels_info()
     assert info["num_threads"] >= 1 and info["simd"] in ("generic", "avx2", "avx512")
@@ -266,6 +290,9 @@ def test_runtime_switches():
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValidationError, match="set_num_threads"):
             K.set_num_threads(bad)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValidationError, match="set_local_threads"):
+            K.set_local_threads(bad)
     with pytest.raises(ValidationError, match="set_simd"):
         K.set_simd("sse9")
     assert K.set_simd("generic") == "generic"

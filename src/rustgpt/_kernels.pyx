@@ -33,6 +33,7 @@ cdef extern from "rustgpt_kernels.h" nogil:
     int rg_has_openmp() noexcept
     int rg_num_threads() noexcept
     void rg_set_num_threads(int n) noexcept
+    int rg_set_local_threads(int n) noexcept
     void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
                   int trans_a, int trans_b, int accumulate) noexcept
     void rg_attention_forward(float *out, float *att, const float *q, const float *k,
@@ -378,14 +379,24 @@ def physical_cores():
 
 
 def set_num_threads(n):
-    """Use `n` OpenMP threads in the kernels (n >= 1; a no-op without OpenMP)."""
+    """Use `n` OpenMP threads in the kernels of every thread of the process (n >= 1; a
+    no-op without OpenMP)."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValidationError(f"set_num_threads: n = {n!r}, expected an integer >= 1")
     rg_set_num_threads(int(n))
 
 
+def set_local_threads(n):
+    """Use `n` threads in the kernels this thread calls (n >= 1), or go back to the
+    process-wide count (n = 0); other threads are not affected. Returns the local count
+    it replaces (0: there was none)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValidationError(f"set_local_threads: n = {n!r}, expected an integer >= 0")
+    return rg_set_local_threads(int(n))
+
+
 def get_num_threads():
-    """Threads the kernels use now."""
+    """Threads the kernels this thread calls use now."""
     return rg_num_threads()
 
 

@@ -32,8 +32,8 @@ MARGIN = 0.9  # the other mode wins when its time per token is below MARGIN x th
 class StepThreads:
     """Chooses between one thread and the caller's thread count for each training step.
 
-    ``run(step, tokens)`` calls ``step()`` with the chosen count set (and the caller's
-    restored after) and times it. ``enabled = False`` runs every step on the caller's
+    ``run(step, tokens)`` calls ``step()`` with the chosen count set for the calling thread
+    (K.set_local_threads; the caller's count is back after) and times it. ``enabled = False`` runs every step on the caller's
     count. ``single`` says which mode is current."""
 
     def __init__(self, enabled: bool = True) -> None:
@@ -51,14 +51,14 @@ class StepThreads:
         probing = self._probe is not None
         one = self.single != probing  # a probe runs the other mode
         if one:
-            K.set_num_threads(1)
+            before = K.set_local_threads(1)  # this thread only
         try:
             start = time.perf_counter()
             result = step()
             end = time.perf_counter()
         finally:
             if one:
-                K.set_num_threads(threads)
+                K.set_local_threads(before)
         self._account(end - start, tokens, end)
         return result
 
