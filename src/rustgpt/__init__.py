@@ -43,6 +43,7 @@ _LAZY = {
     "generate": "rustgpt.generation",
     "kernels_info": "rustgpt._kernels",
     "set_num_threads": "rustgpt._kernels",
+    "set_local_threads": "rustgpt._kernels",
     "get_num_threads": "rustgpt._kernels",
     "set_simd": "rustgpt._kernels",
 }
