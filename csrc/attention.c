@@ -45,10 +45,18 @@ void transpose_keys(float *kt, int ldt, const float *k, int n, int D, int hs) {
 /* Size of transpose_keys' scratch for n keys. */
 static int kt_stride(int n) { return (n + KW - 1) / KW * KW + KW; }
 
-/* xp[j, :] = x[j, :] for j < n: n rows of hs floats from a row stride of D to hs. */
+/* The head's n rows of x (hs floats each, at a row stride of D) as mix_block reads them:
+ * copied to xp, contiguous, when other heads' columns lie between them (hs < D); else x
+ * itself, whose rows are contiguous already. Returns the rows' stride. */
 static inline __attribute__((always_inline))
-void pack_rows(float *xp, const float *x, int n, int D, int hs) {
+int pack_rows(const float **rows, float *xp, const float *x, int n, int D, int hs) {
+    if (hs == D) {
+        *rows = x;
+        return D;
+    }
     for (int j = 0; j < n; j++) memcpy(xp + (size_t)j * hs, x + (size_t)j * D, hs * sizeof(float));
+    *rows = xp;
+    return hs;
 }
 
 /* S[r, j] = scale * q_r . k_j for r < nr, j < n, with the keys given transposed.
@@ -87,7 +95,7 @@ void scores_block(int wide, float *S, int lds, const float *q, int nr, const flo
 
 /* y_r = sum_j P[r, j] x_j for r < nr, j < n. Overwrites y.
  * P: (nr, ldp); x: n rows (stride ldx) of hs floats; y: nr rows (stride D). The tasks pass
- * x packed (ldx = hs, see pack_rows): with a stride of D = 256 or more floats the rows of a
+ * a head's rows packed (see pack_rows): at a stride of D = 256 or more floats the rows of a
  * column tile fall into a few L1 sets and evict each other before the next tile reuses them. */
 static inline __attribute__((always_inline))
 void mix_block(int wide, float *y, const float *P, int ldp, int nr, const float *x, int ldx,
@@ -151,9 +159,10 @@ void forward_rows(int wide, float *out, float *att, const float *q, const float 
                   const float *v, int T, int D, int hs, int t0, int t1) {
     float scale = 1.0f / sqrtf((float)hs);
     int ldt = kt_stride(t1);
-    float kt[hs * ldt], vp[hs * t1];
+    float kt[hs * ldt], vp[hs == D ? 1 : hs * t1];
+    const float *vh;
+    int ldv = pack_rows(&vh, vp, v, t1, D, hs);
     transpose_keys(kt, ldt, k, t1, D, hs);
-    pack_rows(vp, v, t1, D, hs);
     for (int t = t0; t < t1; t += RT) {
         int nr = t1 - t < RT ? t1 - t : RT;
         int n = t + nr; /* keys 0..t+nr-1 cover every row of the block */
@@ -164,7 +173,7 @@ void forward_rows(int wide, float *out, float *att, const float *q, const float 
             softmax_row(att_r, t + r + 1);
             memset(att_r + t + r + 1, 0, (size_t)(T - t - r - 1) * sizeof(float));
         }
-        mix_block(wide, out + (size_t)t * D, att_t, T, nr, vp, hs, n, D, hs);
+        mix_block(wide, out + (size_t)t * D, att_t, T, nr, vh, ldv, n, D, hs);
     }
 }
 
@@ -179,9 +188,10 @@ void backward_query_rows(int wide, float *dq, float *dot, const float *dout,
                          int t1) {
     float scale = 1.0f / sqrtf((float)hs);
     int ldt = kt_stride(t1);
-    float vt[hs * ldt], kp[hs * t1], dpre[RT * T];
+    float vt[hs * ldt], kp[hs == D ? 1 : hs * t1], dpre[RT * T];
+    const float *kh;
+    int ldk = pack_rows(&kh, kp, k, t1, D, hs);
     transpose_keys(vt, ldt, v, t1, D, hs);
-    pack_rows(kp, k, t1, D, hs);
     for (int t = t0; t < t1; t += RT) {
         int nr = t1 - t < RT ? t1 - t : RT;
         int n = t + nr;
@@ -195,7 +205,7 @@ void backward_query_rows(int wide, float *dq, float *dot, const float *dout,
             for (int j = t + r + 1; j < n; j++) dpre_r[j] = 0.0f;
             dot[t + r] = d;
         }
-        mix_block(wide, dq + (size_t)t * D, dpre, T, nr, kp, hs, n, D, hs);
+        mix_block(wide, dq + (size_t)t * D, dpre, T, nr, kh, ldk, n, D, hs);
     }
 }
 
@@ -208,11 +218,12 @@ void backward_key_rows(int wide, float *dk, float *dv, const float *dot, const f
     float scale = 1.0f / sqrtf((float)hs);
     int ldt = kt_stride(T - j0);
     float dt[hs * ldt]; /* dout rows j0..T-1, transposed */
-    float qp[hs * (T - j0)], dp[hs * (T - j0)]; /* q and dout rows j0..T-1, packed */
+    float qp[hs == D ? 1 : hs * (T - j0)], dp[hs == D ? 1 : hs * (T - j0)];
     float dpre[RT * T], att_col[RT * T]; /* columns j..j+nr-1 of dpre and att, from row j */
+    const float *qh, *dh; /* q and dout rows j0..T-1 */
+    int ldq = pack_rows(&qh, qp, q + (size_t)j0 * D, T - j0, D, hs);
+    int ldd = pack_rows(&dh, dp, dout + (size_t)j0 * D, T - j0, D, hs);
     transpose_keys(dt, ldt, dout + (size_t)j0 * D, T - j0, D, hs);
-    pack_rows(qp, q + (size_t)j0 * D, T - j0, D, hs);
-    pack_rows(dp, dout + (size_t)j0 * D, T - j0, D, hs);
     for (int j = j0; j < j1; j += RT) {
         int nr = j1 - j < RT ? j1 - j : RT;
         int n = T - j; /* query rows j..T-1 */
@@ -226,9 +237,10 @@ void backward_key_rows(int wide, float *dk, float *dv, const float *dot, const f
                 dpre_r[u] = a * (dpre_r[u] - dot[j + u]) * scale;
             }
         }
-        const float *qp_j = qp + (size_t)(j - j0) * hs, *dp_j = dp + (size_t)(j - j0) * hs;
-        mix_block(wide, dk + (size_t)j * D, dpre, T, nr, qp_j, hs, n, D, hs);
-        mix_block(wide, dv + (size_t)j * D, att_col, T, nr, dp_j, hs, n, D, hs);
+        mix_block(wide, dk + (size_t)j * D, dpre, T, nr, qh + (size_t)(j - j0) * ldq, ldq, n, D,
+                  hs);
+        mix_block(wide, dv + (size_t)j * D, att_col, T, nr, dh + (size_t)(j - j0) * ldd, ldd, n,
+                  D, hs);
     }
 }
 
