@@ -183,6 +183,12 @@ def test_bad_inputs(model):
         model.loss_and_backward([[1, 2]], [[1, 2, 3]])
     with pytest.raises(ValidationError, match="all padding"):
         model.loss_and_backward([[1, 2]], [[-1, -1]])
+    with pytest.raises(ValidationError, match="inputs is not a rectangular"):
+        model.train_step([[1, 2], [3]], [[1, 2], [3, 4]], Adam(model.params), 1e-3)
+    with pytest.raises(ValidationError, match="targets is not a rectangular"):
+        model.loss_and_backward([[1, 2], [3, 4]], [[1, 2], [3]])
+    with pytest.raises(ValidationError, match="targets has dtype float64"):
+        model.loss_and_backward([[1, 2]], [[1.5, 2.0]])
 
 
 def test_nan_stops_training_before_the_update(model, rng):

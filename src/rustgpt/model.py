@@ -33,6 +33,15 @@ IGNORE_INDEX = -1  # target id of padded positions: no loss, no gradient
 MAX_PLANS = 256  # recorded training steps kept per model, one per batch shape and target count
 
 
+def _array(ids, name: str) -> np.ndarray:
+    """ids as a numpy array; a ValidationError naming `name` when they are ragged."""
+    try:
+        return np.asarray(ids)
+    except ValueError as e:  # nested sequences of unequal lengths
+        raise ValidationError(f"{name} is not a rectangular (B, T) array of token ids: "
+                              f"{e}") from None
+
+
 def _build_layers(root: Module, config: ModelConfig, vocab_size: int) -> None:
     """The layer tree under `root`: embeddings, blocks.0 .. blocks.L-1, output."""
     D = config.embedding_dim
@@ -99,7 +108,7 @@ class LLM(Module):
 
     def _ids(self, ids, name: str = "ids") -> np.ndarray:
         """(B, T) int32 token ids, checked against the vocabulary and max_seq_len."""
-        arr = np.asarray(ids)
+        arr = _array(ids, name)
         if arr.ndim == 1:
             arr = arr[None, :]
         if arr.ndim != 2 or arr.shape[1] == 0 or arr.shape[0] == 0:
@@ -144,7 +153,10 @@ class LLM(Module):
         as a kernel plan (``_kernels.Plan``); later steps of that shape copy their ids into
         the plan's arrays and replay it in C, without the Python in between."""
         ids = self._ids(inputs, "inputs")
-        tgt = np.ascontiguousarray(targets, np.intc)
+        tgt = _array(targets, "targets")
+        if not np.issubdtype(tgt.dtype, np.integer):
+            raise ValidationError(f"targets has dtype {tgt.dtype}, expected integer token ids")
+        tgt = np.ascontiguousarray(tgt, np.intc)
         if tgt.ndim == 1:
             tgt = tgt[None, :]
         if tgt.shape != ids.shape:
@@ -211,7 +223,7 @@ class LLM(Module):
         are the same either way."""
         return self.step_threads.run(
             lambda: self._train_step(inputs, targets, optimizer, lr, max_grad_norm),
-            np.size(inputs))
+            _array(inputs, "inputs").size)
 
     def _train_step(self, inputs, targets, optimizer: Adam, lr: float,
                     max_grad_norm: float | None) -> tuple[float, float]:
