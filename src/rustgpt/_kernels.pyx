@@ -19,8 +19,6 @@ from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_WRITABLE,
                              PyBuffer_Release, PyObject_GetBuffer)
 from cpython.pythread cimport PyThread_get_thread_ident
 from libc.stdlib cimport free, realloc
-cdef extern from "omp.h" nogil:
-    double omp_get_wtime()
 
 from rustgpt.errors import ShapeMismatch, TokenError, ValidationError
 
@@ -177,7 +175,8 @@ cdef int *_ids(object a, str fn, str name, tuple shape, int V) except NULL:
 
 
 # attention.c keeps per-task scratch on the thread's stack: at most hs * (3 T + 32) + 16 T
-# floats (keys transposed, two blocks of rows packed, a few rows of T). Capped well below the usual 8 MB thread stacks so no size can overflow one.
+# floats (keys transposed, two blocks of rows packed, a few rows of T). Capped well below
+# the usual 8 MB thread stacks so no size can overflow one.
 _ATTENTION_STACK_FLOATS = 512 * 1024
 
 
@@ -335,20 +334,6 @@ cdef class Plan:
 
     def __len__(self):
         return self.n
-
-    def timed_run(self, double[::1] acc):
-        cdef Py_ssize_t j
-        cdef double t0, t1
-        import time
-        with nogil:
-            for j in range(self.n):
-                t0 = omp_get_wtime()
-                _run(&self.ops[j])
-                acc[j] += omp_get_wtime() - t0
-
-    def op_desc(self, Py_ssize_t j):
-        o = &self.ops[j]
-        return (o.kind, [o.i[k] for k in range(6)], o.n)
 
     def run(self):
         """Replay every recorded call, in order, without the GIL."""
