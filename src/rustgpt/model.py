@@ -42,6 +42,13 @@ def _array(ids, name: str) -> np.ndarray:
                               f"{e}") from None
 
 
+def _integers(arr: np.ndarray, name: str) -> np.ndarray:
+    """arr, after checking it holds integers (token ids)."""
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValidationError(f"{name} has dtype {arr.dtype}, expected integer token ids")
+    return arr
+
+
 def _build_layers(root: Module, config: ModelConfig, vocab_size: int) -> None:
     """The layer tree under `root`: embeddings, blocks.0 .. blocks.L-1, output."""
     D = config.embedding_dim
@@ -121,8 +128,7 @@ class LLM(Module):
 
     def _in_vocab(self, arr: np.ndarray, name: str) -> np.ndarray:
         """arr as C-contiguous int32, after checking every id lies in [0, V)."""
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise ValidationError(f"{name} has dtype {arr.dtype}, expected integer token ids")
+        _integers(arr, name)
         if arr.min() < 0 or arr.max() >= self.vocab.size:
             bad = arr[(arr < 0) | (arr >= self.vocab.size)].flat[0]
             raise TokenError(f"{name} holds token id {bad}, expected ids in [0, {self.vocab.size})")
@@ -153,10 +159,7 @@ class LLM(Module):
         as a kernel plan (``_kernels.Plan``); later steps of that shape copy their ids into
         the plan's arrays and replay it in C, without the Python in between."""
         ids = self._ids(inputs, "inputs")
-        tgt = _array(targets, "targets")
-        if not np.issubdtype(tgt.dtype, np.integer):
-            raise ValidationError(f"targets has dtype {tgt.dtype}, expected integer token ids")
-        tgt = np.ascontiguousarray(tgt, np.intc)
+        tgt = np.ascontiguousarray(_integers(_array(targets, "targets"), "targets"), np.intc)
         if tgt.ndim == 1:
             tgt = tgt[None, :]
         if tgt.shape != ids.shape:

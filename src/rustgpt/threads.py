@@ -33,8 +33,8 @@ class StepThreads:
     """Chooses between one thread and the caller's thread count for each training step.
 
     ``run(step, tokens)`` calls ``step()`` with the chosen count set for the calling thread
-    (K.set_local_threads; the caller's count is back after) and times it. ``enabled = False`` runs every step on the caller's
-    count. ``single`` says which mode is current."""
+    (K.set_local_threads; the caller's count is back after) and times it. ``enabled = False``
+    runs every step on the caller's count. ``single`` says which mode is current."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
