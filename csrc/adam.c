@@ -77,6 +77,12 @@ static size_t chunk_size(size_t n) {
     return c > MIN_CHUNK ? c : MIN_CHUNK;
 }
 
+/* End of chunk c: its start plus chunk, or n for the last one. */
+static size_t chunk_end(int c, size_t chunk, size_t n) {
+    size_t end = (size_t)(c + 1) * chunk;
+    return end < n ? end : n;
+}
+
 /* parts[0] + ... + parts[count - 1] in that order. */
 static double total_of(const double *parts, int count) {
     double total = 0.0;
@@ -91,7 +97,7 @@ double rg_sum_squares(const float *x, size_t n) {
     double parts[MAX_CHUNKS];
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int c = 0; c < count; c++)
-        sq(&parts[c], x, c * chunk, (c + 1) * chunk < n ? (c + 1) * chunk : n);
+        sq(&parts[c], x, c * chunk, chunk_end(c, chunk, n));
     return total_of(parts, count);
 }
 
@@ -114,7 +120,7 @@ double rg_adam_update(float *params, float *m, float *v, const float *grads, siz
     {
         #pragma omp for schedule(static)
         for (int c = 0; c < count; c++)
-            sq(&parts[c], grads, c * chunk, (c + 1) * chunk < n ? (c + 1) * chunk : n);
+            sq(&parts[c], grads, c * chunk, chunk_end(c, chunk, n));
         #pragma omp single
         {
             norm = sqrt(total_of(parts, count));
@@ -123,7 +129,7 @@ double rg_adam_update(float *params, float *m, float *v, const float *grads, siz
         if (isfinite(norm)) {
             #pragma omp for schedule(static)
             for (int c = 0; c < count; c++)
-                f(params, m, v, grads, c * chunk, (c + 1) * chunk < n ? (c + 1) * chunk : n, &k);
+                f(params, m, v, grads, c * chunk, chunk_end(c, chunk, n), &k);
         }
     }
     return norm;
