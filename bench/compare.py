@@ -49,6 +49,7 @@ from rustgpt.tokenizer import Vocab  # noqa: E402
 from rustgpt.training import Trainer, rustgpt_phases  # noqa: E402
 
 from bench.numpy_model import NumpyGPT  # noqa: E402
+from bench.test_bench_adam import numpy_adam  # noqa: E402
 from bench.test_bench_attention import numpy_backward as numpy_attention_backward  # noqa: E402
 from bench.test_bench_attention import numpy_forward as numpy_attention_forward  # noqa: E402
 
@@ -449,15 +450,8 @@ class Report:
         p, m, v, g = (rng.standard_normal(n, np.float32) for _ in range(4))
         v = np.abs(v)
         mn, vn, pn = m.copy(), v.copy(), p.copy()
-
-        def numpy_adam():  # the same math, in place, float32: norm, clip to 5, update
-            gs = g * min(1.0, 5.0 / float(np.sqrt(np.dot(g, g))))
-            mn[...] = 0.9 * mn + 0.1 * gs
-            vn[...] = 0.999 * vn + 0.001 * gs * gs
-            pn[...] -= 1e-4 * (mn / 0.1) / (np.sqrt(vn / 0.001) + 1e-8)
-
         runs = {"rustgpt": lambda: K.adam_update(p, m, v, g, 1e-4, max_norm=5.0),
-                "numpy": numpy_adam}
+                "numpy": lambda: numpy_adam(pn, mn, vn, g)}  # the same math, in place
         seconds, busy = self._measure(runs, self.budget / 4, 10)
         self.rows.append(Row(f"k. Adam update with gradient clipping, {n:,} parameters",
                              _cells({f: f"{s * 1e6:,.0f} µs" for f, s in seconds.items()}),
