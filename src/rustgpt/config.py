@@ -226,8 +226,8 @@ def _merge(values: dict, sources: dict, layer: Mapping, source: str,
                 raise ConfigError(f"{source}: unknown key [{section}] {key}, expected one of "
                                   f"{', '.join(fields)}")
             where = f"{source}: [{section}] {key}"
-            values.setdefault(section, {})[key] = _coerce(value, _TYPES.get(fields[key].type, fields[key].type), where,
-                                                          from_text)
+            tp = _TYPES.get(fields[key].type, fields[key].type)
+            values.setdefault(section, {})[key] = _coerce(value, tp, where, from_text)
             sources[f"{section}.{key}"] = source
     return values, sources
 
