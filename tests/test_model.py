@@ -214,6 +214,21 @@ def test_replayed_step_equals_a_recorded_one(rng):
     np.testing.assert_array_equal(replaying.params.grad, fresh.params.grad)
 
 
+def test_steps_that_record_a_plan_are_not_timed(model, rng):
+    """StepThreads times only replayed steps: a recording runs layer by layer in Python."""
+    ids = rng.integers(0, 13, (1, 5)).astype(np.intc)
+    optimizer = Adam(model.params)
+    before = K.get_num_threads()
+    K.set_num_threads(2)  # StepThreads times nothing on one thread
+    try:
+        model.train_step(ids, ids, optimizer, 1e-3)
+        assert model.plans_recorded == 1 and model.step_threads._steps == 0
+        model.train_step(ids, ids, optimizer, 1e-3)
+        assert model.plans_recorded == 1 and model.step_threads._steps == 1
+    finally:
+        K.set_num_threads(before)
+
+
 def test_replay_after_new_weights_and_bad_targets(model, rng):
     ids = rng.integers(0, 13, (1, 5)).astype(np.intc)
     model.loss_and_backward(ids, ids)

@@ -69,6 +69,27 @@ def test_stays_on_every_thread_while_that_is_faster(clock, four_threads):
     assert 0 < probes <= T.PROBE_STEPS * (clock.now / T.PROBE_SECONDS + 1)
 
 
+def test_untimed_steps_do_not_count(clock, four_threads):
+    """Slow one-time steps (plan recordings) in every thread's window would make a slower
+    single thread look faster; left out, they do not."""
+    recording = [False]
+
+    def step():
+        threads = K.get_num_threads()
+        clock.now += 1e-2 if recording[0] else 2e-4 if threads == 1 else 1e-4
+
+    def modes(untimed):
+        tuner, seen = T.StepThreads(), set()
+        for i in range(30_000):
+            recording[0] = i % 50 == 0 and not tuner.single and tuner._probe is None
+            tuner.run(step, 10, untimed)
+            seen.add(tuner.single)
+        return seen
+
+    assert modes(lambda: recording[0]) == {False}
+    assert modes(None) == {False, True}  # timed, the recordings make it switch
+
+
 def test_a_small_gain_does_not_switch(clock, four_threads):
     tuner = T.StepThreads()
     steps(tuner, clock, 30_000, lambda t: 0.97e-4 if t == 1 else 1e-4)  # 3%: within MARGIN

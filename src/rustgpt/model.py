@@ -109,6 +109,7 @@ class LLM(Module):
         # recorded training steps: (B, T, targets) -> (plan, its ids, its targets, losses)
         self._plans: dict[tuple[int, int, int], tuple] = {}
         self._plans_generation = -1  # the workspace generation the plans were recorded in
+        self.plans_recorded = 0  # training steps run layer by layer and recorded so far
         self.step_threads = StepThreads()  # train_step's choice of 1 or all threads
 
     # ---- shapes and checks ----------------------------------------------------------------
@@ -180,6 +181,7 @@ class LLM(Module):
                 self._plans.clear()  # plans over replaced buffers would keep those alive
                 self._plans_generation = ws.generation
             self._plans[key] = plan, ids, tgt, losses
+            self.plans_recorded += 1
         else:
             plan, plan_ids, plan_tgt, losses = entry
             plan_ids[...] = ids
@@ -224,9 +226,10 @@ class LLM(Module):
         loss or gradient, before the parameters change. The step runs on one thread or on
         all, whichever measures faster (``step_threads``, see rustgpt.threads); the results
         are the same either way."""
+        recorded = self.plans_recorded  # a step that records a plan is not timed
         return self.step_threads.run(
             lambda: self._train_step(inputs, targets, optimizer, lr, max_grad_norm),
-            _array(inputs, "inputs").size)
+            _array(inputs, "inputs").size, lambda: self.plans_recorded != recorded)
 
     def _train_step(self, inputs, targets, optimizer: Adam, lr: float,
                     max_grad_norm: float | None) -> tuple[float, float]:

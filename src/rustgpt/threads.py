@@ -33,8 +33,10 @@ class StepThreads:
     """Chooses between one thread and the caller's thread count for each training step.
 
     ``run(step, tokens)`` calls ``step()`` with the chosen count set for the calling thread
-    (K.set_local_threads; the caller's count is back after) and times it. ``enabled = False``
-    runs every step on the caller's count. ``single`` says which mode is current."""
+    (K.set_local_threads; the caller's count is back after) and times it, unless
+    ``untimed()`` says afterwards that the step did one-time work (such as recording a
+    kernel plan) whose time says nothing about the mode. ``enabled = False`` runs every
+    step on the caller's count. ``single`` says which mode is current."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -44,7 +46,8 @@ class StepThreads:
         self._probe: list | None = None  # [seconds, tokens, steps left] while probing
         self._restart(time.perf_counter())
 
-    def run(self, step: Callable[[], R], tokens: int) -> R:
+    def run(self, step: Callable[[], R], tokens: int,
+            untimed: Callable[[], bool] | None = None) -> R:
         threads = K.get_num_threads()
         if not self.enabled or threads == 1:
             return step()
@@ -59,7 +62,8 @@ class StepThreads:
         finally:
             if one:
                 K.set_local_threads(before)
-        self._account(end - start, tokens, end)
+        if untimed is None or not untimed():
+            self._account(end - start, tokens, end)
         return result
 
     def _account(self, seconds: float, tokens: int, now: float) -> None:
