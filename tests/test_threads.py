@@ -1,5 +1,7 @@
 """StepThreads: the choice of one thread or all for short training steps, on a fake clock."""
 
+import random
+
 import pytest
 
 from rustgpt import _kernels as K
@@ -88,6 +90,27 @@ def test_untimed_steps_do_not_count(clock, four_threads):
 
     assert modes(lambda: recording[0]) == {False}
     assert modes(None) == {False, True}  # timed, the recordings make it switch
+
+
+@pytest.mark.parametrize("one_thread", [1.2, 0.5])
+def test_probes_are_compared_with_steps_of_their_size(clock, four_threads, one_thread):
+    """Steps of 2 and 60 tokens take about the same time, so per token a probe of mostly
+    long steps looks far faster than the window's average: compared with steps of the same
+    size, one thread 20% slower never wins, and one twice as fast does."""
+    sizes = random.Random(0)
+    tokens = [0]
+
+    def step():
+        slower = one_thread if K.get_num_threads() == 1 else 1.0
+        clock.now += slower * (1e-3 + 1e-6 * tokens[0])
+
+    tuner, seen = T.StepThreads(), set()
+    for _ in range(30_000):
+        tokens[0] = sizes.choice((2, 60))
+        tuner.run(step, tokens[0])
+        seen.add(tuner.single)
+    assert seen == ({False} if one_thread > 1 else {False, True})
+    assert tuner.single == (one_thread < 1)
 
 
 def test_a_small_gain_does_not_switch(clock, four_threads):

@@ -6,7 +6,11 @@ written by one vCPU and read by the other took 28 us in quiet spells and 0.8-1.1
 stretches of 10 s and more, and a batch-1 step of the default model took 0.6 ms, then 2.2
 ms, while one thread steadily took 0.9 ms. Nothing inside the process says which spell it
 is in, so StepThreads measures: steps run in the current mode, and about once a second a
-few run in the other one; the mode with the lower time per token (by a margin) is kept.
+few run in the other one, and the other mode wins when those steps took less time (by a
+margin) than steps of the same size recently took in the current mode. Step sizes differ
+(a schedule's sequences do, and a short step costs more per token), so the probe is
+compared step by step with the current mode's recent time for the same token count, not
+with its average over other steps.
 
 Probes are spaced so that they cost at most ``PROBE_SHARE`` of the time even when the
 other mode is twice as slow: about once a second for steps of a few milliseconds, rarely
@@ -26,7 +30,8 @@ R = TypeVar("R")
 PROBE_SECONDS = 1.0  # time between probes of the other mode, at least
 PROBE_STEPS = 8  # steps per probe
 PROBE_SHARE = 0.02  # probes are spaced to cost at most this share of the time
-MARGIN = 0.9  # the other mode wins when its time per token is below MARGIN x this mode's
+MARGIN = 0.9  # the other mode wins when its probe took below MARGIN x this mode's time
+RECENT = 0.25  # weight of a step's time in the running time of steps of its size
 
 
 class StepThreads:
@@ -43,7 +48,8 @@ class StepThreads:
         self.single = False  # the current mode: one thread, or the caller's count
         # seconds, tokens and steps of the current mode since _start (the last probe)
         self._time, self._tokens, self._steps = 0.0, 0, 0
-        self._probe: list | None = None  # [seconds, tokens, steps left] while probing
+        self._recent: dict[int, float] = {}  # tokens -> running seconds of such a step, this mode
+        self._probe: list | None = None  # [seconds, this mode's for the same, steps left]
         self._restart(time.perf_counter())
 
     def run(self, step: Callable[[], R], tokens: int,
@@ -70,16 +76,21 @@ class StepThreads:
         probe = self._probe
         if probe is not None:
             probe[0] += seconds
-            probe[1] += tokens
+            probe[1] += self._expected(tokens)
             probe[2] -= 1
             if probe[2] == 0:
-                if probe[0] / probe[1] < MARGIN * self._time / self._tokens:
+                if probe[0] < MARGIN * probe[1]:
                     self.single = not self.single
+                    self._recent = {}  # times of the mode left behind
                 self._restart(now)
             return
         self._time += seconds
         self._tokens += tokens
         self._steps += 1
+        before = self._recent.get(tokens)
+        if before is None and len(self._recent) >= 4096:
+            self._recent = {}  # sizes seldom repeat: the window's average serves
+        self._recent[tokens] = seconds if before is None else before + RECENT * (seconds - before)
         if now >= self._next_probe:
             # a probe of steps this long, twice as slow, costs PROBE_SHARE of this window
             wait = PROBE_STEPS * self._time / self._steps / PROBE_SHARE
@@ -87,6 +98,12 @@ class StepThreads:
                 self._probe = [0.0, 0, PROBE_STEPS]
             else:
                 self._next_probe = self._start + wait
+
+    def _expected(self, tokens: int) -> float:
+        """Seconds a step of `tokens` takes in the current mode: the running time of steps of
+        that size, else the window's time per token."""
+        recent = self._recent.get(tokens)
+        return recent if recent is not None else tokens * self._time / self._tokens
 
     def _restart(self, now: float) -> None:
         """A new measuring window of the current mode."""
