@@ -380,12 +380,13 @@ static void gemm_block(gemm_path path, float *C, const float *A, const float *B,
  * about as much as the multiply-adds it feeds; the micro-kernel reads B in place (row
  * stride N), one column panel at a time for every row panel while it is in L1, and only
  * the right edge strip and A (panels of mr x K) are packed. The caller checks that the A
- * panels fit a_pack (MC * KC floats), which also keeps the strip (K x nr) within b_pack. */
+ * panels fit a_pack (MC * KC floats), which also keeps the strip (K x nr) within b_pack.
+ * a_packed: a_pack holds this A already (the previous product of rg_sgemm_many had it). */
 static void gemm_small_m(gemm_path path, float *C, const float *A, const float *B, int M, int N,
-                         int K, int trans_a, int accumulate, int n0, int n1) {
+                         int K, int trans_a, int accumulate, int a_packed, int n0, int n1) {
     const int mr = path.mr, nr = path.nr;
     float edge[MR_MAX * NR_MAX] __attribute__((aligned(64)));
-    pack_a(a_pack, A, M, K, trans_a, 0, M, 0, K, mr);
+    if (!a_packed) pack_a(a_pack, A, M, K, trans_a, 0, M, 0, K, mr);
     int j = n0;
     for (; j + nr <= n1; j += nr)
         for (int ip = 0; ip < M; ip += mr)
@@ -417,26 +418,31 @@ static void gemm_small_m(gemm_path path, float *C, const float *A, const float *
 #define PARALLEL_MIN_FMAS (40 * 40 * 40)
 #endif
 
-void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
-              int trans_a, int trans_b, int accumulate) {
-    /* A is (M, K) or (K, M) if trans_a; B is (K, N) or (N, K) if trans_b; C is (M, N) */
+void rg_sgemm_many(int count, float *const C[], const float *const A[], const float *const B[],
+                   int M, int N, int K, int trans_a, int trans_b, const int accumulate[]) {
+    /* A is (M, K) or (K, M) if trans_a; B is (K, N) or (N, K) if trans_b; C is (M, N).
+     * Threads split C once; each computes its part of every product, in order. */
     gemm_path path = choose_path();
     int nthreads = rg_num_threads();
-    if ((double)M * N * K < PARALLEL_MIN_FMAS) nthreads = 1;
+    if ((double)count * M * N * K < PARALLEL_MIN_FMAS) nthreads = 1;
     /* a few row panels, B read in place: threads split the columns */
     int panels = (M + path.mr - 1) / path.mr;
     if (!trans_b && M <= SMALL_M && (size_t)panels * path.mr * K <= (size_t)MC * KC) {
         int nt = (N + path.nr - 1) / path.nr;
         if (nthreads > nt) nthreads = nt;
         if (nthreads <= 1) {
-            gemm_small_m(path, C, A, B, M, N, K, trans_a, accumulate, 0, N);
+            for (int i = 0; i < count; i++)
+                gemm_small_m(path, C[i], A[i], B[i], M, N, K, trans_a, accumulate[i],
+                             i > 0 && A[i] == A[i - 1], 0, N);
             return;
         }
         #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int t = 0; t < nthreads; t++) {
             int n0 = (int)((long)nt * t / nthreads) * path.nr;
             int n1 = (int)((long)nt * (t + 1) / nthreads) * path.nr;
-            gemm_small_m(path, C, A, B, M, N, K, trans_a, accumulate, n0, n1 < N ? n1 : N);
+            for (int i = 0; i < count; i++)
+                gemm_small_m(path, C[i], A[i], B[i], M, N, K, trans_a, accumulate[i],
+                             i > 0 && A[i] == A[i - 1], n0, n1 < N ? n1 : N);
         }
         return;
     }
@@ -456,7 +462,9 @@ void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
     }
     nthreads = tm * tn;
     if (nthreads <= 1) {
-        gemm_block(path, C, A, B, M, N, K, trans_a, trans_b, accumulate, 0, M, 0, N);
+        for (int i = 0; i < count; i++)
+            gemm_block(path, C[i], A[i], B[i], M, N, K, trans_a, trans_b, accumulate[i], 0, M,
+                       0, N);
         return;
     }
     #pragma omp parallel num_threads(nthreads)
@@ -476,7 +484,14 @@ void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
             if (m1 > M) m1 = M;
             if (n1 > N) n1 = N;
             if (m0 < m1 && n0 < n1)
-                gemm_block(path, C, A, B, M, N, K, trans_a, trans_b, accumulate, m0, m1, n0, n1);
+                for (int i = 0; i < count; i++)
+                    gemm_block(path, C[i], A[i], B[i], M, N, K, trans_a, trans_b,
+                               accumulate[i], m0, m1, n0, n1);
         }
     }
+}
+
+void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
+              int trans_a, int trans_b, int accumulate) {
+    rg_sgemm_many(1, &C, &A, &B, M, N, K, trans_a, trans_b, &accumulate);
 }

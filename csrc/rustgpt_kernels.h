@@ -44,6 +44,14 @@ int rg_set_local_threads(int n);
 void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
               int trans_a, int trans_b, int accumulate);
 
+/* count products of one shape and transposition in one parallel region, in order:
+ * C[i] = op(A[i]) @ op(B[i]), or += when accumulate[i]. Each thread computes the same part
+ * of every C[i], so a C that recurs accumulates in order: the results equal count rg_sgemm
+ * calls bit for bit, at one fork and join (and one packing of an A that recurs in a row)
+ * instead of count. No C[i] aliases any A[j] or B[j]. */
+void rg_sgemm_many(int count, float *const C[], const float *const A[], const float *const B[],
+                   int M, int N, int K, int trans_a, int trans_b, const int accumulate[]);
+
 /* ---- causal multi-head attention (attention.c) ---------------------------------------- */
 
 /* out = softmax(q k^T / sqrt(hs) + causal mask) v, per batch row and head.

@@ -144,3 +144,85 @@ def test_sgemm_bad_dtype_layout_and_aliasing():
     flat = np.zeros(64, np.float32)
     with pytest.raises(ValidationError):  # C overlaps A without being A
         K.sgemm(flat[:36].reshape(6, 6), flat[28:].reshape(6, 6), np.zeros((6, 6), np.float32))
+
+
+# (M, K, N): in place (small M) and packed, edges on every side, K over a cache block
+MANY_SHAPES = [(17, 128, 128), (3, 33, 40), (24, 70, 65), (80, 128, 129), (129, 600, 33)]
+
+
+@pytest.mark.parametrize("M,Kd,N", MANY_SHAPES)
+@pytest.mark.parametrize("trans_a,trans_b", TRANS)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_sgemm_many_equals_sgemm_calls(simd, rng, M, Kd, N, trans_a, trans_b, threads):
+    """Separate outputs with one A (q, k, v = x Wq, x Wk, x Wv), then one output
+    accumulating over every product (dx = dq Wq^T + ...): bit for bit the sgemm calls."""
+    before = rustgpt.get_num_threads()
+    rustgpt.set_num_threads(threads)
+    try:
+        A, _ = _operands(rng, M, Kd, N, trans_a, trans_b)
+        As = [_operands(rng, M, Kd, N, trans_a, trans_b)[0] for _ in range(4)]
+        Bs = [_operands(rng, M, Kd, N, trans_a, trans_b)[1] for _ in range(4)]
+        start = [rng.standard_normal((M, N)).astype(np.float32) for _ in range(4)]
+        flags = (False, True, False, True)
+        Cs, expected = [c.copy() for c in start], [c.copy() for c in start]
+        K.sgemm_many(Cs, [A] * 4, Bs, trans_a=trans_a, trans_b=trans_b, accumulate=flags)
+        for C, B, acc in zip(expected, Bs, flags):
+            K.sgemm(C, A, B, trans_a=trans_a, trans_b=trans_b, accumulate=acc)
+        for i in range(4):
+            np.testing.assert_array_equal(Cs[i], expected[i])
+            plain = ref.matmul(A, Bs[i], trans_a, trans_b)
+            _check(Cs[i], plain + start[i] if flags[i] else plain, Kd, f"C[{simd}, {i}]")
+        C = np.full((M, N), np.nan, np.float32)
+        K.sgemm_many([C] * 3, As[:3], Bs[:3], trans_a=trans_a, trans_b=trans_b,
+                     accumulate=(False, True, True))
+        total = np.full((M, N), np.nan, np.float32)
+        for i in range(3):
+            K.sgemm(total, As[i], Bs[i], trans_a=trans_a, trans_b=trans_b, accumulate=i > 0)
+        np.testing.assert_array_equal(C, total)
+        _check(C, sum(ref.matmul(As[i], Bs[i], trans_a, trans_b) for i in range(3)), 3 * Kd,
+               f"sum[{simd}]")
+    finally:
+        rustgpt.set_num_threads(before)
+
+
+def test_sgemm_many_is_recorded_in_plans(rng):
+    A, B = _operands(rng, 17, 64, 48, False, False)
+    Cs = [np.empty((17, 48), np.float32) for _ in range(2)]
+    plan = K.Plan()
+    with plan:
+        K.sgemm_many(Cs, [A, A], [B, 2 * B])
+    Cs[0][...] = Cs[1][...] = np.nan
+    A *= -1  # the replay reads the arrays' contents now
+    plan.run()
+    _check(Cs[0], ref.matmul(A, B), 64, "C0")
+    _check(Cs[1], ref.matmul(A, 2 * B), 64, "C1")
+
+
+def test_sgemm_many_bad_input():
+    A = np.zeros((4, 5), np.float32)
+    B = np.zeros((5, 6), np.float32)
+    C = np.zeros((4, 6), np.float32)
+    with pytest.raises(ValidationError, match="expected the same number, 1 to 4"):
+        K.sgemm_many([C, C], [A], [B, B])
+    with pytest.raises(ValidationError, match="expected the same number, 1 to 4"):
+        K.sgemm_many([C] * 5, [A] * 5, [B] * 5)
+    with pytest.raises(ValidationError, match="expected the same number, 1 to 4"):
+        K.sgemm_many([], [], [])
+    with pytest.raises(ValidationError, match="expected a bool or 2 bools"):
+        K.sgemm_many([C, C], [A, A], [B, B], accumulate=(False,))
+    with pytest.raises(ValidationError, match="expected a bool or 2 bools"):
+        K.sgemm_many([C, C], [A, A], [B, B], accumulate=(0, 1))
+    with pytest.raises(ShapeMismatch, match=r"As\[1\]"):
+        K.sgemm_many([C, C], [A, np.zeros((4, 6), np.float32)], [B, B])
+    with pytest.raises(ShapeMismatch, match=r"Cs\[1\]"):
+        K.sgemm_many([C, C.T.copy()], [A, A], [B, B])
+    sq = [np.zeros((4, 4), np.float32) for _ in range(3)]
+    with pytest.raises(ValidationError, match=r"Cs\[1\] overlaps an input"):
+        K.sgemm_many([sq[0], sq[1]], [sq[1], sq[2]], [sq[2], sq[2]])  # C[1] is A[0]
+    buf = np.zeros(48, np.float32)
+    with pytest.raises(ValidationError, match=r"Cs\[1\] overlaps Cs\[0\] without being it"):
+        K.sgemm_many([buf[:24].reshape(4, 6), buf[12:36].reshape(4, 6)], [A, A], [B, B])
+    square = np.zeros((5, 5), np.float32)
+    with pytest.raises(ValidationError, match=r"Cs\[0\] overlaps an input"):
+        K.sgemm_many([square, np.zeros((5, 5), np.float32)], [np.eye(5, dtype=np.float32)] * 2,
+                     [np.ones((5, 5), np.float32), square])  # C[0] is a later B

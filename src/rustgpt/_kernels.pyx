@@ -34,6 +34,8 @@ cdef extern from "rustgpt_kernels.h" nogil:
     int rg_set_local_threads(int n) noexcept
     void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
                   int trans_a, int trans_b, int accumulate) noexcept
+    void rg_sgemm_many(int count, float **C, const float **A, const float **B, int M, int N,
+                       int K, int trans_a, int trans_b, const int *accumulate) noexcept
     void rg_attention_forward(float *out, float *att, const float *q, const float *k,
                               const float *v, int B, int T, int D, int NH) noexcept
     void rg_attention_backward(float *dq, float *dk, float *dv, const float *dout,
@@ -195,7 +197,10 @@ cdef int _heads(str fn, int D, int NH, int T) except -1:
 # ---- one kernel call as data: run now, and recorded into a Plan -------------------------
 
 cdef enum:
-    OP_SGEMM, OP_ATTENTION_FORWARD, OP_ATTENTION_BACKWARD, OP_LAYERNORM_FORWARD,
+    MANY = 4  # products of one sgemm_many call, at most (its Op holds 3 x MANY arrays)
+
+cdef enum:
+    OP_SGEMM, OP_SGEMM_MANY, OP_ATTENTION_FORWARD, OP_ATTENTION_BACKWARD, OP_LAYERNORM_FORWARD,
     OP_LAYERNORM_BACKWARD, OP_CROSSENTROPY_FORWARD_BACKWARD, OP_RELU_FORWARD,
     OP_RELU_BACKWARD, OP_ADD, OP_BIAS_ADD, OP_COLSUM, OP_EMBEDDING_FORWARD,
     OP_EMBEDDING_BACKWARD
@@ -203,17 +208,24 @@ cdef enum:
 
 cdef struct Op:
     int kind
-    void *p[8]  # the kernel's arrays, in its argument order
+    void *p[3 * MANY]  # the kernel's arrays, in its argument order
     int i[6]    # its int arguments (sizes, flags), in order
-    size_t n    # element count of the flat kernels
+    size_t n    # element count of the flat kernels; sgemm_many's accumulate flags, as bits
     float f     # its float argument (eps, dscale)
 
 
 cdef void _run(const Op *o) noexcept nogil:
     cdef float **p = <float **>o.p
     cdef const int *i = o.i
+    cdef int acc[MANY]
+    cdef int j
     if o.kind == OP_SGEMM:
         rg_sgemm(p[0], p[1], p[2], i[0], i[1], i[2], i[3], i[4], i[5])
+    elif o.kind == OP_SGEMM_MANY:  # C[0..MANY) in p[0..], A in p[MANY..], B in p[2 MANY..]
+        for j in range(MANY):
+            acc[j] = (o.n >> j) & 1
+        rg_sgemm_many(i[5], p, <const float **>(p + MANY), <const float **>(p + 2 * MANY), i[0],
+                      i[1], i[2], i[3], i[4], acc)
     elif o.kind == OP_ATTENTION_FORWARD:
         rg_attention_forward(p[0], p[1], p[2], p[3], p[4], i[0], i[1], i[2], i[3])
     elif o.kind == OP_ATTENTION_BACKWARD:
@@ -432,6 +444,53 @@ def sgemm(C, A, B, bint trans_a=False, bint trans_b=False, bint accumulate=False
     op.kind, op.p[0], op.p[1], op.p[2] = OP_SGEMM, c, <void *>a, <void *>b
     op.i[0], op.i[1], op.i[2], op.i[3], op.i[4], op.i[5] = M, N, K, trans_a, trans_b, accumulate
     _submit(&op, (C, A, B))
+
+
+def sgemm_many(Cs, As, Bs, bint trans_a=False, bint trans_b=False, accumulate=False):
+    """C[i] = op(A[i]) @ op(B[i]) for i in order (+= where accumulate, one bool or one per
+    product): up to 4 products of one shape and transposition in one parallel region, for
+    small matrices faster than as many sgemm calls, with the same results bit for bit. A C
+    may recur, and then accumulates in order: (dx, dx), (dq, dk), (wq, wk) with accumulate
+    (False, True) is dx = dq wq^T + dk wk^T when trans_b."""
+    fn = "sgemm_many"
+    Cs, As, Bs = tuple(Cs), tuple(As), tuple(Bs)
+    cdef int count = len(Cs)
+    if not 1 <= count <= MANY or len(As) != count or len(Bs) != count:
+        raise ValidationError(f"{fn}: {len(Cs)}, {len(As)} and {len(Bs)} arrays in Cs, As and "
+                              f"Bs, expected the same number, 1 to {MANY}")
+    flags = (accumulate,) * count if isinstance(accumulate, (bool, np.bool_)) else tuple(accumulate)
+    if len(flags) != count or not all(isinstance(f, (bool, np.bool_)) for f in flags):
+        raise ValidationError(f"{fn}: accumulate = {accumulate!r}, expected a bool or {count} "
+                              f"bools")
+    sa = _shape(As[0], fn, "As[0]", 2)
+    sb = _shape(Bs[0], fn, "Bs[0]", 2)
+    cdef int M = sa[1] if trans_a else sa[0]
+    cdef int K = sa[0] if trans_a else sa[1]
+    cdef int N = sb[0] if trans_b else sb[1]
+    kb = sb[1] if trans_b else sb[0]
+    if kb != K:
+        raise ShapeMismatch(f"{fn}: Bs[0]{'^T' if trans_b else ''}", (K, N), (kb, N))
+    cdef Op op
+    cdef int j, l
+    cdef float *c
+    op.kind, op.n = OP_SGEMM_MANY, 0
+    for j in range(count):
+        op.p[MANY + j] = _f(As[j], fn, f"As[{j}]", sa)
+        op.p[2 * MANY + j] = _f(Bs[j], fn, f"Bs[{j}]", sb)
+    for j in range(count):
+        op.p[j] = c = _f(Cs[j], fn, f"Cs[{j}]", (M, N), True)
+        op.n |= (<size_t>bool(flags[j])) << j
+        for l in range(count):
+            if (_overlap(c, M * N, <float *>op.p[MANY + l], M * K)
+                    or _overlap(c, M * N, <float *>op.p[2 * MANY + l], K * N)):
+                raise ValidationError(f"{fn}: Cs[{j}] overlaps an input, expected separate "
+                                      f"output arrays")
+        for l in range(j):
+            if op.p[l] != c and _overlap(c, M * N, <float *>op.p[l], M * N):
+                raise ValidationError(f"{fn}: Cs[{j}] overlaps Cs[{l}] without being it, "
+                                      f"expected the same array or a separate one")
+    op.i[0], op.i[1], op.i[2], op.i[3], op.i[4], op.i[5] = M, N, K, trans_a, trans_b, count
+    _submit(&op, Cs + As + Bs)
 
 
 # ---- attention --------------------------------------------------------------------------------

@@ -178,9 +178,8 @@ class SelfAttention(Module):
         B, T, D = x.shape
         x2 = _rows(x)
         q, k, v, out = (ws.get(self.key(n), (B, T, D)) for n in ("q", "k", "v", "out"))
-        K.sgemm(_rows(q), x2, self.wq)  # q = x Wq
-        K.sgemm(_rows(k), x2, self.wk)
-        K.sgemm(_rows(v), x2, self.wv)
+        # q = x Wq, k = x Wk, v = x Wv: one parallel region, x packed once
+        K.sgemm_many((_rows(q), _rows(k), _rows(v)), (x2, x2, x2), (self.wq, self.wk, self.wv))
         att = ws.get(self.key("att"), (B, self.num_heads, T, T))
         K.attention_forward(out, att, q, k, v, self.num_heads)
         return out
@@ -191,13 +190,11 @@ class SelfAttention(Module):
         of kcache, vcache (B, T_max, D), and its query attends to rows 0..n."""
         B, _, D = x.shape
         x2 = x[:, 0]
-        q, kv = ws.get(self.key("step.q"), (B, D)), ws.get(self.key("step.kv"), (B, D))
+        q, k, v = (ws.get(self.key(f"step.{name}"), (B, D)) for name in ("q", "k", "v"))
         out = ws.get(self.key("step.out"), (B, 1, D))
-        K.sgemm(q, x2, self.wq)
-        K.sgemm(kv, x2, self.wk)
-        kcache[:, n] = kv
-        K.sgemm(kv, x2, self.wv)
-        vcache[:, n] = kv
+        K.sgemm_many((q, k, v), (x2, x2, x2), (self.wq, self.wk, self.wv))
+        kcache[:, n] = k
+        vcache[:, n] = v
         K.attention_step(out[:, 0], q, kcache, vcache, n + 1, self.num_heads)
         return out
 
@@ -209,12 +206,13 @@ class SelfAttention(Module):
         dq, dk, dv, dx = (ws.get(self.key(n), (B, T, D)) for n in ("dq", "dk", "dv", "dx"))
         K.attention_backward(dq, dk, dv, dout, att, q, k, v, self.num_heads)
         x2, dx2 = _rows(x), _rows(dx)
-        K.sgemm(self.dwq, x2, _rows(dq), trans_a=True, accumulate=accumulate)  # dWq += x^T dq
-        K.sgemm(self.dwk, x2, _rows(dk), trans_a=True, accumulate=accumulate)
-        K.sgemm(self.dwv, x2, _rows(dv), trans_a=True, accumulate=accumulate)
-        K.sgemm(dx2, _rows(dq), self.wq, trans_b=True)  # dx = dq Wq^T + dk Wk^T + dv Wv^T
-        K.sgemm(dx2, _rows(dk), self.wk, trans_b=True, accumulate=True)
-        K.sgemm(dx2, _rows(dv), self.wv, trans_b=True, accumulate=True)
+        grads = (_rows(dq), _rows(dk), _rows(dv))
+        # dWq += x^T dq, dWk += x^T dk, dWv += x^T dv
+        K.sgemm_many((self.dwq, self.dwk, self.dwv), (x2, x2, x2), grads, trans_a=True,
+                     accumulate=accumulate)
+        # dx = dq Wq^T + dk Wk^T + dv Wv^T
+        K.sgemm_many((dx2, dx2, dx2), grads, (self.wq, self.wk, self.wv), trans_b=True,
+                     accumulate=(False, True, True))
         return dx
 
 
