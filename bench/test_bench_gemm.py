@@ -58,6 +58,41 @@ def test_sgemm(benchmark, lib, name, shape, trans_a, trans_b):
     _run(benchmark, lib, shape, trans_a, trans_b)
 
 
+# A batch-1 training step's attention matmuls (T = 17, D = 128), three at a time: q, k, v =
+# x Wq, x Wk, x Wv; dWq, dWk, dWv = x^T dq, ...; dx = dq Wq^T + dk Wk^T + dv Wv^T.
+QKV = {"qkv": (False, False), "dW": (True, False), "dx": (False, True)}
+
+
+@pytest.mark.parametrize("how", ["sgemm_many", "3 x sgemm"])
+@pytest.mark.parametrize("part", list(QKV))
+def test_sgemm_many(benchmark, part, how):
+    """One sgemm_many call against three sgemm calls, as a step replays them (a Plan of 100
+    repetitions, so Python's call overhead is left out); extra_info has the time per group."""
+    trans_a, trans_b = QKV[part]
+    T, D = 17, 128
+    rng = np.random.default_rng(0)
+    As = [rng.standard_normal((T, D)).astype(np.float32) for _ in range(3)]  # dq, dk, dv
+    if part != "dx":
+        As = [As[0]] * 3  # x, shared
+    Bs = [rng.standard_normal((T, D) if part == "dW" else (D, D)).astype(np.float32)
+          for _ in range(3)]
+    Cs = [np.empty((D, D) if part == "dW" else (T, D), np.float32) for _ in range(3)]
+    accumulate = [False, False, False]
+    if part == "dx":
+        Cs, accumulate = [Cs[0]] * 3, [False, True, True]
+    plan = K.Plan()
+    with plan:
+        for _ in range(100):
+            if how == "sgemm_many":
+                K.sgemm_many(Cs, As, Bs, trans_a, trans_b, accumulate)
+            else:
+                for C, A, B, acc in zip(Cs, As, Bs, accumulate):
+                    K.sgemm(C, A, B, trans_a, trans_b, acc)
+    benchmark.group = f"sgemm_many {part}: three {'x'.join(map(str, Cs[0].shape))} products"
+    benchmark(plan.run)
+    benchmark.extra_info["us_per_group"] = round(benchmark.stats.stats.median / 100 * 1e6, 2)
+
+
 def _best_time(fn, calls):
     best = float("inf")
     for _ in range(calls):
