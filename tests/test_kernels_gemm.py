@@ -212,6 +212,10 @@ def test_sgemm_many_bad_input():
         K.sgemm_many([C, C], [A, A], [B, B], accumulate=(False,))
     with pytest.raises(ValidationError, match="expected a bool or 2 bools"):
         K.sgemm_many([C, C], [A, A], [B, B], accumulate=(0, 1))
+    with pytest.raises(ValidationError, match="expected a bool or 2 bools"):
+        K.sgemm_many([C, C], [A, A], [B, B], accumulate=None)
+    with pytest.raises(ValidationError, match="must be sequences of arrays"):
+        K.sgemm_many(C, A, 3)
     with pytest.raises(ShapeMismatch, match=r"As\[1\]"):
         K.sgemm_many([C, C], [A, np.zeros((4, 6), np.float32)], [B, B])
     with pytest.raises(ShapeMismatch, match=r"Cs\[1\]"):

@@ -73,7 +73,8 @@ def test_stays_on_every_thread_while_that_is_faster(clock, four_threads):
 
 def test_untimed_steps_do_not_count(clock, four_threads):
     """Slow one-time steps (plan recordings) in every thread's window would make a slower
-    single thread look faster; left out, they do not."""
+    single thread look faster; left out, they do not. Every step has a new size here, so the
+    probes are compared with the window's time per token."""
     recording = [False]
 
     def step():
@@ -84,12 +85,32 @@ def test_untimed_steps_do_not_count(clock, four_threads):
         tuner, seen = T.StepThreads(), set()
         for i in range(30_000):
             recording[0] = i % 50 == 0 and not tuner.single and tuner._probe is None
-            tuner.run(step, 10, untimed)
+            tuner.run(step, 10 + i, untimed)
             seen.add(tuner.single)
         return seen
 
     assert modes(lambda: recording[0]) == {False}
     assert modes(None) == {False, True}  # timed, the recordings make it switch
+
+
+def test_a_moment_of_contention_does_not_count(clock, four_threads):
+    """A step slowed once (another thread pool still spinning) does not set its size's
+    time; a slowdown that lasts does, after a few steps."""
+    slow = [0]
+
+    def step():
+        one = K.get_num_threads() == 1
+        clock.now += (2e-4 if one else 1e-4) * (1 if one or not slow[0] else slow[0])
+
+    tuner = T.StepThreads()
+    for i in range(30_000):  # every 20th step on all threads is 20 times slower, any size
+        slow[0] = 20 if i % 20 == 0 else 0
+        tuner.run(step, 10 + i % 7)
+        assert not tuner.single
+    slow[0] = 20  # from now on every step on all threads is
+    for _ in range(30_000):
+        tuner.run(step, 10)
+    assert tuner.single
 
 
 @pytest.mark.parametrize("one_thread", [1.2, 0.5])

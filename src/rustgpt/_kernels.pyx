@@ -447,18 +447,28 @@ def sgemm(C, A, B, bint trans_a=False, bint trans_b=False, bint accumulate=False
 
 
 def sgemm_many(Cs, As, Bs, bint trans_a=False, bint trans_b=False, accumulate=False):
-    """C[i] = op(A[i]) @ op(B[i]) for i in order (+= where accumulate, one bool or one per
+    """C[i] = op(A[i]) @ op(B[i]) for i in order (+= where accumulate: one bool, or one per
     product): up to 4 products of one shape and transposition in one parallel region, for
     small matrices faster than as many sgemm calls, with the same results bit for bit. A C
-    may recur, and then accumulates in order: (dx, dx), (dq, dk), (wq, wk) with accumulate
-    (False, True) is dx = dq wq^T + dk wk^T when trans_b."""
+    may recur, and then accumulates in order:
+    ``sgemm_many((dx, dx), (dq, dk), (wq, wk), trans_b=True, accumulate=(False, True))`` is
+    dx = dq wq^T + dk wk^T."""
     fn = "sgemm_many"
-    Cs, As, Bs = tuple(Cs), tuple(As), tuple(Bs)
+    try:
+        Cs, As, Bs = tuple(Cs), tuple(As), tuple(Bs)
+    except TypeError:
+        raise ValidationError(f"{fn}: Cs, As and Bs must be sequences of arrays") from None
     cdef int count = len(Cs)
     if not 1 <= count <= MANY or len(As) != count or len(Bs) != count:
         raise ValidationError(f"{fn}: {len(Cs)}, {len(As)} and {len(Bs)} arrays in Cs, As and "
                               f"Bs, expected the same number, 1 to {MANY}")
-    flags = (accumulate,) * count if isinstance(accumulate, (bool, np.bool_)) else tuple(accumulate)
+    if isinstance(accumulate, (bool, np.bool_)):
+        flags = (accumulate,) * count
+    else:
+        try:
+            flags = tuple(accumulate)
+        except TypeError:
+            flags = ()
     if len(flags) != count or not all(isinstance(f, (bool, np.bool_)) for f in flags):
         raise ValidationError(f"{fn}: accumulate = {accumulate!r}, expected a bool or {count} "
                               f"bools")

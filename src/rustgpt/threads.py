@@ -10,7 +10,9 @@ few run in the other one, and the other mode wins when those steps took less tim
 margin) than steps of the same size recently took in the current mode. Step sizes differ
 (a schedule's sequences do, and a short step costs more per token), so the probe is
 compared step by step with the current mode's recent time for the same token count, not
-with its average over other steps.
+with its average over other steps; that recent time is the least of the last few such
+steps, so a step slowed for a moment (another pool of threads still spinning) does not
+count as the mode's speed, while a slowdown that lasts does after a few steps.
 
 Probes are spaced so that they cost at most ``PROBE_SHARE`` of the time even when the
 other mode is twice as slow: about once a second for steps of a few milliseconds, rarely
@@ -31,7 +33,7 @@ PROBE_SECONDS = 1.0  # time between probes of the other mode, at least
 PROBE_STEPS = 8  # steps per probe
 PROBE_SHARE = 0.02  # probes are spaced to cost at most this share of the time
 MARGIN = 0.9  # the other mode wins when its probe took below MARGIN x this mode's time
-RECENT = 0.25  # weight of a step's time in the running time of steps of its size
+RECENT = 4  # steps of one size whose least time is this mode's time for that size
 
 
 class StepThreads:
@@ -48,7 +50,7 @@ class StepThreads:
         self.single = False  # the current mode: one thread, or the caller's count
         # seconds, tokens and steps of the current mode since _start (the last probe)
         self._time, self._tokens, self._steps = 0.0, 0, 0
-        self._recent: dict[int, float] = {}  # tokens -> running seconds of such a step, this mode
+        self._recent: dict[int, list[float]] = {}  # tokens -> seconds of the last such steps
         self._probe: list | None = None  # [seconds, this mode's for the same, steps left]
         self._restart(time.perf_counter())
 
@@ -87,10 +89,14 @@ class StepThreads:
         self._time += seconds
         self._tokens += tokens
         self._steps += 1
-        before = self._recent.get(tokens)
-        if before is None and len(self._recent) >= 4096:
-            self._recent = {}  # sizes seldom repeat: the window's average serves
-        self._recent[tokens] = seconds if before is None else before + RECENT * (seconds - before)
+        times = self._recent.get(tokens)
+        if times is None:
+            if len(self._recent) >= 4096:
+                self._recent = {}  # sizes seldom repeat: the window's average serves
+            times = self._recent[tokens] = []
+        times.append(seconds)
+        if len(times) > RECENT:
+            del times[0]
         if now >= self._next_probe:
             # a probe of steps this long, twice as slow, costs PROBE_SHARE of this window
             wait = PROBE_STEPS * self._time / self._steps / PROBE_SHARE
@@ -100,10 +106,10 @@ class StepThreads:
                 self._next_probe = self._start + wait
 
     def _expected(self, tokens: int) -> float:
-        """Seconds a step of `tokens` takes in the current mode: the running time of steps of
-        that size, else the window's time per token."""
-        recent = self._recent.get(tokens)
-        return recent if recent is not None else tokens * self._time / self._tokens
+        """Seconds a step of `tokens` takes in the current mode: the least of the last steps
+        of that size, else the window's time per token."""
+        times = self._recent.get(tokens)
+        return min(times) if times else tokens * self._time / self._tokens
 
     def _restart(self, now: float) -> None:
         """A new measuring window of the current mode."""
