@@ -424,17 +424,23 @@ if not os.environ.get("OMP_NUM_THREADS"):
 
 # ---- matmul -----------------------------------------------------------------------------------
 
+cdef tuple _gemm_dims(str fn, object A, str a_name, object B, str b_name, bint trans_a,
+                      bint trans_b):
+    """A's and B's shapes, and (M, N, K) of op(A) (M, K) @ op(B) (K, N), checked to agree."""
+    sa = _shape(A, fn, a_name, 2)
+    sb = _shape(B, fn, b_name, 2)
+    M, K = (sa[1], sa[0]) if trans_a else sa
+    N, kb = (sb[0], sb[1]) if trans_b else (sb[1], sb[0])
+    if kb != K:
+        raise ShapeMismatch(f"{fn}: {b_name}{'^T' if trans_b else ''}", (K, N), (kb, N))
+    return sa, sb, (M, N, K)
+
+
 def sgemm(C, A, B, bint trans_a=False, bint trans_b=False, bint accumulate=False):
     """C = op(A) @ op(B) (C += ... when accumulate). op(A): (M, K), op(B): (K, N), C: (M, N)."""
     fn = "sgemm"
-    sa = _shape(A, fn, "A", 2)
-    sb = _shape(B, fn, "B", 2)
-    cdef int M = sa[1] if trans_a else sa[0]
-    cdef int K = sa[0] if trans_a else sa[1]
-    cdef int N = sb[0] if trans_b else sb[1]
-    kb = sb[1] if trans_b else sb[0]
-    if kb != K:
-        raise ShapeMismatch(f"{fn}: B{'^T' if trans_b else ''}", (K, N), (kb, N))
+    sa, sb, dims = _gemm_dims(fn, A, "A", B, "B", trans_a, trans_b)
+    cdef int M = dims[0], N = dims[1], K = dims[2]
     cdef const float *a = _f(A, fn, "A", sa)
     cdef const float *b = _f(B, fn, "B", sb)
     cdef float *c = _f(C, fn, "C", (M, N), True)
@@ -472,14 +478,8 @@ def sgemm_many(Cs, As, Bs, bint trans_a=False, bint trans_b=False, accumulate=Fa
     if len(flags) != count or not all(isinstance(f, (bool, np.bool_)) for f in flags):
         raise ValidationError(f"{fn}: accumulate = {accumulate!r}, expected a bool or {count} "
                               f"bools")
-    sa = _shape(As[0], fn, "As[0]", 2)
-    sb = _shape(Bs[0], fn, "Bs[0]", 2)
-    cdef int M = sa[1] if trans_a else sa[0]
-    cdef int K = sa[0] if trans_a else sa[1]
-    cdef int N = sb[0] if trans_b else sb[1]
-    kb = sb[1] if trans_b else sb[0]
-    if kb != K:
-        raise ShapeMismatch(f"{fn}: Bs[0]{'^T' if trans_b else ''}", (K, N), (kb, N))
+    sa, sb, dims = _gemm_dims(fn, As[0], "As[0]", Bs[0], "Bs[0]", trans_a, trans_b)
+    cdef int M = dims[0], N = dims[1], K = dims[2]
     cdef Op op
     cdef int j, l
     cdef float *c
