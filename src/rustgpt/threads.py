@@ -12,7 +12,9 @@ margin) than steps of the same size recently took in the current mode. Step size
 compared step by step with the current mode's recent time for the same token count, not
 with its average over other steps; that recent time is the least of the last few such
 steps, so a step slowed for a moment (another pool of threads still spinning) does not
-count as the mode's speed, while a slowdown that lasts does after a few steps.
+count as the mode's speed, while a slowdown that lasts does after a few steps. (Against
+that least time the other mode needs to be faster by rather more than the margin: the
+choice leans towards staying.)
 
 Probes are spaced so that they cost at most ``PROBE_SHARE`` of the time even when the
 other mode is twice as slow: about once a second for steps of a few milliseconds, rarely
