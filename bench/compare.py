@@ -168,8 +168,8 @@ def training_runs(framework: str, config: ModelConfig, vocab: Vocab, chunks) -> 
     if framework == "rustgpt":
         optimizer = Adam(model.params)
 
-        def step(inputs, targets, lr):
-            model.train_step(inputs, targets, optimizer, lr)
+        def step(inputs, targets, lr):  # as the Trainer: each update beside the next forward
+            model.train_step(inputs, targets, optimizer, lr, defer=True)
     elif framework == "torch":
         from bench.torch_port import from_rustgpt
 
@@ -188,6 +188,7 @@ def training_runs(framework: str, config: ModelConfig, vocab: Vocab, chunks) -> 
         def run() -> None:
             for inputs, targets, lr in chunk:
                 step(inputs, targets, lr)
+            model.settle()  # rustgpt's last update of the chunk
         return run
 
     return [make(chunk) for chunk in chunks]

@@ -1,7 +1,13 @@
 /* adam.c: the fused Adam / AdamW update over the model's one flat parameter buffer, and
  * the gradient norm its clipping needs; vectorized in three SIMD variants, threads over
  * contiguous chunks. */
+#include <stdlib.h>
+
 #include "simd.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define PAR_MIN 65536 /* elements below which one thread does it all */
 
@@ -101,6 +107,17 @@ double rg_sum_squares(const float *x, size_t n) {
     return total_of(parts, count);
 }
 
+/* The update's constants in double, then rounded once (1 - beta2 in float32 would be
+ * 1.3e-5 off), with the gradient's scale for clipping to max_norm given its norm. */
+static adam_consts constants(double lr, double beta1, double beta2, double eps,
+                             double weight_decay, int t, double max_norm, double norm) {
+    adam_consts k = {(float)beta1, (float)beta2, (float)(1.0 - beta1), (float)(1.0 - beta2),
+                     (float)(1.0 / (1.0 - pow(beta1, t))), (float)(1.0 / (1.0 - pow(beta2, t))),
+                     (float)lr, (float)eps, (float)(lr * weight_decay), 1.0f};
+    if (max_norm > 0.0 && norm > max_norm) k.grad_scale = (float)(max_norm / norm);
+    return k;
+}
+
 double rg_adam_update(float *params, float *m, float *v, const float *grads, size_t n,
                       double lr, double beta1, double beta2, double eps,
                       double weight_decay, int t, double max_norm) {
@@ -112,10 +129,7 @@ double rg_adam_update(float *params, float *m, float *v, const float *grads, siz
     size_t chunk = chunk_size(n);
     int count = (int)((n + chunk - 1) / chunk), nt = n >= PAR_MIN ? rg_num_threads() : 1;
     double parts[MAX_CHUNKS], norm = 0.0;
-    /* constants in double, then rounded once: 1 - beta2 in float32 would be 1.3e-5 off */
-    adam_consts k = {(float)beta1, (float)beta2, (float)(1.0 - beta1), (float)(1.0 - beta2),
-                     (float)(1.0 / (1.0 - pow(beta1, t))), (float)(1.0 / (1.0 - pow(beta2, t))),
-                     (float)lr, (float)eps, (float)(lr * weight_decay), 1.0f};
+    adam_consts k;
     #pragma omp parallel num_threads(nt)
     {
         #pragma omp for schedule(static)
@@ -124,7 +138,7 @@ double rg_adam_update(float *params, float *m, float *v, const float *grads, siz
         #pragma omp single
         {
             norm = sqrt(total_of(parts, count));
-            if (max_norm > 0.0 && norm > max_norm) k.grad_scale = (float)(max_norm / norm);
+            k = constants(lr, beta1, beta2, eps, weight_decay, t, max_norm, norm);
         }
         if (isfinite(norm)) {
             #pragma omp for schedule(static)
@@ -133,4 +147,86 @@ double rg_adam_update(float *params, float *m, float *v, const float *grads, siz
         }
     }
     return norm;
+}
+
+/* ---- the update overlapped with other work ---------------------------------------------- */
+
+#define STEP_CHUNK 4096 /* elements of one piece of an overlapped update: ~2 us on one core */
+
+struct rg_update {
+    float *params, *m, *v;
+    const float *grads;
+    size_t n;
+    int count; /* pieces of STEP_CHUNK elements (the last may be shorter) */
+    adam_consts k;
+    void (*f)(float *restrict, float *restrict, float *restrict, const float *restrict, size_t,
+              size_t, const adam_consts *);
+    int next;            /* the next piece to take, for every thread (atomic) */
+    int ready;           /* pieces [0, ready) are known done, by the thread doing the work */
+    unsigned char *done; /* done[c]: piece c is updated (atomic, release / acquire) */
+};
+
+static inline void relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Take the next piece and update it; 0 when every piece is taken. */
+static int take(rg_update *u) {
+    int c = __atomic_fetch_add(&u->next, 1, __ATOMIC_RELAXED);
+    if (c >= u->count) return 0;
+    u->f(u->params, u->m, u->v, u->grads, (size_t)c * STEP_CHUNK,
+         chunk_end(c, STEP_CHUNK, u->n), &u->k);
+    __atomic_store_n(&u->done[c], 1, __ATOMIC_RELEASE);
+    return 1;
+}
+
+int rg_update_busy(rg_update *u) {
+    return __atomic_load_n(&u->next, __ATOMIC_RELAXED) < u->count;
+}
+
+void rg_update_wait(rg_update *u, size_t end) {
+    int need = (int)((end + STEP_CHUNK - 1) / STEP_CHUNK);
+    if (need > u->count) need = u->count;
+    while (u->ready < need) {
+        if (__atomic_load_n(&u->done[u->ready], __ATOMIC_ACQUIRE))
+            u->ready++;
+        else if (!take(u))
+            relax(); /* another thread is finishing that piece */
+    }
+}
+
+void rg_adam_apply(float *params, float *m, float *v, const float *grads, size_t n,
+                   double lr, double beta1, double beta2, double eps, double weight_decay,
+                   int t, double max_norm, double norm, void (*work)(void *, rg_update *),
+                   void *ctx) {
+    int count = (int)((n + STEP_CHUNK - 1) / STEP_CHUNK);
+    rg_update u = {params, m, v, grads, n, count,
+                   constants(lr, beta1, beta2, eps, weight_decay, t, max_norm, norm),
+                   update_pick(), 0, count, NULL};
+    int nt = rg_num_threads();
+    if (work != NULL && nt > 1) u.done = calloc((size_t)count, 1);
+    if (u.done == NULL) { /* nothing to overlap (or no memory for it): update, then work */
+        nt = n >= PAR_MIN ? nt : 1;
+        #pragma omp parallel for num_threads(nt) schedule(static)
+        for (int c = 0; c < count; c++)
+            u.f(params, m, v, grads, (size_t)c * STEP_CHUNK, chunk_end(c, STEP_CHUNK, n), &u.k);
+        if (work != NULL) work(ctx, &u); /* ready = count: its waits return at once */
+        return;
+    }
+    u.ready = 0;
+    #pragma omp parallel num_threads(nt)
+    {
+#ifdef _OPENMP
+        if (omp_get_thread_num() == 0) {
+            int before = rg_set_local_threads(1);
+            work(ctx, &u);
+            rg_set_local_threads(before);
+        }
+#endif
+        while (take(&u)) {
+        }
+    }
+    free(u.done);
 }

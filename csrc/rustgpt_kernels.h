@@ -117,6 +117,22 @@ double rg_adam_update(float *params, float *m, float *v, const float *grads, siz
                       double lr, double beta1, double beta2, double eps,
                       double weight_decay, int t, double max_norm);
 
+/* rg_adam_update's step with the norm already known (rg_sum_squares' root; it must be
+ * finite), overlapped with work(ctx, u): thread 0 runs work on one thread while the others
+ * update, in pieces in buffer order; work calls rg_update_wait(u, end) before it reads
+ * params[0, end), which helps with the update until that part is done, and may return
+ * early once rg_update_busy(u) is 0 (every piece taken: the rest of its work would run
+ * better on every thread, after this call). Thread 0 helps too once work returns. The
+ * same params, m, v as rg_adam_update, bit for bit. With one thread, or work NULL, the
+ * update runs first. */
+typedef struct rg_update rg_update;
+void rg_adam_apply(float *params, float *m, float *v, const float *grads, size_t n,
+                   double lr, double beta1, double beta2, double eps, double weight_decay,
+                   int t, double max_norm, double norm, void (*work)(void *, rg_update *),
+                   void *ctx);
+void rg_update_wait(rg_update *u, size_t end);
+int rg_update_busy(rg_update *u);
+
 /* Sum of x[i]^2 in double, summed in a fixed order whatever the thread count (fixed
  * chunks, their sums added in order; rg_adam_update's norm is the same sum). x: (n). */
 double rg_sum_squares(const float *x, size_t n);

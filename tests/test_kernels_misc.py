@@ -161,6 +161,104 @@ def test_adam_leaves_everything_on_a_non_finite_gradient(rng, bad):
         np.testing.assert_array_equal(a, b)
 
 
+def adam_state(rng, n):
+    """params, m, v, grads of length n: m, v as after some steps."""
+    p, m, g = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
+    return p, m * 0.1, np.abs(rng.standard_normal(n)).astype(np.float32) * 0.01, g
+
+
+@pytest.mark.parametrize("n", [1, 4095, 4097, 100_003])
+@pytest.mark.parametrize("max_norm", [0.0, 1.0])
+def test_adam_step_applied_later_equals_adam_update(rng, simd, n, max_norm):
+    """AdamStep with the norm from sum_squares gives adam_update's parameters and
+    moments, bit for bit; it applies once."""
+    p, m, v, g = adam_state(rng, n)
+    e_p, e_m, e_v = p.copy(), m.copy(), v.copy()
+    K.adam_update(e_p, e_m, e_v, g, 1e-3, weight_decay=0.01, t=4, max_norm=max_norm)
+    step = K.AdamStep(p, m, v, g, 1e-3, 0.9, 0.999, 1e-8, 0.01, 4, max_norm,
+                      np.sqrt(K.sum_squares(g)))
+    assert not step.applied
+    step.apply()
+    assert step.applied
+    for got, expected in zip((p, m, v), (e_p, e_m, e_v)):
+        np.testing.assert_array_equal(got, expected)
+    with pytest.raises(ValidationError, match="applied already"):
+        step.apply()
+
+
+def chain_plan(params, x, widths):
+    """A plan of matmuls x @ W_i through weights laid out one after another in params
+    (as the model's forward reads its flat buffer), with a relu after each."""
+    outs, offset = [], 0
+    with K.Plan() as plan:
+        for rows, cols in widths:
+            w = params[offset:offset + rows * cols].reshape(rows, cols)
+            offset += rows * cols
+            outs.append(np.empty((x.shape[0], cols), np.float32))
+            K.sgemm(outs[-1], x, w)
+            K.relu_forward(outs[-1], outs[-1])
+            x = outs[-1]
+    return plan, outs
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("overlap", [0, 1, 5, 8])
+def test_plan_run_beside_an_update_equals_update_then_run(rng, threads, overlap):
+    """Plan.run(step, overlap) applies the step while replaying the first `overlap`
+    calls, each after the part of the parameters it reads: the same parameters, moments
+    and outputs as step.apply() then plan.run(), bit for bit."""
+    widths = [(16, 300), (300, 200), (200, 64), (64, 64)]  # 4 matmuls and 4 relus
+    n = sum(r * c for r, c in widths) + 1000  # parameters the plan never reads, at the end
+    x = rng.standard_normal((5, 16)).astype(np.float32)
+    results = []
+    before = K.get_num_threads()
+    K.set_num_threads(threads)
+    try:
+        for overlapped in (False, True):
+            p, m, v, g = adam_state(np.random.default_rng(7), n)
+            plan, outs = chain_plan(p, x, widths)
+            for t in (1, 2, 3):  # three steps, the recorded grads each time
+                step = K.AdamStep(p, m, v, g, 1e-2, 0.9, 0.999, 1e-8, 0.0, t, 5.0,
+                                  np.sqrt(K.sum_squares(g)))
+                if overlapped:
+                    plan.run(step, overlap)
+                else:
+                    step.apply()
+                    plan.run()
+                assert step.applied
+            results.append([p, m, v, *outs])
+    finally:
+        K.set_num_threads(before)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_plan_run_beside_an_update_refuses_bad_use(rng):
+    p, m, v, g = adam_state(rng, 5000)
+    x = rng.standard_normal((3, 16)).astype(np.float32)
+    plan, _ = chain_plan(p, x, [(16, 32)])
+    step = K.AdamStep(p, m, v, g, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1, 0.0, 1.0)
+    with pytest.raises(ValidationError, match="overlap = 3, expected 0 to 2 calls"):
+        plan.run(step, 3)
+    with K.Plan() as touches_grads:
+        K.relu_forward(g[:48], x.reshape(-1))
+    with pytest.raises(ValidationError, match="call 0 of the overlapped ones uses the "
+                                              "update's grads"):
+        touches_grads.run(step, 1)
+    assert not step.applied  # refused before anything ran
+    plan.run(step, 2)
+    with pytest.raises(ValidationError, match="applied already"):
+        plan.run(step, 2)
+    with pytest.raises(ValidationError, match="norm = nan, expected the finite"):
+        K.AdamStep(p, m, v, g, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1, 0.0, float("nan"))
+    with pytest.raises(ValidationError, match="t = 0, expected a step number"):
+        K.AdamStep(p, m, v, g, 1e-3, 0.9, 0.999, 1e-8, 0.0, 0, 0.0, 1.0)
+    with pytest.raises(ShapeMismatch, match="AdamStep: m"):
+        K.AdamStep(p, m[:10], v, g, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1, 0.0, 1.0)
+    with K.Plan(), pytest.raises(ValidationError, match="cannot be recorded"):
+        K.AdamStep(p, m, v, g, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1, 0.0, 1.0).apply()
+
+
 @pytest.mark.parametrize("n", [1, 33, 100_003])
 def test_relu(rng, simd, n):
     x = rng.standard_normal(n).astype(np.float32)

@@ -129,6 +129,82 @@ def test_training_does_not_depend_on_the_thread_count(rng):
             assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_deferred_updates_give_the_same_training(rng, threads):
+    """train_step(defer=True) leaves each update to the next step's forward (a replayed
+    one runs it beside the forward, a recorded one first): the same losses, norms,
+    parameters and moments as updating at once, bit for bit, across new shapes, clipping
+    and lr changes."""
+    config = ModelConfig(embedding_dim=64, hidden_dim=128, num_layers=2, num_heads=2,
+                         max_seq_len=40)
+    lengths = [17, 17, 9, 17, 9, 30, 17, 17]  # new shapes record plans between replays
+    batches = [make_batch([rng.integers(0, 13, n).astype(np.intc)]) for n in lengths]
+
+    def train(defer):
+        before = K.get_num_threads()
+        K.set_num_threads(threads)
+        try:
+            m = LLM(config, tiny_vocab(), seed=5)
+            opt = Adam(m.params, weight_decay=0.01)
+            curve = [m.train_step(x, y, opt, 1e-2 / (i + 1), 0.5, defer=defer)
+                     for i, (x, y) in enumerate(batches * 2)]
+            pending = opt.pending is not None
+            state = m.state_dict()  # applies a pending update first
+        finally:
+            K.set_num_threads(before)
+        return pending, curve, state, opt.state_dict()
+
+    now, later = train(False), train(True)
+    assert not now[0] and later[0]
+    assert later[1] == now[1]
+    assert max(norm for _, norm in now[1]) > 0.5  # clipping was active
+    for name in now[2]:
+        np.testing.assert_array_equal(later[2][name], now[2][name])
+    np.testing.assert_array_equal(later[3]["m"], now[3]["m"])
+    np.testing.assert_array_equal(later[3]["v"], now[3]["v"])
+    assert later[3]["t"] == now[3]["t"] == 2 * len(batches)
+
+
+def test_reading_a_model_applies_its_pending_update(rng):
+    """Every way of reading the parameters sees the deferred update applied."""
+    x, y = make_batch([rng.integers(0, 13, 6).astype(np.intc)])
+    ref_model = LLM(TINY, tiny_vocab(), seed=2)
+    ref_opt = Adam(ref_model.params)
+    for _ in range(2):
+        ref_model.train_step(x, y, ref_opt, 1e-2)
+    expected = ref_model.forward(x)
+    reads = {
+        "forward": lambda m: m.forward(x),
+        "loss": lambda m: m.loss(x, y),
+        "prefill": lambda m: m.prefill(m.new_cache(), x).copy(),
+        "state_dict": lambda m: m.state_dict(),
+        "named_parameters": lambda m: dict(m.named_parameters()),
+    }
+    for name, read in reads.items():
+        m = LLM(TINY, tiny_vocab(), seed=2)
+        opt = Adam(m.params)
+        for _ in range(2):
+            m.train_step(x, y, opt, 1e-2, defer=True)
+        assert opt.pending is not None and not opt.pending.applied, name
+        read(m)
+        assert opt.pending is None, name
+        np.testing.assert_array_equal(m.params.data, ref_model.params.data, err_msg=name)
+    np.testing.assert_array_equal(m.forward(x), expected)
+
+
+def test_loading_weights_over_a_pending_update_keeps_the_loaded_ones(model, rng):
+    x, y = make_batch([rng.integers(0, 13, 6).astype(np.intc)])
+    saved = model.state_dict()
+    opt = Adam(model.params)
+    for _ in range(2):
+        model.train_step(x, y, opt, 1e-2, defer=True)
+    model.load_state_dict(saved)
+    assert opt.pending is None
+    model.forward(x)
+    for name, value in saved.items():
+        np.testing.assert_array_equal(model.params.values[name], value, err_msg=name)
+
+
 def test_training_lowers_the_loss(model, rng):
     seqs = [rng.integers(0, 13, 9).astype(np.intc) for _ in range(3)]
     opt = Adam(model.params)
@@ -198,6 +274,23 @@ def test_nan_stops_training_before_the_update(model, rng):
     with pytest.raises(TrainingError, match="diverged"):
         model.train_step(inputs, targets, Adam(model.params), 1e-3)
     np.testing.assert_array_equal(model.params.data, before)
+
+
+def test_nan_after_a_deferred_update_leaves_that_update_applied(rng):
+    """A deferred update is applied by the next step's forward even when that step
+    diverges: the parameters are those before the failing step, as without defer."""
+    inputs, targets = make_batch([rng.integers(0, 13, 5).astype(np.intc)])
+    results = []
+    for defer in (False, True):
+        m = LLM(TINY, tiny_vocab(), seed=3)
+        opt = Adam(m.params)
+        m.train_step(inputs, targets, opt, 1e-3, defer=defer)
+        m.params.values["output.b"][0] = np.nan
+        with pytest.raises(TrainingError, match="diverged"):
+            m.train_step(inputs, targets, opt, 1e-3, defer=defer)
+        assert opt.pending is None and opt.t == 1
+        results.append(m.params.data.copy())
+    np.testing.assert_array_equal(*results)
 
 
 def test_replayed_step_equals_a_recorded_one(rng):

@@ -11,6 +11,7 @@ plan:``) while they run, and replayed later by one ``plan.run()``: the same C ca
 same arrays, without Python or the checks in between (see Plan).
 """
 
+import math
 import os
 
 import numpy as np
@@ -18,7 +19,7 @@ import numpy as np
 from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_WRITABLE,
                              PyBuffer_Release, PyObject_GetBuffer)
 from cpython.pythread cimport PyThread_get_thread_ident
-from libc.stdlib cimport free, realloc
+from libc.stdlib cimport free, malloc, realloc
 
 from rustgpt.errors import ShapeMismatch, TokenError, ValidationError
 
@@ -66,6 +67,14 @@ cdef extern from "rustgpt_kernels.h" nogil:
     void rg_embedding_backward(float *dwte, float *dwpe, const float *dout, const int *ids,
                                int B, int T, int D, int V, int Tmax, int accumulate) noexcept
     double rg_sum_squares(const float *x, size_t n) noexcept
+    ctypedef struct rg_update:
+        pass
+    void rg_adam_apply(float *params, float *m, float *v, const float *grads, size_t n,
+                       double lr, double beta1, double beta2, double eps, double weight_decay,
+                       int t, double max_norm, double norm,
+                       void (*work)(void *, rg_update *) noexcept nogil, void *ctx) noexcept
+    void rg_update_wait(rg_update *u, size_t end) noexcept
+    int rg_update_busy(rg_update *u) noexcept
 
 
 _F32 = np.dtype(np.float32)
@@ -307,15 +316,20 @@ cdef class Plan:
     cdef Py_ssize_t n, cap
     cdef list arrays
     cdef bint entered
+    cdef size_t *needs  # needs[j]: params[0, needs[j]) the first calls up to j read
+    cdef tuple needs_for  # (calls, addresses of params, m, v, grads) needs was worked out for
 
     def __cinit__(self):
         self.ops = NULL
         self.n = self.cap = 0
         self.arrays = []
         self.entered = False
+        self.needs = NULL
+        self.needs_for = None
 
     def __dealloc__(self):
         free(self.ops)
+        free(self.needs)
 
     cdef int _append(self, const Op *op, tuple arrays) except -1:
         cdef Op *grown
@@ -347,16 +361,142 @@ cdef class Plan:
     def __len__(self):
         return self.n
 
-    def run(self):
-        """Replay every recorded call, in order, without the GIL."""
+    def run(self, AdamStep update=None, Py_ssize_t overlap=0):
+        """Replay every recorded call, in order, without the GIL. With `update` (an
+        AdamStep not yet applied), apply it first, overlapped with the first `overlap`
+        calls: one thread replays them while the others update the parameters, and each
+        call waits for the parameters it reads (see AdamStep). Those calls must not touch
+        the update's m, v or grads; the results are the same as update.apply() then
+        run()."""
         cdef Py_ssize_t j
+        cdef _Overlap work
         if _recording is self:
             raise ValidationError("Plan.run: the plan is still being recorded")
+        if update is not None and not 0 <= overlap <= self.n:
+            raise ValidationError(f"Plan.run: overlap = {overlap}, expected 0 to {self.n} "
+                                  f"calls")
         for j in range(self.n):
             _check_ids(&self.ops[j])
+        if update is None:
+            overlap = 0
+        else:
+            update._check_unapplied("Plan.run")
+            work.ops, work.n, work.needs = self.ops, overlap, self._needs(update, overlap)
+            work.ran = 0
+            with nogil:
+                update._apply(_replay_overlapped, &work)
+            overlap = work.ran
         with nogil:
-            for j in range(self.n):
+            for j in range(overlap, self.n):
                 _run(&self.ops[j])
+
+    cdef size_t *_needs(self, AdamStep update, Py_ssize_t overlap) except NULL:
+        """needs[j] for the first `overlap` calls (cached): the end of the part of
+        update's params that calls 0..j read, in elements; refuses calls that touch the
+        update's m, v or grads."""
+        cdef size_t base = <size_t>update.params_ptr, end = 0, lo, hi
+        cdef size_t size = 4 * update.n
+        cdef Py_ssize_t j
+        key = (overlap, base, <size_t>update.m_ptr, <size_t>update.v_ptr,
+               <size_t>update.grads_ptr)
+        if self.needs_for == key:
+            return self.needs
+        free(self.needs)
+        self.needs_for = None
+        self.needs = <size_t *>malloc((overlap + 1) * sizeof(size_t))
+        if self.needs == NULL:
+            raise MemoryError("Plan.run: out of memory")
+        for j in range(overlap):
+            for a in self.arrays[j]:
+                lo = a.__array_interface__["data"][0]
+                hi = lo + a.nbytes
+                for name, other in (("m", update.m), ("v", update.v), ("grads", update.grads)):
+                    if np.may_share_memory(a, other):
+                        raise ValidationError(f"Plan.run: call {j} of the overlapped ones "
+                                              f"uses the update's {name}, expected calls "
+                                              f"that leave m, v and grads alone")
+                if lo < base + size and hi > base:
+                    end = max(end, (min(hi, base + size) - base + 3) // 4)
+            self.needs[j] = end
+        self.needs_for = key
+        return self.needs
+
+
+cdef struct _Overlap:
+    const Op *ops
+    Py_ssize_t n
+    const size_t *needs
+    Py_ssize_t ran  # calls replayed while the update ran
+
+
+cdef void _replay_overlapped(void *ctx, rg_update *u) noexcept nogil:
+    """The work rg_adam_apply overlaps with the update: a plan's first calls, each once
+    the parameters it reads are updated, until the update needs no more help."""
+    cdef _Overlap *w = <_Overlap *>ctx
+    while w.ran < w.n and rg_update_busy(u):
+        rg_update_wait(u, w.needs[w.ran])
+        _run(&w.ops[w.ran])
+        w.ran += 1
+
+
+cdef class AdamStep:
+    """One Adam / AdamW step whose gradient norm is known, to be applied later: by
+    ``apply()``, or overlapped with the first calls of a plan by ``Plan.run(step, n)``
+    (one thread replays those calls while the others update the parameters, in buffer
+    order; each call waits for the part of the parameters it reads). Either way the
+    parameters and moments come out as ``adam_update`` leaves them, bit for bit, given
+    the same grads; the step applies once.
+
+        norm = math.sqrt(sum_squares(grads))        # finite
+        step = AdamStep(params, m, v, grads, lr, beta1, beta2, eps, weight_decay, t,
+                        max_norm, norm)
+    """
+
+    cdef readonly object params, m, v, grads
+    cdef float *params_ptr
+    cdef float *m_ptr
+    cdef float *v_ptr
+    cdef const float *grads_ptr
+    cdef size_t n
+    cdef double lr, beta1, beta2, eps, weight_decay, max_norm, norm
+    cdef int t
+    cdef readonly bint applied
+
+    def __init__(self, params, m, v, grads, double lr, double beta1, double beta2,
+                 double eps, double weight_decay, int t, double max_norm, double norm):
+        fn = "AdamStep"
+        s = _shape(params, fn, "params", 1)
+        _check_adam(fn, t, beta1, beta2)
+        if not math.isfinite(norm) or norm < 0:
+            raise ValidationError(f"{fn}: norm = {norm}, expected the finite gradient norm")
+        self.params_ptr = _f(params, fn, "params", s, True)
+        self.m_ptr = _f(m, fn, "m", s, True)
+        self.v_ptr = _f(v, fn, "v", s, True)
+        self.grads_ptr = _f(grads, fn, "grads", s)
+        self.params, self.m, self.v, self.grads = params, m, v, grads
+        self.n = s[0]
+        self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
+        self.weight_decay, self.t, self.max_norm, self.norm = weight_decay, t, max_norm, norm
+        self.applied = False
+
+    cdef int _check_unapplied(self, str fn) except -1:
+        if self.applied:
+            raise ValidationError(f"{fn}: this AdamStep was applied already, expected a new one")
+        return 0
+
+    cdef void _apply(self, void (*work)(void *, rg_update *) noexcept nogil,
+                     void *ctx) noexcept nogil:
+        rg_adam_apply(self.params_ptr, self.m_ptr, self.v_ptr, self.grads_ptr, self.n,
+                      self.lr, self.beta1, self.beta2, self.eps, self.weight_decay, self.t,
+                      self.max_norm, self.norm, work, ctx)
+        self.applied = True
+
+    def apply(self):
+        """Update the parameters and moments now, on every thread."""
+        self._check_unapplied("AdamStep.apply")
+        _not_recorded("AdamStep.apply")
+        with nogil:
+            self._apply(NULL, NULL)
 
 
 # ---- runtime ---------------------------------------------------------------------------------
@@ -648,6 +788,14 @@ def crossentropy_forward_backward(losses, dlogits, logits, targets, int ignore_i
 
 # ---- Adam ---------------------------------------------------------------------------------------
 
+cdef int _check_adam(str fn, int t, double beta1, double beta2) except -1:
+    if t < 1:
+        raise ValidationError(f"{fn}: t = {t}, expected a step number >= 1")
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValidationError(f"{fn}: beta1 = {beta1}, beta2 = {beta2}, expected each in [0, 1)")
+    return 0
+
+
 def adam_update(params, m, v, grads, double lr, double beta1=0.9, double beta2=0.999,
                 double eps=1e-8, double weight_decay=0.0, int t=1, double max_norm=0.0):
     """One fused Adam/AdamW step over flat float32 buffers of equal length, grads clipped
@@ -656,10 +804,7 @@ def adam_update(params, m, v, grads, double lr, double beta1=0.9, double beta2=0
     fn = "adam_update"
     s = _shape(params, fn, "params", 1)
     cdef size_t n = s[0]
-    if t < 1:
-        raise ValidationError(f"{fn}: t = {t}, expected a step number >= 1")
-    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-        raise ValidationError(f"{fn}: beta1 = {beta1}, beta2 = {beta2}, expected each in [0, 1)")
+    _check_adam(fn, t, beta1, beta2)
     cdef float *pp = _f(params, fn, "params", s, True)
     cdef float *mp = _f(m, fn, "m", s, True)
     cdef float *vp = _f(v, fn, "v", s, True)

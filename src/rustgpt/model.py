@@ -111,6 +111,7 @@ class LLM(Module):
         self._plans_generation = -1  # the workspace generation the plans were recorded in
         self.plans_recorded = 0  # training steps run layer by layer and recorded so far
         self.step_threads = StepThreads()  # train_step's choice of 1 or all threads
+        self._deferred: Adam | None = None  # whose pending step the next forward applies
 
     # ---- shapes and checks ----------------------------------------------------------------
 
@@ -147,7 +148,15 @@ class LLM(Module):
 
     def forward(self, ids) -> np.ndarray:
         """Logits (B, T, V) for token ids (B, T) (or (T,), giving (1, T, V)); a new array."""
+        self.settle()
         return self._forward(Workspace(), self._ids(ids))[0].copy()
+
+    def settle(self) -> None:
+        """Apply the Adam step ``train_step(..., defer=True)`` left pending, if any. Every
+        method here that reads the parameters calls it first."""
+        if self._deferred is not None:
+            self._deferred.settle()
+            self._deferred = None
 
     def loss_and_backward(self, inputs, targets) -> float:
         """Mean cross-entropy of next-token prediction and its gradient.
@@ -158,7 +167,9 @@ class LLM(Module):
 
         The first step of each (B, T, number of targets) runs layer by layer and is recorded
         as a kernel plan (``_kernels.Plan``); later steps of that shape copy their ids into
-        the plan's arrays and replay it in C, without the Python in between."""
+        the plan's arrays and replay it in C, without the Python in between. A step that
+        ``train_step(..., defer=True)`` left pending is applied first: during a replay,
+        beside the forward (``Plan.run``), one thread updating while another runs it."""
         ids = self._ids(inputs, "inputs")
         tgt = np.ascontiguousarray(_integers(_array(targets, "targets"), "targets"), np.intc)
         if tgt.ndim == 1:
@@ -173,26 +184,33 @@ class LLM(Module):
         key = (*ids.shape, count)
         entry = self._plans.get(key)
         if entry is None:
+            self.settle()
             plan, ids, tgt = K.Plan(), ids.copy(), tgt.copy()  # the plan's own inputs
             with plan:
-                losses = self._loss_and_backward(self.workspace, ids, tgt, count)
+                losses, forward = self._loss_and_backward(self.workspace, ids, tgt, count,
+                                                          plan)
             ws = self.workspace
             if ws.generation != self._plans_generation or len(self._plans) >= MAX_PLANS:
                 self._plans.clear()  # plans over replaced buffers would keep those alive
                 self._plans_generation = ws.generation
-            self._plans[key] = plan, ids, tgt, losses
+            self._plans[key] = plan, ids, tgt, losses, forward
             self.plans_recorded += 1
         else:
-            plan, plan_ids, plan_tgt, losses = entry
+            plan, plan_ids, plan_tgt, losses, forward = entry
             plan_ids[...] = ids
             plan_tgt[...] = tgt
-            plan.run()
+            deferred = self._deferred
+            plan.run(deferred and deferred.pending, forward)
+            if deferred is not None:
+                deferred.pending = self._deferred = None
         return float(losses.sum(dtype=np.float64) / count)
 
     def _loss_and_backward(self, ws: Workspace, ids: np.ndarray, tgt: np.ndarray,
-                           count: int) -> np.ndarray:
-        """Forward, loss and backward as kernel calls; the per-position losses (B*T,)."""
+                           count: int, plan: K.Plan) -> tuple[np.ndarray, int]:
+        """Forward, loss and backward as kernel calls, recorded into `plan`; the
+        per-position losses (B*T,) and the number of calls the forward made."""
         logits, xs = self._forward(ws, ids)
+        forward = len(plan)
         B, T, V = logits.shape
         losses = ws.get("losses", (B * T,))
         # dlogits overwrite the logits in place: (softmax - onehot) / count
@@ -202,12 +220,13 @@ class LLM(Module):
         for block, x in zip(reversed(self.blocks), reversed(xs[:-1])):
             dx = block.backward(ws, x, dx, accumulate=False)
         self.embeddings.backward(ws, ids, dx, accumulate=False)
-        return losses
+        return losses, forward
 
     def loss(self, inputs, targets) -> tuple[float, int, int]:
         """(summed loss, number of targets, number predicted correctly) without gradients."""
         ids = self._ids(inputs, "inputs")
         tgt = np.ascontiguousarray(targets, np.intc).reshape(ids.shape)
+        self.settle()
         logits = self._forward(Workspace(), ids)[0]
         losses = np.empty(tgt.size, np.float32)
         K.crossentropy_forward(losses, _rows(logits), tgt.reshape(-1), IGNORE_INDEX)
@@ -220,22 +239,31 @@ class LLM(Module):
         return math.sqrt(K.sum_squares(self.params.grad))
 
     def train_step(self, inputs, targets, optimizer: Adam, lr: float,
-                   max_grad_norm: float | None = 5.0) -> tuple[float, float]:
+                   max_grad_norm: float | None = 5.0, defer: bool = False) -> tuple[float, float]:
         """One step: loss and backward, clip to ``max_grad_norm`` (global L2), Adam update.
         Returns (loss, gradient norm before clipping). Raises TrainingError on a NaN/inf
         loss or gradient, before the parameters change. The step runs on one thread or on
         all, whichever measures faster (``step_threads``, see rustgpt.threads); the results
-        are the same either way."""
+        are the same either way.
+
+        ``defer=True`` leaves the update pending (``optimizer.step(defer=True)``) and the
+        next step applies it beside its forward, which saves time on two or more threads;
+        the results are the same, bit for bit. Until then ``params.data`` lags one update
+        behind: the methods here that read parameters, and the optimizer's state_dict,
+        call ``settle()`` first; code reading ``params`` directly should too."""
         recorded = self.plans_recorded  # a step that records a plan is not timed
         return self.step_threads.run(
-            lambda: self._train_step(inputs, targets, optimizer, lr, max_grad_norm),
+            lambda: self._train_step(inputs, targets, optimizer, lr, max_grad_norm, defer),
             _array(inputs, "inputs").size, lambda: self.plans_recorded != recorded)
 
     def _train_step(self, inputs, targets, optimizer: Adam, lr: float,
-                    max_grad_norm: float | None) -> tuple[float, float]:
+                    max_grad_norm: float | None, defer: bool) -> tuple[float, float]:
         loss = self.loss_and_backward(inputs, targets)
         # the update checks the norm itself and leaves everything as it was if not finite
-        norm = optimizer.step(lr, max_grad_norm) if math.isfinite(loss) else self.grad_norm()
+        norm = optimizer.step(lr, max_grad_norm, defer) if math.isfinite(loss) \
+            else self.grad_norm()
+        if optimizer.pending is not None:
+            self._deferred = optimizer
         if not (math.isfinite(loss) and math.isfinite(norm)):
             raise TrainingError(f"loss = {loss}, gradient norm = {norm} at optimizer step "
                                 f"{optimizer.t + 1}: training diverged (parameters left as "
@@ -253,6 +281,7 @@ class LLM(Module):
         Returns the last position's logits (B, V), a view into the cache's workspace."""
         ids = self._ids(ids)
         B, T = ids.shape
+        self.settle()
         if B != cache.batch:
             raise ShapeMismatch("prompt ids", (cache.batch, T), ids.shape)
         ws = cache.workspace
@@ -276,6 +305,7 @@ class LLM(Module):
         ids = self._in_vocab(np.asarray(ids).reshape(-1), "step ids")
         if ids.shape[0] != cache.batch:
             raise ShapeMismatch("step ids", (cache.batch,), ids.shape)
+        self.settle()
         ws, B, D = cache.workspace, cache.batch, self.config.embedding_dim
         x = ws.get("step.x", (B, 1, D))
         # embedding of token ids at position n: token[id] + position[n]
@@ -299,14 +329,17 @@ class LLM(Module):
         return int(self.params.data.size)
 
     def named_parameters(self) -> Iterator[tuple[str, np.ndarray]]:
+        self.settle()
         yield from self.params.values.items()
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Copies of every parameter by name (``blocks.0.attn.wq`` ...)."""
+        self.settle()
         return {name: value.copy() for name, value in self.params.values.items()}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Copy named arrays into the parameters; every name must be present with its shape."""
+        self.settle()  # a pending step applied later would change the loaded values
         expected = self.params.values
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))

@@ -1,5 +1,5 @@
 """Adam / AdamW over the model's flat parameter buffer: one fused kernel call per step,
-gradient-norm clipping included."""
+gradient-norm clipping included; or the step deferred, to run beside the next forward."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ class Adam:
     """Adam (weight_decay = 0, as RustGPT) or AdamW (decoupled weight decay).
 
     State: first and second moments m, v (P,) and the step count t, all exposed for
-    checkpoints via ``state_dict`` / ``load_state_dict``."""
+    checkpoints via ``state_dict`` / ``load_state_dict``; ``pending``, a step that
+    ``step(defer=True)`` left to apply (see there)."""
 
     def __init__(self, params: FlatParameters, beta1: float = 0.9, beta2: float = 0.999,
                  eps: float = 1e-8, weight_decay: float = 0.0) -> None:
@@ -25,28 +26,52 @@ class Adam:
         self.m = zeros_hugepage(params.data.size)
         self.v = zeros_hugepage(params.data.size)
         self.t = 0
+        self.pending: K.AdamStep | None = None
 
-    def step(self, lr: float, max_grad_norm: float | None = None) -> float:
+    def step(self, lr: float, max_grad_norm: float | None = None, defer: bool = False) -> float:
         """params -= Adam(lr, grad), the gradient first scaled down to global L2 norm
         ``max_grad_norm`` if it is longer (None: no clipping). Returns the gradient's norm
         before clipping. A NaN or infinite norm leaves the parameters, the moments and the
-        step count as they were (the caller decides what to do about it)."""
+        step count as they were (the caller decides what to do about it).
+
+        With ``defer``, only the norm is taken now and the update waits in ``pending``
+        (t counts it already) until ``settle()``, or until ``LLM.loss_and_backward``
+        applies it beside its forward; the grads must stay as they are until then. The
+        result is the same, bit for bit."""
         if not lr > 0:
             raise ValidationError(f"Adam.step: lr = {lr}, expected > 0")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValidationError(f"Adam.step: max_grad_norm = {max_grad_norm}, expected > 0 "
                                   f"or None")
-        norm = K.adam_update(self.params.data, self.m, self.v, self.params.grad, lr,
-                             self.beta1, self.beta2, self.eps, self.weight_decay, self.t + 1,
-                             max_grad_norm or 0.0)
+        self.settle()
+        if defer:
+            norm = math.sqrt(K.sum_squares(self.params.grad))
+            if math.isfinite(norm):
+                self.pending = K.AdamStep(self.params.data, self.m, self.v, self.params.grad,
+                                          lr, self.beta1, self.beta2, self.eps,
+                                          self.weight_decay, self.t + 1, max_grad_norm or 0.0,
+                                          norm)
+        else:
+            norm = K.adam_update(self.params.data, self.m, self.v, self.params.grad, lr,
+                                 self.beta1, self.beta2, self.eps, self.weight_decay,
+                                 self.t + 1, max_grad_norm or 0.0)
         if math.isfinite(norm):
             self.t += 1
         return norm
 
+    def settle(self) -> None:
+        """Apply the pending step, if there is one not applied yet."""
+        if self.pending is not None:
+            if not self.pending.applied:
+                self.pending.apply()
+            self.pending = None
+
     def state_dict(self) -> dict:
+        self.settle()
         return {"m": self.m.copy(), "v": self.v.copy(), "t": self.t}
 
     def load_state_dict(self, state: dict) -> None:
+        self.settle()
         for key in ("m", "v"):
             arr = np.asarray(state[key], np.float32)
             if arr.shape != self.m.shape:

@@ -59,7 +59,12 @@ def rustgpt_phases(config: TrainingConfig, vocab, max_seq_len: int, pretraining:
 
 
 class Callback:
-    """Hooks the trainer calls; override what you need. ``record`` is a dict of metrics."""
+    """Hooks the trainer calls; override what you need. ``record`` is a dict of metrics.
+
+    In ``on_step`` the step's Adam update may still be pending (it runs beside the next
+    step's forward): the model's methods and ``trainer.state_dict()`` apply it first, but
+    code reading ``model.params`` directly should call ``trainer.model.settle()``. The
+    other hooks see it applied."""
 
     def on_step(self, trainer: Trainer, record: dict) -> None: ...
 
@@ -164,6 +169,7 @@ class Trainer:
                     self._epoch_losses, self._epoch_tokens, self._epoch_start = [], 0, time.perf_counter()
                 while pos.batch < per_epoch:
                     if self._stop:
+                        self.model.settle()
                         return False
                     self._train_batch(phase, per_epoch)
                 self._end_epoch(phase)
@@ -180,8 +186,10 @@ class Trainer:
         inputs, targets = make_batch([phase.sequences[i] for i in rows])
         lr = self.lr_at(phase, pos.epoch * per_epoch + pos.batch)
         start = time.perf_counter()
+        # the update runs beside the next step's forward (LLM.train_step): on_step
+        # callbacks that read model.params directly call model.settle() first
         loss, norm = self.model.train_step(inputs, targets, self.optimizer, lr,
-                                           self.config.max_grad_norm)
+                                           self.config.max_grad_norm, defer=True)
         elapsed = time.perf_counter() - start
         tokens = int(np.count_nonzero(targets >= 0))
         pos.batch += 1
@@ -196,6 +204,7 @@ class Trainer:
             cb.on_step(self, record)
 
     def _end_epoch(self, phase: Phase) -> None:
+        self.model.settle()
         pos = self.position
         elapsed = time.perf_counter() - self._epoch_start
         record = {"phase": phase.name, "epoch": pos.epoch, "step": pos.step,
