@@ -18,18 +18,27 @@ RG_INLINE void rows(int wide, float *losses, float *dlogits, const float *logits
             if (dx) memset(dx, 0, (size_t)V * sizeof(float));
             continue;
         }
-        float mx = x[0], sum = 0.0f;
+        float mx = x[0], sum = 0.0f, xy = x[y];
         #pragma omp simd reduction(max : mx)
         for (int j = 0; j < V; j++) mx = x[j] > mx ? x[j] : mx;
-        #pragma omp simd reduction(+ : sum)
-        for (int j = 0; j < V; j++) sum += rg_expf(x[j] - mx);
+        if (dx) { /* keep each e^(x - max) in dx (x may be dx: x[y] is read already) */
+            #pragma omp simd reduction(+ : sum)
+            for (int j = 0; j < V; j++) {
+                float e = rg_expf(x[j] - mx);
+                dx[j] = e;
+                sum += e;
+            }
+        } else {
+            #pragma omp simd reduction(+ : sum)
+            for (int j = 0; j < V; j++) sum += rg_expf(x[j] - mx);
+        }
         float lse = mx + logf(sum);
-        losses[i] = lse - x[y]; /* -log softmax(x)[y] */
+        losses[i] = lse - xy; /* -log softmax(x)[y] */
         if (!dx) continue;
         /* loss = lse - x[y], so dx = softmax(x) - onehot(y), times dscale */
         float s = dscale / sum;
         #pragma omp simd
-        for (int j = 0; j < V; j++) dx[j] = rg_expf(x[j] - mx) * s;
+        for (int j = 0; j < V; j++) dx[j] *= s;
         dx[y] -= dscale;
     }
 }
