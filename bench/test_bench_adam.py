@@ -1,5 +1,6 @@
 """The fused Adam update (gradient norm, clipping to 5, update) vs the same math in float32
-numpy, over the default model's size. `pytest --benchmark-only bench/test_bench_adam.py`."""
+numpy, over the default model's size; and the update followed by the next forward vs the
+update beside it (AdamStep, Plan.run). `pytest --benchmark-only bench/test_bench_adam.py`."""
 
 import numpy as np
 import pytest
@@ -33,3 +34,45 @@ def numpy_adam(p, m, v, g, lr=1e-4, t=1, max_norm=5.0) -> None:
 def test_bench_adam_numpy(benchmark, state, bench_threads):
     benchmark.group = f"adam {N} parameters"
     benchmark(numpy_adam, *state, t=10)
+
+
+@pytest.fixture(scope="module")
+def forward_plan():
+    """The default model's forward over 17 tokens (the schedule's average step), recorded
+    as a plan, with an optimizer whose gradients are random."""
+    from bench.compare import bundled_data
+    from rustgpt.config import ModelConfig
+    from rustgpt.model import LLM
+    from rustgpt.optim import Adam
+
+    vocab = bundled_data()[2]
+    model = LLM(ModelConfig(), vocab, seed=0)
+    model.params.grad[...] = np.random.default_rng(0).standard_normal(N) * 1e-3
+    ids = np.arange(17, dtype=np.intc)[None] % vocab.size
+    with K.Plan() as plan:
+        model.forward(ids)
+    return plan, model, Adam(model.params)
+
+
+def _adam_step(model, optimizer):
+    norm = float(np.sqrt(K.sum_squares(model.params.grad)))
+    return K.AdamStep(model.params.data, optimizer.m, optimizer.v, model.params.grad, 1e-9,
+                      0.9, 0.999, 1e-8, 0.0, 10, 5.0, norm)
+
+
+def test_bench_adam_then_forward(benchmark, forward_plan, bench_threads):
+    """The Adam update, then the next step's forward (train_step without defer)."""
+    plan, model, optimizer = forward_plan
+    benchmark.group = "adam update and the next forward, default model, 17 tokens"
+
+    def run():
+        _adam_step(model, optimizer).apply()
+        plan.run()
+    benchmark(run)
+
+
+def test_bench_adam_beside_forward(benchmark, forward_plan, bench_threads):
+    """The same update overlapped with that forward (train_step(defer=True), the Trainer)."""
+    plan, model, optimizer = forward_plan
+    benchmark.group = "adam update and the next forward, default model, 17 tokens"
+    benchmark(lambda: plan.run(_adam_step(model, optimizer), len(plan)))

@@ -17,8 +17,9 @@
  * (rows of C past M are never stored), and tiles on the right edge of C go through a small
  * buffer on the stack. It keeps the tile of C in registers; there is one per SIMD path
  * (AVX-512, AVX2+FMA, portable C), chosen by rg_simd_level() at each call. With one row
- * panels (M <= SMALL_M) and B not transposed, B is read in place instead (gemm_small_m).
- * Pack buffers are static per thread (_Thread_local); nothing is allocated on the heap.
+ * panels (M <= SMALL_M) and B not transposed, B is read in place instead (gemm_small_m);
+ * with those and B transposed (dx = dy W^T), AVX-512 takes dot products of rows of A and B
+ * as they lie (gemm_dot). Pack buffers are static per thread (_Thread_local); nothing is allocated on the heap.
  */
 #include <stddef.h>
 #include <string.h>
@@ -408,6 +409,91 @@ static void gemm_small_m(gemm_path path, float *C, const float *A, const float *
     }
 }
 
+#ifdef RG_X86
+/* C[:, n0:n1] (+)= A @ B[n0:n1, :]^T for a few rows of A (not transposed, M <= SMALL_M) and
+ * B transposed, (N, K), on AVX-512: each C[i, j] is the dot product of two rows contiguous
+ * in k, so nothing is packed (packing B^T cost about as much as the multiply-adds it fed
+ * at 17 rows). Blocks of up to 4 rows of A x 4 rows of B keep 16 vectors of partial sums,
+ * each summed across its lanes at the end (in a fixed order: a C element does not depend
+ * on the blocks or the thread count). B's 4 rows stay in L1 while every row of A passes. */
+#define DOT_I 4
+#define DOT_J 4
+static inline __attribute__((always_inline)) AVX512_TARGET
+void dot_body(const float *a, const float *b, int K, float *c, ptrdiff_t ldc, int accumulate,
+              const int MI, const int NJ) {
+    __m512 acc[DOT_I][DOT_J];
+    #pragma GCC unroll 4
+    for (int i = 0; i < MI; i++)
+        #pragma GCC unroll 4
+        for (int j = 0; j < NJ; j++) acc[i][j] = _mm512_setzero_ps();
+    int p = 0;
+    for (; p + 16 <= K; p += 16) {
+        __m512 av[DOT_I], bv[DOT_J];
+        #pragma GCC unroll 4
+        for (int i = 0; i < MI; i++) av[i] = _mm512_loadu_ps(a + (size_t)i * K + p);
+        #pragma GCC unroll 4
+        for (int j = 0; j < NJ; j++) bv[j] = _mm512_loadu_ps(b + (size_t)j * K + p);
+        #pragma GCC unroll 4
+        for (int i = 0; i < MI; i++)
+            #pragma GCC unroll 4
+            for (int j = 0; j < NJ; j++) acc[i][j] = _mm512_fmadd_ps(av[i], bv[j], acc[i][j]);
+    }
+    if (p < K) {
+        __mmask16 m = (__mmask16)((1u << (K - p)) - 1u);
+        __m512 av[DOT_I], bv[DOT_J];
+        #pragma GCC unroll 4
+        for (int i = 0; i < MI; i++) av[i] = _mm512_maskz_loadu_ps(m, a + (size_t)i * K + p);
+        #pragma GCC unroll 4
+        for (int j = 0; j < NJ; j++) bv[j] = _mm512_maskz_loadu_ps(m, b + (size_t)j * K + p);
+        #pragma GCC unroll 4
+        for (int i = 0; i < MI; i++)
+            #pragma GCC unroll 4
+            for (int j = 0; j < NJ; j++) acc[i][j] = _mm512_fmadd_ps(av[i], bv[j], acc[i][j]);
+    }
+    /* per row of A, the 4 vectors' lane sums in one 4-float vector (missing rows of B add
+     * zeros), in a fixed order: pairs of lanes, then the four 128-bit quarters */
+    const __mmask8 store = (__mmask8)((1u << NJ) - 1u);
+    #pragma GCC unroll 4
+    for (int i = 0; i < MI; i++) {
+        #pragma GCC unroll 4
+        for (int j = NJ; j < DOT_J; j++) acc[i][j] = _mm512_setzero_ps();
+        __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(acc[i][0], acc[i][1]),
+                                  _mm512_unpackhi_ps(acc[i][0], acc[i][1]));
+        __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(acc[i][2], acc[i][3]),
+                                  _mm512_unpackhi_ps(acc[i][2], acc[i][3]));
+        __m512 q = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
+        __m256 h = _mm256_add_ps(_mm512_castps512_ps256(q), _mm512_extractf32x8_ps(q, 1));
+        __m128 sum = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        float *ci = c + i * ldc;
+        if (accumulate) sum = _mm_add_ps(sum, _mm_maskz_loadu_ps(store, ci));
+        _mm_mask_storeu_ps(ci, store, sum);
+    }
+}
+
+AVX512_TARGET
+static void gemm_dot(float *C, const float *A, const float *B, int M, int N, int K,
+                     int accumulate, int n0, int n1) {
+    for (int j = n0; j < n1; j += DOT_J) {
+        int nj = n1 - j < DOT_J ? n1 - j : DOT_J;
+        for (int i = 0; i < M; i += DOT_I) {
+            int mi = M - i < DOT_I ? M - i : DOT_I;
+            const float *a = A + (size_t)i * K, *b = B + (size_t)j * K;
+            float *c = C + (size_t)i * N + j;
+            switch (mi * 8 + nj) {
+#define DOT_CASE(MI, NJ) \
+                case MI * 8 + NJ: dot_body(a, b, K, c, N, accumulate, MI, NJ); break;
+                DOT_CASE(4, 4) DOT_CASE(4, 3) DOT_CASE(4, 2) DOT_CASE(4, 1)
+                DOT_CASE(3, 4) DOT_CASE(3, 3) DOT_CASE(3, 2) DOT_CASE(3, 1)
+                DOT_CASE(2, 4) DOT_CASE(2, 3) DOT_CASE(2, 2) DOT_CASE(2, 1)
+                DOT_CASE(1, 4) DOT_CASE(1, 3) DOT_CASE(1, 2) DOT_CASE(1, 1)
+#undef DOT_CASE
+            }
+        }
+    }
+}
+#endif
+
 /* Rows of C up to which B is read in place (gemm_small_m) when not transposed. */
 #ifndef SMALL_M
 #define SMALL_M 24
@@ -446,6 +532,21 @@ void rg_sgemm_many(int count, float *const C[], const float *const A[], const fl
         }
         return;
     }
+#ifdef RG_X86
+    /* a few rows, B transposed, AVX-512: dot products, threads split the columns */
+    if (trans_b && !trans_a && M <= SMALL_M && path.kernel == kernel_avx512) {
+        int nt = (N + DOT_J - 1) / DOT_J;
+        if (nthreads > nt) nthreads = nt;
+        #pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int t = 0; t < nthreads; t++) {
+            int n0 = (int)((long)nt * t / nthreads) * DOT_J;
+            int n1 = (int)((long)nt * (t + 1) / nthreads) * DOT_J;
+            for (int i = 0; i < count; i++)
+                gemm_dot(C[i], A[i], B[i], M, N, K, accumulate[i], n0, n1 < N ? n1 : N);
+        }
+        return;
+    }
+#endif
     /* Split C into tm x tn <= nthreads rectangles, one per thread, along whole micro-tiles.
      * A split along M packs B again in every thread, a split along N packs A again: pick
      * the split whose busiest thread has the least compute plus packing. */
