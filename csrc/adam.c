@@ -188,12 +188,6 @@ struct rg_update {
     unsigned char *done; /* done[c]: piece c is updated (atomic, release / acquire) */
 };
 
-static inline void relax(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-}
-
 /* Take the next piece and update it; 0 when every piece is taken. */
 static int take(rg_update *u) {
     int c = __atomic_fetch_add(&u->next, 1, __ATOMIC_RELAXED);
@@ -215,7 +209,7 @@ void rg_update_wait(rg_update *u, size_t end) {
         if (__atomic_load_n(&u->done[u->ready], __ATOMIC_ACQUIRE))
             u->ready++;
         else if (!take(u))
-            relax(); /* another thread is finishing that piece */
+            rg_relax(); /* another thread is finishing that piece */
     }
 }
 

@@ -1,5 +1,5 @@
 /* runtime.c: thread count and SIMD level, the two switches every parallel kernel reads. */
-#include "rustgpt_kernels.h"
+#include "simd.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -63,4 +63,30 @@ int rg_set_local_threads(int n) {
     int before = threads_here;
     threads_here = n > 0 ? n : 0;
     return before;
+}
+
+void rg_run_streams(int n, const unsigned char *stream, const int *wait,
+                    void (*run)(void *ctx, int j), void *ctx) {
+    int nt = rg_num_threads();
+    if (nt < 2) {
+        for (int j = 0; j < n; j++) run(ctx, j);
+        return;
+    }
+    int done[2] = {-1, -1}; /* the latest call each stream finished (atomic) */
+    #pragma omp parallel num_threads(2)
+    {
+#ifdef _OPENMP
+        int s = omp_get_thread_num();
+#else
+        int s = 0;
+#endif
+        int before = rg_set_local_threads(1);
+        for (int j = 0; j < n; j++) {
+            if (stream[j] != s) continue;
+            while (__atomic_load_n(&done[1 - s], __ATOMIC_ACQUIRE) < wait[j]) rg_relax();
+            run(ctx, j);
+            __atomic_store_n(&done[s], j, __ATOMIC_RELEASE);
+        }
+        rg_set_local_threads(before);
+    }
 }

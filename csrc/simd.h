@@ -48,4 +48,11 @@ RG_INLINE float rg_expf(float x) {
     return x == x ? p * scale : x;
 }
 
+/* One turn of a spin-wait on another thread's progress. */
+static inline void rg_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
 #endif /* RUSTGPT_SIMD_H */

@@ -165,6 +165,32 @@ def test_deferred_updates_give_the_same_training(rng, threads):
     assert later[3]["t"] == now[3]["t"] == 2 * len(batches)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_backward_as_two_streams_equals_in_order(rng, threads, monkeypatch):
+    """Small steps replay their backward as two streams (STREAMS_MAX_TOKENS): the same
+    losses and gradients as replaying it in order, bit for bit."""
+    config = ModelConfig(embedding_dim=64, hidden_dim=128, num_layers=2, num_heads=2,
+                         max_seq_len=40)
+    batches = [make_batch([rng.integers(0, 13, n).astype(np.intc) for n in ns])
+               for ns in ((17,), (5, 9), (40,))]
+    results = []
+    before = K.get_num_threads()
+    K.set_num_threads(threads)
+    try:
+        for limit in (0, 64):
+            monkeypatch.setattr("rustgpt.model.STREAMS_MAX_TOKENS", limit)
+            m = LLM(config, tiny_vocab(), seed=4)
+            out = []
+            for x, y in batches * 3:  # the first of each shape records, the rest replay
+                out.append(m.loss_and_backward(x, y))
+                out.append(m.params.grad.copy())
+            results.append(out)
+    finally:
+        K.set_num_threads(before)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_reading_a_model_applies_its_pending_update(rng):
     """Every way of reading the parameters sees the deferred update applied."""
     x, y = make_batch([rng.integers(0, 13, 6).astype(np.intc)])

@@ -33,6 +33,8 @@ cdef extern from "rustgpt_kernels.h" nogil:
     int rg_num_threads() noexcept
     void rg_set_num_threads(int n) noexcept
     int rg_set_local_threads(int n) noexcept
+    void rg_run_streams(int n, const unsigned char *stream, const int *wait,
+                        void (*run)(void *ctx, int j) noexcept nogil, void *ctx) noexcept
     void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
                   int trans_a, int trans_b, int accumulate) noexcept
     void rg_sgemm_many(int count, float **C, const float **A, const float **B, int M, int N,
@@ -318,6 +320,9 @@ cdef class Plan:
     cdef bint entered
     cdef size_t *needs  # needs[j]: params[0, needs[j]) the first calls up to j read
     cdef tuple needs_for  # (calls, addresses of params, m, v, grads) needs was worked out for
+    cdef unsigned char *stream  # stream[j - streams_from]: 1 for a leaf call (see run)
+    cdef int *wait  # wait[j - streams_from]: the other stream's call it waits for, or -1
+    cdef Py_ssize_t streams_from  # the first call stream and wait cover (-1: none yet)
 
     def __cinit__(self):
         self.ops = NULL
@@ -326,10 +331,15 @@ cdef class Plan:
         self.entered = False
         self.needs = NULL
         self.needs_for = None
+        self.stream = NULL
+        self.wait = NULL
+        self.streams_from = -1
 
     def __dealloc__(self):
         free(self.ops)
         free(self.needs)
+        free(self.stream)
+        free(self.wait)
 
     cdef int _append(self, const Op *op, tuple arrays) except -1:
         cdef Op *grown
@@ -361,34 +371,98 @@ cdef class Plan:
     def __len__(self):
         return self.n
 
-    def run(self, AdamStep update=None, Py_ssize_t overlap=0):
-        """Replay every recorded call, in order, without the GIL. With `update` (an
-        AdamStep not yet applied), apply it first, overlapped with the first `overlap`
-        calls: one thread replays them while the others update the parameters, and each
-        call waits for the parameters it reads (see AdamStep). Those calls must not touch
-        the update's m, v or grads; the results are the same as update.apply() then
-        run()."""
+    def run(self, AdamStep update=None, Py_ssize_t forward=0, bint streams=False):
+        """Replay every recorded call, in order, without the GIL.
+
+        ``forward``: the number of leading calls that make a step's forward pass. With
+        `update` (an AdamStep not yet applied), the update is applied first, overlapped
+        with those calls: one thread replays them while the others update the parameters,
+        and each call waits for the parameters it reads (see AdamStep). Those calls must
+        not touch the update's m, v or grads. With ``streams``, the calls after them run
+        as two streams on one thread each: the leaf calls (whose outputs no later call
+        reads, as a backward pass's weight gradients) on one, the rest on the other, each
+        call waiting for the calls of the other stream whose memory it shares (worth it
+        where the calls are too small to split well, as a batch-1 step's). The results
+        are the same as update.apply() then run(), bit for bit."""
         cdef Py_ssize_t j
         cdef _Overlap work
         if _recording is self:
             raise ValidationError("Plan.run: the plan is still being recorded")
-        if update is not None and not 0 <= overlap <= self.n:
-            raise ValidationError(f"Plan.run: overlap = {overlap}, expected 0 to {self.n} "
+        if not 0 <= forward <= self.n:
+            raise ValidationError(f"Plan.run: forward = {forward}, expected 0 to {self.n} "
                                   f"calls")
         for j in range(self.n):
             _check_ids(&self.ops[j])
-        if update is None:
-            overlap = 0
-        else:
+        cdef Py_ssize_t start = 0
+        if update is not None:
             update._check_unapplied("Plan.run")
-            work.ops, work.n, work.needs = self.ops, overlap, self._needs(update, overlap)
+            work.ops, work.n, work.needs = self.ops, forward, self._needs(update, forward)
             work.ran = 0
             with nogil:
                 update._apply(_replay_overlapped, &work)
-            overlap = work.ran
+            start = work.ran
+        if streams:
+            self._streams(forward)
         with nogil:
-            for j in range(overlap, self.n):
+            for j in range(start, forward if streams else self.n):
                 _run(&self.ops[j])
+            if streams:
+                rg_run_streams(<int>(self.n - forward), self.stream, self.wait, _run_call,
+                               <void *>(self.ops + forward))
+
+    def streams(self, Py_ssize_t forward):
+        """The two-stream schedule ``run(..., forward, streams=True)`` follows for the calls
+        after the first `forward`: (stream, call it waits for or -1) per call, indices
+        counted from `forward`."""
+        if not 0 <= forward <= self.n:
+            raise ValidationError(f"Plan.streams: forward = {forward}, expected 0 to {self.n}")
+        self._streams(forward)
+        return [(self.stream[j], self.wait[j]) for j in range(self.n - forward)]
+
+    cdef int _streams(self, Py_ssize_t start) except -1:
+        """stream and wait for calls start..n-1 (cached). A call is a leaf (stream 1) when
+        it writes something and no later call touches what it writes; calls i < k of
+        different streams that share memory, one of them writing it, make k wait for i.
+        Every array of a call counts as read, its outputs (the kernel's first arguments)
+        as written too."""
+        if self.streams_from == start:
+            return 0
+        cdef Py_ssize_t m = self.n - start, j
+        ops, lo, hi, out = [], [], [], []
+        for j in range(start, self.n):
+            outputs = _outputs(&self.ops[j])
+            for i, a in enumerate(self.arrays[j]):
+                base = a.__array_interface__["data"][0]
+                ops.append(j - start)
+                lo.append(base)
+                hi.append(base + a.nbytes)
+                out.append(i < outputs)
+        op, lo, hi, out = (np.array(x, dtype) for x, dtype in
+                           ((ops, np.intp), (lo, np.uint64), (hi, np.uint64), (out, bool)))
+        shared = (lo[:, None] < hi[None, :]) & (lo[None, :] < hi[:, None])
+        later = op[None, :] > op[:, None]  # [r, q]: range q belongs to a later call
+        touched_later = (shared & later).any(axis=1)
+        leaf = np.ones(m, bool)
+        np.logical_and.at(leaf, op[out], ~touched_later[out])
+        leaf &= np.bincount(op[out], minlength=m) > 0
+        conflict = np.zeros((m, m), bool)
+        r, q = np.nonzero(shared & later & (out[:, None] | out[None, :]))
+        conflict[op[r], op[q]] = True  # [i, k]: call k waits for call i, if in the other stream
+        conflict &= leaf[:, None] != leaf[None, :]
+        waits = np.where(conflict.any(axis=0),
+                         m - 1 - np.argmax(conflict[::-1], axis=0), -1) if m else []
+        free(self.stream)
+        free(self.wait)
+        self.streams_from = -1
+        self.stream = <unsigned char *>malloc(m + 1)
+        self.wait = <int *>malloc((m + 1) * sizeof(int))
+        if self.stream == NULL or self.wait == NULL:
+            raise MemoryError("Plan.run: out of memory")
+        for j in range(m):
+            self.stream[j] = leaf[j]
+            self.wait[j] = waits[j]
+        self.streams_from = start
+        return 0
 
     cdef size_t *_needs(self, AdamStep update, Py_ssize_t overlap) except NULL:
         """needs[j] for the first `overlap` calls (cached): the end of the part of
@@ -420,6 +494,23 @@ cdef class Plan:
             self.needs[j] = end
         self.needs_for = key
         return self.needs
+
+
+cdef Py_ssize_t _outputs(const Op *o) noexcept:
+    """How many of the arrays of a call (in the kernel's argument order) it writes."""
+    if o.kind == OP_SGEMM_MANY:
+        return o.i[5]
+    if o.kind in (OP_ATTENTION_BACKWARD, OP_LAYERNORM_FORWARD, OP_LAYERNORM_BACKWARD):
+        return 3
+    if o.kind in (OP_ATTENTION_FORWARD, OP_CROSSENTROPY_FORWARD_BACKWARD,
+                  OP_EMBEDDING_BACKWARD):
+        return 2
+    return 1
+
+
+cdef void _run_call(void *ctx, int j) noexcept nogil:
+    """rg_run_streams' call j: the j-th op from ctx."""
+    _run(&(<const Op *>ctx)[j])
 
 
 cdef struct _Overlap:

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 IGNORE_INDEX = -1  # target id of padded positions: no loss, no gradient
 MAX_PLANS = 256  # recorded training steps kept per model, one per batch shape and target count
+# Steps of at most this many tokens replay their backward as two streams, one thread each
+# (Plan.run): too few rows to split each matmul between threads well
+STREAMS_MAX_TOKENS = 64
 
 
 def _array(ids, name: str) -> np.ndarray:
@@ -169,7 +172,9 @@ class LLM(Module):
         as a kernel plan (``_kernels.Plan``); later steps of that shape copy their ids into
         the plan's arrays and replay it in C, without the Python in between. A step that
         ``train_step(..., defer=True)`` left pending is applied first: during a replay,
-        beside the forward (``Plan.run``), one thread updating while another runs it."""
+        beside the forward (``Plan.run``), one thread updating while another runs it. A
+        replay of up to STREAMS_MAX_TOKENS tokens runs its backward as two streams, the
+        weight gradients on a thread of their own (``Plan.run``)."""
         ids = self._ids(inputs, "inputs")
         tgt = np.ascontiguousarray(_integers(_array(targets, "targets"), "targets"), np.intc)
         if tgt.ndim == 1:
@@ -200,7 +205,7 @@ class LLM(Module):
             plan_ids[...] = ids
             plan_tgt[...] = tgt
             deferred = self._deferred
-            plan.run(deferred and deferred.pending, forward)
+            plan.run(deferred and deferred.pending, forward, ids.size <= STREAMS_MAX_TOKENS)
             if deferred is not None:
                 deferred.pending = self._deferred = None
         return float(losses.sum(dtype=np.float64) / count)
