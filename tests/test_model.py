@@ -285,6 +285,13 @@ def test_bad_inputs(model):
         model.loss_and_backward([[1, 2]], [[1, 2, 3]])
     with pytest.raises(ValidationError, match="all padding"):
         model.loss_and_backward([[1, 2]], [[-1, -1]])
+    with pytest.raises(TokenError, match="targets holds token id 13"):
+        model.loss_and_backward([[1, 2]], np.array([[-1, 13]], np.intc))
+    for big in (2**32 + 1, -(2**32) - 1):  # int64 ids that narrowing to int32 would hide
+        with pytest.raises(TokenError, match=f"inputs holds token id {big}"):
+            model.loss_and_backward([[1, big]], [[1, 2]])
+        with pytest.raises(TokenError, match=f"targets holds token id {big}"):
+            model.loss_and_backward([[1, 2]], [[-1, big]])
     with pytest.raises(ValidationError, match="inputs is not a rectangular"):
         model.train_step([[1, 2], [3]], [[1, 2], [3, 4]], Adam(model.params), 1e-3)
     with pytest.raises(ValidationError, match="targets is not a rectangular"):

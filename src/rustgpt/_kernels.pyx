@@ -165,6 +165,20 @@ cdef Py_ssize_t _first_bad_id(const int *p, Py_ssize_t n, int V, bint allow_igno
     return -1
 
 
+def scan_ids(ids, int V, bint allow_ignore=False, int ignore=-1):
+    """One pass over int32 token ids: (-1, n) when every id lies in [0, V) or (with
+    allow_ignore) equals ignore, n counting the ids that do not equal it; else (flat index
+    of the first that fails, 0). The model's check of its inputs and targets."""
+    fn = "scan_ids"
+    cdef const int *p = <const int *>_data(ids, fn, "ids", _I32, ids.shape, False)
+    cdef Py_ssize_t i, j, n = ids.size, count = 0
+    i = _first_bad_id(p, n, V, allow_ignore, ignore)
+    if i < 0:
+        for j in range(n):
+            count += not (allow_ignore and p[j] == ignore)
+    return i, count
+
+
 cdef int _check_id_range(const int *p, Py_ssize_t n, int V, bint allow_ignore, int ignore,
                          str fn, str name, object error) except -1:
     """Each of p[0 .. n) lies in [0, V) (or equals ignore, when allow_ignore); else raise

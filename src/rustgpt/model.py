@@ -129,15 +129,24 @@ class LLM(Module):
         if T > self.config.max_seq_len:
             raise ValidationError(f"cannot forward a sequence of length {T}, max_seq_len is "
                                   f"only {self.config.max_seq_len}")
-        return self._in_vocab(arr, name)
+        return self._in_vocab(arr, name)[0]
 
-    def _in_vocab(self, arr: np.ndarray, name: str) -> np.ndarray:
-        """arr as C-contiguous int32, after checking every id lies in [0, V)."""
+    def _in_vocab(self, arr: np.ndarray, name: str,
+                  ignore: int | None = None) -> tuple[np.ndarray, int]:
+        """arr as C-contiguous int32 and how many of its ids are not `ignore`, after
+        checking that every other id lies in [0, V)."""
         _integers(arr, name)
-        if arr.min() < 0 or arr.max() >= self.vocab.size:
-            bad = arr[(arr < 0) | (arr >= self.vocab.size)].flat[0]
-            raise TokenError(f"{name} holds token id {bad}, expected ids in [0, {self.vocab.size})")
-        return np.ascontiguousarray(arr, np.intc)
+        V = self.vocab.size
+        if arr.dtype != np.intc:  # checked before narrowing: 2**32 + 5 must not pass as 5
+            ids = arr if ignore is None else arr[arr != ignore]
+            if ids.size and (ids.min() < 0 or ids.max() >= V):
+                bad = ids[(ids < 0) | (ids >= V)].flat[0]
+                raise TokenError(f"{name} holds token id {bad}, expected ids in [0, {V})")
+        arr = np.ascontiguousarray(arr, np.intc)
+        bad, count = K.scan_ids(arr, V, ignore is not None, ignore or 0)
+        if bad >= 0:
+            raise TokenError(f"{name} holds token id {arr.flat[bad]}, expected ids in [0, {V})")
+        return arr, count
 
     # ---- training -----------------------------------------------------------------------
 
@@ -176,16 +185,14 @@ class LLM(Module):
         replay of up to STREAMS_MAX_TOKENS tokens runs its backward as two streams, the
         weight gradients on a thread of their own (``Plan.run``)."""
         ids = self._ids(inputs, "inputs")
-        tgt = np.ascontiguousarray(_integers(_array(targets, "targets"), "targets"), np.intc)
+        tgt = _integers(_array(targets, "targets"), "targets")
         if tgt.ndim == 1:
             tgt = tgt[None, :]
         if tgt.shape != ids.shape:
             raise ShapeMismatch("targets", ids.shape, tgt.shape)
-        keep = tgt != IGNORE_INDEX
-        count = int(np.count_nonzero(keep))
+        tgt, count = self._in_vocab(tgt, "targets", IGNORE_INDEX)
         if count == 0:
             raise ValidationError("targets are all padding, expected at least one target")
-        self._in_vocab(tgt[keep], "targets")
         key = (*ids.shape, count)
         entry = self._plans.get(key)
         if entry is None:
@@ -307,7 +314,7 @@ class LLM(Module):
         if n >= self.config.max_seq_len:
             raise ValidationError(f"cannot decode position {n}: max_seq_len is "
                                   f"{self.config.max_seq_len}")
-        ids = self._in_vocab(np.asarray(ids).reshape(-1), "step ids")
+        ids = self._in_vocab(np.asarray(ids).reshape(-1), "step ids")[0]
         if ids.shape[0] != cache.batch:
             raise ShapeMismatch("step ids", (cache.batch,), ids.shape)
         self.settle()
