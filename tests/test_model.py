@@ -137,8 +137,10 @@ def test_deferred_updates_give_the_same_training(rng, threads):
     and lr changes."""
     config = ModelConfig(embedding_dim=64, hidden_dim=128, num_layers=2, num_heads=2,
                          max_seq_len=40)
-    lengths = [17, 17, 9, 17, 9, 30, 17, 17]  # new shapes record plans between replays
-    batches = [make_batch([rng.integers(0, 13, n).astype(np.intc)]) for n in lengths]
+    # new shapes record plans between replays; (30, 30, 30) is past SMALL_STEP_TOKENS
+    lengths = [(17,), (17,), (9,), (17,), (9,), (30,), (30, 30, 30), (17,), (30, 30, 30), (17,)]
+    batches = [make_batch([rng.integers(0, 13, n).astype(np.intc) for n in ns])
+               for ns in lengths]
 
     def train(defer):
         before = K.get_num_threads()
@@ -167,7 +169,7 @@ def test_deferred_updates_give_the_same_training(rng, threads):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_backward_as_two_streams_equals_in_order(rng, threads, monkeypatch):
-    """Small steps replay their backward as two streams (STREAMS_MAX_TOKENS): the same
+    """Small steps replay their backward as two streams (SMALL_STEP_TOKENS): the same
     losses and gradients as replaying it in order, bit for bit."""
     config = ModelConfig(embedding_dim=64, hidden_dim=128, num_layers=2, num_heads=2,
                          max_seq_len=40)
@@ -178,7 +180,7 @@ def test_backward_as_two_streams_equals_in_order(rng, threads, monkeypatch):
     K.set_num_threads(threads)
     try:
         for limit in (0, 64):
-            monkeypatch.setattr("rustgpt.model.STREAMS_MAX_TOKENS", limit)
+            monkeypatch.setattr("rustgpt.model.SMALL_STEP_TOKENS", limit)
             m = LLM(config, tiny_vocab(), seed=4)
             out = []
             for x, y in batches * 3:  # the first of each shape records, the rest replay

@@ -31,9 +31,11 @@ if TYPE_CHECKING:
 
 IGNORE_INDEX = -1  # target id of padded positions: no loss, no gradient
 MAX_PLANS = 256  # recorded training steps kept per model, one per batch shape and target count
-# Steps of at most this many tokens replay their backward as two streams, one thread each
-# (Plan.run): too few rows to split each matmul between threads well
-STREAMS_MAX_TOKENS = 64
+# Replays of steps of at most this many tokens apply a deferred update beside their forward
+# and run their backward as two streams, one thread each (Plan.run): too few rows to split
+# each matmul between threads well. Longer steps would leave a thread idle: the update ends
+# in the middle of a long forward call, which started on one thread.
+SMALL_STEP_TOKENS = 64
 
 
 def _array(ids, name: str) -> np.ndarray:
@@ -181,9 +183,9 @@ class LLM(Module):
         as a kernel plan (``_kernels.Plan``); later steps of that shape copy their ids into
         the plan's arrays and replay it in C, without the Python in between. A step that
         ``train_step(..., defer=True)`` left pending is applied first: during a replay,
-        beside the forward (``Plan.run``), one thread updating while another runs it. A
-        replay of up to STREAMS_MAX_TOKENS tokens runs its backward as two streams, the
-        weight gradients on a thread of their own (``Plan.run``)."""
+        beside the forward if the step has at most SMALL_STEP_TOKENS tokens (``Plan.run``:
+        one thread updating while another runs it), and such a step's backward runs as two
+        streams, the weight gradients on a thread of their own."""
         ids = self._ids(inputs, "inputs")
         tgt = _integers(_array(targets, "targets"), "targets")
         if tgt.ndim == 1:
@@ -211,8 +213,11 @@ class LLM(Module):
             plan, plan_ids, plan_tgt, losses, forward = entry
             plan_ids[...] = ids
             plan_tgt[...] = tgt
+            small = ids.size <= SMALL_STEP_TOKENS
+            if not small:
+                self.settle()
             deferred = self._deferred
-            plan.run(deferred and deferred.pending, forward, ids.size <= STREAMS_MAX_TOKENS)
+            plan.run(deferred and deferred.pending, forward, small)
             if deferred is not None:
                 deferred.pending = self._deferred = None
         return float(losses.sum(dtype=np.float64) / count)
