@@ -129,6 +129,15 @@ double rg_sum_squares(const float *x, size_t n) {
     return total_of(parts, count);
 }
 
+size_t rg_sum_squares_chunk(size_t n) { return chunk_size(n); }
+
+void rg_sum_squares_part(double *part, const float *x, size_t n, int c) {
+    size_t chunk = chunk_size(n);
+    sum_squares_range_pick()(part, x, c * chunk, chunk_end(c, chunk, n));
+}
+
+double rg_sum_squares_total(const double *parts, int count) { return total_of(parts, count); }
+
 /* The update's constants in double, then rounded once (1 - beta2 in float32 would be
  * 1.3e-5 off), with the gradient's scale for clipping to max_norm given its norm. */
 static adam_consts constants(double lr, double beta1, double beta2, double eps,

@@ -142,6 +142,12 @@ int rg_update_busy(rg_update *u);
 /* Sum of x[i]^2 in double, summed in a fixed order whatever the thread count (fixed
  * chunks, their sums added in order; rg_adam_update's norm is the same sum). x: (n). */
 double rg_sum_squares(const float *x, size_t n);
+/* rg_sum_squares in pieces, for a caller that takes them as the data becomes ready: the
+ * size of its chunks over n elements (the last may be shorter), the sum of chunk c into
+ * *part, and the total of the chunks' sums in order (the same bits as rg_sum_squares). */
+size_t rg_sum_squares_chunk(size_t n);
+void rg_sum_squares_part(double *part, const float *x, size_t n, int c);
+double rg_sum_squares_total(const double *parts, int count);
 
 /* ---- elementwise, bias, embedding (elementwise.c) -------------------------------------- */
 

@@ -261,11 +261,13 @@ def test_plan_run_beside_an_update_refuses_bad_use(rng):
 
 def hazard_plan(rng):
     """A plan whose leaf calls (weight-gradient-like: outputs nobody reads later) share
-    buffers with the rest in every order that needs a wait."""
-    x = rng.standard_normal((40, 64)).astype(np.float32)
-    h, g = np.empty_like(x), rng.standard_normal((40, 64)).astype(np.float32)
-    dw1, dw2, db = (np.empty((64, 64), np.float32), np.empty((64, 64), np.float32),
-                    np.empty(64, np.float32))
+    buffers with the rest in every order that needs a wait; their outputs lie in one flat
+    gradient buffer of three sum_squares chunks (16384 floats each, the last shorter)."""
+    x = rng.standard_normal((40, 128)).astype(np.float32)
+    h, g = np.empty_like(x), rng.standard_normal((40, 128)).astype(np.float32)
+    grads = np.full(2 * 128 * 128 + 128, np.nan, np.float32)
+    dw1, dw2 = (grads[i * 16384:(i + 1) * 16384].reshape(128, 128) for i in range(2))
+    db = grads[2 * 16384:]
     with K.Plan() as plan:
         K.relu_forward(h, x)                       # 0 chain: writes h
         K.sgemm(dw1, h, g, trans_a=True)           # 1 leaf: reads h (after 0)
@@ -273,13 +275,20 @@ def hazard_plan(rng):
         K.colsum(db, h, accumulate=False)          # 3 leaf: reads the new h (after 2)
         K.add(g, g, h)                             # 4 chain: writes g, which 1 read
         K.sgemm(dw2, x, g, trans_a=True)           # 5 leaf: reads the new g (after 4)
-    return plan, [h, g, dw1, dw2, db]
+    return plan, grads, [h, g, grads]
 
 
 def test_plan_streams_wait_for_shared_memory(rng):
-    plan, _ = hazard_plan(rng)
-    assert plan.streams(0) == [(0, -1), (1, 0), (0, 1), (1, 2), (0, 1), (1, 4)]
-    assert plan.streams(2) == [(0, -1), (1, 0), (0, -1), (1, 2)]  # counted from call 2
+    plan, grads, _ = hazard_plan(rng)
+    calls = [(0, -1), (1, 0), (0, 1), (1, 2), (0, 1), (1, 4)]
+    assert plan.streams(0) == [(s, w, ("call", j)) for j, (s, w) in enumerate(calls)]
+    assert plan.streams(2) == [(0, -1, ("call", 0)), (1, 0, ("call", 1)),
+                               (0, -1, ("call", 2)), (1, 2, ("call", 3))]  # from call 2 on
+    # each chunk of the gradients summed on stream 1 right after its last writer
+    assert plan.streams(0, grads) == [
+        (0, -1, ("call", 0)), (1, 0, ("call", 1)), (1, -1, ("norm", 0)),
+        (0, 1, ("call", 2)), (1, 3, ("call", 3)), (1, -1, ("norm", 2)),
+        (0, 1, ("call", 4)), (1, 6, ("call", 5)), (1, -1, ("norm", 1))]
     with pytest.raises(ValidationError, match="forward = 7, expected 0 to 6"):
         plan.streams(7)
 
@@ -287,16 +296,19 @@ def test_plan_streams_wait_for_shared_memory(rng):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_plan_run_as_two_streams_equals_in_order(threads):
     """Run as two streams, the calls give what they give in order, bit for bit, every
-    time (a missing wait would let a leaf read a buffer too early or too late)."""
+    time (a missing wait would let a leaf read a buffer too early or too late); with
+    grads, run returns sum_squares(grads) as it ends up, the same bits."""
     before = K.get_num_threads()
     K.set_num_threads(threads)
     try:
         for forward in (0, 1, 3):
             results = []
             for streams in (False, True):
-                plan, arrays = hazard_plan(np.random.default_rng(3))
+                plan, grads, arrays = hazard_plan(np.random.default_rng(3))
                 for _ in range(50):
-                    plan.run(None, forward, streams)
+                    total = plan.run(None, forward, streams, grads)
+                    assert total == K.sum_squares(grads)
+                assert plan.run(None, forward, streams) is None
                 results.append(arrays)
             for a, b in zip(*results):
                 np.testing.assert_array_equal(a, b)

@@ -182,10 +182,16 @@ def test_backward_as_two_streams_equals_in_order(rng, threads, monkeypatch):
         for limit in (0, 64):
             monkeypatch.setattr("rustgpt.model.SMALL_STEP_TOKENS", limit)
             m = LLM(config, tiny_vocab(), seed=4)
-            out = []
+            out, replays = [], 0
             for x, y in batches * 3:  # the first of each shape records, the rest replay
-                out.append(m.loss_and_backward(x, y))
-                out.append(m.params.grad.copy())
+                recorded = m.plans_recorded
+                loss, sum_squares = m._loss_and_backward_norm(x, y, True)
+                # a replay's sum of squares, taken on the way, is sum_squares' bits
+                replayed = m.plans_recorded == recorded
+                assert sum_squares == (K.sum_squares(m.params.grad) if replayed else None)
+                replays += replayed
+                out.extend([loss, m.params.grad.copy()])
+            assert replays >= 3
             results.append(out)
     finally:
         K.set_num_threads(before)

@@ -69,6 +69,9 @@ cdef extern from "rustgpt_kernels.h" nogil:
     void rg_embedding_backward(float *dwte, float *dwpe, const float *dout, const int *ids,
                                int B, int T, int D, int V, int Tmax, int accumulate) noexcept
     double rg_sum_squares(const float *x, size_t n) noexcept
+    size_t rg_sum_squares_chunk(size_t n) noexcept
+    void rg_sum_squares_part(double *part, const float *x, size_t n, int c) noexcept
+    double rg_sum_squares_total(const double *parts, int count) noexcept
     ctypedef struct rg_update:
         pass
     void rg_adam_apply(float *params, float *m, float *v, const float *grads, size_t n,
@@ -334,9 +337,15 @@ cdef class Plan:
     cdef bint entered
     cdef size_t *needs  # needs[j]: params[0, needs[j]) the first calls up to j read
     cdef tuple needs_for  # (calls, addresses of params, m, v, grads) needs was worked out for
-    cdef unsigned char *stream  # stream[j - streams_from]: 1 for a leaf call (see run)
-    cdef int *wait  # wait[j - streams_from]: the other stream's call it waits for, or -1
-    cdef Py_ssize_t streams_from  # the first call stream and wait cover (-1: none yet)
+    # the two-stream schedule (see _streams): per item, its stream, the item of the other
+    # stream it waits for (-1: none), and what it does: call `start + task` when task >= 0,
+    # else sum the squares of chunk -1 - task of the gradients into parts
+    cdef unsigned char *stream
+    cdef int *wait
+    cdef int *task
+    cdef double *parts
+    cdef Py_ssize_t items, chunks
+    cdef tuple streams_for  # (start, address and size of the gradients) it was made for
 
     def __cinit__(self):
         self.ops = NULL
@@ -347,13 +356,18 @@ cdef class Plan:
         self.needs_for = None
         self.stream = NULL
         self.wait = NULL
-        self.streams_from = -1
+        self.task = NULL
+        self.parts = NULL
+        self.items = self.chunks = 0
+        self.streams_for = None
 
     def __dealloc__(self):
         free(self.ops)
         free(self.needs)
         free(self.stream)
         free(self.wait)
+        free(self.task)
+        free(self.parts)
 
     cdef int _append(self, const Op *op, tuple arrays) except -1:
         cdef Op *grown
@@ -385,7 +399,8 @@ cdef class Plan:
     def __len__(self):
         return self.n
 
-    def run(self, AdamStep update=None, Py_ssize_t forward=0, bint streams=False):
+    def run(self, AdamStep update=None, Py_ssize_t forward=0, bint streams=False,
+            grads=None):
         """Replay every recorded call, in order, without the GIL.
 
         ``forward``: the number of leading calls that make a step's forward pass. With
@@ -397,17 +412,27 @@ cdef class Plan:
         reads, as a backward pass's weight gradients) on one, the rest on the other, each
         call waiting for the calls of the other stream whose memory it shares (worth it
         where the calls are too small to split well, as a batch-1 step's). The results
-        are the same as update.apply() then run(), bit for bit."""
-        cdef Py_ssize_t j
+        are the same as update.apply() then run(), bit for bit.
+
+        With `grads` (a flat float32 array), returns sum_squares(grads) after the replay,
+        the same bits; with streams, the leaf stream sums each of sum_squares' chunks as
+        soon as the calls that write it are done."""
+        cdef Py_ssize_t j, start = 0
         cdef _Overlap work
+        cdef _Items items
+        cdef const float *g = NULL
+        cdef size_t n = 0
+        cdef double total = 0.0
         if _recording is self:
             raise ValidationError("Plan.run: the plan is still being recorded")
         if not 0 <= forward <= self.n:
             raise ValidationError(f"Plan.run: forward = {forward}, expected 0 to {self.n} "
                                   f"calls")
+        if grads is not None:
+            n = _shape(grads, "Plan.run", "grads", 1)[0]
+            g = _f(grads, "Plan.run", "grads", (n,))
         for j in range(self.n):
             _check_ids(&self.ops[j])
-        cdef Py_ssize_t start = 0
         if update is not None:
             update._check_unapplied("Plan.run")
             work.ops, work.n, work.needs = self.ops, forward, self._needs(update, forward)
@@ -416,30 +441,54 @@ cdef class Plan:
                 update._apply(_replay_overlapped, &work)
             start = work.ran
         if streams:
-            self._streams(forward)
+            self._streams(forward, <size_t>g, n)
+            items.ops, items.task, items.parts, items.grads, items.n = (
+                self.ops + forward, self.task, self.parts, g, n)
         with nogil:
             for j in range(start, forward if streams else self.n):
                 _run(&self.ops[j])
             if streams:
-                rg_run_streams(<int>(self.n - forward), self.stream, self.wait, _run_call,
-                               <void *>(self.ops + forward))
+                rg_run_streams(<int>self.items, self.stream, self.wait, _run_item, &items)
+                total = rg_sum_squares_total(self.parts, <int>self.chunks)
+            elif g != NULL:
+                total = rg_sum_squares(g, n)
+        return total if g != NULL else None
 
-    def streams(self, Py_ssize_t forward):
-        """The two-stream schedule ``run(..., forward, streams=True)`` follows for the calls
-        after the first `forward`: (stream, call it waits for or -1) per call, indices
-        counted from `forward`."""
+    def streams(self, Py_ssize_t forward, grads=None):
+        """The two-stream schedule ``run(..., forward, streams=True, grads)`` follows after
+        the first `forward` calls: per item (stream, the item of the other stream it waits
+        for or -1, what it does), what it does being ("call", index counted from
+        `forward`) or ("norm", chunk of the gradients)."""
+        cdef size_t n = 0
+        cdef const float *g = NULL
         if not 0 <= forward <= self.n:
             raise ValidationError(f"Plan.streams: forward = {forward}, expected 0 to {self.n}")
-        self._streams(forward)
-        return [(self.stream[j], self.wait[j]) for j in range(self.n - forward)]
+        if grads is not None:
+            n = _shape(grads, "Plan.streams", "grads", 1)[0]
+            g = _f(grads, "Plan.streams", "grads", (n,))
+        self._streams(forward, <size_t>g, n)
+        return [(self.stream[j], self.wait[j],
+                 ("call", self.task[j]) if self.task[j] >= 0 else ("norm", -1 - self.task[j]))
+                for j in range(self.items)]
 
-    cdef int _streams(self, Py_ssize_t start) except -1:
-        """stream and wait for calls start..n-1 (cached). A call is a leaf (stream 1) when
-        it writes something and no later call touches what it writes; calls i < k of
-        different streams that share memory, one of them writing it, make k wait for i.
+    cdef void _free_streams(self) noexcept:
+        free(self.stream)
+        free(self.wait)
+        free(self.task)
+        free(self.parts)
+        self.stream, self.wait, self.task, self.parts = NULL, NULL, NULL, NULL
+        self.streams_for = None
+
+    cdef int _streams(self, Py_ssize_t start, size_t grads, size_t n) except -1:
+        """The two-stream schedule of calls start..n-1 (cached). A call is a leaf (stream
+        1) when it writes something and no later call touches what it writes; calls i < k
+        of different streams that share memory, one of them writing it, make k wait for i.
         Every array of a call counts as read, its outputs (the kernel's first arguments)
-        as written too."""
-        if self.streams_from == start:
+        as written too. With gradients (address, n floats), each of sum_squares' chunks
+        of them is summed by stream 1 right after the last call that writes it, waiting
+        for the last such call of stream 0."""
+        key = (start, grads, n)
+        if self.streams_for == key:
             return 0
         cdef Py_ssize_t m = self.n - start, j
         ops, lo, hi, out = [], [], [], []
@@ -465,17 +514,44 @@ cdef class Plan:
         conflict &= leaf[:, None] != leaf[None, :]
         waits = np.where(conflict.any(axis=0),
                          m - 1 - np.argmax(conflict[::-1], axis=0), -1) if m else []
-        free(self.stream)
-        free(self.wait)
-        self.streams_from = -1
-        self.stream = <unsigned char *>malloc(m + 1)
-        self.wait = <int *>malloc((m + 1) * sizeof(int))
-        if self.stream == NULL or self.wait == NULL:
-            raise MemoryError("Plan.run: out of memory")
+        # each gradient chunk's last writer in either stream (-1: none)
+        chunk = rg_sum_squares_chunk(n) if n else 1
+        count = (n + chunk - 1) // chunk
+        last = [[-1] * count, [-1] * count]
+        end = grads + 4 * n
+        for k in np.nonzero(out)[0]:
+            a, b = max(int(lo[k]), grads), min(int(hi[k]), end)
+            for c in range((a - grads) // 4 // chunk, ((b - grads) // 4 - 1) // chunk + 1
+                           if a < b else 0):
+                s_ = int(leaf[op[k]])
+                last[s_][c] = max(last[s_][c], int(op[k]))
+        # the items in order: each call, then the chunks it is the last writer of
+        after = {}
+        for c in range(count):
+            after.setdefault(max(last[0][c], last[1][c]), []).append(c)
+        order = [-1 - c for c in after.get(-1, [])]
         for j in range(m):
-            self.stream[j] = leaf[j]
-            self.wait[j] = waits[j]
-        self.streams_from = start
+            order.append(j)
+            order.extend(-1 - c for c in after.get(j, []))
+        position = {t: i for i, t in enumerate(order)}
+        self._free_streams()
+        self.items, self.chunks = len(order), count
+        self.stream = <unsigned char *>malloc(self.items + 1)
+        self.wait = <int *>malloc((self.items + 1) * sizeof(int))
+        self.task = <int *>malloc((self.items + 1) * sizeof(int))
+        self.parts = <double *>malloc((count + 1) * sizeof(double))
+        if self.stream == NULL or self.wait == NULL or self.task == NULL or self.parts == NULL:
+            self._free_streams()
+            raise MemoryError("Plan.run: out of memory")
+        for i, t in enumerate(order):
+            self.task[i] = t
+            if t >= 0:
+                self.stream[i] = leaf[t]
+                self.wait[i] = position[waits[t]] if waits[t] >= 0 else -1
+            else:
+                self.stream[i] = 1
+                self.wait[i] = position[last[0][-1 - t]] if last[0][-1 - t] >= 0 else -1
+        self.streams_for = key
         return 0
 
     cdef size_t *_needs(self, AdamStep update, Py_ssize_t overlap) except NULL:
@@ -522,9 +598,22 @@ cdef Py_ssize_t _outputs(const Op *o) noexcept:
     return 1
 
 
-cdef void _run_call(void *ctx, int j) noexcept nogil:
-    """rg_run_streams' call j: the j-th op from ctx."""
-    _run(&(<const Op *>ctx)[j])
+cdef struct _Items:
+    const Op *ops  # the plan's calls from the first of the streams on
+    const int *task
+    double *parts
+    const float *grads
+    size_t n
+
+
+cdef void _run_item(void *ctx, int j) noexcept nogil:
+    """rg_run_streams' item j of a plan's schedule: a call, or a chunk of the norm."""
+    cdef _Items *w = <_Items *>ctx
+    cdef int t = w.task[j]
+    if t >= 0:
+        _run(&w.ops[t])
+    else:
+        rg_sum_squares_part(&w.parts[-1 - t], w.grads, w.n, -1 - t)
 
 
 cdef struct _Overlap:

@@ -186,6 +186,13 @@ class LLM(Module):
         beside the forward if the step has at most SMALL_STEP_TOKENS tokens (``Plan.run``:
         one thread updating while another runs it), and such a step's backward runs as two
         streams, the weight gradients on a thread of their own."""
+        return self._loss_and_backward_norm(inputs, targets, False)[0]
+
+    def _loss_and_backward_norm(self, inputs, targets,
+                                norm: bool) -> tuple[float, float | None]:
+        """loss_and_backward's loss; with `norm`, and the gradients' sum of squares when a
+        replay took it on the way (as K.sum_squares would; None when the step was
+        recorded)."""
         ids = self._ids(inputs, "inputs")
         tgt = _integers(_array(targets, "targets"), "targets")
         if tgt.ndim == 1:
@@ -217,10 +224,12 @@ class LLM(Module):
             if not small:
                 self.settle()
             deferred = self._deferred
-            plan.run(deferred and deferred.pending, forward, small)
+            sum_squares = plan.run(deferred and deferred.pending, forward, small,
+                                   self.params.grad if norm else None)
             if deferred is not None:
                 deferred.pending = self._deferred = None
-        return float(losses.sum(dtype=np.float64) / count)
+            return float(losses.sum(dtype=np.float64) / count), sum_squares
+        return float(losses.sum(dtype=np.float64) / count), None
 
     def _loss_and_backward(self, ws: Workspace, ids: np.ndarray, tgt: np.ndarray,
                            count: int, plan: K.Plan) -> tuple[np.ndarray, int]:
@@ -275,9 +284,9 @@ class LLM(Module):
 
     def _train_step(self, inputs, targets, optimizer: Adam, lr: float,
                     max_grad_norm: float | None, defer: bool) -> tuple[float, float]:
-        loss = self.loss_and_backward(inputs, targets)
+        loss, sum_squares = self._loss_and_backward_norm(inputs, targets, defer)
         # the update checks the norm itself and leaves everything as it was if not finite
-        norm = optimizer.step(lr, max_grad_norm, defer) if math.isfinite(loss) \
+        norm = optimizer.step(lr, max_grad_norm, defer, sum_squares) if math.isfinite(loss) \
             else self.grad_norm()
         if optimizer.pending is not None:
             self._deferred = optimizer

@@ -28,7 +28,8 @@ class Adam:
         self.t = 0
         self.pending: K.AdamStep | None = None
 
-    def step(self, lr: float, max_grad_norm: float | None = None, defer: bool = False) -> float:
+    def step(self, lr: float, max_grad_norm: float | None = None, defer: bool = False,
+             sum_squares: float | None = None) -> float:
         """params -= Adam(lr, grad), the gradient first scaled down to global L2 norm
         ``max_grad_norm`` if it is longer (None: no clipping). Returns the gradient's norm
         before clipping. A NaN or infinite norm leaves the parameters, the moments and the
@@ -37,7 +38,9 @@ class Adam:
         With ``defer``, only the norm is taken now and the update waits in ``pending``
         (t counts it already) until ``settle()``, or until ``LLM.loss_and_backward``
         applies it beside its forward; the grads must stay as they are until then. The
-        result is the same, bit for bit."""
+        result is the same, bit for bit. ``sum_squares``: the gradient's sum of squares,
+        if the caller has it already (``sum_squares(grad)``'s bits, as ``Plan.run`` gives
+        it), which a deferred step then does not take again."""
         if not lr > 0:
             raise ValidationError(f"Adam.step: lr = {lr}, expected > 0")
         if max_grad_norm is not None and not max_grad_norm > 0:
@@ -45,7 +48,9 @@ class Adam:
                                   f"or None")
         self.settle()
         if defer:
-            norm = math.sqrt(K.sum_squares(self.params.grad))
+            if sum_squares is None:
+                sum_squares = K.sum_squares(self.params.grad)
+            norm = math.sqrt(sum_squares)
             if math.isfinite(norm):
                 self.pending = K.AdamStep(self.params.data, self.m, self.v, self.params.grad,
                                           lr, self.beta1, self.beta2, self.eps,
