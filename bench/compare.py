@@ -161,8 +161,10 @@ def count_tokens(steps) -> int:
 
 
 def training_runs(framework: str, config: ModelConfig, vocab: Vocab, chunks) -> list[Callable]:
-    """One function per chunk of steps (each step loss, backward, clip 5.0, Adam), all
-    training `framework`'s copy of one freshly initialised rustgpt model (seed 0)."""
+    """One function per chunk of steps (each step loss, backward, clip 5.0, Adam; rustgpt's
+    Adam deferred to the next step's forward as its Trainer does, the chunk's last applied
+    at its end), all training `framework`'s copy of one freshly initialised rustgpt model
+    (seed 0)."""
     model = LLM(config, vocab, seed=0)
     convert = np.ascontiguousarray  # ids as each framework takes them
     if framework == "rustgpt":
