@@ -300,6 +300,10 @@ def test_bad_inputs(model):
             model.loss_and_backward([[1, big]], [[1, 2]])
         with pytest.raises(TokenError, match=f"targets holds token id {big}"):
             model.loss_and_backward([[1, 2]], [[-1, big]])
+        with pytest.raises(TokenError, match=f"targets holds token id {big}"):
+            model.loss([[1, 2]], [[-1, big]])
+    with pytest.raises(ShapeMismatch):
+        model.loss([[1, 2]], [[1, 2, 3]])
     with pytest.raises(ValidationError, match="inputs is not a rectangular"):
         model.train_step([[1, 2], [3]], [[1, 2], [3, 4]], Adam(model.params), 1e-3)
     with pytest.raises(ValidationError, match="targets is not a rectangular"):

@@ -251,7 +251,10 @@ class LLM(Module):
     def loss(self, inputs, targets) -> tuple[float, int, int]:
         """(summed loss, number of targets, number predicted correctly) without gradients."""
         ids = self._ids(inputs, "inputs")
-        tgt = np.ascontiguousarray(targets, np.intc).reshape(ids.shape)
+        tgt = _integers(_array(targets, "targets"), "targets")
+        if tgt.size != ids.size:
+            raise ShapeMismatch("targets", ids.shape, tgt.shape)
+        tgt = self._in_vocab(tgt.reshape(ids.shape), "targets", IGNORE_INDEX)[0]
         self.settle()
         logits = self._forward(Workspace(), ids)[0]
         losses = np.empty(tgt.size, np.float32)
