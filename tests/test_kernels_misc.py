@@ -280,15 +280,17 @@ def hazard_plan(rng):
 
 def test_plan_streams_wait_for_shared_memory(rng):
     plan, grads, _ = hazard_plan(rng)
-    calls = [(0, -1), (1, 0), (0, 1), (1, 2), (0, 1), (1, 4)]
+    # call 5, a leaf after the last other call, runs on stream 0 (idle by then)
+    calls = [(0, -1), (1, 0), (0, 1), (1, 2), (0, 1), (0, -1)]
     assert plan.streams(0) == [(s, w, ("call", j)) for j, (s, w) in enumerate(calls)]
     assert plan.streams(2) == [(0, -1, ("call", 0)), (1, 0, ("call", 1)),
-                               (0, -1, ("call", 2)), (1, 2, ("call", 3))]  # from call 2 on
-    # each chunk of the gradients summed on stream 1 right after its last writer
+                               (0, -1, ("call", 2)), (0, -1, ("call", 3))]  # from call 2 on
+    # each chunk of the gradients summed right after its last writer: on stream 1, the
+    # chunk written by call 5 waiting for it on stream 0
     assert plan.streams(0, grads) == [
         (0, -1, ("call", 0)), (1, 0, ("call", 1)), (1, -1, ("norm", 0)),
         (0, 1, ("call", 2)), (1, 3, ("call", 3)), (1, -1, ("norm", 2)),
-        (0, 1, ("call", 4)), (1, 6, ("call", 5)), (1, -1, ("norm", 1))]
+        (0, 1, ("call", 4)), (0, -1, ("call", 5)), (1, 7, ("norm", 1))]
     with pytest.raises(ValidationError, match="forward = 7, expected 0 to 6"):
         plan.streams(7)
 

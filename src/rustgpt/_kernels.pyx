@@ -484,9 +484,11 @@ cdef class Plan:
         1) when it writes something and no later call touches what it writes; calls i < k
         of different streams that share memory, one of them writing it, make k wait for i.
         Every array of a call counts as read, its outputs (the kernel's first arguments)
-        as written too. With gradients (address, n floats), each of sum_squares' chunks
-        of them is summed by stream 1 right after the last call that writes it, waiting
-        for the last such call of stream 0."""
+        as written too. Leaves after the last non-leaf call run on stream 0 instead. With
+        gradients (address, n floats), each of sum_squares' chunks of them is summed right
+        after the last call that writes it, waiting for the last such call of the other
+        stream: on stream 1, or on the two streams in turn for chunks written after the
+        last non-leaf call."""
         key = (start, grads, n)
         if self.streams_for == key:
             return 0
@@ -508,10 +510,15 @@ cdef class Plan:
         leaf = np.ones(m, bool)
         np.logical_and.at(leaf, op[out], ~touched_later[out])
         leaf &= np.bincount(op[out], minlength=m) > 0
+        # stream 1 takes the leaves, but those after the last other call go to stream 0,
+        # which has nothing left to do by then
+        rest = np.nonzero(~leaf)[0]
+        tail = rest[-1] if rest.size else m
+        on1 = leaf & (np.arange(m) < tail)
         conflict = np.zeros((m, m), bool)
         r, q = np.nonzero(shared & later & (out[:, None] | out[None, :]))
         conflict[op[r], op[q]] = True  # [i, k]: call k waits for call i, if in the other stream
-        conflict &= leaf[:, None] != leaf[None, :]
+        conflict &= on1[:, None] != on1[None, :]
         waits = np.where(conflict.any(axis=0),
                          m - 1 - np.argmax(conflict[::-1], axis=0), -1) if m else []
         # each gradient chunk's last writer in either stream (-1: none)
@@ -523,12 +530,16 @@ cdef class Plan:
             a, b = max(int(lo[k]), grads), min(int(hi[k]), end)
             for c in range((a - grads) // 4 // chunk, ((b - grads) // 4 - 1) // chunk + 1
                            if a < b else 0):
-                s_ = int(leaf[op[k]])
+                s_ = int(on1[op[k]])
                 last[s_][c] = max(last[s_][c], int(op[k]))
-        # the items in order: each call, then the chunks it is the last writer of
-        after = {}
+        # the items in order: each call, then the chunks it is the last writer of, on
+        # stream 1, or on both in turn where the streams' other work is over
+        after, side, turn = {}, [1] * count, 1
         for c in range(count):
-            after.setdefault(max(last[0][c], last[1][c]), []).append(c)
+            p_ = max(last[0][c], last[1][c])
+            after.setdefault(p_, []).append(c)
+            if p_ > tail:
+                side[c], turn = turn, 1 - turn
         order = [-1 - c for c in after.get(-1, [])]
         for j in range(m):
             order.append(j)
@@ -546,11 +557,13 @@ cdef class Plan:
         for i, t in enumerate(order):
             self.task[i] = t
             if t >= 0:
-                self.stream[i] = leaf[t]
+                self.stream[i] = on1[t]
                 self.wait[i] = position[waits[t]] if waits[t] >= 0 else -1
             else:
-                self.stream[i] = 1
-                self.wait[i] = position[last[0][-1 - t]] if last[0][-1 - t] >= 0 else -1
+                s_ = side[-1 - t]
+                self.stream[i] = s_
+                w = last[1 - s_][-1 - t]
+                self.wait[i] = position[w] if w >= 0 else -1
         self.streams_for = key
         return 0
 
