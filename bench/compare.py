@@ -244,6 +244,17 @@ def gemm_run(framework: str, M: int, K_: int, N: int, trans_b: bool) -> Callable
 
 # ---- timing ----------------------------------------------------------------------------------
 
+# Seconds to wait when the timed calls pass from one framework to another: an idle thread
+# pool spins on a core for a while after its last call (numpy's OpenBLAS for about 70 ms,
+# 2^28 cycles), and during that time a 2-thread step of the next framework waits a
+# scheduler tick (about 4 ms) each time its other thread is not running.
+HANDOFF_PAUSE = 0.25
+
+
+def _framework(name) -> str:
+    """The framework of a function of measure(): its name, or the first item of it."""
+    return name[0] if isinstance(name, tuple) else name
+
 def measure(fns: dict, budget: float, max_rounds: int, min_sample: float = 0.02,
             settle: Callable[[], bool] | None = None) -> tuple[dict, bool]:
     """Best seconds per call of each function, and whether the machine stayed busy.
@@ -252,10 +263,22 @@ def measure(fns: dict, budget: float, max_rounds: int, min_sample: float = 0.02,
     until `budget` seconds or `max_rounds`. A function whose warm-up alone took more than
     half the budget keeps that time (rounds of it would not fit); fast ones repeat within a
     sample to last at least `min_sample` seconds. `settle()`, called before the warm-up and each round,
-    waits for other processes to leave the CPU and returns False if they did not."""
+    waits for other processes to leave the CPU and returns False if they did not. Where the
+    calls pass from one framework to another, HANDOFF_PAUSE seconds go by first (not counted
+    in the budget)."""
     quiet = settle() if settle else True
     first, number = {}, {}
+    previous, paused = None, 0.0
+
+    def handoff(name) -> None:
+        nonlocal previous, paused
+        if previous is not None and _framework(name) != _framework(previous):
+            time.sleep(HANDOFF_PAUSE)
+            paused += HANDOFF_PAUSE
+        previous = name
+
     for name, fn in fns.items():
+        handoff(name)
         start = time.perf_counter()
         fn()
         first[name] = time.perf_counter() - start
@@ -263,14 +286,15 @@ def measure(fns: dict, budget: float, max_rounds: int, min_sample: float = 0.02,
     best = {name: t for name, t in first.items() if t > budget / 2}
     rounds = [name for name in fns if name not in best]
     samples: dict = {name: [] for name in rounds}
-    start = time.perf_counter()
+    start, paused = time.perf_counter(), 0.0
     for r in range(max_rounds if rounds else 0):
         round_cost = sum(min(samples[n] or [first[n]]) * number[n] for n in rounds)
-        if r >= 2 and time.perf_counter() - start + round_cost > budget:
+        if r >= 2 and time.perf_counter() - start - paused + round_cost > budget:
             break
         if settle:
             quiet = settle() and quiet
         for name in rounds:
+            handoff(name)
             fn, n = fns[name], number[name]
             t0 = time.perf_counter()
             for _ in range(n):
@@ -634,8 +658,9 @@ def header(args, thread_note: str) -> str:
         f"- load average at the start: {_loadavg()} (other processes' load makes ratios noisy)",
         f"- timing: time.perf_counter, best of up to {'15' if args.quick else '30'} round-robin "
         f"rounds after a warm-up, each round after the CPU is free of other processes "
-        f"(waiting at most {'10' if args.quick else '30'} s){' (--quick)' if args.quick else ''}; "
-        f"rates are predicted tokens (or FLOP) per second",
+        f"(waiting at most {'10' if args.quick else '30'} s){' (--quick)' if args.quick else ''}, "
+        f"and {HANDOFF_PAUSE} s between one framework's calls and the next one's (idle thread "
+        f"pools stop spinning); rates are predicted tokens (or FLOP) per second",
     ]
     return "\n".join(lines)
 
