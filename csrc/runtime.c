@@ -76,12 +76,16 @@ void rg_run_streams(int n, const unsigned char *stream, const int *wait,
     #pragma omp parallel num_threads(2)
     {
 #ifdef _OPENMP
-        int s = omp_get_thread_num();
+        int s = omp_get_thread_num(), team = omp_get_num_threads();
 #else
-        int s = 0;
+        int s = 0, team = 1;
 #endif
         int before = rg_set_local_threads(1);
         for (int j = 0; j < n; j++) {
+            if (team < 2) { /* given one thread (nested, OMP_THREAD_LIMIT): all in order */
+                run(ctx, j);
+                continue;
+            }
             if (stream[j] != s) continue;
             while (__atomic_load_n(&done[1 - s], __ATOMIC_ACQUIRE) < wait[j]) rg_relax();
             run(ctx, j);

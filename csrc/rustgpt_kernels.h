@@ -36,7 +36,7 @@ int rg_set_local_threads(int n);
 /* Calls run(ctx, j) for j < n on two threads, each on one thread of its own: stream[j]
  * (0 or 1) says which, each in increasing j; call j starts once the other stream has
  * finished its calls up to index wait[j] (-1: none; wait[j] < j). With fewer than two
- * threads, all in order on the calling thread. */
+ * threads (asked for, or granted), all in order on the calling thread. */
 void rg_run_streams(int n, const unsigned char *stream, const int *wait,
                     void (*run)(void *ctx, int j), void *ctx);
 

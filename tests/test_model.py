@@ -1,6 +1,10 @@
 """LLM: whole-model gradient vs finite differences, batching with padding, KV-cache decoding,
 determinism, parameter count and state."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -197,6 +201,36 @@ def test_backward_as_two_streams_equals_in_order(rng, threads, monkeypatch):
         K.set_num_threads(before)
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
+
+
+def test_small_steps_given_one_thread_run_every_call():
+    """Asked for 2 threads but granted 1 (OMP_THREAD_LIMIT, or a nested call), the two
+    streams and the update beside the forward run in order on that thread: nothing hangs
+    and no call is skipped (the same weights as steps that use neither)."""
+    code = (
+        "import numpy as np\n"
+        "import rustgpt.model as M\n"
+        "from rustgpt import _kernels as K\n"
+        "from rustgpt.config import ModelConfig\n"
+        "from rustgpt.optim import Adam\n"
+        "from rustgpt.tokenizer import Vocab\n"
+        "K.set_num_threads(2)\n"
+        "def train(small):\n"
+        "    M.SMALL_STEP_TOKENS = small\n"
+        "    m = M.LLM(ModelConfig(embedding_dim=8, hidden_dim=12, num_layers=2, num_heads=2,"
+        " max_seq_len=9), Vocab([f'w{i}' for i in range(11)] + ['</s>', '<unk>']), seed=3)\n"
+        "    opt, ids = Adam(m.params), np.arange(1, 7, dtype=np.intc)[None]\n"
+        "    for _ in range(4):\n"
+        "        m.train_step(ids, ids, opt, 1e-2, defer=True)\n"
+        "    m.settle()\n"
+        "    return m.params.data\n"
+        "print(np.array_equal(train(64), train(0)))\n"
+    )
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True"]
 
 
 def test_reading_a_model_applies_its_pending_update(rng):
