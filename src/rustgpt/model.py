@@ -54,6 +54,10 @@ def _integers(arr: np.ndarray, name: str) -> np.ndarray:
     return arr
 
 
+def _out_of_vocab(name: str, bad, V: int) -> TokenError:
+    return TokenError(f"{name} holds token id {bad}, expected ids in [0, {V})")
+
+
 def _build_layers(root: Module, config: ModelConfig, vocab_size: int) -> None:
     """The layer tree under `root`: embeddings, blocks.0 .. blocks.L-1, output."""
     D = config.embedding_dim
@@ -142,12 +146,11 @@ class LLM(Module):
         if arr.dtype != np.intc:  # checked before narrowing: 2**32 + 5 must not pass as 5
             ids = arr if ignore is None else arr[arr != ignore]
             if ids.size and (ids.min() < 0 or ids.max() >= V):
-                bad = ids[(ids < 0) | (ids >= V)].flat[0]
-                raise TokenError(f"{name} holds token id {bad}, expected ids in [0, {V})")
+                raise _out_of_vocab(name, ids[(ids < 0) | (ids >= V)].flat[0], V)
         arr = np.ascontiguousarray(arr, np.intc)
-        bad, count = K.scan_ids(arr, V, ignore is not None, ignore or 0)
-        if bad >= 0:
-            raise TokenError(f"{name} holds token id {arr.flat[bad]}, expected ids in [0, {V})")
+        first, count = K.scan_ids(arr, V, ignore is not None, ignore or 0)
+        if first >= 0:
+            raise _out_of_vocab(name, arr.flat[first], V)
         return arr, count
 
     # ---- training -----------------------------------------------------------------------
