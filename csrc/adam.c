@@ -40,8 +40,7 @@ RG_VARIANTS(update, (float *restrict params, float *restrict m, float *restrict 
 typedef float f32x4 __attribute__((vector_size(16), aligned(4), may_alias));
 typedef double f64x4 __attribute__((vector_size(32)));
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
+#ifdef RG_X86
 /* The AVX-512 loop of sum_squares_range, in intrinsics: GCC 12 compiles a vector
  * conversion of 8 floats to 8 doubles as two 4-wide ones and an insert, which halved its
  * speed. Same sums as the vector form below: four accumulators, fused multiply-adds. */
@@ -69,7 +68,7 @@ RG_AVX512 static double sum_squares_wide(const float *x, size_t *at, size_t i1) 
 RG_INLINE void sum_squares_range(int wide, double *out, const float *x, size_t i0, size_t i1) {
     double total = 0.0;
     size_t i = i0;
-#if defined(__x86_64__) || defined(__i386__)
+#ifdef RG_X86
     if (wide) {
         total = sum_squares_wide(x, &i, i1);
     } else

@@ -36,10 +36,7 @@ typedef float f32x16 __attribute__((vector_size(64), aligned(4), may_alias));
  * kt: (hs, ldt) with ldt >= n + KW, so a tile of KW keys may start at any j < n. */
 static inline __attribute__((always_inline))
 void transpose_keys(float *kt, int ldt, const float *k, int n, int D, int hs) {
-    for (int j = 0; j < n; j++)
-        for (int i = 0; i < hs; i++) kt[(size_t)i * ldt + j] = k[(size_t)j * D + i];
-    for (int i = 0; i < hs; i++)
-        memset(kt + (size_t)i * ldt + n, 0, (size_t)(ldt - n) * sizeof(float));
+    rg_transpose(kt, k, (size_t)D, n, ldt, hs, 1);
 }
 
 /* Size of transpose_keys' scratch for n keys. */
@@ -54,7 +51,8 @@ int pack_rows(const float **rows, float *xp, const float *x, int n, int D, int h
         *rows = x;
         return D;
     }
-    for (int j = 0; j < n; j++) memcpy(xp + (size_t)j * hs, x + (size_t)j * D, hs * sizeof(float));
+    for (int j = 0; j < n; j++) /* a loop, not memcpy: a call per row cost more than the copy */
+        for (int c = 0; c < hs; c++) xp[(size_t)j * hs + c] = x[(size_t)j * D + c];
     *rows = xp;
     return hs;
 }
@@ -139,6 +137,7 @@ void mix_block(int wide, float *y, const float *P, int ldp, int nr, const float 
 static inline __attribute__((always_inline))
 void softmax_row(float *s, int n) {
     float mx = -INFINITY, sum = 0.0f;
+    #pragma omp simd reduction(max : mx)
     for (int j = 0; j < n; j++) mx = s[j] > mx ? s[j] : mx;
     #pragma omp simd reduction(+ : sum)
     for (int j = 0; j < n; j++) {

@@ -22,13 +22,7 @@
  * as they lie (gemm_dot). Pack buffers are static per thread (_Thread_local); nothing is allocated on the heap.
  */
 #include <stddef.h>
-#include <string.h>
-#include "rustgpt_kernels.h"
-
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define RG_X86 1
-#endif
+#include "simd.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -259,44 +253,6 @@ static inline void pack_copy(float *d, const float *src, size_t ld, int n, int w
     }
 }
 
-/* Transpose-pack: d[p*w + r] = src[r*ld + p] for p < kc, r < n; zero for n <= r < w when pad.
- * Packs op(A) when not trans_a (each row contiguous along k) and op(B) when trans_b.
- * Whole groups of 4 rows go through 4 x 4 SSE transposes (x86-64 baseline). */
-static inline void pack_transpose(float *d, const float *src, size_t ld, int n, int w,
-                                  int kc, int pad) {
-    int r0 = 0;
-#ifdef RG_X86
-    int kc4 = kc & ~3, n4 = n & ~3;
-    /* k in chunks of 64, so the chunk of d being filled (64 x w) stays in L1 */
-    for (int pb = 0; pb < kc4; pb += 64) {
-        int pe = kc4 - pb < 64 ? kc4 : pb + 64;
-        for (r0 = 0; r0 < n4; r0 += 4) {
-            const float *s0 = src + (size_t)r0 * ld, *s1 = s0 + ld, *s2 = s1 + ld, *s3 = s2 + ld;
-            float *dr = d + r0;
-            for (int p = pb; p < pe; p += 4) {
-                __m128 x0 = _mm_loadu_ps(s0 + p), x1 = _mm_loadu_ps(s1 + p);
-                __m128 x2 = _mm_loadu_ps(s2 + p), x3 = _mm_loadu_ps(s3 + p);
-                _MM_TRANSPOSE4_PS(x0, x1, x2, x3);
-                _mm_storeu_ps(dr + (size_t)p * w, x0);
-                _mm_storeu_ps(dr + (size_t)(p + 1) * w, x1);
-                _mm_storeu_ps(dr + (size_t)(p + 2) * w, x2);
-                _mm_storeu_ps(dr + (size_t)(p + 3) * w, x3);
-            }
-        }
-    }
-    for (r0 = 0; r0 < n4; r0++) {
-        const float *s_r = src + (size_t)r0 * ld;
-        for (int p = kc4; p < kc; p++) d[(size_t)p * w + r0] = s_r[p];
-    }
-#endif
-    for (int r = r0; r < n; r++) {
-        const float *s_r = src + (size_t)r * ld;
-        for (int p = 0; p < kc; p++) d[(size_t)p * w + r] = s_r[p];
-    }
-    for (int r = n; pad && r < w; r++)
-        for (int p = 0; p < kc; p++) d[(size_t)p * w + r] = 0.0f;
-}
-
 /* op(A)[i0:i0+mc, p0:p0+kc] into panels of mr rows, k-major: dst[(i/mr)*kc*mr + p*mr + i%mr].
  * A is (M, K), or (K, M) when trans_a. Rows past mc are left as they are: a row of C
  * depends only on its row of A, and the micro-kernel never stores those rows. */
@@ -308,7 +264,7 @@ static void pack_a(float *dst, const float *A, int M, int K, int trans_a, int i0
     }
     for (int ip = 0; ip < mc; ip += mr) { /* op(A)[i, p] = A[i, p] */
         int rows = mc - ip < mr ? mc - ip : mr;
-        pack_transpose(dst + (size_t)ip * kc, A + (size_t)(i0 + ip) * K + p0, (size_t)K, rows,
+        rg_transpose(dst + (size_t)ip * kc, A + (size_t)(i0 + ip) * K + p0, (size_t)K, rows,
                        mr, kc, 0);
     }
 }
@@ -324,7 +280,7 @@ static void pack_b(float *dst, const float *B, int N, int K, int trans_b, int j0
     }
     for (int jp = 0; jp < nc; jp += nr) { /* op(B)[p, j] = B[j, p] */
         int cols = nc - jp < nr ? nc - jp : nr;
-        pack_transpose(dst + (size_t)jp * kc, B + (size_t)(j0 + jp) * K + p0, (size_t)K, cols,
+        rg_transpose(dst + (size_t)jp * kc, B + (size_t)(j0 + jp) * K + p0, (size_t)K, cols,
                        nr, kc, 1);
     }
 }

@@ -8,7 +8,7 @@
 static int simd_level = -1; /* -1: not chosen yet */
 
 int rg_simd_supported(void) {
-#if defined(__x86_64__) || defined(__i386__)
+#ifdef RG_X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
         && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))

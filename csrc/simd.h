@@ -8,6 +8,11 @@
 #include <string.h>
 #include "rustgpt_kernels.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define RG_X86 1
+#endif
+
 #define RG_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma")))
 #define RG_AVX2 __attribute__((target("avx2,fma")))
 #define RG_INLINE static inline __attribute__((always_inline))
@@ -48,9 +53,48 @@ RG_INLINE float rg_expf(float x) {
     return x == x ? p * scale : x;
 }
 
+/* d[p*w + r] = src[r*ld + p] for p < kc, r < n (n rows of kc floats, at a stride of ld,
+ * become kc rows of w >= n floats); zero for n <= r < w when pad. gemm packs op(A) and
+ * op(B)^T with it, attention its keys. Whole groups of 4 rows go through 4 x 4 SSE
+ * transposes (x86-64 baseline, so every SIMD variant may inline it). */
+RG_INLINE void rg_transpose(float *d, const float *src, size_t ld, int n, int w, int kc,
+                            int pad) {
+    int r0 = 0;
+#ifdef RG_X86
+    int kc4 = kc & ~3, n4 = n & ~3;
+    /* k in chunks of 64, so the chunk of d being filled (64 x w) stays in L1 */
+    for (int pb = 0; pb < kc4; pb += 64) {
+        int pe = kc4 - pb < 64 ? kc4 : pb + 64;
+        for (r0 = 0; r0 < n4; r0 += 4) {
+            const float *s0 = src + (size_t)r0 * ld, *s1 = s0 + ld, *s2 = s1 + ld, *s3 = s2 + ld;
+            float *dr = d + r0;
+            for (int p = pb; p < pe; p += 4) {
+                __m128 x0 = _mm_loadu_ps(s0 + p), x1 = _mm_loadu_ps(s1 + p);
+                __m128 x2 = _mm_loadu_ps(s2 + p), x3 = _mm_loadu_ps(s3 + p);
+                _MM_TRANSPOSE4_PS(x0, x1, x2, x3);
+                _mm_storeu_ps(dr + (size_t)p * w, x0);
+                _mm_storeu_ps(dr + (size_t)(p + 1) * w, x1);
+                _mm_storeu_ps(dr + (size_t)(p + 2) * w, x2);
+                _mm_storeu_ps(dr + (size_t)(p + 3) * w, x3);
+            }
+        }
+    }
+    for (r0 = 0; r0 < n4; r0++) {
+        const float *s_r = src + (size_t)r0 * ld;
+        for (int p = kc4; p < kc; p++) d[(size_t)p * w + r0] = s_r[p];
+    }
+#endif
+    for (int r = r0; r < n; r++) {
+        const float *s_r = src + (size_t)r * ld;
+        for (int p = 0; p < kc; p++) d[(size_t)p * w + r] = s_r[p];
+    }
+    if (pad && n < w)
+        for (int p = 0; p < kc; p++) memset(d + (size_t)p * w + n, 0, (size_t)(w - n) * sizeof(float));
+}
+
 /* One turn of a spin-wait on another thread's progress. */
 static inline void rg_relax(void) {
-#if defined(__x86_64__) || defined(__i386__)
+#ifdef RG_X86
     __builtin_ia32_pause();
 #endif
 }
