@@ -36,17 +36,48 @@ void rg_bias_add(float *x, const float *b, int N, int C) {
     }
 }
 
-void rg_colsum(float *db, const float *dy, int N, int C, int accumulate) {
-    /* parallel over column blocks: each thread owns its columns of db, no reduction needed */
-    #pragma omp parallel for num_threads(rg_num_threads()) if ((size_t)N * C >= PAR_MIN) \
-        schedule(static)
-    for (int c0 = 0; c0 < C; c0 += 64) {
-        int c1 = c0 + 64 < C ? c0 + 64 : C;
-        if (!accumulate) memset(db + c0, 0, (size_t)(c1 - c0) * sizeof(float));
-        for (int i = 0; i < N; i++) {
-            const float *dy_i = dy + (size_t)i * C;
-            for (int c = c0; c < c1; c++) db[c] += dy_i[c];
+/* db[c0:c1] (+)= the sums of dy's columns c0..c1-1 over its N rows. In blocks of up to
+ * COLSUM_W columns whose sums stay in registers while the rows pass (db may alias nothing,
+ * but the compiler cannot know that of db[c] += ...); each sum adds the rows in order. */
+#define COLSUM_W 64
+RG_INLINE void colsum_cols(int wide, float *db, const float *dy, int N, int C, int c0, int c1,
+                           int accumulate) {
+    (void)wide;
+    for (; c0 < c1; c0 += COLSUM_W) {
+        int w = c1 - c0 < COLSUM_W ? c1 - c0 : COLSUM_W;
+        float acc[COLSUM_W];
+        if (w == COLSUM_W) { /* a constant width, so acc lives in registers */
+            for (int c = 0; c < COLSUM_W; c++) acc[c] = accumulate ? db[c0 + c] : 0.0f;
+            for (int i = 0; i < N; i++) {
+                const float *dy_i = dy + (size_t)i * C + c0;
+                #pragma omp simd
+                for (int c = 0; c < COLSUM_W; c++) acc[c] += dy_i[c];
+            }
+        } else {
+            for (int c = 0; c < w; c++) acc[c] = accumulate ? db[c0 + c] : 0.0f;
+            for (int i = 0; i < N; i++) {
+                const float *dy_i = dy + (size_t)i * C + c0;
+                for (int c = 0; c < w; c++) acc[c] += dy_i[c];
+            }
         }
+        memcpy(db + c0, acc, (size_t)w * sizeof(float));
+    }
+}
+RG_VARIANTS(colsum_cols, (float *db, const float *dy, int N, int C, int c0, int c1,
+                          int accumulate),
+            (db, dy, N, C, c0, c1, accumulate))
+
+void rg_colsum(float *db, const float *dy, int N, int C, int accumulate) {
+    /* threads split the column blocks: each owns its columns of db, no reduction needed */
+    void (*f)(float *, const float *, int, int, int, int, int) = colsum_cols_pick();
+    int blocks = (C + COLSUM_W - 1) / COLSUM_W;
+    int nt = (size_t)N * C >= PAR_MIN ? rg_num_threads() : 1;
+    if (nt > blocks) nt = blocks;
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int t = 0; t < nt; t++) {
+        int c0 = (int)((long)blocks * t / nt) * COLSUM_W;
+        int c1 = (int)((long)blocks * (t + 1) / nt) * COLSUM_W;
+        f(db, dy, N, C, c0, c1 < C ? c1 : C, accumulate);
     }
 }
 

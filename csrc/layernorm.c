@@ -26,21 +26,39 @@ RG_VARIANTS(forward_rows, (float *out, float *mean, float *rstd, const float *x,
                            const float *g, const float *b, int i0, int i1, int D, float eps),
             (out, mean, rstd, x, g, b, i0, i1, D, eps))
 
-/* Columns [d0, d1) of dg and db: sums over all N rows, added to them when accumulate. */
+/* Columns [d0, d1) of dg and db: sums over all N rows, added to them when accumulate. In
+ * blocks of up to PG_W columns whose sums stay in registers while the rows pass (the
+ * compiler cannot keep dg[d] += ... there: dg might alias the rows); rows added in order. */
+#define PG_W 64
 RG_INLINE void param_grads(int wide, float *dg, float *db, const float *dout, const float *x,
                            const float *mean, const float *rstd, int N, int D, int d0, int d1,
                            int accumulate) {
     (void)wide;
-    if (!accumulate)
-        for (int d = d0; d < d1; d++) dg[d] = db[d] = 0.0f;
-    for (int i = 0; i < N; i++) {
-        const float *x_i = x + (size_t)i * D, *dout_i = dout + (size_t)i * D;
-        float mu = mean[i], rs = rstd[i];
-        #pragma omp simd
-        for (int d = d0; d < d1; d++) {
-            db[d] += dout_i[d];
-            dg[d] += dout_i[d] * (x_i[d] - mu) * rs;
+    for (; d0 < d1; d0 += PG_W) {
+        int w = d1 - d0 < PG_W ? d1 - d0 : PG_W;
+        float sg[PG_W], sb[PG_W];
+        for (int c = 0; c < w; c++) {
+            sg[c] = accumulate ? dg[d0 + c] : 0.0f;
+            sb[c] = accumulate ? db[d0 + c] : 0.0f;
         }
+        for (int i = 0; i < N; i++) {
+            const float *x_i = x + (size_t)i * D + d0, *dout_i = dout + (size_t)i * D + d0;
+            float mu = mean[i], rs = rstd[i];
+            if (w == PG_W) { /* a constant width, so the sums live in registers */
+                #pragma omp simd
+                for (int c = 0; c < PG_W; c++) {
+                    sb[c] += dout_i[c];
+                    sg[c] += dout_i[c] * (x_i[c] - mu) * rs;
+                }
+            } else {
+                for (int c = 0; c < w; c++) {
+                    sb[c] += dout_i[c];
+                    sg[c] += dout_i[c] * (x_i[c] - mu) * rs;
+                }
+            }
+        }
+        memcpy(dg + d0, sg, (size_t)w * sizeof(float));
+        memcpy(db + d0, sb, (size_t)w * sizeof(float));
     }
 }
 RG_VARIANTS(param_grads, (float *dg, float *db, const float *dout, const float *x,

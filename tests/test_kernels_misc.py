@@ -9,7 +9,7 @@ from rustgpt import _kernels as K
 from rustgpt.errors import ShapeMismatch, TokenError, ValidationError
 from tests import reference as ref
 
-SIZES = [(1, 1), (7, 33), (33, 129), (80, 128)]
+SIZES = [(1, 1), (7, 33), (33, 129), (80, 128), (9, 300)]
 
 
 @pytest.mark.parametrize("N,D", SIZES)
@@ -127,6 +127,31 @@ def test_adam(rng, simd, n, weight_decay, clip):
     ref.assert_close(p, e_p, 1e-5, 1e-6, "params")
     ref.assert_close(m, e_m, 1e-5, 1e-7, "m")
     ref.assert_close(v, e_v, 1e-5, 1e-8, "v")
+
+
+def test_column_sums_do_not_depend_on_the_thread_count(rng):
+    """colsum and layernorm_backward's dg, db give bit-identical results on 1 to 4 threads:
+    threads split the columns, and each column adds its rows in order."""
+    N, D = 300, 333
+    dy, x = (rng.standard_normal((N, D)).astype(np.float32) for _ in range(2))
+    g, b = (rng.standard_normal(D).astype(np.float32) for _ in range(2))
+    out, mean, rstd = np.empty_like(x), np.empty(N, np.float32), np.empty(N, np.float32)
+    K.layernorm_forward(out, mean, rstd, x, g, b)
+    results = []
+    before = K.get_num_threads()
+    try:
+        for threads in (1, 2, 3, 4):
+            K.set_num_threads(threads)
+            db, dg, dbeta = (np.ones(D, np.float32) for _ in range(3))  # accumulate onto 1
+            dx = np.empty_like(x)
+            K.colsum(db, dy)
+            K.layernorm_backward(dx, dg, dbeta, dy, x, g, mean, rstd)
+            results.append((db, dg, dbeta, dx))
+    finally:
+        K.set_num_threads(before)
+    for other in results[1:]:
+        for a, b_ in zip(other, results[0]):
+            np.testing.assert_array_equal(a, b_)
 
 
 def test_norm_and_adam_do_not_depend_on_the_thread_count(rng):
@@ -333,7 +358,7 @@ def test_relu(rng, simd, n):
 
 
 @pytest.mark.parametrize("N,C", SIZES + [(1024, 2048)])
-def test_bias_add_and_colsum(rng, N, C):
+def test_bias_add_and_colsum(rng, simd, N, C):
     x = rng.standard_normal((N, C)).astype(np.float32)
     b = rng.standard_normal(C).astype(np.float32)
     expected = x.astype(np.float64) + b
