@@ -1,0 +1,51 @@
+"""compare.py's arithmetic: the FLOP count its GFLOP/s figures divide."""
+
+import numpy as np
+
+from bench.compare import synthetic_vocab, training_flops
+from rustgpt import _kernels as K
+from rustgpt.config import ModelConfig
+from rustgpt.model import LLM
+
+
+def test_training_flops_counts_the_models_matmuls_and_attention(monkeypatch, rng):
+    """A recorded step (which runs layer by layer) multiplies exactly what training_flops
+    counts: its sgemm calls' 2 M N K, and causal attention's six T (T + 1) / 2 products
+    per layer and sequence."""
+    config = ModelConfig(embedding_dim=24, hidden_dim=40, num_layers=2, num_heads=2,
+                         max_seq_len=16)
+    vocab = synthetic_vocab()
+    model = LLM(config, vocab, seed=0)
+    counted = {"matmul": 0.0, "attention": 0.0}
+
+    def product(C, A, trans_a):
+        A = A.reshape(-1, A.shape[-1])
+        return 2.0 * C.size * (A.shape[0] if trans_a else A.shape[1])
+
+    def sgemm(C, A, B, trans_a=False, trans_b=False, accumulate=False, real=K.sgemm):
+        counted["matmul"] += product(C, A, trans_a)
+        return real(C, A, B, trans_a, trans_b, accumulate)
+
+    def sgemm_many(Cs, As, Bs, trans_a=False, trans_b=False, accumulate=False,
+                   real=K.sgemm_many):
+        counted["matmul"] += sum(product(C, A, trans_a) for C, A in zip(Cs, As))
+        return real(Cs, As, Bs, trans_a, trans_b, accumulate)
+
+    def attention(products, real):
+        def call(*args):
+            # forward (out, att, q, ...), backward (dq, dk, dv, dout, att, q, ...)
+            q = args[2] if products == 2 else args[5]
+            B, T, D = q.shape
+            counted["attention"] += products * 2.0 * B * T * (T + 1) / 2 * D
+            return real(*args)
+        return call
+
+    monkeypatch.setattr(K, "sgemm", sgemm)
+    monkeypatch.setattr(K, "sgemm_many", sgemm_many)
+    monkeypatch.setattr(K, "attention_forward", attention(2, K.attention_forward))
+    monkeypatch.setattr(K, "attention_backward", attention(4, K.attention_backward))
+    ids = rng.integers(0, vocab.size, (3, 13)).astype(np.intc)
+    model.loss_and_backward(ids, ids)
+    assert model.plans_recorded == 1  # the step ran layer by layer, through the wrappers
+    assert counted["attention"] > 0
+    assert sum(counted.values()) == training_flops(config, vocab.size, [(ids, ids, 1e-3)])
