@@ -16,11 +16,10 @@
  * each (384 KB in all at T = 256, hs = 128), plus a few rows of T floats.
  *
  * Threads: a task is (batch row b, head h, a range of rows). Each task writes only its own
- * rows of out / att / dq / dk / dv, so there are no atomics. When B * NH alone cannot keep
- * every thread busy, each head's rows are cut into ranges of equal triangular cost.
- * The backward runs in two passes: over query rows (dq, and the softmax dot products),
- * then over key rows (dk, dv), which recomputes dout . v once more instead of storing a
- * (T, T) matrix of score gradients.
+ * rows of out / att / ds / dq / dk / dv, so there are no atomics. When B * NH alone cannot
+ * keep every thread busy, each head's rows are cut into ranges of equal triangular cost.
+ * The backward runs in two passes: over query rows (the score gradients ds, row by row,
+ * and dq), then over key rows (dk, dv), which read the columns of ds and att.
  */
 #include "simd.h"
 
@@ -92,12 +91,14 @@ void scores_block(int wide, float *S, int lds, const float *q, int nr, const flo
 }
 
 /* y_r = sum_j P[r, j] x_j for r < nr, j < n. Overwrites y.
- * P: (nr, ldp); x: n rows (stride ldx) of hs floats; y: nr rows (stride D). The tasks pass
+ * P[r, j] at P + r * ldp + j * pj: rows of a matrix (pj = 1), or columns (ldp = 1, pj = its
+ * row stride; the key rows' pass reads ds and att so, down from the diagonal).
+ * x: n rows (stride ldx) of hs floats; y: nr rows (stride D). The tasks pass
  * a head's rows packed (see pack_rows): at a stride of D = 256 or more floats the rows of a
  * column tile fall into a few L1 sets and evict each other before the next tile reuses them. */
 static inline __attribute__((always_inline))
-void mix_block(int wide, float *y, const float *P, int ldp, int nr, const float *x, int ldx,
-               int n, int D, int hs) {
+void mix_block(int wide, float *y, const float *P, int ldp, int pj, int nr, const float *x,
+               int ldx, int n, int D, int hs) {
     const float *p_r[RT];
     for (int r = 0; r < RT; r++) p_r[r] = P + (size_t)(r < nr ? r : nr - 1) * ldp;
     int c0 = 0;
@@ -106,14 +107,14 @@ void mix_block(int wide, float *y, const float *P, int ldp, int nr, const float 
         if (wide) {
             for (int j = 0; j < n; j++) {
                 f32x16 x_j = *(const f32x16 *)(x + (size_t)j * ldx + c0);
-                for (int r = 0; r < RT; r++) acc[r] += p_r[r][j] * x_j;
+                for (int r = 0; r < RT; r++) acc[r] += p_r[r][(size_t)j * pj] * x_j;
             }
         } else { /* the same loop on floats, left to the auto-vectorizer */
             float a[RT][CW] = {{0}};
             for (int j = 0; j < n; j++) {
                 const float *x_j = x + (size_t)j * ldx + c0;
                 for (int r = 0; r < RT; r++)
-                    for (int c = 0; c < CW; c++) a[r][c] += p_r[r][j] * x_j[c];
+                    for (int c = 0; c < CW; c++) a[r][c] += p_r[r][(size_t)j * pj] * x_j[c];
             }
             memcpy(acc, a, sizeof(a));
         }
@@ -127,7 +128,7 @@ void mix_block(int wide, float *y, const float *P, int ldp, int nr, const float 
         for (int c = c0; c < hs; c++) y_r[c] = 0.0f;
         for (int j = 0; j < n; j++) {
             const float *x_j = x + (size_t)j * ldx;
-            for (int c = c0; c < hs; c++) y_r[c] += p_r[r][j] * x_j[c];
+            for (int c = c0; c < hs; c++) y_r[c] += p_r[r][(size_t)j * pj] * x_j[c];
         }
     }
 }
@@ -150,7 +151,7 @@ void softmax_row(float *s, int n) {
 
 /* ---- per-task work, one head (b, h) ----------------------------------------------------- */
 /* Pointers arrive seeked to the head: q, k, v, out, dq, ... at [b, 0, h*hs] (row stride D),
- * att at [b, h, 0, 0] (T, T), dot at [b, h, 0] (T). */
+ * att and ds at [b, h, 0, 0] (T, T). */
 
 /* Forward for query rows [t0, t1): att rows and out rows. */
 static inline __attribute__((always_inline))
@@ -172,74 +173,64 @@ void forward_rows(int wide, float *out, float *att, const float *q, const float 
             softmax_row(att_r, t + r + 1);
             memset(att_r + t + r + 1, 0, (size_t)(T - t - r - 1) * sizeof(float));
         }
-        mix_block(wide, out + (size_t)t * D, att_t, T, nr, vh, ldv, n, D, hs);
+        mix_block(wide, out + (size_t)t * D, att_t, T, 1, nr, vh, ldv, n, D, hs);
     }
 }
 
-/* Backward pass 1, query rows [t0, t1): dq rows and dot[t] = sum_j att[t, j] datt[t, j].
- * In the forward, out_t = sum_j att[t, j] v_j and att[t] = softmax(scale * q_t . k_j), so
- *   datt[t, j] = dout_t . v_j,  dpre[t, j] = att[t, j] (datt[t, j] - dot[t]) * scale,
- *   dq_t = sum_j dpre[t, j] k_j. */
+/* Backward pass 1, query rows [t0, t1): rows of ds and of dq. Row t of ds is written on and
+ * below the diagonal and zero for the RT - 1 keys after it (and on to the block's last key),
+ * which the key rows' pass reads as the upper corners of its blocks. In the forward, out_t = sum_j att[t, j] v_j and
+ * att[t] = softmax(scale * q_t . k_j), so with datt[t, j] = dout_t . v_j,
+ *   ds[t, j] = att[t, j] (datt[t, j] - sum_i att[t, i] datt[t, i]) * scale,
+ *   dq_t = sum_j ds[t, j] k_j. */
 static inline __attribute__((always_inline))
-void backward_query_rows(int wide, float *dq, float *dot, const float *dout,
-                         const float *att, const float *k, const float *v, int T, int D,
-                         int hs, int t0,
+void backward_query_rows(int wide, float *dq, float *ds, const float *dout, const float *att,
+                         const float *k, const float *v, int T, int D, int hs, int t0,
                          int t1) {
     float scale = 1.0f / sqrtf((float)hs);
     int ldt = kt_stride(t1);
-    float vt[hs * ldt], kp[hs == D ? 1 : hs * t1], dpre[RT * T];
+    float vt[hs * ldt], kp[hs == D ? 1 : hs * t1];
     const float *kh;
     int ldk = pack_rows(&kh, kp, k, t1, D, hs);
     transpose_keys(vt, ldt, v, t1, D, hs);
     for (int t = t0; t < t1; t += RT) {
         int nr = t1 - t < RT ? t1 - t : RT;
         int n = t + nr;
-        scores_block(wide, dpre, T, dout + (size_t)t * D, nr, vt, ldt, n, D, hs, 1.0f);
+        float *ds_t = ds + (size_t)t * T;
+        scores_block(wide, ds_t, T, dout + (size_t)t * D, nr, vt, ldt, n, D, hs, 1.0f);
         for (int r = 0; r < nr; r++) {
             const float *att_r = att + (size_t)(t + r) * T;
-            float *dpre_r = dpre + (size_t)r * T;
+            float *ds_r = ds_t + (size_t)r * T;
             float d = 0.0f;
-            for (int j = 0; j <= t + r; j++) d += att_r[j] * dpre_r[j];
-            for (int j = 0; j <= t + r; j++) dpre_r[j] = att_r[j] * (dpre_r[j] - d) * scale;
-            for (int j = t + r + 1; j < n; j++) dpre_r[j] = 0.0f;
-            dot[t + r] = d;
+            for (int j = 0; j <= t + r; j++) d += att_r[j] * ds_r[j];
+            for (int j = 0; j <= t + r; j++) ds_r[j] = att_r[j] * (ds_r[j] - d) * scale;
+            int z = t + r + RT < T ? t + r + RT : T;
+            for (int j = t + r + 1; j < (z > n ? z : n); j++) ds_r[j] = 0.0f;
         }
-        mix_block(wide, dq + (size_t)t * D, dpre, T, nr, kh, ldk, n, D, hs);
+        mix_block(wide, dq + (size_t)t * D, ds_t, T, 1, nr, kh, ldk, n, D, hs);
     }
 }
 
-/* Backward pass 2, key rows [j0, j1), given dot from pass 1:
- *   dk_j = sum_{t >= j} dpre[t, j] q_t,  dv_j = sum_{t >= j} att[t, j] dout_t. */
+/* Backward pass 2, key rows [j0, j1), given the rows of ds from pass 1:
+ *   dk_j = sum_{t >= j} ds[t, j] q_t,  dv_j = sum_{t >= j} att[t, j] dout_t.
+ * Each block of key rows reads its columns of ds and att from the diagonal down; the
+ * entries above the diagonal in its first rows are zero in both. */
 static inline __attribute__((always_inline))
-void backward_key_rows(int wide, float *dk, float *dv, const float *dot, const float *dout,
-                       const float *att, const float *q, const float *v, int T, int D,
-                       int hs, int j0, int j1) {
-    float scale = 1.0f / sqrtf((float)hs);
-    int ldt = kt_stride(T - j0);
-    float dt[hs * ldt]; /* dout rows j0..T-1, transposed */
+void backward_key_rows(int wide, float *dk, float *dv, const float *ds, const float *dout,
+                       const float *att, const float *q, int T, int D, int hs, int j0,
+                       int j1) {
     float qp[hs == D ? 1 : hs * (T - j0)], dp[hs == D ? 1 : hs * (T - j0)];
-    float dpre[RT * T], att_col[RT * T]; /* columns j..j+nr-1 of dpre and att, from row j */
     const float *qh, *dh; /* q and dout rows j0..T-1 */
     int ldq = pack_rows(&qh, qp, q + (size_t)j0 * D, T - j0, D, hs);
     int ldd = pack_rows(&dh, dp, dout + (size_t)j0 * D, T - j0, D, hs);
-    transpose_keys(dt, ldt, dout + (size_t)j0 * D, T - j0, D, hs);
     for (int j = j0; j < j1; j += RT) {
         int nr = j1 - j < RT ? j1 - j : RT;
         int n = T - j; /* query rows j..T-1 */
-        scores_block(wide, dpre, T, v + (size_t)j * D, nr, dt + (j - j0), ldt, n, D, hs,
-                     1.0f);
-        for (int r = 0; r < nr; r++) {
-            float *dpre_r = dpre + (size_t)r * T, *att_r = att_col + (size_t)r * T;
-            for (int u = 0; u < n; u++) {
-                float a = u >= r ? att[(size_t)(j + u) * T + j + r] : 0.0f;
-                att_r[u] = a;
-                dpre_r[u] = a * (dpre_r[u] - dot[j + u]) * scale;
-            }
-        }
-        mix_block(wide, dk + (size_t)j * D, dpre, T, nr, qh + (size_t)(j - j0) * ldq, ldq, n, D,
-                  hs);
-        mix_block(wide, dv + (size_t)j * D, att_col, T, nr, dh + (size_t)(j - j0) * ldd, ldd, n,
-                  D, hs);
+        size_t at = (size_t)j * T + j; /* [j, j] */
+        mix_block(wide, dk + (size_t)j * D, ds + at, 1, T, nr, qh + (size_t)(j - j0) * ldq, ldq,
+                  n, D, hs);
+        mix_block(wide, dv + (size_t)j * D, att + at, 1, T, nr, dh + (size_t)(j - j0) * ldd,
+                  ldd, n, D, hs);
     }
 }
 
@@ -263,7 +254,7 @@ void step_head(int wide, float *out, const float *q, const float *kc, const floa
         s[j] = d * scale;
     }
     softmax_row(s, n);
-    mix_block(wide, out, s, n, 1, vc, D, n, D, hs);
+    mix_block(wide, out, s, n, 1, 1, vc, D, n, D, hs);
 }
 
 /* ---- the three SIMD variants of each task ----------------------------------------------- */
@@ -275,13 +266,13 @@ RG_VARIANTS(forward_rows,
           int D, int hs, int t0, int t1),
          (out, att, q, k, v, T, D, hs, t0, t1))
 RG_VARIANTS(backward_query_rows,
-         (float *dq, float *dot, const float *dout, const float *att, const float *k,
+         (float *dq, float *ds, const float *dout, const float *att, const float *k,
           const float *v, int T, int D, int hs, int t0, int t1),
-         (dq, dot, dout, att, k, v, T, D, hs, t0, t1))
+         (dq, ds, dout, att, k, v, T, D, hs, t0, t1))
 RG_VARIANTS(backward_key_rows,
-         (float *dk, float *dv, const float *dot, const float *dout, const float *att,
-          const float *q, const float *v, int T, int D, int hs, int j0, int j1),
-         (dk, dv, dot, dout, att, q, v, T, D, hs, j0, j1))
+         (float *dk, float *dv, const float *ds, const float *dout, const float *att,
+          const float *q, int T, int D, int hs, int j0, int j1),
+         (dk, dv, ds, dout, att, q, T, D, hs, j0, j1))
 RG_VARIANTS(step_head,
          (float *out, const float *q, const float *kc, const float *vc, int n, int D,
           int hs),
@@ -331,7 +322,7 @@ void rg_attention_forward(float *out, float *att, const float *q, const float *k
     }
 }
 
-void rg_attention_backward(float *dq, float *dk, float *dv, const float *dout,
+void rg_attention_backward(float *dq, float *dk, float *dv, float *ds, const float *dout,
                            const float *att, const float *q, const float *k, const float *v,
                            int B, int T, int D, int NH) {
     int hs = D / NH, BNH = B * NH, P = pieces_per_head(BNH, T, hs);
@@ -339,35 +330,32 @@ void rg_attention_backward(float *dq, float *dk, float *dv, const float *dout,
     void (*query_rows)(float *, float *, const float *, const float *, const float *,
                        const float *, int, int, int, int, int) = backward_query_rows_pick();
     void (*key_rows)(float *, float *, const float *, const float *, const float *,
-                     const float *, const float *, int, int, int, int, int) =
-        backward_key_rows_pick();
-    if (P == 1) { /* one task per head: both passes, dot on this thread's stack */
+                     const float *, int, int, int, int, int) = backward_key_rows_pick();
+    if (P == 1) { /* one task per head: both passes */
         #pragma omp parallel for num_threads(nt) schedule(static)
         for (int bh = 0; bh < BNH; bh++) {
             size_t x = (size_t)(bh / NH) * T * D + (bh % NH) * hs; /* [b, 0, h*hs] */
-            const float *att_bh = att + (size_t)bh * T * T;
-            float dot[T];
-            query_rows(dq + x, dot, dout + x, att_bh, k + x, v + x, T, D, hs, 0, T);
-            key_rows(dk + x, dv + x, dot, dout + x, att_bh, q + x, v + x, T, D, hs, 0, T);
+            size_t y = (size_t)bh * T * T;                          /* [b, h, 0, 0] */
+            query_rows(dq + x, ds + y, dout + x, att + y, k + x, v + x, T, D, hs, 0, T);
+            key_rows(dk + x, dv + x, ds + y, dout + x, att + y, q + x, T, D, hs, 0, T);
         }
         return;
     }
-    float dot[BNH * T]; /* (B, NH, T), small: here B * NH < 8 * threads */
     #pragma omp parallel num_threads(nt)
     {
         #pragma omp for schedule(static)
         for (int task = 0; task < BNH * P; task++) {
             int bh = task / P, c = task % P;
-            size_t x = (size_t)(bh / NH) * T * D + (bh % NH) * hs;
-            query_rows(dq + x, dot + (size_t)bh * T, dout + x, att + (size_t)bh * T * T,
-                       k + x, v + x, T, D, hs, query_split(T, c, P), query_split(T, c + 1, P));
+            size_t x = (size_t)(bh / NH) * T * D + (bh % NH) * hs, y = (size_t)bh * T * T;
+            query_rows(dq + x, ds + y, dout + x, att + y, k + x, v + x, T, D, hs,
+                       query_split(T, c, P), query_split(T, c + 1, P));
         }
         #pragma omp for schedule(static)
         for (int task = 0; task < BNH * P; task++) {
             int bh = task / P, c = task % P;
-            size_t x = (size_t)(bh / NH) * T * D + (bh % NH) * hs;
-            key_rows(dk + x, dv + x, dot + (size_t)bh * T, dout + x, att + (size_t)bh * T * T,
-                     q + x, v + x, T, D, hs, key_split(T, c, P), key_split(T, c + 1, P));
+            size_t x = (size_t)(bh / NH) * T * D + (bh % NH) * hs, y = (size_t)bh * T * T;
+            key_rows(dk + x, dv + x, ds + y, dout + x, att + y, q + x, T, D, hs,
+                     key_split(T, c, P), key_split(T, c + 1, P));
         }
     }
 }

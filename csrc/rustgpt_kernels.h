@@ -68,8 +68,9 @@ void rg_attention_forward(float *out, float *att, const float *q, const float *k
                           const float *v, int B, int T, int D, int NH);
 
 /* Backward of rg_attention_forward. dout, q, k, v: (B, T, D); att: (B, NH, T, T) from the
- * forward. Overwrites dq, dk, dv: (B, T, D). */
-void rg_attention_backward(float *dq, float *dk, float *dv, const float *dout,
+ * forward. Overwrites dq, dk, dv: (B, T, D), and ds: (B, NH, T, T), scratch that gets the
+ * gradients of the scaled scores (on and below the diagonal; other entries unspecified). */
+void rg_attention_backward(float *dq, float *dk, float *dv, float *ds, const float *dout,
                            const float *att, const float *q, const float *k, const float *v,
                            int B, int T, int D, int NH);
 

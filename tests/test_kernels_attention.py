@@ -30,9 +30,11 @@ def _forward(q, k, v, NH):
 
 
 def _backward(dout, att, q, k, v, NH):
-    """dq, dk, dv from the C backward, prefilled with NaN: the kernel must overwrite them."""
+    """dq, dk, dv from the C backward, prefilled with NaN: the kernel must overwrite them.
+    Its scratch too: entries of ds the kernel reads without writing them first would show."""
     dq, dk, dv = (np.full(q.shape, np.nan, np.float32) for _ in range(3))
-    K.attention_backward(dq, dk, dv, dout, att, q, k, v, NH)
+    ds = np.full(att.shape, np.nan, np.float32)
+    K.attention_backward(dq, dk, dv, dout, att, q, k, v, NH, ds)
     return dq, dk, dv
 
 
@@ -141,6 +143,14 @@ def test_attention_rejects_bad_input(rng):
         K.attention_backward(g, g.copy(), g[:, :2].copy(), q, att, q, k, v, 2)
     with pytest.raises(ShapeMismatch, match="attention_backward: dout has shape"):
         K.attention_backward(g, g.copy(), g.copy(), q[:1].copy(), att, q, k, v, 2)
+    with pytest.raises(ShapeMismatch, match=r"attention_backward: ds has shape \(2, 1, 4, 4\)"):
+        K.attention_backward(g, g.copy(), g.copy(), q, att, q, k, v, 2, att[:, :1].copy())
+    with pytest.raises(ValidationError, match="attention_backward: ds overlaps att, expected"):
+        K.attention_backward(g, g.copy(), g.copy(), q, att, q, k, v, 2, att)
+    flat = np.empty(att.size + q.size, np.float32)  # dv's first 8 floats are ds's last 8
+    ds, dv = flat[:att.size].reshape(att.shape), flat[att.size - 8:-8].reshape(q.shape)
+    with pytest.raises(ValidationError, match="attention_backward: ds overlaps dv"):
+        K.attention_backward(g, g.copy(), dv, q, att, q, k, v, 2, ds)
 
     kc, vc = np.zeros((B, 8, D), np.float32), np.zeros((B, 8, D), np.float32)
     qs, os_ = np.zeros((B, D), np.float32), np.empty((B, D), np.float32)

@@ -41,7 +41,7 @@ cdef extern from "rustgpt_kernels.h" nogil:
                        int K, int trans_a, int trans_b, const int *accumulate) noexcept
     void rg_attention_forward(float *out, float *att, const float *q, const float *k,
                               const float *v, int B, int T, int D, int NH) noexcept
-    void rg_attention_backward(float *dq, float *dk, float *dv, const float *dout,
+    void rg_attention_backward(float *dq, float *dk, float *dv, float *ds, const float *dout,
                                const float *att, const float *q, const float *k,
                                const float *v, int B, int T, int D, int NH) noexcept
     void rg_attention_step(float *out, const float *q, const float *kcache,
@@ -257,8 +257,8 @@ cdef void _run(const Op *o) noexcept nogil:
     elif o.kind == OP_ATTENTION_FORWARD:
         rg_attention_forward(p[0], p[1], p[2], p[3], p[4], i[0], i[1], i[2], i[3])
     elif o.kind == OP_ATTENTION_BACKWARD:
-        rg_attention_backward(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], i[0], i[1],
-                              i[2], i[3])
+        rg_attention_backward(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], i[0],
+                              i[1], i[2], i[3])
     elif o.kind == OP_LAYERNORM_FORWARD:
         rg_layernorm_forward(p[0], p[1], p[2], p[3], p[4], p[5], i[0], i[1], o.f)
     elif o.kind == OP_LAYERNORM_BACKWARD:
@@ -603,7 +603,9 @@ cdef Py_ssize_t _outputs(const Op *o) noexcept:
     """How many of the arrays of a call (in the kernel's argument order) it writes."""
     if o.kind == OP_SGEMM_MANY:
         return o.i[5]
-    if o.kind in (OP_ATTENTION_BACKWARD, OP_LAYERNORM_FORWARD, OP_LAYERNORM_BACKWARD):
+    if o.kind == OP_ATTENTION_BACKWARD:
+        return 4
+    if o.kind in (OP_LAYERNORM_FORWARD, OP_LAYERNORM_BACKWARD):
         return 3
     if o.kind in (OP_ATTENTION_FORWARD, OP_CROSSENTROPY_FORWARD_BACKWARD,
                   OP_EMBEDDING_BACKWARD):
@@ -870,12 +872,16 @@ def attention_forward(out, att, q, k, v, int num_heads):
     _submit(&o, (out, att, q, k, v))
 
 
-def attention_backward(dq, dk, dv, dout, att, q, k, v, int num_heads):
-    """Backward of attention_forward: overwrites dq, dk, dv (B, T, D)."""
+def attention_backward(dq, dk, dv, dout, att, q, k, v, int num_heads, ds=None):
+    """Backward of attention_forward: overwrites dq, dk, dv (B, T, D). ds, scratch of att's
+    shape (B, NH, T, T), gets the gradients of the scaled scores on and below the diagonal
+    (the rest unspecified); without it, a new array is used (a model passes one it keeps)."""
     fn = "attention_backward"
     s = _shape(q, fn, "q", 3)
     cdef int B = s[0], T = s[1], D = s[2], NH = num_heads
     _heads(fn, D, NH, T)
+    if ds is None:
+        ds = np.empty((B, NH, T, T), np.float32)
     cdef const float *qp = _f(q, fn, "q", s)
     cdef const float *kp = _f(k, fn, "k", s)
     cdef const float *vp = _f(v, fn, "v", s)
@@ -884,11 +890,19 @@ def attention_backward(dq, dk, dv, dout, att, q, k, v, int num_heads):
     cdef float *dqp = _f(dq, fn, "dq", s, True)
     cdef float *dkp = _f(dk, fn, "dk", s, True)
     cdef float *dvp = _f(dv, fn, "dv", s, True)
+    cdef float *dsp = _f(ds, fn, "ds", (B, NH, T, T), True)
+    cdef Py_ssize_t n = <Py_ssize_t>B * T * D, nds = <Py_ssize_t>B * NH * T * T
+    cdef const float *others[8]
+    others[:] = [ap, dop, qp, kp, vp, dqp, dkp, dvp]
+    for j, name in enumerate(("att", "dout", "q", "k", "v", "dq", "dk", "dv")):
+        if _overlap(dsp, nds, others[j], nds if j == 0 else n):
+            raise ValidationError(f"{fn}: ds overlaps {name}, expected separate scratch")
     cdef Op o
-    o.kind, o.p[0], o.p[1], o.p[2], o.p[3] = OP_ATTENTION_BACKWARD, dqp, dkp, dvp, <void *>dop
-    o.p[4], o.p[5], o.p[6], o.p[7] = <void *>ap, <void *>qp, <void *>kp, <void *>vp
+    o.kind, o.p[0], o.p[1], o.p[2], o.p[3] = OP_ATTENTION_BACKWARD, dqp, dkp, dvp, dsp
+    o.p[4], o.p[5], o.p[6], o.p[7], o.p[8] = (<void *>dop, <void *>ap, <void *>qp, <void *>kp,
+                                              <void *>vp)
     o.i[0], o.i[1], o.i[2], o.i[3] = B, T, D, NH
-    _submit(&o, (dq, dk, dv, dout, att, q, k, v))
+    _submit(&o, (dq, dk, dv, ds, dout, att, q, k, v))
 
 
 def attention_step(out, q, kcache, vcache, int n, int num_heads):

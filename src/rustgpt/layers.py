@@ -204,7 +204,8 @@ class SelfAttention(Module):
         q, k, v = (ws.get(self.key(n), (B, T, D)) for n in ("q", "k", "v"))
         att = ws.get(self.key("att"), (B, self.num_heads, T, T))
         dq, dk, dv, dx = (ws.get(self.key(n), (B, T, D)) for n in ("dq", "dk", "dv", "dx"))
-        K.attention_backward(dq, dk, dv, dout, att, q, k, v, self.num_heads)
+        ds = ws.get("attention.ds", att.shape)  # scratch, one for every layer
+        K.attention_backward(dq, dk, dv, dout, att, q, k, v, self.num_heads, ds)
         x2, dx2 = _rows(x), _rows(dx)
         grads = (_rows(dq), _rows(dk), _rows(dv))
         # dWq += x^T dq, dWk += x^T dk, dWv += x^T dv
