@@ -51,9 +51,12 @@ static _Thread_local float b_pack[KC * NC] __attribute__((aligned(64)));
  * onto c when load_c, else written over it. ap is packed k-major; bp has row stride ldb (NR
  * when packed, N when read straight from B). rows <= MR, and the rows of c past `rows` are
  * neither read nor written. cols <= NR is a hint: the columns past it are not needed (on the
- * right edge c is a whole-width buffer), so a kernel may skip vectors that lie wholly past it. */
+ * right edge c is a whole-width buffer), so a kernel may skip vectors that lie wholly past it.
+ * Before storing, it adds bias (NR floats, the tile's columns' biases; NULL for none) to each
+ * row and, when relu, takes max(x, 0): rg_sgemm's epilogue on the tile's last block of k. */
 typedef void (*microkernel_fn)(int kc, const float *ap, const float *bp, ptrdiff_t ldb,
-                               float *c, ptrdiff_t ldc, int load_c, int rows, int cols);
+                               float *c, ptrdiff_t ldc, int load_c, int rows, int cols,
+                               const float *bias, int relu);
 
 typedef struct {
     int mr, nr;
@@ -67,8 +70,10 @@ typedef struct {
 #define GEN_MR 4
 #define GEN_NR 8
 typedef float v4f __attribute__((vector_size(16)));
+typedef int v4i __attribute__((vector_size(16)));
 static void kernel_generic(int kc, const float *ap, const float *bp, ptrdiff_t ldb, float *c,
-                           ptrdiff_t ldc, int load_c, int rows, int cols) {
+                           ptrdiff_t ldc, int load_c, int rows, int cols, const float *bias,
+                           int relu) {
     (void)cols;
     v4f acc[GEN_MR][2];
     for (int i = 0; i < GEN_MR; i++)
@@ -89,6 +94,13 @@ static void kernel_generic(int kc, const float *ap, const float *bp, ptrdiff_t l
         ap += GEN_MR;
         bp += ldb;
     }
+    for (int h = 0; h < 2 && bias; h++) {
+        v4f b;
+        memcpy(&b, bias + 4 * h, sizeof b);
+        for (int i = 0; i < GEN_MR; i++) acc[i][h] += b;
+    }
+    for (int i = 0; i < GEN_MR && relu; i++) /* x > 0 ? x : 0, as a mask */
+        for (int h = 0; h < 2; h++) acc[i][h] = (v4f)((v4i)acc[i][h] & (acc[i][h] > 0.0f));
     for (int i = 0; i < rows; i++)
         for (int h = 0; h < 2; h++) memcpy(c + i * ldc + 4 * h, &acc[i][h], sizeof acc[i][h]);
 }
@@ -98,8 +110,8 @@ static void kernel_generic(int kc, const float *ap, const float *bp, ptrdiff_t l
  * vectors of columns when more than VEC columns are needed, else one. */
 #define KERNEL_CASE(BODY, MU, VEC) \
     case MU: \
-        if (cols > VEC) BODY(kc, ap, bp, ldb, c, ldc, load_c, MU, MU, 2); \
-        else            BODY(kc, ap, bp, ldb, c, ldc, load_c, MU, MU, 1); \
+        if (cols > VEC) BODY(kc, ap, bp, ldb, c, ldc, load_c, MU, MU, 2, bias, relu); \
+        else            BODY(kc, ap, bp, ldb, c, ldc, load_c, MU, MU, 1, bias, relu); \
         break;
 
 /* AVX2 + FMA, 6 x 16: 12 ymm accumulators, 2 for the B row, 1 for the broadcast A value.
@@ -112,7 +124,8 @@ static void kernel_generic(int kc, const float *ap, const float *bp, ptrdiff_t l
 #define AVX2_TARGET __attribute__((target("avx2,fma")))
 static inline __attribute__((always_inline)) AVX2_TARGET
 void kernel_avx2_body(int kc, const float *ap, const float *bp, ptrdiff_t ldb, float *c,
-                      ptrdiff_t ldc, int load_c, int rows, const int MU, const int NU) {
+                      ptrdiff_t ldc, int load_c, int rows, const int MU, const int NU,
+                      const float *bias, int relu) {
     __m256 acc[AVX2_MR][2];
     #pragma GCC unroll 6
     for (int i = 0; i < MU; i++) {
@@ -134,6 +147,21 @@ void kernel_avx2_body(int kc, const float *ap, const float *bp, ptrdiff_t ldb, f
         ap += AVX2_MR;
         bp += ldb;
     }
+    if (bias) {
+        #pragma GCC unroll 2
+        for (int h = 0; h < NU; h++) {
+            __m256 b = _mm256_loadu_ps(bias + 8 * h);
+            #pragma GCC unroll 6
+            for (int i = 0; i < MU; i++) acc[i][h] = _mm256_add_ps(acc[i][h], b);
+        }
+    }
+    if (relu) { /* max(x, 0) returns 0 for NaN too, as x > 0 ? x : 0 */
+        #pragma GCC unroll 6
+        for (int i = 0; i < MU; i++)
+            #pragma GCC unroll 2
+            for (int h = 0; h < NU; h++)
+                acc[i][h] = _mm256_max_ps(acc[i][h], _mm256_setzero_ps());
+    }
     #pragma GCC unroll 6
     for (int i = 0; i < MU; i++) {
         if (i >= rows) break;
@@ -144,7 +172,8 @@ void kernel_avx2_body(int kc, const float *ap, const float *bp, ptrdiff_t ldb, f
 
 AVX2_TARGET
 static void kernel_avx2(int kc, const float *ap, const float *bp, ptrdiff_t ldb, float *c,
-                        ptrdiff_t ldc, int load_c, int rows, int cols) {
+                        ptrdiff_t ldc, int load_c, int rows, int cols, const float *bias,
+                        int relu) {
     switch (rows) {
         KERNEL_CASE(kernel_avx2_body, 6, 8) KERNEL_CASE(kernel_avx2_body, 5, 8)
         KERNEL_CASE(kernel_avx2_body, 4, 8) KERNEL_CASE(kernel_avx2_body, 3, 8)
@@ -159,7 +188,8 @@ static void kernel_avx2(int kc, const float *ap, const float *bp, ptrdiff_t ldb,
 #define AVX512_TARGET __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma")))
 static inline __attribute__((always_inline)) AVX512_TARGET
 void kernel_avx512_body(int kc, const float *ap, const float *bp, ptrdiff_t ldb, float *c,
-                        ptrdiff_t ldc, int load_c, int rows, const int MU, const int NU) {
+                        ptrdiff_t ldc, int load_c, int rows, const int MU, const int NU,
+                        const float *bias, int relu) {
     __m512 acc[AVX512_MR][2];
     #pragma GCC unroll 12
     for (int i = 0; i < MU; i++) {
@@ -181,6 +211,21 @@ void kernel_avx512_body(int kc, const float *ap, const float *bp, ptrdiff_t ldb,
         ap += AVX512_MR;
         bp += ldb;
     }
+    if (bias) {
+        #pragma GCC unroll 2
+        for (int h = 0; h < NU; h++) {
+            __m512 b = _mm512_loadu_ps(bias + 16 * h);
+            #pragma GCC unroll 12
+            for (int i = 0; i < MU; i++) acc[i][h] = _mm512_add_ps(acc[i][h], b);
+        }
+    }
+    if (relu) { /* max(x, 0) returns 0 for NaN too, as x > 0 ? x : 0 */
+        #pragma GCC unroll 12
+        for (int i = 0; i < MU; i++)
+            #pragma GCC unroll 2
+            for (int h = 0; h < NU; h++)
+                acc[i][h] = _mm512_max_ps(acc[i][h], _mm512_setzero_ps());
+    }
     #pragma GCC unroll 12
     for (int i = 0; i < MU; i++) {
         if (i >= rows) break;
@@ -191,7 +236,8 @@ void kernel_avx512_body(int kc, const float *ap, const float *bp, ptrdiff_t ldb,
 
 AVX512_TARGET
 static void kernel_avx512(int kc, const float *ap, const float *bp, ptrdiff_t ldb, float *c,
-                          ptrdiff_t ldc, int load_c, int rows, int cols) {
+                          ptrdiff_t ldc, int load_c, int rows, int cols, const float *bias,
+                          int relu) {
     switch (rows) {
         KERNEL_CASE(kernel_avx512_body, 12, 16) KERNEL_CASE(kernel_avx512_body, 11, 16)
         KERNEL_CASE(kernel_avx512_body, 10, 16) KERNEL_CASE(kernel_avx512_body, 9, 16)
@@ -287,10 +333,30 @@ static void pack_b(float *dst, const float *B, int N, int K, int trans_b, int j0
 
 /* ---- driver ---------------------------------------------------------------------------------- */
 
-/* C[m0:m1, n0:n1] (+)= op(A)[m0:m1, :] @ op(B)[:, n0:n1] on the calling thread. */
+/* What rg_sgemm_bias does to each finished tile of C: add a bias per column, then relu. */
+typedef struct {
+    const float *bias; /* N floats, or NULL */
+    int relu;
+} gemm_epilogue;
+
+/* c (rows x cols, row stride ldc), whose first column is column j0 of C, gets e. */
+static void epilogue(const gemm_epilogue *e, float *c, size_t ldc, int rows, int cols,
+                     int j0) {
+    const float *b = e->bias ? e->bias + j0 : NULL;
+    for (int i = 0; i < rows; i++) {
+        float *c_i = c + (size_t)i * ldc;
+        if (b)
+            for (int j = 0; j < cols; j++) c_i[j] += b[j];
+        if (e->relu)
+            for (int j = 0; j < cols; j++) c_i[j] = c_i[j] > 0.0f ? c_i[j] : 0.0f;
+    }
+}
+
+/* C[m0:m1, n0:n1] (+)= op(A)[m0:m1, :] @ op(B)[:, n0:n1] on the calling thread, then epi
+ * (NULL: none) on each tile after its last block of k. */
 static void gemm_block(gemm_path path, float *C, const float *A, const float *B, int M, int N,
                        int K, int trans_a, int trans_b, int accumulate, int m0, int m1, int n0,
-                       int n1) {
+                       int n1, const gemm_epilogue *epi) {
     const int mr = path.mr, nr = path.nr;
     float *ap = a_pack, *bp = b_pack;
     float edge[MR_MAX * NR_MAX] __attribute__((aligned(64)));
@@ -301,6 +367,7 @@ static void gemm_block(gemm_path path, float *C, const float *A, const float *B,
         for (int pc = 0; pc < K; pc += kstep) {
             int kc = K - pc < kstep ? K - pc : kstep;
             int load_c = accumulate || pc > 0;
+            const gemm_epilogue *last = pc + kc >= K ? epi : NULL;
             pack_b(bp, B, N, K, trans_b, jc, nc, pc, kc, nr);
             for (int ic = m0; ic < m1; ic += MC) {
                 int mc = m1 - ic < MC ? m1 - ic : MC;
@@ -313,7 +380,9 @@ static void gemm_block(gemm_path path, float *C, const float *A, const float *B,
                         const float *b_panel = bp + (size_t)jr * kc;
                         float *c_tile = C + (size_t)(ic + ir) * N + jc + jr;
                         if (cols == nr) {
-                            path.kernel(kc, a_panel, b_panel, nr, c_tile, N, load_c, rows, nr);
+                            path.kernel(kc, a_panel, b_panel, nr, c_tile, N, load_c, rows, nr,
+                                        last && last->bias ? last->bias + jc + jr : NULL,
+                                        last && last->relu);
                             continue;
                         }
                         /* right edge: through a whole-width buffer */
@@ -321,10 +390,12 @@ static void gemm_block(gemm_path path, float *C, const float *A, const float *B,
                             for (int i = 0; i < rows; i++)
                                 memcpy(edge + i * nr, c_tile + (size_t)i * N,
                                        (size_t)cols * sizeof(float));
-                        path.kernel(kc, a_panel, b_panel, nr, edge, nr, load_c, rows, cols);
+                        path.kernel(kc, a_panel, b_panel, nr, edge, nr, load_c, rows, cols,
+                                    NULL, 0);
                         for (int i = 0; i < rows; i++)
                             memcpy(c_tile + (size_t)i * N, edge + i * nr,
                                    (size_t)cols * sizeof(float));
+                        if (last) epilogue(last, c_tile, N, rows, cols, jc + jr);
                     }
                 }
             }
@@ -338,17 +409,22 @@ static void gemm_block(gemm_path path, float *C, const float *A, const float *B,
  * stride N), one column panel at a time for every row panel while it is in L1, and only
  * the right edge strip and A (panels of mr x K) are packed. The caller checks that the A
  * panels fit a_pack (MC * KC floats), which also keeps the strip (K x nr) within b_pack.
- * a_packed: a_pack holds this A already (the previous product of rg_sgemm_many had it). */
+ * a_packed: a_pack holds this A already (the previous product of rg_sgemm_many had it).
+ * epi (NULL: none) goes over each tile as it is finished. */
 static void gemm_small_m(gemm_path path, float *C, const float *A, const float *B, int M, int N,
-                         int K, int trans_a, int accumulate, int a_packed, int n0, int n1) {
+                         int K, int trans_a, int accumulate, int a_packed, int n0, int n1,
+                         const gemm_epilogue *epi) {
     const int mr = path.mr, nr = path.nr;
     float edge[MR_MAX * NR_MAX] __attribute__((aligned(64)));
     if (!a_packed) pack_a(a_pack, A, M, K, trans_a, 0, M, 0, K, mr);
     int j = n0;
     for (; j + nr <= n1; j += nr)
-        for (int ip = 0; ip < M; ip += mr)
-            path.kernel(K, a_pack + (size_t)ip * K, B + j, N, C + (size_t)ip * N + j, N,
-                        accumulate, M - ip < mr ? M - ip : mr, nr);
+        for (int ip = 0; ip < M; ip += mr) {
+            int rows = M - ip < mr ? M - ip : mr;
+            float *c = C + (size_t)ip * N + j;
+            path.kernel(K, a_pack + (size_t)ip * K, B + j, N, c, N, accumulate, rows, nr,
+                        epi && epi->bias ? epi->bias + j : NULL, epi && epi->relu);
+        }
     if (j < n1) {
         int cols = n1 - j;
         pack_b(b_pack, B, N, K, 0, j, cols, 0, K, nr);
@@ -358,9 +434,11 @@ static void gemm_small_m(gemm_path path, float *C, const float *A, const float *
             if (accumulate)
                 for (int i = 0; i < rows; i++)
                     memcpy(edge + i * nr, c + (size_t)i * N, (size_t)cols * sizeof(float));
-            path.kernel(K, a_pack + (size_t)ip * K, b_pack, nr, edge, nr, accumulate, rows, cols);
+            path.kernel(K, a_pack + (size_t)ip * K, b_pack, nr, edge, nr, accumulate, rows, cols,
+                        NULL, 0);
             for (int i = 0; i < rows; i++)
                 memcpy(c + (size_t)i * N, edge + i * nr, (size_t)cols * sizeof(float));
+            if (epi) epilogue(epi, c, N, rows, cols, j);
         }
     }
 }
@@ -429,7 +507,7 @@ void dot_body(const float *a, const float *b, int K, float *c, ptrdiff_t ldc, in
 
 AVX512_TARGET
 static void gemm_dot(float *C, const float *A, const float *B, int M, int N, int K,
-                     int accumulate, int n0, int n1) {
+                     int accumulate, int n0, int n1, const gemm_epilogue *epi) {
     for (int j = n0; j < n1; j += DOT_J) {
         int nj = n1 - j < DOT_J ? n1 - j : DOT_J;
         for (int i = 0; i < M; i += DOT_I) {
@@ -447,6 +525,7 @@ static void gemm_dot(float *C, const float *A, const float *B, int M, int N, int
             }
         }
     }
+    if (epi) epilogue(epi, C + n0, N, M, n1 - n0, n0); /* a few rows: still in cache */
 }
 #endif
 
@@ -460,8 +539,10 @@ static void gemm_dot(float *C, const float *A, const float *B, int M, int N, int
 #define PARALLEL_MIN_FMAS (40 * 40 * 40)
 #endif
 
-void rg_sgemm_many(int count, float *const C[], const float *const A[], const float *const B[],
-                   int M, int N, int K, int trans_a, int trans_b, const int accumulate[]) {
+/* rg_sgemm_many, then epi (NULL: none) on every product. */
+static void sgemm_run(int count, float *const C[], const float *const A[],
+                      const float *const B[], int M, int N, int K, int trans_a, int trans_b,
+                      const int accumulate[], const gemm_epilogue *epi) {
     /* A is (M, K) or (K, M) if trans_a; B is (K, N) or (N, K) if trans_b; C is (M, N).
      * Threads split C once; each computes its part of every product, in order. */
     gemm_path path = choose_path();
@@ -475,7 +556,7 @@ void rg_sgemm_many(int count, float *const C[], const float *const A[], const fl
         if (nthreads <= 1) {
             for (int i = 0; i < count; i++)
                 gemm_small_m(path, C[i], A[i], B[i], M, N, K, trans_a, accumulate[i],
-                             i > 0 && A[i] == A[i - 1], 0, N);
+                             i > 0 && A[i] == A[i - 1], 0, N, epi);
             return;
         }
         #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -484,7 +565,7 @@ void rg_sgemm_many(int count, float *const C[], const float *const A[], const fl
             int n1 = (int)((long)nt * (t + 1) / nthreads) * path.nr;
             for (int i = 0; i < count; i++)
                 gemm_small_m(path, C[i], A[i], B[i], M, N, K, trans_a, accumulate[i],
-                             i > 0 && A[i] == A[i - 1], n0, n1 < N ? n1 : N);
+                             i > 0 && A[i] == A[i - 1], n0, n1 < N ? n1 : N, epi);
         }
         return;
     }
@@ -498,7 +579,7 @@ void rg_sgemm_many(int count, float *const C[], const float *const A[], const fl
             int n0 = (int)((long)nt * t / nthreads) * DOT_J;
             int n1 = (int)((long)nt * (t + 1) / nthreads) * DOT_J;
             for (int i = 0; i < count; i++)
-                gemm_dot(C[i], A[i], B[i], M, N, K, accumulate[i], n0, n1 < N ? n1 : N);
+                gemm_dot(C[i], A[i], B[i], M, N, K, accumulate[i], n0, n1 < N ? n1 : N, epi);
         }
         return;
     }
@@ -521,7 +602,7 @@ void rg_sgemm_many(int count, float *const C[], const float *const A[], const fl
     if (nthreads <= 1) {
         for (int i = 0; i < count; i++)
             gemm_block(path, C[i], A[i], B[i], M, N, K, trans_a, trans_b, accumulate[i], 0, M,
-                       0, N);
+                       0, N, epi);
         return;
     }
     #pragma omp parallel num_threads(nthreads)
@@ -543,12 +624,19 @@ void rg_sgemm_many(int count, float *const C[], const float *const A[], const fl
             if (m0 < m1 && n0 < n1)
                 for (int i = 0; i < count; i++)
                     gemm_block(path, C[i], A[i], B[i], M, N, K, trans_a, trans_b,
-                               accumulate[i], m0, m1, n0, n1);
+                               accumulate[i], m0, m1, n0, n1, epi);
         }
     }
 }
 
+void rg_sgemm_many(int count, float *const C[], const float *const A[], const float *const B[],
+                   int M, int N, int K, int trans_a, int trans_b, const int accumulate[]) {
+    sgemm_run(count, C, A, B, M, N, K, trans_a, trans_b, accumulate, NULL);
+}
+
 void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
-              int trans_a, int trans_b, int accumulate) {
-    rg_sgemm_many(1, &C, &A, &B, M, N, K, trans_a, trans_b, &accumulate);
+              int trans_a, int trans_b, int accumulate, const float *bias, int relu) {
+    gemm_epilogue e = {bias, relu};
+    sgemm_run(1, &C, &A, &B, M, N, K, trans_a, trans_b, &accumulate,
+              bias || relu ? &e : NULL);
 }

@@ -42,13 +42,16 @@ void rg_run_streams(int n, const unsigned char *stream, const int *wait,
 
 /* ---- matrix multiply (gemm.c) ------------------------------------------------------------ */
 
-/* C = op(A) @ op(B), or C += op(A) @ op(B) when accumulate is nonzero.
+/* C = op(A) @ op(B), or C += op(A) @ op(B) when accumulate is nonzero; then, when given,
+ * C[i, j] += bias[j] (bias: N floats, or NULL), and C = max(C, 0) when relu: each tile of C
+ * as it is finished, while it is in cache, so a layer's bias and activation take no pass
+ * of their own (the same bits as rg_bias_add and rg_relu_forward after the product).
  * op(A) is (M, K): A is stored (M, K), or (K, M) when trans_a.
  * op(B) is (K, N): B is stored (K, N), or (N, K) when trans_b.
- * C is (M, N). All row-major and contiguous; C does not alias A or B.
+ * C is (M, N). All row-major and contiguous; C does not alias A, B or bias.
  * Forward x @ W is (0, 0); dx = dy @ W^T is (0, 1); dW += x^T @ dy is (1, 0). */
 void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
-              int trans_a, int trans_b, int accumulate);
+              int trans_a, int trans_b, int accumulate, const float *bias, int relu);
 
 /* count products of one shape and transposition in one parallel region, in order:
  * C[i] = op(A[i]) @ op(B[i]), or += when accumulate[i]. Each thread computes the same part

@@ -107,6 +107,45 @@ def test_sgemm_overwrites_nan(simd, rng):
         _check(C, ref.matmul(A, B), Kd, "C")
 
 
+@pytest.mark.parametrize("M,Kd,N", SHAPES)
+@pytest.mark.parametrize("trans_a,trans_b", TRANS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sgemm_bias_and_relu_equal_their_own_passes(simd, rng, M, Kd, N, trans_a, trans_b,
+                                                    threads):
+    """sgemm(bias=, relu=) gives the bits of sgemm, then bias_add, then relu_forward, on
+    every path (B in place, dot products, packed; edges; K over a cache block), with and
+    without accumulate, bias alone and relu alone."""
+    A, B = _operands(rng, M, Kd, N, trans_a, trans_b)
+    bias = rng.standard_normal(N).astype(np.float32)
+    C0 = rng.standard_normal((M, N)).astype(np.float32)
+    before = K.get_num_threads()
+    try:
+        K.set_num_threads(threads)
+        for accumulate in (False, True):
+            for b, relu in ((bias, True), (bias, False), (None, True)):
+                expected = C0.copy()
+                K.sgemm(expected, A, B, trans_a, trans_b, accumulate)
+                if b is not None:
+                    K.bias_add(expected, b)
+                if relu:
+                    K.relu_forward(expected, expected)
+                C = C0.copy()
+                K.sgemm(C, A, B, trans_a, trans_b, accumulate, bias=b, relu=relu)
+                np.testing.assert_array_equal(C, expected)
+    finally:
+        K.set_num_threads(before)
+
+
+def test_sgemm_bias_bad_input():
+    A, B, C = (np.zeros(shape, np.float32) for shape in ((4, 5), (5, 6), (4, 6)))
+    with pytest.raises(ShapeMismatch, match=r"sgemm: bias has shape \(5,\), expected \(6,\)"):
+        K.sgemm(C, A, B, bias=np.zeros(5, np.float32))
+    with pytest.raises(ValidationError, match="sgemm: bias has dtype float64"):
+        K.sgemm(C, A, B, bias=np.zeros(6))
+    with pytest.raises(ValidationError, match="sgemm: C overlaps bias"):
+        K.sgemm(C, A, B, bias=C[0])
+
+
 def test_sgemm_bad_shapes():
     A = np.zeros((4, 5), np.float32)
     B = np.zeros((5, 6), np.float32)

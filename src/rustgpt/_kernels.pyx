@@ -36,7 +36,8 @@ cdef extern from "rustgpt_kernels.h" nogil:
     void rg_run_streams(int n, const unsigned char *stream, const int *wait,
                         void (*run)(void *ctx, int j) noexcept nogil, void *ctx) noexcept
     void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
-                  int trans_a, int trans_b, int accumulate) noexcept
+                  int trans_a, int trans_b, int accumulate, const float *bias,
+                  int relu) noexcept
     void rg_sgemm_many(int count, float **C, const float **A, const float **B, int M, int N,
                        int K, int trans_a, int trans_b, const int *accumulate) noexcept
     void rg_attention_forward(float *out, float *att, const float *q, const float *k,
@@ -238,7 +239,8 @@ cdef struct Op:
     int kind
     void *p[3 * MANY]  # the kernel's arrays, in its argument order
     int i[6]    # its int arguments (sizes, flags), in order
-    size_t n    # element count of the flat kernels; sgemm_many's accumulate flags, as bits
+    size_t n    # element count of the flat kernels; sgemm_many's accumulate flags, as bits;
+                # sgemm's relu flag
     float f     # its float argument (eps, dscale)
 
 
@@ -248,7 +250,7 @@ cdef void _run(const Op *o) noexcept nogil:
     cdef int acc[MANY]
     cdef int j
     if o.kind == OP_SGEMM:
-        rg_sgemm(p[0], p[1], p[2], i[0], i[1], i[2], i[3], i[4], i[5])
+        rg_sgemm(p[0], p[1], p[2], i[0], i[1], i[2], i[3], i[4], i[5], p[3], <int>o.n)
     elif o.kind == OP_SGEMM_MANY:  # C[0..MANY) in p[0..], A in p[MANY..], B in p[2 MANY..]
         for j in range(MANY):
             acc[j] = (o.n >> j) & 1
@@ -785,20 +787,30 @@ cdef tuple _gemm_dims(str fn, object A, str a_name, object B, str b_name, bint t
     return sa, sb, (M, N, K)
 
 
-def sgemm(C, A, B, bint trans_a=False, bint trans_b=False, bint accumulate=False):
-    """C = op(A) @ op(B) (C += ... when accumulate). op(A): (M, K), op(B): (K, N), C: (M, N)."""
+def sgemm(C, A, B, bint trans_a=False, bint trans_b=False, bint accumulate=False, bias=None,
+          bint relu=False):
+    """C = op(A) @ op(B) (C += ... when accumulate). op(A): (M, K), op(B): (K, N), C: (M, N).
+    Then C += bias (N,) per row, when given, and C = max(C, 0) when relu: on each tile of C
+    as it is finished, the same bits as bias_add and relu_forward after it, without their
+    passes over C."""
     fn = "sgemm"
     sa, sb, dims = _gemm_dims(fn, A, "A", B, "B", trans_a, trans_b)
     cdef int M = dims[0], N = dims[1], K = dims[2]
     cdef const float *a = _f(A, fn, "A", sa)
     cdef const float *b = _f(B, fn, "B", sb)
     cdef float *c = _f(C, fn, "C", (M, N), True)
+    cdef const float *bp = NULL
+    if bias is not None:
+        bp = _f(bias, fn, "bias", (N,))
+        if _overlap(c, M * N, bp, N):
+            raise ValidationError(f"{fn}: C overlaps bias, expected a separate output array")
     if _overlap(c, M * N, a, M * K) or _overlap(c, M * N, b, K * N):
         raise ValidationError(f"{fn}: C overlaps an input, expected a separate output array")
     cdef Op op
-    op.kind, op.p[0], op.p[1], op.p[2] = OP_SGEMM, c, <void *>a, <void *>b
+    op.kind, op.p[0], op.p[1], op.p[2], op.p[3] = OP_SGEMM, c, <void *>a, <void *>b, <void *>bp
     op.i[0], op.i[1], op.i[2], op.i[3], op.i[4], op.i[5] = M, N, K, trans_a, trans_b, accumulate
-    _submit(&op, (C, A, B))
+    op.n = relu
+    _submit(&op, (C, A, B) if bias is None else (C, A, B, bias))
 
 
 def sgemm_many(Cs, As, Bs, bint trans_a=False, bint trans_b=False, accumulate=False):

@@ -233,12 +233,9 @@ class FeedForward(Module):
         x2 = _rows(x)
         N, H = x2.shape[0], self.w1.shape[1]
         h = ws.get(self.key("h"), (N, H))
-        K.sgemm(h, x2, self.w1)
-        K.bias_add(h, self.b1)
-        K.relu_forward(h, h)
+        K.sgemm(h, x2, self.w1, bias=self.b1, relu=True)  # h = relu(x W1 + b1)
         out = ws.get(self.key("out"), x.shape)
-        K.sgemm(_rows(out), h, self.w2)
-        K.bias_add(_rows(out), self.b2)
+        K.sgemm(_rows(out), h, self.w2, bias=self.b2)
         return out
 
     def backward(self, ws: Workspace, x: np.ndarray, dout: np.ndarray,
@@ -336,8 +333,7 @@ class OutputProjection(Module):
         """x: (B, T, D) -> logits (B, T, V)."""
         B, T, _ = x.shape
         logits = ws.get(self.key("logits"), (B, T, self.w.shape[1]))
-        K.sgemm(_rows(logits), _rows(x), self.w)
-        K.bias_add(_rows(logits), self.b)
+        K.sgemm(_rows(logits), _rows(x), self.w, bias=self.b)
         return logits
 
     def backward(self, ws: Workspace, x: np.ndarray, dlogits: np.ndarray,
