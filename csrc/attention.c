@@ -137,9 +137,13 @@ void mix_block(int wide, float *y, const float *P, int ldp, int pj, int nr, cons
  * exponentials vectorize through rg_expf. */
 static inline __attribute__((always_inline))
 void softmax_row(float *s, int n) {
-    float mx = -INFINITY, sum = 0.0f;
-    #pragma omp simd reduction(max : mx)
-    for (int j = 0; j < n; j++) mx = s[j] > mx ? s[j] : mx;
+    float mx = -INFINITY, sum = 0.0f, lane[16];
+    int j0 = n & ~15;
+    for (int l = 0; l < 16; l++) lane[l] = -INFINITY; /* 16 running maxima: they vectorize */
+    for (int j = 0; j < j0; j += 16)
+        for (int l = 0; l < 16; l++) lane[l] = s[j + l] > lane[l] ? s[j + l] : lane[l];
+    for (int j = j0; j < n; j++) mx = s[j] > mx ? s[j] : mx;
+    for (int l = 0; l < 16; l++) mx = lane[l] > mx ? lane[l] : mx;
     #pragma omp simd reduction(+ : sum)
     for (int j = 0; j < n; j++) {
         s[j] = rg_expf(s[j] - mx);
