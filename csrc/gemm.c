@@ -114,6 +114,20 @@ static void kernel_generic(int kc, const float *ap, const float *bp, ptrdiff_t l
         else            BODY(kc, ap, bp, ldb, c, ldc, load_c, MU, MU, 1, bias, relu); \
         break;
 
+/* A SIMD micro-kernel's epilogue on its accumulators acc[MU][NU], vectors of W floats:
+ * the columns' biases added, then relu (max(x, 0) gives 0 for NaN too, as x > 0 ? x : 0). */
+#define KERNEL_EPILOGUE(W, LOADU, ADD, MAX, ZERO) \
+    if (bias) { \
+        _Pragma("GCC unroll 2") for (int h = 0; h < NU; h++) \
+            _Pragma("GCC unroll 12") for (int i = 0; i < MU; i++) \
+                acc[i][h] = ADD(acc[i][h], LOADU(bias + (W) * h)); \
+    } \
+    if (relu) { \
+        _Pragma("GCC unroll 12") for (int i = 0; i < MU; i++) \
+            _Pragma("GCC unroll 2") for (int h = 0; h < NU; h++) \
+                acc[i][h] = MAX(acc[i][h], ZERO()); \
+    }
+
 /* AVX2 + FMA, 6 x 16: 12 ymm accumulators, 2 for the B row, 1 for the broadcast A value.
  * The body is written once for MU <= 6 used rows and NU <= 2 vectors of columns and inlined
  * for every MU and NU = 2, 1, so short or narrow edge tiles (a batch-1 training step has
@@ -147,21 +161,7 @@ void kernel_avx2_body(int kc, const float *ap, const float *bp, ptrdiff_t ldb, f
         ap += AVX2_MR;
         bp += ldb;
     }
-    if (bias) {
-        #pragma GCC unroll 2
-        for (int h = 0; h < NU; h++) {
-            __m256 b = _mm256_loadu_ps(bias + 8 * h);
-            #pragma GCC unroll 6
-            for (int i = 0; i < MU; i++) acc[i][h] = _mm256_add_ps(acc[i][h], b);
-        }
-    }
-    if (relu) { /* max(x, 0) returns 0 for NaN too, as x > 0 ? x : 0 */
-        #pragma GCC unroll 6
-        for (int i = 0; i < MU; i++)
-            #pragma GCC unroll 2
-            for (int h = 0; h < NU; h++)
-                acc[i][h] = _mm256_max_ps(acc[i][h], _mm256_setzero_ps());
-    }
+    KERNEL_EPILOGUE(8, _mm256_loadu_ps, _mm256_add_ps, _mm256_max_ps, _mm256_setzero_ps);
     #pragma GCC unroll 6
     for (int i = 0; i < MU; i++) {
         if (i >= rows) break;
@@ -211,21 +211,7 @@ void kernel_avx512_body(int kc, const float *ap, const float *bp, ptrdiff_t ldb,
         ap += AVX512_MR;
         bp += ldb;
     }
-    if (bias) {
-        #pragma GCC unroll 2
-        for (int h = 0; h < NU; h++) {
-            __m512 b = _mm512_loadu_ps(bias + 16 * h);
-            #pragma GCC unroll 12
-            for (int i = 0; i < MU; i++) acc[i][h] = _mm512_add_ps(acc[i][h], b);
-        }
-    }
-    if (relu) { /* max(x, 0) returns 0 for NaN too, as x > 0 ? x : 0 */
-        #pragma GCC unroll 12
-        for (int i = 0; i < MU; i++)
-            #pragma GCC unroll 2
-            for (int h = 0; h < NU; h++)
-                acc[i][h] = _mm512_max_ps(acc[i][h], _mm512_setzero_ps());
-    }
+    KERNEL_EPILOGUE(16, _mm512_loadu_ps, _mm512_add_ps, _mm512_max_ps, _mm512_setzero_ps);
     #pragma GCC unroll 12
     for (int i = 0; i < MU; i++) {
         if (i >= rows) break;
@@ -248,6 +234,7 @@ static void kernel_avx512(int kc, const float *ap, const float *bp, ptrdiff_t ld
     }
 }
 #undef KERNEL_CASE
+#undef KERNEL_EPILOGUE
 #endif
 
 static gemm_path choose_path(void) {
