@@ -62,6 +62,23 @@ def test_feed_forward(rng):
     check_layer(L.FeedForward(D, H), ref.feed_forward, x, rng)
 
 
+def test_attention_backward_with_residual_adds_dx_onto_dout(rng):
+    """backward(residual=True), as a block calls it, returns dout + dx in dout's own buffer,
+    and the parameter gradients are those of a plain backward."""
+    layer = L.SelfAttention(D, NH)
+    store, ws = bind(layer, rng), L.Workspace()
+    x = rng.standard_normal((B, T, D)).astype(np.float32)
+    layer.forward(ws, x)
+    dout = rng.standard_normal((B, T, D)).astype(np.float32)
+    dx = layer.backward(ws, x, dout.copy(), accumulate=False).copy()
+    grads = store.grad.copy()
+    buf = dout.copy()
+    got = layer.backward(ws, x, buf, accumulate=False, residual=True)
+    assert got is buf
+    ref.assert_close(got, dout.astype(np.float64) + dx, 1e-6, 1e-6, "dout + dx")
+    np.testing.assert_array_equal(store.grad, grads)
+
+
 def test_layer_norm(rng):
     x = rng.standard_normal((B, T, D)).astype(np.float32)
     check_layer(L.LayerNorm(D), ref.layer_norm, x, rng)

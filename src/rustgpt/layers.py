@@ -199,21 +199,24 @@ class SelfAttention(Module):
         return out
 
     def backward(self, ws: Workspace, x: np.ndarray, dout: np.ndarray,
-                 accumulate: bool = True) -> np.ndarray:
+                 accumulate: bool = True, residual: bool = False) -> np.ndarray:
+        """dx (B, T, D) for dout; with residual, dout + dx, written over dout (a block's
+        residual connection, without a pass of its own)."""
         B, T, D = x.shape
         q, k, v = (ws.get(self.key(n), (B, T, D)) for n in ("q", "k", "v"))
         att = ws.get(self.key("att"), (B, self.num_heads, T, T))
-        dq, dk, dv, dx = (ws.get(self.key(n), (B, T, D)) for n in ("dq", "dk", "dv", "dx"))
+        dq, dk, dv = (ws.get(self.key(n), (B, T, D)) for n in ("dq", "dk", "dv"))
         ds = ws.get("attention.ds", att.shape)  # scratch, one for every layer
         K.attention_backward(dq, dk, dv, dout, att, q, k, v, self.num_heads, ds)
-        x2, dx2 = _rows(x), _rows(dx)
+        x2 = _rows(x)
         grads = (_rows(dq), _rows(dk), _rows(dv))
         # dWq += x^T dq, dWk += x^T dk, dWv += x^T dv
         K.sgemm_many((self.dwq, self.dwk, self.dwv), (x2, x2, x2), grads, trans_a=True,
                      accumulate=accumulate)
-        # dx = dq Wq^T + dk Wk^T + dv Wv^T
-        K.sgemm_many((dx2, dx2, dx2), grads, (self.wq, self.wk, self.wv), trans_b=True,
-                     accumulate=(False, True, True))
+        # dx (+)= dq Wq^T + dk Wk^T + dv Wv^T, onto dout (read for the last time above)
+        dx = dout if residual else ws.get(self.key("dx"), (B, T, D))
+        K.sgemm_many((_rows(dx),) * 3, grads, (self.wq, self.wk, self.wv), trans_b=True,
+                     accumulate=(residual, True, True))
         return dx
 
 
@@ -314,11 +317,11 @@ class TransformerBlock(Module):
         x1 = ws.get(self.ln1.key("out"), x.shape)
         dr2 = self.ln2.backward(ws, r2, dout, accumulate)
         dx1 = self.ffn.backward(ws, x1, dr2, accumulate)
-        K.add(dx1, dx1, dr2)  # the residual
+        # the residual: a separate pass, as adding onto dr2 in place would make the small
+        # steps' two streams wait (the weight gradients read dr2)
+        K.add(dx1, dx1, dr2)
         dr1 = self.ln1.backward(ws, r1, dx1, accumulate)
-        dx = self.attn.backward(ws, x, dr1, accumulate)
-        K.add(dx, dx, dr1)
-        return dx
+        return self.attn.backward(ws, x, dr1, accumulate, residual=True)
 
 
 class OutputProjection(Module):
