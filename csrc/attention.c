@@ -11,9 +11,10 @@
  * vector lanes: scores_block reads the keys transposed (transpose_keys, once per task), so
  * its inner loop is a broadcast-multiply-add, like mix_block's.
  * They are compiled three times (generic, AVX2, AVX-512) and rg_simd_level() picks one at
- * run time. Scratch: each task keeps on its stack its head's keys transposed, hs * (T + 32)
- * floats, and up to two more blocks of its head's rows packed (pack_rows), hs * T floats
- * each (384 KB in all at T = 256, hs = 128), plus a few rows of T floats.
+ * run time. Scratch: each task keeps on its stack its head's keys (or values) transposed,
+ * hs * (T + 32) floats, and a block of its head's rows packed (pack_rows), hs * T floats;
+ * the key rows' pass two blocks of rows instead: at most hs * (2 T + 32) floats (272 KB at
+ * T = 256, hs = 128). The backward's score gradients go to the caller's ds.
  *
  * Threads: a task is (batch row b, head h, a range of rows). Each task writes only its own
  * rows of out / att / ds / dq / dk / dv, so there are no atomics. When B * NH alone cannot
@@ -50,8 +51,7 @@ int pack_rows(const float **rows, float *xp, const float *x, int n, int D, int h
         *rows = x;
         return D;
     }
-    for (int j = 0; j < n; j++) /* a loop, not memcpy: a call per row cost more than the copy */
-        for (int c = 0; c < hs; c++) xp[(size_t)j * hs + c] = x[(size_t)j * D + c];
+    for (int j = 0; j < n; j++) memcpy(xp + (size_t)j * hs, x + (size_t)j * D, hs * sizeof(float));
     *rows = xp;
     return hs;
 }
@@ -183,14 +183,14 @@ void forward_rows(int wide, float *out, float *att, const float *q, const float 
 
 /* Backward pass 1, query rows [t0, t1): rows of ds and of dq. Row t of ds is written on and
  * below the diagonal and zero for the RT - 1 keys after it (and on to the block's last key),
- * which the key rows' pass reads as the upper corners of its blocks. In the forward, out_t = sum_j att[t, j] v_j and
- * att[t] = softmax(scale * q_t . k_j), so with datt[t, j] = dout_t . v_j,
+ * which the key rows' pass reads as the upper corners of its blocks. In the forward,
+ * out_t = sum_j att[t, j] v_j and att[t] = softmax(scale * q_t . k_j), so with
+ * datt[t, j] = dout_t . v_j,
  *   ds[t, j] = att[t, j] (datt[t, j] - sum_i att[t, i] datt[t, i]) * scale,
  *   dq_t = sum_j ds[t, j] k_j. */
 static inline __attribute__((always_inline))
 void backward_query_rows(int wide, float *dq, float *ds, const float *dout, const float *att,
-                         const float *k, const float *v, int T, int D, int hs, int t0,
-                         int t1) {
+                         const float *k, const float *v, int T, int D, int hs, int t0, int t1) {
     float scale = 1.0f / sqrtf((float)hs);
     int ldt = kt_stride(t1);
     float vt[hs * ldt], kp[hs == D ? 1 : hs * t1];

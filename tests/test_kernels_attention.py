@@ -190,7 +190,7 @@ def test_attention_any_thread_count(rng, threads, B, T, D, NH):
 
 
 def test_attention_refuses_a_head_too_big_for_its_scratch():
-    """hs * (3 T + 32) + 16 T floats of per-task stack scratch: 1,024 x 128 fits, 2,048 x 128
+    """hs * (2 T + 32) + T floats of per-task stack scratch: 1,024 x 128 fits, 2,048 x 128
     is refused with a message instead of overflowing a thread's stack."""
     rng = np.random.default_rng(0)
     for T, ok in ((1024, True), (2048, False)):

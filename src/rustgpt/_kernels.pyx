@@ -205,9 +205,9 @@ cdef int *_ids(object a, str fn, str name, tuple shape, int V) except NULL:
     return p
 
 
-# attention.c keeps per-task scratch on the thread's stack: at most hs * (3 T + 32) + 16 T
-# floats (keys transposed, two blocks of rows packed, a few rows of T). Capped well below
-# the usual 8 MB thread stacks so no size can overflow one.
+# attention.c keeps per-task scratch on the thread's stack: at most hs * (2 T + 32) floats
+# (keys transposed and a block of rows packed, or two blocks of rows), and a row of T.
+# Capped well below the usual 8 MB thread stacks so no size can overflow one.
 _ATTENTION_STACK_FLOATS = 512 * 1024
 
 
@@ -215,7 +215,7 @@ cdef int _heads(str fn, int D, int NH, int T) except -1:
     if NH < 1 or D % NH != 0:
         raise ValidationError(f"{fn}: num_heads = {NH} must be >= 1 and divide D = {D}")
     cdef long hs = D // NH
-    cdef long need = hs * (3 * <long>T + 32) + 16 * <long>T
+    cdef long need = hs * (2 * <long>T + 32) + <long>T
     if need > _ATTENTION_STACK_FLOATS:
         raise ValidationError(f"{fn}: head size {hs} x sequence {T} needs {need * 4:,} bytes "
                               f"of scratch, more than the kernel's {_ATTENTION_STACK_FLOATS * 4:,}; "
