@@ -37,8 +37,8 @@ void rg_bias_add(float *x, const float *b, int N, int C) {
 }
 
 /* db[c0:c1] (+)= the sums of dy's columns c0..c1-1 over its N rows. In blocks of up to
- * COLSUM_W columns whose sums stay in registers while the rows pass (db may alias nothing,
- * but the compiler cannot know that of db[c] += ...); each sum adds the rows in order. */
+ * COLSUM_W columns whose sums stay in registers while the rows pass (with db[c] += ... the
+ * compiler must assume db may alias the rows); each sum adds the rows in order. */
 #define COLSUM_W 64
 RG_INLINE void colsum_cols(int wide, float *db, const float *dy, int N, int C, int c0, int c1,
                            int accumulate) {

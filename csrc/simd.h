@@ -1,6 +1,7 @@
-/* simd.h: private to csrc/. Run-time SIMD variants of a kernel's inner function, and a
- * vectorizable e^x. The default build has no -march flag, so each hot inner function is
- * compiled three times (generic, AVX2, AVX-512) and rg_simd_level() picks one per call. */
+/* simd.h: private to csrc/. Run-time SIMD variants of a kernel's inner function, a
+ * vectorizable e^x, and the transpose gemm's packing and attention share. The default build
+ * has no -march flag, so each hot inner function is compiled three times (generic, AVX2,
+ * AVX-512) and rg_simd_level() picks one per call. */
 #ifndef RUSTGPT_SIMD_H
 #define RUSTGPT_SIMD_H
 
@@ -89,7 +90,8 @@ RG_INLINE void rg_transpose(float *d, const float *src, size_t ld, int n, int w,
         for (int p = 0; p < kc; p++) d[(size_t)p * w + r] = s_r[p];
     }
     if (pad && n < w)
-        for (int p = 0; p < kc; p++) memset(d + (size_t)p * w + n, 0, (size_t)(w - n) * sizeof(float));
+        for (int p = 0; p < kc; p++)
+            memset(d + (size_t)p * w + n, 0, (size_t)(w - n) * sizeof(float));
 }
 
 /* One turn of a spin-wait on another thread's progress. */
