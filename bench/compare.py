@@ -274,6 +274,7 @@ def _framework(name) -> str:
     """The framework of a function of measure(): its name, or the first item of it."""
     return name[0] if isinstance(name, tuple) else name
 
+
 def measure(fns: dict, budget: float, max_rounds: int, min_sample: float = 0.02,
             settle: Callable[[], bool] | None = None) -> tuple[dict, bool]:
     """Best seconds per call of each function, and whether the machine stayed busy.
@@ -416,8 +417,8 @@ class Report:
         best, busy = self._measure(runs, budget)
         seconds = {f: sum(best[f, i] for i in range(len(chunks))) for f in self.frameworks}
         rate = {f: tokens / s for f, s in seconds.items()}
-        gflops = {f: training_flops(config, vocab.size, steps) / s / 1e9
-                  for f, s in seconds.items()}
+        flops = training_flops(config, vocab.size, steps)
+        gflops = {f: flops / s / 1e9 for f, s in seconds.items()}
         row = Row(f"{key}. {label}", _cells({f: f"{_rate(r, 'tok/s')} ({gflops[f]:.0f} GFLOP/s)"
                                              for f, r in rate.items()}),
                   target=f">= {TARGETS[key]:g}x PyTorch", busy=busy)

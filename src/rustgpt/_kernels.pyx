@@ -170,9 +170,10 @@ cdef Py_ssize_t _first_bad_id(const int *p, Py_ssize_t n, int V, bint allow_igno
 
 
 def scan_ids(ids, int V, bint allow_ignore=False, int ignore=-1):
-    """One pass over int32 token ids: (-1, n) when every id lies in [0, V) or (with
-    allow_ignore) equals ignore, n counting the ids that do not equal it; else (flat index
-    of the first that fails, 0). The model's check of its inputs and targets."""
+    """int32 token ids checked and counted in C, without numpy temporaries: (-1, n) when
+    every id lies in [0, V) or (with allow_ignore) equals ignore, n counting the ids that do
+    not equal it; else (flat index of the first that fails, 0). The model's check of its
+    inputs and targets."""
     fn = "scan_ids"
     cdef const int *p = <const int *>_data(ids, fn, "ids", _I32, ids.shape, False)
     cdef Py_ssize_t i, j, n = ids.size, count = 0
@@ -499,10 +500,10 @@ cdef class Plan:
         for j in range(start, self.n):
             outputs = _outputs(&self.ops[j])
             for i, a in enumerate(self.arrays[j]):
-                base = a.__array_interface__["data"][0]
+                a_lo, a_hi = _span(a)
                 ops.append(j - start)
-                lo.append(base)
-                hi.append(base + a.nbytes)
+                lo.append(a_lo)
+                hi.append(a_hi)
                 out.append(i < outputs)
         op, lo, hi, out = (np.array(x, dtype) for x, dtype in
                            ((ops, np.intp), (lo, np.uint64), (hi, np.uint64), (out, bool)))
@@ -587,8 +588,7 @@ cdef class Plan:
             raise MemoryError("Plan.run: out of memory")
         for j in range(overlap):
             for a in self.arrays[j]:
-                lo = a.__array_interface__["data"][0]
-                hi = lo + a.nbytes
+                lo, hi = _span(a)
                 for name, other in (("m", update.m), ("v", update.v), ("grads", update.grads)):
                     if np.may_share_memory(a, other):
                         raise ValidationError(f"Plan.run: call {j} of the overlapped ones "
@@ -599,6 +599,12 @@ cdef class Plan:
             self.needs[j] = end
         self.needs_for = key
         return self.needs
+
+
+cdef tuple _span(object a):
+    """The bytes [lo, hi) of memory a recorded call's array covers."""
+    lo = a.__array_interface__["data"][0]
+    return lo, lo + a.nbytes
 
 
 cdef Py_ssize_t _outputs(const Op *o) noexcept:
