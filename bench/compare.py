@@ -9,7 +9,9 @@ larger shapes, (e) generating 64 tokens, (f) sgemm vs numpy's BLAS, (g) thread s
 then peak memory of `rustgpt-cli train`, import and CLI start-up times. `--full` adds
 (a-full), the whole RustGPT schedule: rustgpt's Trainer vs the same loop on the PyTorch port.
 Rows of one workload are timed round-robin (best of the rounds), each round once the CPU
-is free of other processes (see Settle), so such load hits every column alike.
+is free of other processes (see Settle), so such load hits every column alike. A training
+row that misses its target gets a footnote: the time the target allows a step, against
+the step's kernel calls each timed alone (kernel_floor).
 
 Threads: rustgpt and torch through set_num_threads; numpy's OpenBLAS through threadpoolctl
 when installed, else the script restarts itself with OPENBLAS_NUM_THREADS = --threads.
@@ -177,6 +179,47 @@ def training_flops(config: ModelConfig, vocab_size: int, steps) -> float:
         B, T = inputs.shape
         total += 2.0 * 3 * weights * B * T + 2.0 * 6 * L * B * T * (T + 1) / 2 * D
     return total
+
+
+def kernel_floor(config: ModelConfig, vocab: Vocab, steps, rounds: int = 15) -> dict:
+    """A floor under rustgpt's time for `steps`: each kernel call of each step (run layer
+    by layer once, every `_kernels` function wrapped to note its calls), repeated alone on
+    the step's own arrays, its best of `rounds` taken, summed by kind in seconds: "matmul"
+    (sgemm, sgemm_many), "attention", and "other" (layer norms, cross-entropy, adds, column
+    sums, embeddings); "calls" counts them. Adam's update and the Python between calls are
+    left out. A call alone has its operands warm in cache, as it rarely has in a step, so
+    a target needing less time than this cannot be met by better scheduling of the same
+    calls, only by faster kernels."""
+    model = LLM(config, vocab, seed=0)
+    kernels = {name: fn for name, fn in vars(K).items()
+               if not name.startswith("_") and callable(fn) and not isinstance(fn, type)}
+    calls = []
+
+    def noted(name, fn):
+        def call(*args, **kwargs):
+            calls.append((name, fn, args, kwargs))
+            return fn(*args, **kwargs)
+        return call
+
+    for name, fn in kernels.items():
+        setattr(K, name, noted(name, fn))
+    try:
+        for inputs, targets, _ in steps:
+            model.loss_and_backward(inputs, targets)
+    finally:
+        for name, fn in kernels.items():
+            setattr(K, name, fn)
+    floor = {"matmul": 0.0, "attention": 0.0, "other": 0.0, "calls": len(calls)}
+    for name, fn, args, kwargs in calls:
+        best = math.inf
+        for _ in range(rounds):
+            start = time.perf_counter()
+            fn(*args, **kwargs)
+            best = min(best, time.perf_counter() - start)
+        kind = ("matmul" if name.startswith("sgemm") else
+                "attention" if name.startswith("attention") else "other")
+        floor[kind] += best
+    return floor
 
 
 def training_runs(framework: str, config: ModelConfig, vocab: Vocab, chunks) -> list[Callable]:
@@ -370,6 +413,7 @@ class Row:
     ratio: str = "—"
     target: str = ""
     busy: bool = False  # other processes held the CPU during some round
+    note: str = ""  # a footnote under the table (what bounds a missed target)
 
 
 def _verdict(value: float, target: float, base: str) -> str:
@@ -427,7 +471,22 @@ class Report:
             row.ratio, row.target = f"{ratio:.2f}x", _verdict(ratio, TARGETS[key], "PyTorch")
             if ratio < TARGETS[key]:  # what meeting it would take, against row f's sgemm
                 row.target += f" (needs {TARGETS[key] * gflops['torch']:.0f} GFLOP/s)"
+                row.note = self._floor_note(key, config, vocab, steps, seconds)
         self.rows.append(row)
+
+    def _floor_note(self, key: str, config: ModelConfig, vocab: Vocab, steps,
+                    seconds: dict) -> str:
+        """What a missed training target leaves per step, against kernel_floor."""
+        _log(f"[{key}] the step's kernel calls alone")
+        floor = kernel_floor(config, vocab, steps)
+        n, ms = len(steps), lambda s: f"{s / len(steps) * 1e3:,.1f} ms"
+        alone = floor["matmul"] + floor["attention"] + floor["other"]
+        return (f"{key}: meeting {TARGETS[key]:g}x allows {ms(seconds['torch'] / TARGETS[key])} "
+                f"a step (rustgpt took {ms(seconds['rustgpt'])}). Its "
+                f"{floor['calls'] // n} kernel calls, each repeated alone on the step's own "
+                f"arrays (best of 15), take {ms(alone)} in all: matmuls {ms(floor['matmul'])}, "
+                f"attention {ms(floor['attention'])}, the rest {ms(floor['other'])}"
+                + (f" (means over its {n} steps)." if n > 1 else "."))
 
     def workload_a(self, pre, chat, vocab) -> None:
         steps = schedule_steps(vocab, pre, chat)
@@ -593,9 +652,10 @@ class Report:
         head = "| workload | rustgpt | PyTorch | numpy | ratio vs PyTorch | target |"
         lines = [head, "| --- | --- | --- | --- | --- | --- |"]
         for r in self.rows:
-            mark = " †" if r.busy else ""
+            mark = (" †" if r.busy else "") + (" ‡" if r.note else "")
             lines.append(f"| {r.workload}{mark} | {r.cells['rustgpt']} | {r.cells['torch']} | "
                          f"{r.cells['numpy']} | {r.ratio} | {r.target} |")
+        lines += [f"\n‡ {r.note}" for r in self.rows if r.note]
         if any(r.busy for r in self.rows):
             lines += ["", f"† other processes held the CPU during some of this row's rounds even "
                           f"after waiting {self.settle.max_wait:g} s for them: its numbers are "

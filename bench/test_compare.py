@@ -1,8 +1,9 @@
-"""compare.py's arithmetic: the FLOP count its GFLOP/s figures divide."""
+"""compare.py's arithmetic: the FLOP count its GFLOP/s figures divide, and the floor its
+missed targets are set against."""
 
 import numpy as np
 
-from bench.compare import synthetic_vocab, training_flops
+from bench.compare import kernel_floor, synthetic_vocab, training_flops
 from rustgpt import _kernels as K
 from rustgpt.config import ModelConfig
 from rustgpt.model import LLM
@@ -49,3 +50,20 @@ def test_training_flops_counts_the_models_matmuls_and_attention(monkeypatch, rng
     assert model.plans_recorded == 1  # the step ran layer by layer, through the wrappers
     assert counted["attention"] > 0
     assert sum(counted.values()) == training_flops(config, vocab.size, [(ids, ids, 1e-3)])
+
+
+def test_kernel_floor_times_every_call_of_a_step(rng):
+    """kernel_floor times each call a recorded step makes (the plan's, and the two checks of
+    the ids that run outside it), and puts every kernel back."""
+    config = ModelConfig(embedding_dim=24, hidden_dim=40, num_layers=2, num_heads=2,
+                         max_seq_len=16)
+    vocab = synthetic_vocab()
+    ids = rng.integers(0, vocab.size, (3, 13)).astype(np.intc)
+    kernels = dict(vars(K))
+    floor = kernel_floor(config, vocab, [(ids, ids, 1e-3)], rounds=2)
+    assert dict(vars(K)) == kernels
+    model = LLM(config, vocab, seed=0)
+    model.loss_and_backward(ids, ids)
+    (plan, *_), = model._plans.values()
+    assert floor["calls"] == len(plan) + 2  # scan_ids on inputs and targets
+    assert all(floor[kind] > 0 for kind in ("matmul", "attention", "other"))
