@@ -129,6 +129,29 @@ def test_workspace_reuses_memory():
     assert np.shares_memory(a, b) and b.flags.c_contiguous and b.shape == (2, 8)
 
 
+def test_workspace_cuts_big_buffers_from_a_huge_page_arena():
+    """Buffers of ARENA_MIN floats or more share chunks that start on a huge page, each on
+    a cache line of its own and none overlapping; smaller ones are arrays of their own."""
+    ws = L.Workspace()
+    n = L.ARENA_MIN
+    big = [ws.get(f"big{i}", (n + 3 * i,)) for i in range(4)]
+    small = ws.get("small", (n - 1,))
+    chunk = big[0].base
+    assert chunk is not None and chunk.size == L.ARENA_CHUNK
+    if chunk.size * 4 >= L.HUGE_PAGE and hasattr(L.mmap, "MADV_HUGEPAGE"):
+        assert chunk.ctypes.data % L.HUGE_PAGE == 0
+    for i, a in enumerate(big):
+        assert a.base is chunk and a.ctypes.data % 64 == 0 and a.flags.c_contiguous
+        a[:] = i
+    assert [a[0] for a in big] == [0, 1, 2, 3] and [a[-1] for a in big] == [0, 1, 2, 3]
+    assert not np.shares_memory(small, chunk)
+    huge = ws.get("huge", (L.ARENA_CHUNK + 1,))  # more than a chunk: a chunk of its own
+    assert huge.base is not chunk and not np.shares_memory(huge, chunk)
+    grown = ws.get("big0", (n + 100,))  # grows: a new buffer, the others untouched
+    assert not np.shares_memory(grown, big[0]) and ws.generation == 7
+    assert all((a == i).all() for i, a in enumerate(big[1:], 1))
+
+
 @pytest.mark.parametrize("n", [1, 1000, 553_083, (2 << 20) // 4 + 1])
 def test_zeros_hugepage(n):
     x = L.zeros_hugepage(n)

@@ -20,6 +20,8 @@ from rustgpt import _kernels as K
 
 F32 = np.float32
 HUGE_PAGE = 2 << 20
+ARENA_MIN = 1 << 16  # floats (256 KiB): workspace buffers this big come from an arena
+ARENA_CHUNK = 1 << 22  # floats (16 MiB) per arena chunk, or one buffer's size if larger
 
 
 def zeros_hugepage(n: int) -> np.ndarray:
@@ -27,10 +29,11 @@ def zeros_hugepage(n: int) -> np.ndarray:
     pages (Linux; elsewhere, or below 2 MiB, plain ``np.zeros``).
 
     For the buffers a training step sweeps whole every step: parameters, gradients and the
-    Adam moments. With 4 KiB pages such a sweep misses the TLB on nearly every page, and
-    under a hypervisor each miss walks two page tables. (On the benchmark VM the default
-    model's 2.2 MB buffers, one huge page each, measured no faster than 4 KiB pages: a
-    batch-1 step's Adam sweep took 164-170 us either way.)"""
+    Adam moments, and the workspace's arena of activations. With 4 KiB pages such a sweep
+    misses the TLB on nearly every page, and under a hypervisor each miss walks two page
+    tables. (On the benchmark VM the default model's 2.2 MB buffers, one huge page each,
+    measured no faster than 4 KiB pages: a batch-1 step's Adam sweep took 164-170 us either
+    way. The activations of larger steps did gain: see Workspace.)"""
     nbytes = n * F32().itemsize
     if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return np.zeros(n, F32)
@@ -46,12 +49,30 @@ class Workspace:
     requested shape, allocating only when a name first needs more room. Views are cached
     per (name, shape), so a training loop of repeating shapes does no array bookkeeping.
     ``generation`` counts the allocations: views taken before a change may point at a
-    buffer the workspace no longer uses."""
+    buffer the workspace no longer uses.
+
+    Buffers of ARENA_MIN floats or more are cut, 64-byte aligned, from chunks of memory
+    marked for huge pages (``zeros_hugepage``): a step of batch 16 sweeps 30-200 MB of
+    them, and in 4 KiB pages the kernels' TLB misses cost 2-3% of the step (measured on
+    training steps (b) and (c) of bench/compare.py). The room a grown buffer leaves in its
+    chunk is not reused; with fixed shapes nothing grows. Smaller buffers (all of a
+    batch-1 step's) are plain arrays, so small models keep a small footprint."""
 
     def __init__(self) -> None:
         self._buffers: dict[str, np.ndarray] = {}
         self._views: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
         self.generation = 0
+        self._chunk = np.empty(0, F32)  # the arena's current chunk
+        self._chunk_used = 0  # floats of it handed out
+
+    def _allocate(self, n: int) -> np.ndarray:
+        if n < ARENA_MIN:
+            return np.empty(max(n, 1), F32)
+        if self._chunk_used + n > self._chunk.size:
+            self._chunk, self._chunk_used = zeros_hugepage(max(n, ARENA_CHUNK)), 0
+        buf = self._chunk[self._chunk_used:self._chunk_used + n]
+        self._chunk_used += -(-n // 16) * 16  # the next buffer starts on a cache line
+        return buf
 
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         view = self._views.get((name, shape))
@@ -60,7 +81,7 @@ class Workspace:
         n = math.prod(shape)
         buf = self._buffers.get(name)
         if buf is None or buf.size < n:
-            buf = self._buffers[name] = np.empty(max(n, 1), F32)
+            buf = self._buffers[name] = self._allocate(n)
             self.generation += 1
             self._views = {k: v for k, v in self._views.items() if k[0] != name}
         if len(self._views) >= 8192:  # many distinct shapes: start over, memory stays bounded
