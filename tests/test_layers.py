@@ -152,6 +152,18 @@ def test_workspace_cuts_big_buffers_from_a_huge_page_arena():
     assert all((a == i).all() for i, a in enumerate(big[1:], 1))
 
 
+def test_workspace_arena_buffers_grow_by_doubling():
+    """A big buffer grown one row at a time is replaced only a few times, and the arena it
+    leaves behind stays below what the buffer holds: no quadratic growth of memory."""
+    ws = L.Workspace()
+    rows = [ws.get("logits", (T, 8, 763)) for T in range(11, 200)]
+    assert rows[-1].shape == (199, 8, 763) and ws.generation <= 6
+    held = ws._buffers["logits"].size
+    chunks = {id(r.base): r.base for r in rows}.values()  # every chunk they came from
+    assert sum(c.size for c in chunks) <= 2 * held + L.ARENA_CHUNK  # without doubling,
+    # 189 buffers: 121M floats, 14 times that
+
+
 @pytest.mark.parametrize("n", [1, 1000, 553_083, (2 << 20) // 4 + 1])
 def test_zeros_hugepage(n):
     x = L.zeros_hugepage(n)

@@ -56,8 +56,9 @@ class Workspace:
     them, thousands of 4 KiB pages, more than a TLB holds. (bench/compare.py's training
     step (b), 33 MB of buffers, ran 1-4% faster so in one-process A/B runs; (c), 214 MB,
     and (d) moved within the noise.) The room a grown buffer leaves in its chunk is not
-    reused; with fixed shapes nothing grows. Smaller buffers (all of a batch-1 step's) are
-    plain arrays, so small models keep a small footprint."""
+    reused, so such a buffer grows to at least twice its size: however its shapes grow,
+    the room left behind stays below what the buffer holds. Smaller buffers (all of a
+    batch-1 step's) are plain arrays, so small models keep a small footprint."""
 
     def __init__(self) -> None:
         self._buffers: dict[str, np.ndarray] = {}
@@ -82,12 +83,14 @@ class Workspace:
         n = math.prod(shape)
         buf = self._buffers.get(name)
         if buf is None or buf.size < n:
+            if buf is not None and n >= ARENA_MIN:  # at least double: see the class doc
+                n = max(n, 2 * buf.size)
             buf = self._buffers[name] = self._allocate(n)
             self.generation += 1
             self._views = {k: v for k, v in self._views.items() if k[0] != name}
         if len(self._views) >= 8192:  # many distinct shapes: start over, memory stays bounded
             self._views.clear()
-        view = self._views[(name, shape)] = buf[:n].reshape(shape)
+        view = self._views[(name, shape)] = buf[:math.prod(shape)].reshape(shape)
         return view
 
 
