@@ -64,6 +64,7 @@ FRAMEWORKS = ("rustgpt", "torch", "numpy")
 WORKLOADS = ("a", "b", "c", "d", "e", "f", "k", "g", "a-full", "footprint")  # in table order
 DEFAULT_THREADS = 2  # every side-by-side row runs at this many threads unless told otherwise
 VOCAB_SIZE = 763  # the bundled data's vocabulary
+FLOOR_ROUNDS = 15  # kernel_floor's repeats of each call
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ def training_flops(config: ModelConfig, vocab_size: int, steps) -> float:
     return total
 
 
-def kernel_floor(config: ModelConfig, vocab: Vocab, steps, rounds: int = 15) -> dict:
+def kernel_floor(config: ModelConfig, vocab: Vocab, steps, rounds: int = FLOOR_ROUNDS) -> dict:
     """A floor under rustgpt's time for `steps`: each kernel call of each step (run layer
     by layer once, every `_kernels` function wrapped to note its calls), repeated alone on
     the step's own arrays, its best of `rounds` taken, summed by kind in seconds: "matmul"
@@ -479,12 +480,17 @@ class Report:
         """What a missed training target leaves per step, against kernel_floor."""
         _log(f"[{key}] the step's kernel calls alone")
         floor = kernel_floor(config, vocab, steps)
-        n, ms = len(steps), lambda s: f"{s / len(steps) * 1e3:,.1f} ms"
+        n = len(steps)
+
+        def ms(seconds_all: float) -> str:  # per step
+            return f"{seconds_all / n * 1e3:,.1f} ms"
+
         alone = floor["matmul"] + floor["attention"] + floor["other"]
         return (f"{key}: meeting {TARGETS[key]:g}x allows {ms(seconds['torch'] / TARGETS[key])} "
                 f"a step (rustgpt took {ms(seconds['rustgpt'])}). Its "
                 f"{floor['calls'] // n} kernel calls, each repeated alone on the step's own "
-                f"arrays (best of 15), take {ms(alone)} in all: matmuls {ms(floor['matmul'])}, "
+                f"arrays (best of {FLOOR_ROUNDS}), take {ms(alone)} in all: matmuls "
+                f"{ms(floor['matmul'])}, "
                 f"attention {ms(floor['attention'])}, the rest {ms(floor['other'])}"
                 + (f" (means over its {n} steps)." if n > 1 else "."))
 

@@ -83,14 +83,13 @@ class Workspace:
         n = math.prod(shape)
         buf = self._buffers.get(name)
         if buf is None or buf.size < n:
-            if buf is not None and n >= ARENA_MIN:  # at least double: see the class doc
-                n = max(n, 2 * buf.size)
-            buf = self._buffers[name] = self._allocate(n)
+            grown = n if buf is None or n < ARENA_MIN else max(n, 2 * buf.size)  # see above
+            buf = self._buffers[name] = self._allocate(grown)
             self.generation += 1
             self._views = {k: v for k, v in self._views.items() if k[0] != name}
         if len(self._views) >= 8192:  # many distinct shapes: start over, memory stays bounded
             self._views.clear()
-        view = self._views[(name, shape)] = buf[:math.prod(shape)].reshape(shape)
+        view = self._views[(name, shape)] = buf[:n].reshape(shape)
         return view
 
 
