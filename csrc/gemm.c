@@ -48,15 +48,17 @@ static _Thread_local float a_pack[MC * KC] __attribute__((aligned(64)));
 static _Thread_local float b_pack[KC * NC] __attribute__((aligned(64)));
 
 /* One micro-kernel: c (rows, NR) with row stride ldc gets ap (kc, MR) @ bp (kc, NR), added
- * onto c when load_c, else written over it. ap is packed k-major; bp has row stride ldb (NR
- * when packed, N when read straight from B). rows <= MR, and the rows of c past `rows` are
+ * onto c when load_c, else written over it. ap is k-major with row stride lda (MR when
+ * packed, M when read straight from a transposed A; the generic kernel, which reads all MR
+ * values of each k, takes only packed A); bp has row stride ldb (NR when packed, N when
+ * read straight from B). rows <= MR, and the rows of c past `rows` are
  * neither read nor written. cols <= NR is a hint: the columns past it are not needed (on the
  * right edge c is a whole-width buffer), so a kernel may skip vectors that lie wholly past it.
  * Before storing, it adds bias (NR floats, the tile's columns' biases; NULL for none) to each
  * row and, when relu, takes max(x, 0): rg_sgemm's epilogue on the tile's last block of k. */
-typedef void (*microkernel_fn)(int kc, const float *ap, const float *bp, ptrdiff_t ldb,
-                               float *c, ptrdiff_t ldc, int load_c, int rows, int cols,
-                               const float *bias, int relu);
+typedef void (*microkernel_fn)(int kc, const float *ap, ptrdiff_t lda, const float *bp,
+                               ptrdiff_t ldb, float *c, ptrdiff_t ldc, int load_c, int rows,
+                               int cols, const float *bias, int relu);
 
 typedef struct {
     int mr, nr;
@@ -71,9 +73,9 @@ typedef struct {
 #define GEN_NR 8
 typedef float v4f __attribute__((vector_size(16)));
 typedef int v4i __attribute__((vector_size(16)));
-static void kernel_generic(int kc, const float *ap, const float *bp, ptrdiff_t ldb, float *c,
-                           ptrdiff_t ldc, int load_c, int rows, int cols, const float *bias,
-                           int relu) {
+static void kernel_generic(int kc, const float *ap, ptrdiff_t lda, const float *bp,
+                           ptrdiff_t ldb, float *c, ptrdiff_t ldc, int load_c, int rows,
+                           int cols, const float *bias, int relu) {
     (void)cols;
     v4f acc[GEN_MR][2];
     for (int i = 0; i < GEN_MR; i++)
@@ -91,7 +93,7 @@ static void kernel_generic(int kc, const float *ap, const float *bp, ptrdiff_t l
             acc[i][0] += a * b0;
             acc[i][1] += a * b1;
         }
-        ap += GEN_MR;
+        ap += lda;
         bp += ldb;
     }
     for (int h = 0; h < 2 && bias; h++) {
@@ -110,8 +112,8 @@ static void kernel_generic(int kc, const float *ap, const float *bp, ptrdiff_t l
  * vectors of columns when more than VEC columns are needed, else one. */
 #define KERNEL_CASE(BODY, MU, VEC) \
     case MU: \
-        if (cols > VEC) BODY(kc, ap, bp, ldb, c, ldc, load_c, MU, MU, 2, bias, relu); \
-        else            BODY(kc, ap, bp, ldb, c, ldc, load_c, MU, MU, 1, bias, relu); \
+        if (cols > VEC) BODY(kc, ap, lda, bp, ldb, c, ldc, load_c, MU, MU, 2, bias, relu); \
+        else            BODY(kc, ap, lda, bp, ldb, c, ldc, load_c, MU, MU, 1, bias, relu); \
         break;
 
 /* A SIMD micro-kernel's epilogue on its accumulators acc[MU][NU], vectors of W floats:
@@ -137,9 +139,9 @@ static void kernel_generic(int kc, const float *ap, const float *bp, ptrdiff_t l
 #define AVX2_NR 16
 #define AVX2_TARGET __attribute__((target("avx2,fma")))
 static inline __attribute__((always_inline)) AVX2_TARGET
-void kernel_avx2_body(int kc, const float *ap, const float *bp, ptrdiff_t ldb, float *c,
-                      ptrdiff_t ldc, int load_c, int rows, const int MU, const int NU,
-                      const float *bias, int relu) {
+void kernel_avx2_body(int kc, const float *ap, ptrdiff_t lda, const float *bp, ptrdiff_t ldb,
+                      float *c, ptrdiff_t ldc, int load_c, int rows, const int MU,
+                      const int NU, const float *bias, int relu) {
     __m256 acc[AVX2_MR][2];
     #pragma GCC unroll 6
     for (int i = 0; i < MU; i++) {
@@ -158,7 +160,7 @@ void kernel_avx2_body(int kc, const float *ap, const float *bp, ptrdiff_t ldb, f
             #pragma GCC unroll 2
             for (int h = 0; h < NU; h++) acc[i][h] = _mm256_fmadd_ps(a, b[h], acc[i][h]);
         }
-        ap += AVX2_MR;
+        ap += lda;
         bp += ldb;
     }
     KERNEL_EPILOGUE(8, _mm256_loadu_ps, _mm256_add_ps, _mm256_max_ps, _mm256_setzero_ps);
@@ -171,9 +173,9 @@ void kernel_avx2_body(int kc, const float *ap, const float *bp, ptrdiff_t ldb, f
 }
 
 AVX2_TARGET
-static void kernel_avx2(int kc, const float *ap, const float *bp, ptrdiff_t ldb, float *c,
-                        ptrdiff_t ldc, int load_c, int rows, int cols, const float *bias,
-                        int relu) {
+static void kernel_avx2(int kc, const float *ap, ptrdiff_t lda, const float *bp,
+                        ptrdiff_t ldb, float *c, ptrdiff_t ldc, int load_c, int rows, int cols,
+                        const float *bias, int relu) {
     switch (rows) {
         KERNEL_CASE(kernel_avx2_body, 6, 8) KERNEL_CASE(kernel_avx2_body, 5, 8)
         KERNEL_CASE(kernel_avx2_body, 4, 8) KERNEL_CASE(kernel_avx2_body, 3, 8)
@@ -187,9 +189,9 @@ static void kernel_avx2(int kc, const float *ap, const float *bp, ptrdiff_t ldb,
 #define AVX512_NR 32
 #define AVX512_TARGET __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma")))
 static inline __attribute__((always_inline)) AVX512_TARGET
-void kernel_avx512_body(int kc, const float *ap, const float *bp, ptrdiff_t ldb, float *c,
-                        ptrdiff_t ldc, int load_c, int rows, const int MU, const int NU,
-                        const float *bias, int relu) {
+void kernel_avx512_body(int kc, const float *ap, ptrdiff_t lda, const float *bp,
+                        ptrdiff_t ldb, float *c, ptrdiff_t ldc, int load_c, int rows,
+                        const int MU, const int NU, const float *bias, int relu) {
     __m512 acc[AVX512_MR][2];
     #pragma GCC unroll 12
     for (int i = 0; i < MU; i++) {
@@ -208,7 +210,7 @@ void kernel_avx512_body(int kc, const float *ap, const float *bp, ptrdiff_t ldb,
             #pragma GCC unroll 2
             for (int h = 0; h < NU; h++) acc[i][h] = _mm512_fmadd_ps(a, b[h], acc[i][h]);
         }
-        ap += AVX512_MR;
+        ap += lda;
         bp += ldb;
     }
     KERNEL_EPILOGUE(16, _mm512_loadu_ps, _mm512_add_ps, _mm512_max_ps, _mm512_setzero_ps);
@@ -221,9 +223,9 @@ void kernel_avx512_body(int kc, const float *ap, const float *bp, ptrdiff_t ldb,
 }
 
 AVX512_TARGET
-static void kernel_avx512(int kc, const float *ap, const float *bp, ptrdiff_t ldb, float *c,
-                          ptrdiff_t ldc, int load_c, int rows, int cols, const float *bias,
-                          int relu) {
+static void kernel_avx512(int kc, const float *ap, ptrdiff_t lda, const float *bp,
+                          ptrdiff_t ldb, float *c, ptrdiff_t ldc, int load_c, int rows,
+                          int cols, const float *bias, int relu) {
     switch (rows) {
         KERNEL_CASE(kernel_avx512_body, 12, 16) KERNEL_CASE(kernel_avx512_body, 11, 16)
         KERNEL_CASE(kernel_avx512_body, 10, 16) KERNEL_CASE(kernel_avx512_body, 9, 16)
@@ -339,6 +341,16 @@ static void epilogue(const gemm_epilogue *e, float *c, size_t ldc, int rows, int
     }
 }
 
+/* A transposed, (K, M), is read in place instead of packed when M is at most this (and
+ * the kernel reads only the rows it is given): row p of each MR-row panel is MR floats of
+ * A's row p, and at a stride of up to 1.5 KiB the panel's kc rows still spread over L1's
+ * sets. Packing had cost the weight gradients dW = x^T dy (M = D) 3-15% (128 x 1024 x 128:
+ * 180 -> 210 GFLOP/s); at M = 512 and over, the strided panel is slower to reread than
+ * packing it (2048 x 2048 x 512: 203 -> 192). */
+#ifndef A_INPLACE_MAX_M
+#define A_INPLACE_MAX_M 384
+#endif
+
 /* C[m0:m1, n0:n1] (+)= op(A)[m0:m1, :] @ op(B)[:, n0:n1] on the calling thread, then epi
  * (NULL: none) on each tile after its last block of k. */
 static void gemm_block(gemm_path path, float *C, const float *A, const float *B, int M, int N,
@@ -349,6 +361,8 @@ static void gemm_block(gemm_path path, float *C, const float *A, const float *B,
     float edge[MR_MAX * NR_MAX] __attribute__((aligned(64)));
     int kblocks = (K + KC - 1) / KC;
     int kstep = ((K + kblocks - 1) / kblocks + 3) & ~3; /* <= KC, a multiple of 4 */
+    int inplace = trans_a && M <= A_INPLACE_MAX_M && path.kernel != kernel_generic;
+    ptrdiff_t lda = inplace ? M : mr;
     for (int jc = n0; jc < n1; jc += NC) {
         int nc = n1 - jc < NC ? n1 - jc : NC;
         for (int pc = 0; pc < K; pc += kstep) {
@@ -358,16 +372,18 @@ static void gemm_block(gemm_path path, float *C, const float *A, const float *B,
             pack_b(bp, B, N, K, trans_b, jc, nc, pc, kc, nr);
             for (int ic = m0; ic < m1; ic += MC) {
                 int mc = m1 - ic < MC ? m1 - ic : MC;
-                pack_a(ap, A, M, K, trans_a, ic, mc, pc, kc, mr);
+                if (!inplace) pack_a(ap, A, M, K, trans_a, ic, mc, pc, kc, mr);
                 for (int ir = 0; ir < mc; ir += mr) {
                     int rows = mc - ir < mr ? mc - ir : mr;
-                    const float *a_panel = ap + (size_t)ir * kc;
+                    const float *a_panel = inplace ? A + (size_t)pc * M + ic + ir
+                                                   : ap + (size_t)ir * kc;
                     for (int jr = 0; jr < nc; jr += nr) {
                         int cols = nc - jr < nr ? nc - jr : nr;
                         const float *b_panel = bp + (size_t)jr * kc;
                         float *c_tile = C + (size_t)(ic + ir) * N + jc + jr;
                         if (cols == nr) {
-                            path.kernel(kc, a_panel, b_panel, nr, c_tile, N, load_c, rows, nr,
+                            path.kernel(kc, a_panel, lda, b_panel, nr, c_tile, N, load_c,
+                                        rows, nr,
                                         last && last->bias ? last->bias + jc + jr : NULL,
                                         last && last->relu);
                             continue;
@@ -377,8 +393,8 @@ static void gemm_block(gemm_path path, float *C, const float *A, const float *B,
                             for (int i = 0; i < rows; i++)
                                 memcpy(edge + i * nr, c_tile + (size_t)i * N,
                                        (size_t)cols * sizeof(float));
-                        path.kernel(kc, a_panel, b_panel, nr, edge, nr, load_c, rows, cols,
-                                    NULL, 0);
+                        path.kernel(kc, a_panel, lda, b_panel, nr, edge, nr, load_c, rows,
+                                    cols, NULL, 0);
                         for (int i = 0; i < rows; i++)
                             memcpy(c_tile + (size_t)i * N, edge + i * nr,
                                    (size_t)cols * sizeof(float));
@@ -409,7 +425,7 @@ static void gemm_small_m(gemm_path path, float *C, const float *A, const float *
         for (int ip = 0; ip < M; ip += mr) {
             int rows = M - ip < mr ? M - ip : mr;
             float *c = C + (size_t)ip * N + j;
-            path.kernel(K, a_pack + (size_t)ip * K, B + j, N, c, N, accumulate, rows, nr,
+            path.kernel(K, a_pack + (size_t)ip * K, mr, B + j, N, c, N, accumulate, rows, nr,
                         epi && epi->bias ? epi->bias + j : NULL, epi && epi->relu);
         }
     if (j < n1) {
@@ -421,8 +437,8 @@ static void gemm_small_m(gemm_path path, float *C, const float *A, const float *
             if (accumulate)
                 for (int i = 0; i < rows; i++)
                     memcpy(edge + i * nr, c + (size_t)i * N, (size_t)cols * sizeof(float));
-            path.kernel(K, a_pack + (size_t)ip * K, b_pack, nr, edge, nr, accumulate, rows, cols,
-                        NULL, 0);
+            path.kernel(K, a_pack + (size_t)ip * K, mr, b_pack, nr, edge, nr, accumulate, rows,
+                        cols, NULL, 0);
             for (int i = 0; i < rows; i++)
                 memcpy(c + (size_t)i * N, edge + i * nr, (size_t)cols * sizeof(float));
             if (epi) epilogue(epi, c, N, rows, cols, j);

@@ -95,6 +95,26 @@ def test_sgemm_concurrent_callers(rng):
         _check(C, ref.matmul(A, B, ta, tb), 300, "C")
 
 
+@pytest.mark.parametrize("M", [7, 25, 129, 384, 385])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sgemm_transposed_a_read_in_place_equals_packed(simd, rng, M, threads):
+    """A transposed is read in place for M up to 384 (else packed, as A not transposed
+    always is): the same products in the same order, so the same bits as the product of
+    A's transpose copied, with K over two cache blocks and ragged edges."""
+    A = rng.standard_normal((1030, M)).astype(np.float32)
+    B = rng.standard_normal((1030, 70)).astype(np.float32)
+    before = K.get_num_threads()
+    try:
+        K.set_num_threads(threads)
+        for accumulate in (False, True):
+            C, expected = (np.ones((M, 70), np.float32) for _ in range(2))
+            K.sgemm(C, A, B, trans_a=True, accumulate=accumulate)
+            K.sgemm(expected, np.ascontiguousarray(A.T), B, accumulate=accumulate)
+            np.testing.assert_array_equal(C, expected)
+    finally:
+        K.set_num_threads(before)
+
+
 def test_sgemm_overwrites_nan(simd, rng):
     """Without accumulate, C's old contents (even NaN) never leak into the result; nor do
     the NaNs a previous call left in the pack buffers past the edge of a smaller problem."""
