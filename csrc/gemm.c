@@ -16,7 +16,9 @@
  * tiles: B panels are padded with zeros past N, A panels past M hold whatever was there
  * (rows of C past M are never stored), and tiles on the right edge of C go through a small
  * buffer on the stack. It keeps the tile of C in registers; there is one per SIMD path
- * (AVX-512, AVX2+FMA, portable C), chosen by rg_simd_level() at each call. With one row
+ * (AVX-512, AVX2+FMA, portable C), chosen by rg_simd_level() at each call. A transposed
+ * with few columns (M <= A_INPLACE_MAX_M: the weight gradients) is read in place, not
+ * packed: each k's MR values of a panel are contiguous in A's row already. With few row
  * panels (M <= SMALL_M) and B not transposed, B is read in place instead (gemm_small_m);
  * with those and B transposed (dx = dy W^T), AVX-512 takes dot products of rows of A and B
  * as they lie (gemm_dot). Pack buffers are static per thread (_Thread_local); nothing is allocated on the heap.
