@@ -54,16 +54,18 @@ def test_training_flops_counts_the_models_matmuls_and_attention(monkeypatch, rng
 
 def test_kernel_floor_times_every_call_of_a_step(rng):
     """kernel_floor times each call a recorded step makes (the plan's, and the two checks of
-    the ids that run outside it), and puts every kernel back."""
+    the ids that run outside it), for every step even where a shape repeats (a model would
+    replay its plan without the Python), and puts every kernel back."""
     config = ModelConfig(embedding_dim=24, hidden_dim=40, num_layers=2, num_heads=2,
                          max_seq_len=16)
     vocab = synthetic_vocab()
     ids = rng.integers(0, vocab.size, (3, 13)).astype(np.intc)
     kernels = dict(vars(K))
-    floor = kernel_floor(config, vocab, [(ids, ids, 1e-3)], rounds=2)
+    floor = kernel_floor(config, vocab, [(ids, ids, 1e-3), (ids[::-1].copy(), ids, 1e-3)],
+                         rounds=2)
     assert dict(vars(K)) == kernels
     model = LLM(config, vocab, seed=0)
     model.loss_and_backward(ids, ids)
     (plan, *_), = model._plans.values()
-    assert floor["calls"] == len(plan) + 2  # scan_ids on inputs and targets
+    assert floor["calls"] == 2 * (len(plan) + 2)  # and scan_ids on inputs and targets
     assert all(floor[kind] > 0 for kind in ("matmul", "attention", "other"))
