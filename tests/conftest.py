@@ -1,4 +1,5 @@
-"""Shared fixtures: a seeded generator per test, and every SIMD path the CPU has."""
+"""Shared fixtures: a seeded generator per test, every SIMD path the CPU has, and a thread
+count set for one test."""
 
 import logging
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 import rustgpt
+from rustgpt import _kernels as K
 
 SIMD_PATHS = [p for p in ("generic", "avx2", "avx512")
               if rustgpt.set_simd(p) == p] or ["generic"]
@@ -23,6 +25,14 @@ def simd(request):
     rustgpt.set_simd(request.param)
     yield request.param
     rustgpt.set_simd("avx512")
+
+
+@pytest.fixture
+def set_threads():
+    """K.set_num_threads for this test: the count it had before is put back after it."""
+    before = K.get_num_threads()
+    yield K.set_num_threads
+    K.set_num_threads(before)
 
 
 _LOGGER = logging.getLogger("rustgpt")

@@ -171,17 +171,13 @@ def test_attention_rejects_bad_input(rng):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("B,T,D,NH", [(1, 37, 64, 1), (3, 20, 48, 1), (1, 50, 96, 2)])
-def test_attention_any_thread_count(rng, threads, B, T, D, NH):
+def test_attention_any_thread_count(rng, set_threads, threads, B, T, D, NH):
     """Heads split into row ranges (fewer heads than threads) give the same answer."""
     q, k, v = _qkv(rng, B, T, D)
     dout = rng.standard_normal((B, T, D)).astype(np.float32)
-    before = K.get_num_threads()
-    try:
-        K.set_num_threads(threads)
-        out, att = _forward(q, k, v, NH)
-        dq, dk, dv = _backward(dout, att, q, k, v, NH)
-    finally:
-        K.set_num_threads(before)
+    set_threads(threads)
+    out, att = _forward(q, k, v, NH)
+    dq, dk, dv = _backward(dout, att, q, k, v, NH)
     e_out, _ = ref.attention_forward(q, k, v, NH)
     ref.assert_close(out, e_out, 1e-4, 1e-5, "out")
     for name, g, e in zip(("dq", "dk", "dv"), (dq, dk, dv),

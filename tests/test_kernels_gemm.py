@@ -5,7 +5,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-import rustgpt
 from rustgpt import _kernels as K
 from rustgpt.errors import ShapeMismatch, ValidationError
 from tests import reference as ref
@@ -61,19 +60,15 @@ def test_sgemm_every_row_count(simd, rng, trans_a, trans_b):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 4])
-def test_sgemm_threads(rng, threads):
+def test_sgemm_threads(rng, set_threads, threads):
     """Any thread count splits C into rectangles that cover it exactly once."""
-    before = rustgpt.get_num_threads()
-    try:
-        rustgpt.set_num_threads(threads)
-        for M, Kd, N in [(80, 128, 128), (1024, 64, 40), (40, 64, 1024), (5, 200, 300),
-                          (13, 70, 3), (17, 128, 763)]:
-            A, B = _operands(rng, M, Kd, N, False, False)
-            C = np.full((M, N), np.nan, np.float32)
-            K.sgemm(C, A, B)
-            _check(C, ref.matmul(A, B), Kd, f"C[{threads} threads, {M}x{Kd}x{N}]")
-    finally:
-        rustgpt.set_num_threads(before)
+    set_threads(threads)
+    for M, Kd, N in [(80, 128, 128), (1024, 64, 40), (40, 64, 1024), (5, 200, 300),
+                      (13, 70, 3), (17, 128, 763)]:
+        A, B = _operands(rng, M, Kd, N, False, False)
+        C = np.full((M, N), np.nan, np.float32)
+        K.sgemm(C, A, B)
+        _check(C, ref.matmul(A, B), Kd, f"C[{threads} threads, {M}x{Kd}x{N}]")
 
 
 def test_sgemm_concurrent_callers(rng):
@@ -97,22 +92,18 @@ def test_sgemm_concurrent_callers(rng):
 
 @pytest.mark.parametrize("M", [7, 25, 129, 384, 385])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_sgemm_transposed_a_read_in_place_equals_packed(simd, rng, M, threads):
+def test_sgemm_transposed_a_read_in_place_equals_packed(simd, rng, set_threads, M, threads):
     """A transposed is read in place for M up to 384 (else packed, as A not transposed
     always is): the same products in the same order, so the same bits as the product of
     A's transpose copied, with K over two cache blocks and ragged edges."""
     A = rng.standard_normal((1030, M)).astype(np.float32)
     B = rng.standard_normal((1030, 70)).astype(np.float32)
-    before = K.get_num_threads()
-    try:
-        K.set_num_threads(threads)
-        for accumulate in (False, True):
-            C, expected = (np.ones((M, 70), np.float32) for _ in range(2))
-            K.sgemm(C, A, B, trans_a=True, accumulate=accumulate)
-            K.sgemm(expected, np.ascontiguousarray(A.T), B, accumulate=accumulate)
-            np.testing.assert_array_equal(C, expected)
-    finally:
-        K.set_num_threads(before)
+    set_threads(threads)
+    for accumulate in (False, True):
+        C, expected = (np.ones((M, 70), np.float32) for _ in range(2))
+        K.sgemm(C, A, B, trans_a=True, accumulate=accumulate)
+        K.sgemm(expected, np.ascontiguousarray(A.T), B, accumulate=accumulate)
+        np.testing.assert_array_equal(C, expected)
 
 
 def test_sgemm_overwrites_nan(simd, rng):
@@ -130,30 +121,26 @@ def test_sgemm_overwrites_nan(simd, rng):
 @pytest.mark.parametrize("M,Kd,N", SHAPES)
 @pytest.mark.parametrize("trans_a,trans_b", TRANS)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_sgemm_bias_and_relu_equal_their_own_passes(simd, rng, M, Kd, N, trans_a, trans_b,
-                                                    threads):
+def test_sgemm_bias_and_relu_equal_their_own_passes(simd, rng, set_threads, M, Kd, N, trans_a,
+                                                    trans_b, threads):
     """sgemm(bias=, relu=) gives the bits of sgemm, then bias_add, then relu_forward, on
     every path (B in place, dot products, packed; edges; K over a cache block), with and
     without accumulate, bias alone and relu alone."""
     A, B = _operands(rng, M, Kd, N, trans_a, trans_b)
     bias = rng.standard_normal(N).astype(np.float32)
     C0 = rng.standard_normal((M, N)).astype(np.float32)
-    before = K.get_num_threads()
-    try:
-        K.set_num_threads(threads)
-        for accumulate in (False, True):
-            for b, relu in ((bias, True), (bias, False), (None, True)):
-                expected = C0.copy()
-                K.sgemm(expected, A, B, trans_a, trans_b, accumulate)
-                if b is not None:
-                    K.bias_add(expected, b)
-                if relu:
-                    K.relu_forward(expected, expected)
-                C = C0.copy()
-                K.sgemm(C, A, B, trans_a, trans_b, accumulate, bias=b, relu=relu)
-                np.testing.assert_array_equal(C, expected)
-    finally:
-        K.set_num_threads(before)
+    set_threads(threads)
+    for accumulate in (False, True):
+        for b, relu in ((bias, True), (bias, False), (None, True)):
+            expected = C0.copy()
+            K.sgemm(expected, A, B, trans_a, trans_b, accumulate)
+            if b is not None:
+                K.bias_add(expected, b)
+            if relu:
+                K.relu_forward(expected, expected)
+            C = C0.copy()
+            K.sgemm(C, A, B, trans_a, trans_b, accumulate, bias=b, relu=relu)
+            np.testing.assert_array_equal(C, expected)
 
 
 def test_sgemm_bias_bad_input():
@@ -212,36 +199,33 @@ MANY_SHAPES = [(17, 128, 128), (3, 33, 40), (24, 70, 65), (80, 128, 129), (129, 
 @pytest.mark.parametrize("M,Kd,N", MANY_SHAPES)
 @pytest.mark.parametrize("trans_a,trans_b", TRANS)
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_sgemm_many_equals_sgemm_calls(simd, rng, M, Kd, N, trans_a, trans_b, threads):
+def test_sgemm_many_equals_sgemm_calls(simd, rng, set_threads, M, Kd, N, trans_a, trans_b,
+                                       threads):
     """Separate outputs with one A (q, k, v = x Wq, x Wk, x Wv), then one output
     accumulating over every product (dx = dq Wq^T + ...): bit for bit the sgemm calls."""
-    before = rustgpt.get_num_threads()
-    rustgpt.set_num_threads(threads)
-    try:
-        A, _ = _operands(rng, M, Kd, N, trans_a, trans_b)
-        As = [_operands(rng, M, Kd, N, trans_a, trans_b)[0] for _ in range(4)]
-        Bs = [_operands(rng, M, Kd, N, trans_a, trans_b)[1] for _ in range(4)]
-        start = [rng.standard_normal((M, N)).astype(np.float32) for _ in range(4)]
-        flags = (False, True, False, True)
-        Cs, expected = [c.copy() for c in start], [c.copy() for c in start]
-        K.sgemm_many(Cs, [A] * 4, Bs, trans_a=trans_a, trans_b=trans_b, accumulate=flags)
-        for C, B, acc in zip(expected, Bs, flags):
-            K.sgemm(C, A, B, trans_a=trans_a, trans_b=trans_b, accumulate=acc)
-        for i in range(4):
-            np.testing.assert_array_equal(Cs[i], expected[i])
-            plain = ref.matmul(A, Bs[i], trans_a, trans_b)
-            _check(Cs[i], plain + start[i] if flags[i] else plain, Kd, f"C[{simd}, {i}]")
-        C = np.full((M, N), np.nan, np.float32)
-        K.sgemm_many([C] * 3, As[:3], Bs[:3], trans_a=trans_a, trans_b=trans_b,
-                     accumulate=(False, True, True))
-        total = np.full((M, N), np.nan, np.float32)
-        for i in range(3):
-            K.sgemm(total, As[i], Bs[i], trans_a=trans_a, trans_b=trans_b, accumulate=i > 0)
-        np.testing.assert_array_equal(C, total)
-        _check(C, sum(ref.matmul(As[i], Bs[i], trans_a, trans_b) for i in range(3)), 3 * Kd,
-               f"sum[{simd}]")
-    finally:
-        rustgpt.set_num_threads(before)
+    set_threads(threads)
+    A, _ = _operands(rng, M, Kd, N, trans_a, trans_b)
+    As = [_operands(rng, M, Kd, N, trans_a, trans_b)[0] for _ in range(4)]
+    Bs = [_operands(rng, M, Kd, N, trans_a, trans_b)[1] for _ in range(4)]
+    start = [rng.standard_normal((M, N)).astype(np.float32) for _ in range(4)]
+    flags = (False, True, False, True)
+    Cs, expected = [c.copy() for c in start], [c.copy() for c in start]
+    K.sgemm_many(Cs, [A] * 4, Bs, trans_a=trans_a, trans_b=trans_b, accumulate=flags)
+    for C, B, acc in zip(expected, Bs, flags):
+        K.sgemm(C, A, B, trans_a=trans_a, trans_b=trans_b, accumulate=acc)
+    for i in range(4):
+        np.testing.assert_array_equal(Cs[i], expected[i])
+        plain = ref.matmul(A, Bs[i], trans_a, trans_b)
+        _check(Cs[i], plain + start[i] if flags[i] else plain, Kd, f"C[{simd}, {i}]")
+    C = np.full((M, N), np.nan, np.float32)
+    K.sgemm_many([C] * 3, As[:3], Bs[:3], trans_a=trans_a, trans_b=trans_b,
+                 accumulate=(False, True, True))
+    total = np.full((M, N), np.nan, np.float32)
+    for i in range(3):
+        K.sgemm(total, As[i], Bs[i], trans_a=trans_a, trans_b=trans_b, accumulate=i > 0)
+    np.testing.assert_array_equal(C, total)
+    _check(C, sum(ref.matmul(As[i], Bs[i], trans_a, trans_b) for i in range(3)), 3 * Kd,
+           f"sum[{simd}]")
 
 
 def test_sgemm_many_is_recorded_in_plans(rng):

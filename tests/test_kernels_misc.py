@@ -129,7 +129,7 @@ def test_adam(rng, simd, n, weight_decay, clip):
     ref.assert_close(v, e_v, 1e-5, 1e-8, "v")
 
 
-def test_column_sums_do_not_depend_on_the_thread_count(rng):
+def test_column_sums_do_not_depend_on_the_thread_count(rng, set_threads):
     """colsum and layernorm_backward's dg, db give bit-identical results on 1 to 4 threads:
     threads split the columns, and each column adds its rows in order."""
     N, D = 300, 333
@@ -138,38 +138,30 @@ def test_column_sums_do_not_depend_on_the_thread_count(rng):
     out, mean, rstd = np.empty_like(x), np.empty(N, np.float32), np.empty(N, np.float32)
     K.layernorm_forward(out, mean, rstd, x, g, b)
     results = []
-    before = K.get_num_threads()
-    try:
-        for threads in (1, 2, 3, 4):
-            K.set_num_threads(threads)
-            db, dg, dbeta = (np.ones(D, np.float32) for _ in range(3))  # accumulate onto 1
-            dx = np.empty_like(x)
-            K.colsum(db, dy)
-            K.layernorm_backward(dx, dg, dbeta, dy, x, g, mean, rstd)
-            results.append((db, dg, dbeta, dx))
-    finally:
-        K.set_num_threads(before)
+    for threads in (1, 2, 3, 4):
+        set_threads(threads)
+        db, dg, dbeta = (np.ones(D, np.float32) for _ in range(3))  # accumulate onto 1
+        dx = np.empty_like(x)
+        K.colsum(db, dy)
+        K.layernorm_backward(dx, dg, dbeta, dy, x, g, mean, rstd)
+        results.append((db, dg, dbeta, dx))
     for other in results[1:]:
         for a, b_ in zip(other, results[0]):
             np.testing.assert_array_equal(a, b_)
 
 
-def test_norm_and_adam_do_not_depend_on_the_thread_count(rng):
+def test_norm_and_adam_do_not_depend_on_the_thread_count(rng, set_threads):
     """sum_squares and adam_update (its clipping included) give bit-identical results on
     1 to 4 threads: the squares are summed over fixed chunks, added in order."""
     n = 1_000_003
     p0, m0, g = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
     v0 = np.abs(rng.standard_normal(n)).astype(np.float32)
     results = []
-    before = K.get_num_threads()
-    try:
-        for threads in (1, 2, 3, 4):
-            K.set_num_threads(threads)
-            p, m, v = p0.copy(), m0.copy(), v0.copy()
-            norm = K.adam_update(p, m, v, g, 1e-3, t=3, max_norm=1.0)
-            results.append((K.sum_squares(g), norm, p, m, v))
-    finally:
-        K.set_num_threads(before)
+    for threads in (1, 2, 3, 4):
+        set_threads(threads)
+        p, m, v = p0.copy(), m0.copy(), v0.copy()
+        norm = K.adam_update(p, m, v, g, 1e-3, t=3, max_norm=1.0)
+        results.append((K.sum_squares(g), norm, p, m, v))
     for other in results[1:]:
         assert other[:2] == results[0][:2]
         for a, b in zip(other[2:], results[0][2:]):
@@ -228,7 +220,7 @@ def chain_plan(params, x, widths):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("overlap", [0, 1, 5, 8])
-def test_plan_run_beside_an_update_equals_update_then_run(rng, threads, overlap):
+def test_plan_run_beside_an_update_equals_update_then_run(rng, set_threads, threads, overlap):
     """Plan.run(step, overlap) applies the step while replaying the first `overlap`
     calls, each after the part of the parameters it reads: the same parameters, moments
     and outputs as step.apply() then plan.run(), bit for bit."""
@@ -236,24 +228,20 @@ def test_plan_run_beside_an_update_equals_update_then_run(rng, threads, overlap)
     n = sum(r * c for r, c in widths) + 1000  # parameters the plan never reads, at the end
     x = rng.standard_normal((5, 16)).astype(np.float32)
     results = []
-    before = K.get_num_threads()
-    K.set_num_threads(threads)
-    try:
-        for overlapped in (False, True):
-            p, m, v, g = adam_state(np.random.default_rng(7), n)
-            plan, outs = chain_plan(p, x, widths)
-            for t in (1, 2, 3):  # three steps, the recorded grads each time
-                step = K.AdamStep(p, m, v, g, 1e-2, 0.9, 0.999, 1e-8, 0.0, t, 5.0,
-                                  np.sqrt(K.sum_squares(g)))
-                if overlapped:
-                    plan.run(step, overlap)
-                else:
-                    step.apply()
-                    plan.run()
-                assert step.applied
-            results.append([p, m, v, *outs])
-    finally:
-        K.set_num_threads(before)
+    set_threads(threads)
+    for overlapped in (False, True):
+        p, m, v, g = adam_state(np.random.default_rng(7), n)
+        plan, outs = chain_plan(p, x, widths)
+        for t in (1, 2, 3):  # three steps, the recorded grads each time
+            step = K.AdamStep(p, m, v, g, 1e-2, 0.9, 0.999, 1e-8, 0.0, t, 5.0,
+                              np.sqrt(K.sum_squares(g)))
+            if overlapped:
+                plan.run(step, overlap)
+            else:
+                step.apply()
+                plan.run()
+            assert step.applied
+        results.append([p, m, v, *outs])
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
 
@@ -321,26 +309,22 @@ def test_plan_streams_wait_for_shared_memory(rng):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_plan_run_as_two_streams_equals_in_order(threads):
+def test_plan_run_as_two_streams_equals_in_order(set_threads, threads):
     """Run as two streams, the calls give what they give in order, bit for bit, every
     time (a missing wait would let a leaf read a buffer too early or too late); with
     grads, run returns sum_squares(grads) as it ends up, the same bits."""
-    before = K.get_num_threads()
-    K.set_num_threads(threads)
-    try:
-        for forward in (0, 1, 3):
-            results = []
-            for streams in (False, True):
-                plan, grads, arrays = hazard_plan(np.random.default_rng(3))
-                for _ in range(50):
-                    total = plan.run(None, forward, streams, grads)
-                    assert total == K.sum_squares(grads)
-                assert plan.run(None, forward, streams) is None
-                results.append(arrays)
-            for a, b in zip(*results):
-                np.testing.assert_array_equal(a, b)
-    finally:
-        K.set_num_threads(before)
+    set_threads(threads)
+    for forward in (0, 1, 3):
+        results = []
+        for streams in (False, True):
+            plan, grads, arrays = hazard_plan(np.random.default_rng(3))
+            for _ in range(50):
+                total = plan.run(None, forward, streams, grads)
+                assert total == K.sum_squares(grads)
+            assert plan.run(None, forward, streams) is None
+            results.append(arrays)
+        for a, b in zip(*results):
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("n", [1, 33, 100_003])

@@ -104,7 +104,7 @@ def test_same_seed_same_loss_curve(rng):
     assert curve() == curve()
 
 
-def test_training_does_not_depend_on_the_thread_count(rng):
+def test_training_does_not_depend_on_the_thread_count(rng, set_threads):
     """The same steps on 1, 2 and 3 threads give bit-identical losses, norms, parameters
     and moments: every kernel's arithmetic, the gradient norm's included, is fixed whatever
     the threads (so a run may change its thread count, or resume with another)."""
@@ -114,14 +114,10 @@ def test_training_does_not_depend_on_the_thread_count(rng):
                for _ in range(3)]
 
     def train(threads):
-        before = K.get_num_threads()
-        K.set_num_threads(threads)
-        try:
-            m = LLM(config, tiny_vocab(), seed=5)
-            opt = Adam(m.params)
-            curve = [m.train_step(x, y, opt, 1e-2, max_grad_norm=0.5) for x, y in batches * 2]
-        finally:
-            K.set_num_threads(before)
+        set_threads(threads)
+        m = LLM(config, tiny_vocab(), seed=5)
+        opt = Adam(m.params)
+        curve = [m.train_step(x, y, opt, 1e-2, max_grad_norm=0.5) for x, y in batches * 2]
         return curve, m.params.data, opt.m, opt.v
 
     one = train(1)
@@ -134,7 +130,7 @@ def test_training_does_not_depend_on_the_thread_count(rng):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_deferred_updates_give_the_same_training(rng, threads):
+def test_deferred_updates_give_the_same_training(rng, set_threads, threads):
     """train_step(defer=True) leaves each update to the next step's forward (a replayed
     one runs it beside the forward, a recorded one first): the same losses, norms,
     parameters and moments as updating at once, bit for bit, across new shapes, clipping
@@ -147,17 +143,13 @@ def test_deferred_updates_give_the_same_training(rng, threads):
                for ns in lengths]
 
     def train(defer):
-        before = K.get_num_threads()
-        K.set_num_threads(threads)
-        try:
-            m = LLM(config, tiny_vocab(), seed=5)
-            opt = Adam(m.params, weight_decay=0.01)
-            curve = [m.train_step(x, y, opt, 1e-2 / (i + 1), 0.5, defer=defer)
-                     for i, (x, y) in enumerate(batches * 2)]
-            pending = opt.pending is not None
-            state = m.state_dict()  # applies a pending update first
-        finally:
-            K.set_num_threads(before)
+        set_threads(threads)
+        m = LLM(config, tiny_vocab(), seed=5)
+        opt = Adam(m.params, weight_decay=0.01)
+        curve = [m.train_step(x, y, opt, 1e-2 / (i + 1), 0.5, defer=defer)
+                 for i, (x, y) in enumerate(batches * 2)]
+        pending = opt.pending is not None
+        state = m.state_dict()  # applies a pending update first
         return pending, curve, state, opt.state_dict()
 
     now, later = train(False), train(True)
@@ -172,7 +164,7 @@ def test_deferred_updates_give_the_same_training(rng, threads):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_backward_as_two_streams_equals_in_order(rng, threads, monkeypatch):
+def test_backward_as_two_streams_equals_in_order(rng, set_threads, threads, monkeypatch):
     """Small steps replay their backward as two streams (SMALL_STEP_TOKENS): the same
     losses and gradients as replaying it in order, bit for bit."""
     config = ModelConfig(embedding_dim=64, hidden_dim=128, num_layers=2, num_heads=2,
@@ -180,25 +172,21 @@ def test_backward_as_two_streams_equals_in_order(rng, threads, monkeypatch):
     batches = [make_batch([rng.integers(0, 13, n).astype(np.intc) for n in ns])
                for ns in ((17,), (5, 9), (40,))]
     results = []
-    before = K.get_num_threads()
-    K.set_num_threads(threads)
-    try:
-        for limit in (0, 64):
-            monkeypatch.setattr("rustgpt.model.SMALL_STEP_TOKENS", limit)
-            m = LLM(config, tiny_vocab(), seed=4)
-            out, replays = [], 0
-            for x, y in batches * 3:  # the first of each shape records, the rest replay
-                recorded = m.plans_recorded
-                loss, sum_squares = m._loss_and_backward_norm(x, y, True)
-                # a replay's sum of squares, taken on the way, is sum_squares' bits
-                replayed = m.plans_recorded == recorded
-                assert sum_squares == (K.sum_squares(m.params.grad) if replayed else None)
-                replays += replayed
-                out.extend([loss, m.params.grad.copy()])
-            assert replays >= 3
-            results.append(out)
-    finally:
-        K.set_num_threads(before)
+    set_threads(threads)
+    for limit in (0, 64):
+        monkeypatch.setattr("rustgpt.model.SMALL_STEP_TOKENS", limit)
+        m = LLM(config, tiny_vocab(), seed=4)
+        out, replays = [], 0
+        for x, y in batches * 3:  # the first of each shape records, the rest replay
+            recorded = m.plans_recorded
+            loss, sum_squares = m._loss_and_backward_norm(x, y, True)
+            # a replay's sum of squares, taken on the way, is sum_squares' bits
+            replayed = m.plans_recorded == recorded
+            assert sum_squares == (K.sum_squares(m.params.grad) if replayed else None)
+            replays += replayed
+            out.extend([loss, m.params.grad.copy()])
+        assert replays >= 3
+        results.append(out)
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
 
@@ -386,19 +374,15 @@ def test_replayed_step_equals_a_recorded_one(rng):
     np.testing.assert_array_equal(replaying.params.grad, fresh.params.grad)
 
 
-def test_steps_that_record_a_plan_are_not_timed(model, rng):
+def test_steps_that_record_a_plan_are_not_timed(model, rng, set_threads):
     """StepThreads times only replayed steps: a recording runs layer by layer in Python."""
     ids = rng.integers(0, 13, (1, 5)).astype(np.intc)
     optimizer = Adam(model.params)
-    before = K.get_num_threads()
-    K.set_num_threads(2)  # StepThreads times nothing on one thread
-    try:
-        model.train_step(ids, ids, optimizer, 1e-3)
-        assert model.plans_recorded == 1 and model.step_threads._steps == 0
-        model.train_step(ids, ids, optimizer, 1e-3)
-        assert model.plans_recorded == 1 and model.step_threads._steps == 1
-    finally:
-        K.set_num_threads(before)
+    set_threads(2)  # StepThreads times nothing on one thread
+    model.train_step(ids, ids, optimizer, 1e-3)
+    assert model.plans_recorded == 1 and model.step_threads._steps == 0
+    model.train_step(ids, ids, optimizer, 1e-3)
+    assert model.plans_recorded == 1 and model.step_threads._steps == 1
 
 
 def test_replay_after_new_weights_and_bad_targets(model, rng):

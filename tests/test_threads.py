@@ -27,11 +27,8 @@ def clock(monkeypatch):
 
 
 @pytest.fixture
-def four_threads():
-    before = K.get_num_threads()
-    K.set_num_threads(4)
-    yield
-    K.set_num_threads(before)
+def four_threads(set_threads):
+    set_threads(4)
 
 
 def steps(tuner, clock, n, seconds_at, tokens=10):
