@@ -493,8 +493,8 @@ class Report:
                 f"a step (rustgpt took {ms(seconds['rustgpt'])}). Its "
                 f"{floor['calls'] // n} kernel calls, each repeated alone on the step's own "
                 f"arrays (best of {FLOOR_ROUNDS}), take {ms(alone)} in all: matmuls "
-                f"{ms(floor['matmul'])}, "
-                f"attention {ms(floor['attention'])}, the rest {ms(floor['other'])}"
+                f"{ms(floor['matmul'])}, attention {ms(floor['attention'])}, the rest "
+                f"{ms(floor['other'])}"
                 + (f" (means over its {n} steps)." if n > 1 else "."))
 
     def workload_a(self, pre, chat, vocab) -> None:

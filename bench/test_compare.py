@@ -8,14 +8,14 @@ from rustgpt import _kernels as K
 from rustgpt.config import ModelConfig
 from rustgpt.model import LLM
 
+SMALL = ModelConfig(embedding_dim=24, hidden_dim=40, num_layers=2, num_heads=2, max_seq_len=16)
+
 
 def test_training_flops_counts_the_models_matmuls_and_attention(monkeypatch, rng):
     """A recorded step (which runs layer by layer) multiplies exactly what training_flops
     counts: its sgemm calls' 2 M N K, and causal attention's six T (T + 1) / 2 products
     per layer and sequence."""
-    config = ModelConfig(embedding_dim=24, hidden_dim=40, num_layers=2, num_heads=2,
-                         max_seq_len=16)
-    vocab = synthetic_vocab()
+    config, vocab = SMALL, synthetic_vocab()
     model = LLM(config, vocab, seed=0)
     counted = {"matmul": 0.0, "attention": 0.0}
 
@@ -56,9 +56,7 @@ def test_kernel_floor_times_every_call_of_a_step(rng):
     """kernel_floor times each call a recorded step makes (the plan's, and the two checks of
     the ids that run outside it), for every step even where a shape repeats (a model would
     replay its plan without the Python), and puts every kernel back."""
-    config = ModelConfig(embedding_dim=24, hidden_dim=40, num_layers=2, num_heads=2,
-                         max_seq_len=16)
-    vocab = synthetic_vocab()
+    config, vocab = SMALL, synthetic_vocab()
     ids = rng.integers(0, vocab.size, (3, 13)).astype(np.intc)
     kernels = dict(vars(K))
     floor = kernel_floor(config, vocab, [(ids, ids, 1e-3), (ids[::-1].copy(), ids, 1e-3)],

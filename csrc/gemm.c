@@ -53,8 +53,8 @@ static _Thread_local float b_pack[KC * NC] __attribute__((aligned(64)));
  * onto c when load_c, else written over it. ap is k-major with row stride lda (MR when
  * packed, M when read straight from a transposed A; the generic kernel, which reads all MR
  * values of each k, takes only packed A); bp has row stride ldb (NR when packed, N when
- * read straight from B). rows <= MR, and the rows of c past `rows` are
- * neither read nor written. cols <= NR is a hint: the columns past it are not needed (on the
+ * read straight from B). rows <= MR, and the rows of c past `rows` are neither read nor
+ * written. cols <= NR is a hint: the columns past it are not needed (on the
  * right edge c is a whole-width buffer), so a kernel may skip vectors that lie wholly past it.
  * Before storing, it adds bias (NR floats, the tile's columns' biases; NULL for none) to each
  * row and, when relu, takes max(x, 0): rg_sgemm's epilogue on the tile's last block of k. */
@@ -324,7 +324,7 @@ static void pack_b(float *dst, const float *B, int N, int K, int trans_b, int j0
 
 /* ---- driver ---------------------------------------------------------------------------------- */
 
-/* What rg_sgemm_bias does to each finished tile of C: add a bias per column, then relu. */
+/* What rg_sgemm does to each finished tile of C: add a bias per column, then relu. */
 typedef struct {
     const float *bias; /* N floats, or NULL */
     int relu;
