@@ -176,6 +176,10 @@ def test_signal_saves_and_resume_matches_an_uninterrupted_run(tmp_path, sig, cod
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     assert "--resume" in err
+    # the metrics were written with the stop's checkpoint, up to its step
+    stopped_at = int(sorted((tmp_path / "cut").glob("ckpt-*"))[-1].stem.split("-")[1])
+    steps = json.loads((tmp_path / "cut" / "metrics.json").read_text())["steps"]
+    assert steps[-1]["step"] == stopped_at
 
     resumed = cli("--config", "c.toml", "train", "--output", "cut", "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr

@@ -169,20 +169,34 @@ def test_from_json_bad_files_raise(tmp_path):
         Metrics.from_json(bad)
 
 
-def test_callback_writes_files_at_epoch_and_train_end(tmp_path):
+class AtEpochEnd:
+    """A trainer at an epoch end, as far as the callback looks: whether `every` is due."""
+
+    def __init__(self, due_every):
+        self.due_every = due_every
+
+    def epochs_due(self, every):
+        return every == self.due_every
+
+
+def test_callback_writes_files_when_epochs_are_due_and_at_train_end(tmp_path):
     out = tmp_path / "run"
-    cb = MetricsCallback(out)
-    trainer = object()  # the callback never touches the trainer
-    cb.on_step(trainer, trainer_record(1, 3.5))
-    cb.on_step(trainer, trainer_record(2, 3.0))
-    cb.on_epoch_end(trainer, {"phase": "pretraining", "epoch": 0, "step": 2, "loss": 3.25,
-                              "tokens_per_s": 15000.0})
+    cb = MetricsCallback(out, every_epochs=3)
+    cb.on_step(None, trainer_record(1, 3.5))
+    epoch_end = {"phase": "pretraining", "epoch": 0, "step": 2, "loss": 3.25,
+                 "tokens_per_s": 15000.0}
+    cb.on_epoch_end(AtEpochEnd(1), epoch_end)  # every 3 epochs: not due
+    assert not out.exists()
+    cb.on_step(None, trainer_record(2, 3.0))
+    cb.on_epoch_end(AtEpochEnd(3), epoch_end)
     assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "metrics.json"]
     assert Metrics.from_json(out / "metrics.json").avg_loss() == 3.25
-    cb.on_step(trainer, trainer_record(3, 2.5, phase="instruction"))
-    cb.on_train_end(trainer)
+    cb.on_step(None, trainer_record(3, 2.5, phase="instruction"))
+    cb.on_train_end(None)
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["step"], r["phase"], r["loss"]) for r in rows] == \
         [("1", "pretraining", "3.5"), ("2", "pretraining", "3.0"), ("3", "instruction", "2.5")]
     assert json.loads((out / "metrics.json").read_text())["summary"]["steps"] == 3
+    with pytest.raises(ValidationError, match="every_epochs = 0, expected >= 1"):
+        MetricsCallback(out, every_epochs=0)

@@ -57,6 +57,18 @@ def test_phases_epochs_batches_and_callbacks():
     assert all(r["tokens_per_s"] > 0 and math.isfinite(r["grad_norm"]) for r in rec.steps)
 
 
+def test_epochs_due_every_n_epochs_and_at_each_phase_end():
+    class Due(Recorder):
+        def on_epoch_end(self, trainer, record):
+            self.epochs.append([trainer.epochs_due(n) for n in (1, 2, 4)])
+
+    rec = Due()
+    make(TrainingConfig(pretraining_epochs=3, instruction_epochs=2, batch_size=2), rec).run()
+    # pretraining's epochs 1, 2, 3 (its last), then instruction's 1, 2 (its last)
+    assert rec.epochs == [[True, False, False], [True, True, False], [True, True, True],
+                          [True, False, False], [True, True, True]]
+
+
 def test_stop_and_resume_continue_exactly():
     cfg = TrainingConfig(pretraining_epochs=4, instruction_epochs=3, batch_size=2, shuffle=True,
                          schedule="cosine", warmup_steps=3, seed=9)

@@ -314,8 +314,7 @@ class CheckpointCallback(Callback):
         self.saved: Path | None = None
 
     def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
-        epoch = trainer.position.epoch  # epochs done in this phase
-        if epoch % self.every_epochs == 0 or epoch == trainer.phases[trainer.position.phase].epochs:
+        if trainer.epochs_due(self.every_epochs):
             self.save(trainer)
 
     def save(self, trainer: Trainer) -> Path:

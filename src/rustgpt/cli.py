@@ -171,12 +171,15 @@ def run_training(config, resume: str | None) -> int:
     manager.prepare(checkpoint_bytes=3 * 4 * model.total_parameters())  # weights, m, v
     metrics_file = out / "metrics.json"
     metrics = Metrics.from_json(metrics_file) if checkpoint and metrics_file.exists() else None
-    saver = CheckpointCallback(manager, config, config.checkpoint.every_epochs)
+    # metrics are written when checkpoints are: a resumed run's metrics match its checkpoint
+    every = config.checkpoint.every_epochs
+    recorder = MetricsCallback(out, metrics, every)
+    saver = CheckpointCallback(manager, config, every)
     progress = ProgressBar()
     trainer = Trainer(model, config.training,
                       rustgpt_phases(config.training, vocab, config.model.max_seq_len, pre, chat,
                                      config.data.long_examples),
-                      [MetricsCallback(out, metrics), saver, progress])
+                      [recorder, saver, progress])
     if checkpoint:
         checkpoint.restore(trainer)
     log.info("model: %s parameters, vocabulary %d, %s", f"{model.total_parameters():,}",
@@ -192,6 +195,7 @@ def run_training(config, resume: str | None) -> int:
         progress.close()
     elapsed = time.perf_counter() - start
     if not done:
+        recorder.write()
         path = saver.save(trainer)
         click.echo(f"stopped at step {trainer.position.step}; saved {path}. Continue with "
                    f"`rustgpt-cli train --output {out} --resume`", err=True)

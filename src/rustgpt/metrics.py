@@ -197,19 +197,28 @@ class Metrics:
 
 class MetricsCallback(Callback):
     """Feeds a Metrics from the trainer's step records and writes ``metrics.csv`` and
-    ``metrics.json`` into `out_dir` at each epoch end and at train end.
+    ``metrics.json`` into `out_dir` every `every_epochs` epochs, at each phase's end and at
+    train end (as CheckpointCallback saves, given the same `every_epochs`).
 
-    Pass ``Metrics.from_json(out_dir / "metrics.json")`` as `metrics` to continue a resumed run."""
+    Each write rewrites both files whole, every step so far: writing them at every epoch
+    end of a long run would cost more than the training (the default schedule's 200 epochs,
+    21,200 steps: 23 s of writes against 11 s of steps). Pass
+    ``Metrics.from_json(out_dir / "metrics.json")`` as `metrics` to continue a resumed run."""
 
-    def __init__(self, out_dir: str | os.PathLike, metrics: Metrics | None = None) -> None:
+    def __init__(self, out_dir: str | os.PathLike, metrics: Metrics | None = None,
+                 every_epochs: int = 1) -> None:
+        if not every_epochs >= 1:
+            raise ValidationError(f"MetricsCallback: every_epochs = {every_epochs}, expected >= 1")
         self.out_dir = Path(out_dir)
         self.metrics = metrics if metrics is not None else Metrics()
+        self.every_epochs = every_epochs
 
     def on_step(self, trainer: Trainer, record: dict) -> None:
         self.metrics.record_step(record)
 
     def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
-        self.write()
+        if trainer.epochs_due(self.every_epochs):
+            self.write()
 
     def on_train_end(self, trainer: Trainer) -> None:
         self.write()

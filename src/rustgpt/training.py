@@ -154,6 +154,13 @@ class Trainer:
     def total_steps(self) -> int:
         return sum(p.epochs * self.batches_per_epoch(p) for p in self.phases)
 
+    def epochs_due(self, every: int) -> bool:
+        """At an epoch end (``on_epoch_end``): whether the epochs done in this phase are a
+        multiple of `every`, or all of its epochs. For callbacks that save every `every`
+        epochs and at each phase's end."""
+        done = self.position.epoch
+        return done % every == 0 or done == self.phases[self.position.phase].epochs
+
     def run(self) -> bool:
         """Train from the current position. Returns True when every phase is done, False
         when stopped early by request_stop()."""
