@@ -161,15 +161,15 @@ class Metrics:
         """Write one row per step, columns FIELDS, an empty cell where a value is missing.
         Atomic; raises SerializationError if the file cannot be written."""
         out = io.StringIO(newline="")
-        writer = csv.DictWriter(out, FIELDS)
-        writer.writeheader()
-        writer.writerows(self._rows.values())
+        writer = csv.writer(out)  # writes None as an empty cell
+        writer.writerow(FIELDS)
+        writer.writerows([row[k] for k in FIELDS] for row in self._rows.values())
         write_atomic(path, out.getvalue().encode("utf-8"))
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Write {"steps": [row, ...], "summary": {...}}, missing values as null.
         Atomic; raises SerializationError if the file cannot be written."""
-        data = {"steps": self.rows(), "summary": self.summary()}
+        data = {"steps": list(self._rows.values()), "summary": self.summary()}
         write_atomic(path, json.dumps(data).encode("utf-8"))
 
     @classmethod
