@@ -1,8 +1,10 @@
-/* elementwise.c: relu, addition, bias add and column sums, embedding gather / scatter-add.
- * Memory-bound loops: vectorized by the compiler, parallel only where the arrays are large. */
+/* elementwise.c: relu, GELU, addition, bias add and column sums, embedding gather /
+ * scatter-add. Memory-bound loops (GELU's excepted): vectorized by the compiler, parallel
+ * only where the arrays are large. */
 #include "simd.h"
 
 #define PAR_MIN 32768 /* below this many elements a parallel region costs more than it saves */
+#define GELU_PAR_MIN 4096 /* GELU does some 40 operations an element: worth threads sooner */
 
 void rg_relu_forward(float *out, const float *x, size_t n) {
     #pragma omp parallel for num_threads(rg_num_threads()) if (n >= PAR_MIN) schedule(static)
@@ -20,6 +22,35 @@ void rg_relu_backward(float *dx, const float *dout, const float *out, size_t n) 
         float d = dout[i];
         dx[i] = out[i] > 0.0f ? d : 0.0f;
     }
+}
+
+/* Elements [i0, i1) of GELU's forward (out = gelu(x)) or, with dout, its backward
+ * (out = dout * gelu'(x)), in three SIMD variants. */
+RG_INLINE void gelu_span(int wide, float *out, const float *dout, const float *x, size_t i0,
+                         size_t i1) {
+    (void)wide;
+    if (dout) {
+        #pragma omp simd
+        for (size_t i = i0; i < i1; i++) out[i] = dout[i] * rg_gelu_grad(x[i]);
+    } else {
+        #pragma omp simd
+        for (size_t i = i0; i < i1; i++) out[i] = rg_gelu(x[i]);
+    }
+}
+RG_VARIANTS(gelu_span, (float *out, const float *dout, const float *x, size_t i0, size_t i1),
+            (out, dout, x, i0, i1))
+
+static void gelu_run(float *out, const float *dout, const float *x, size_t n) {
+    void (*f)(float *, const float *, const float *, size_t, size_t) = gelu_span_pick();
+    int nt = n >= GELU_PAR_MIN ? rg_num_threads() : 1;
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int c = 0; c < nt; c++) f(out, dout, x, n * c / nt, n * (c + 1) / nt);
+}
+
+void rg_gelu_forward(float *out, const float *x, size_t n) { gelu_run(out, NULL, x, n); }
+
+void rg_gelu_backward(float *dx, const float *dout, const float *x, size_t n) {
+    gelu_run(dx, dout, x, n);
 }
 
 void rg_add(float *out, const float *a, const float *b, size_t n) {
@@ -94,11 +125,10 @@ void rg_embedding_forward(float *out, const int *ids, const float *wte, const fl
 }
 
 void rg_embedding_backward(float *dwte, float *dwpe, const float *dout, const int *ids,
-                           int B, int T, int D, int V, int Tmax, int accumulate) {
-    if (!accumulate) {
-        memset(dwte, 0, (size_t)V * D * sizeof(float));
-        memset(dwpe, 0, (size_t)Tmax * D * sizeof(float));
-    }
+                           int B, int T, int D, int V, int Tmax, int accumulate_wte,
+                           int accumulate_wpe) {
+    if (!accumulate_wte) memset(dwte, 0, (size_t)V * D * sizeof(float));
+    if (!accumulate_wpe) memset(dwpe, 0, (size_t)Tmax * D * sizeof(float));
     /* Repeated ids add into the same row of dwte, so rows cannot be split between threads;
      * columns can: each thread owns a block of columns of dwte and dwpe. */
     #pragma omp parallel for num_threads(rg_num_threads()) if ((size_t)B * T * D >= PAR_MIN) \

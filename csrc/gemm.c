@@ -324,23 +324,58 @@ static void pack_b(float *dst, const float *B, int N, int K, int trans_b, int j0
 
 /* ---- driver ---------------------------------------------------------------------------------- */
 
-/* What rg_sgemm does to each finished tile of C: add a bias per column, then relu. */
-typedef struct {
-    const float *bias; /* N floats, or NULL */
-    int relu;
-} gemm_epilogue;
-
-/* c (rows x cols, row stride ldc), whose first column is column j0 of C, gets e. */
-static void epilogue(const gemm_epilogue *e, float *c, size_t ldc, int rows, int cols,
-                     int j0) {
-    const float *b = e->bias ? e->bias + j0 : NULL;
+/* c (rows x cols, row stride ldc) copied to pre (the same layout) when pre is not NULL, then
+ * act (RG_ACT_*) applied to it: the end of rg_sgemm's epilogue on a tile, in three SIMD
+ * variants (GELU is worth vectorizing). */
+RG_INLINE void finish_tile(int wide, float *c, float *pre, size_t ldc, int rows, int cols,
+                           int act) {
+    (void)wide;
     for (int i = 0; i < rows; i++) {
         float *c_i = c + (size_t)i * ldc;
-        if (b)
-            for (int j = 0; j < cols; j++) c_i[j] += b[j];
-        if (e->relu)
+        if (pre) memcpy(pre + (size_t)i * ldc, c_i, (size_t)cols * sizeof(float));
+        if (act == RG_ACT_GELU) {
+            #pragma omp simd
+            for (int j = 0; j < cols; j++) c_i[j] = rg_gelu(c_i[j]);
+        } else if (act == RG_ACT_RELU) {
             for (int j = 0; j < cols; j++) c_i[j] = c_i[j] > 0.0f ? c_i[j] : 0.0f;
+        }
     }
+}
+RG_VARIANTS(finish_tile, (float *c, float *pre, size_t ldc, int rows, int cols, int act),
+            (c, pre, ldc, rows, cols, act))
+
+/* What rg_sgemm does to each finished tile of C: add a bias per column, keep the values in
+ * pre, apply the activation. */
+typedef struct {
+    const float *bias; /* N floats, or NULL */
+    int act;           /* RG_ACT_* */
+    float *pre;        /* (M, N), or NULL */
+    void (*finish)(float *, float *, size_t, int, int, int); /* finish_tile's variant */
+} gemm_epilogue;
+
+/* Whether the micro-kernel applies e's relu itself, in registers (nothing needs the values
+ * before it), and whether a tile it finished (bias added, that relu applied) needs more. */
+static inline int kernel_relu(const gemm_epilogue *e) {
+    return e && e->act == RG_ACT_RELU && !e->pre;
+}
+static inline int needs_finish(const gemm_epilogue *e) {
+    return e && (e->pre || e->act == RG_ACT_GELU);
+}
+
+/* The tile of C (row stride N) at rows [i0, i0 + rows), columns [j0, j0 + cols) gets e; when
+ * in_kernel, the micro-kernel has added the bias and applied kernel_relu(e) already. */
+static void epilogue(const gemm_epilogue *e, float *C, size_t N, int i0, int j0, int rows,
+                     int cols, int in_kernel) {
+    float *c = C + (size_t)i0 * N + j0;
+    if (e->bias && !in_kernel)
+        for (int i = 0; i < rows; i++) {
+            float *c_i = c + (size_t)i * N;
+            const float *b = e->bias + j0;
+            for (int j = 0; j < cols; j++) c_i[j] += b[j];
+        }
+    int act = in_kernel && kernel_relu(e) ? RG_ACT_NONE : e->act;
+    if (e->pre || act != RG_ACT_NONE)
+        e->finish(c, e->pre ? e->pre + (size_t)i0 * N + j0 : NULL, N, rows, cols, act);
 }
 
 /* A transposed, (K, M), is read in place instead of packed when M is at most this (and
@@ -387,7 +422,9 @@ static void gemm_block(gemm_path path, float *C, const float *A, const float *B,
                             path.kernel(kc, a_panel, lda, b_panel, nr, c_tile, N, load_c,
                                         rows, nr,
                                         last && last->bias ? last->bias + jc + jr : NULL,
-                                        last && last->relu);
+                                        kernel_relu(last));
+                            if (needs_finish(last))
+                                epilogue(last, C, N, ic + ir, jc + jr, rows, nr, 1);
                             continue;
                         }
                         /* right edge: through a whole-width buffer */
@@ -400,7 +437,7 @@ static void gemm_block(gemm_path path, float *C, const float *A, const float *B,
                         for (int i = 0; i < rows; i++)
                             memcpy(c_tile + (size_t)i * N, edge + i * nr,
                                    (size_t)cols * sizeof(float));
-                        if (last) epilogue(last, c_tile, N, rows, cols, jc + jr);
+                        if (last) epilogue(last, C, N, ic + ir, jc + jr, rows, cols, 0);
                     }
                 }
             }
@@ -428,7 +465,8 @@ static void gemm_small_m(gemm_path path, float *C, const float *A, const float *
             int rows = M - ip < mr ? M - ip : mr;
             float *c = C + (size_t)ip * N + j;
             path.kernel(K, a_pack + (size_t)ip * K, mr, B + j, N, c, N, accumulate, rows, nr,
-                        epi && epi->bias ? epi->bias + j : NULL, epi && epi->relu);
+                        epi && epi->bias ? epi->bias + j : NULL, kernel_relu(epi));
+            if (needs_finish(epi)) epilogue(epi, C, N, ip, j, rows, nr, 1);
         }
     if (j < n1) {
         int cols = n1 - j;
@@ -443,7 +481,7 @@ static void gemm_small_m(gemm_path path, float *C, const float *A, const float *
                         cols, NULL, 0);
             for (int i = 0; i < rows; i++)
                 memcpy(c + (size_t)i * N, edge + i * nr, (size_t)cols * sizeof(float));
-            if (epi) epilogue(epi, c, N, rows, cols, j);
+            if (epi) epilogue(epi, C, N, ip, j, rows, cols, 0);
         }
     }
 }
@@ -530,7 +568,7 @@ static void gemm_dot(float *C, const float *A, const float *B, int M, int N, int
             }
         }
     }
-    if (epi) epilogue(epi, C + n0, N, M, n1 - n0, n0); /* a few rows: still in cache */
+    if (epi) epilogue(epi, C, N, 0, n0, M, n1 - n0, 0); /* a few rows: still in cache */
 }
 #endif
 
@@ -640,8 +678,9 @@ void rg_sgemm_many(int count, float *const C[], const float *const A[], const fl
 }
 
 void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
-              int trans_a, int trans_b, int accumulate, const float *bias, int relu) {
-    gemm_epilogue e = {bias, relu};
+              int trans_a, int trans_b, int accumulate, const float *bias, int act,
+              float *pre) {
+    gemm_epilogue e = {bias, act, pre, finish_tile_pick()};
     sgemm_run(1, &C, &A, &B, M, N, K, trans_a, trans_b, &accumulate,
-              bias || relu ? &e : NULL);
+              bias || act != RG_ACT_NONE || pre ? &e : NULL);
 }

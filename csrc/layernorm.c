@@ -1,4 +1,4 @@
-/* layernorm.c: layer norm forward and backward, row by row (post-norm blocks, as RustGPT).
+/* layernorm.c: layer norm forward and backward, row by row, with or without the bias b.
  * Row loops vectorized in three SIMD variants; threads split the rows. */
 #include "simd.h"
 
@@ -16,8 +16,13 @@ RG_INLINE void forward_rows(int wide, float *out, float *mean, float *rstd, cons
         #pragma omp simd reduction(+ : var)
         for (int d = 0; d < D; d++) var += (x_i[d] - mu) * (x_i[d] - mu); /* two passes: stable */
         float rs = 1.0f / sqrtf(var / D + eps);
-        #pragma omp simd
-        for (int d = 0; d < D; d++) out_i[d] = (x_i[d] - mu) * rs * g[d] + b[d];
+        if (b) {
+            #pragma omp simd
+            for (int d = 0; d < D; d++) out_i[d] = (x_i[d] - mu) * rs * g[d] + b[d];
+        } else {
+            #pragma omp simd
+            for (int d = 0; d < D; d++) out_i[d] = (x_i[d] - mu) * rs * g[d];
+        }
         mean[i] = mu;
         rstd[i] = rs;
     }
@@ -26,7 +31,8 @@ RG_VARIANTS(forward_rows, (float *out, float *mean, float *rstd, const float *x,
                            const float *g, const float *b, int i0, int i1, int D, float eps),
             (out, mean, rstd, x, g, b, i0, i1, D, eps))
 
-/* Columns [d0, d1) of dg and db: sums over all N rows, added to them when accumulate. In
+/* Columns [d0, d1) of dg and db (NULL: not wanted): sums over all N rows, added to them
+ * when accumulate. In
  * blocks of up to PG_W columns whose sums stay in registers while the rows pass (the
  * compiler cannot keep dg[d] += ... there: dg might alias the rows); rows added in order. */
 #define PG_W 64
@@ -39,7 +45,7 @@ RG_INLINE void param_grads(int wide, float *dg, float *db, const float *dout, co
         float sg[PG_W], sb[PG_W];
         for (int c = 0; c < w; c++) {
             sg[c] = accumulate ? dg[d0 + c] : 0.0f;
-            sb[c] = accumulate ? db[d0 + c] : 0.0f;
+            sb[c] = accumulate && db ? db[d0 + c] : 0.0f;
         }
         for (int i = 0; i < N; i++) {
             const float *x_i = x + (size_t)i * D + d0, *dout_i = dout + (size_t)i * D + d0;
@@ -58,7 +64,7 @@ RG_INLINE void param_grads(int wide, float *dg, float *db, const float *dout, co
             }
         }
         memcpy(dg + d0, sg, (size_t)w * sizeof(float));
-        memcpy(db + d0, sb, (size_t)w * sizeof(float));
+        if (db) memcpy(db + d0, sb, (size_t)w * sizeof(float));
     }
 }
 RG_VARIANTS(param_grads, (float *dg, float *db, const float *dout, const float *x,

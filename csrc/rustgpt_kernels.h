@@ -42,16 +42,22 @@ void rg_run_streams(int n, const unsigned char *stream, const int *wait,
 
 /* ---- matrix multiply (gemm.c) ------------------------------------------------------------ */
 
+/* The activations rg_sgemm can apply to its result. */
+enum { RG_ACT_NONE = 0, RG_ACT_RELU = 1, RG_ACT_GELU = 2 };
+
 /* C = op(A) @ op(B), or C += op(A) @ op(B) when accumulate is nonzero; then, when given,
- * C[i, j] += bias[j] (bias: N floats, or NULL), and C = max(C, 0) when relu: each tile of C
- * as it is finished, while it is in cache, so a layer's bias and activation take no pass
- * of their own (the same bits as rg_bias_add and rg_relu_forward after the product).
+ * C[i, j] += bias[j] (bias: N floats, or NULL), pre = C (pre: (M, N), or NULL: the values
+ * before the activation, which GELU's backward needs), and C = act(C) (RG_ACT_*): each tile
+ * of C as it is finished, while it is in cache, so a layer's bias and activation take no
+ * pass of their own (the same bits as rg_bias_add, then rg_relu_forward or
+ * rg_gelu_forward, after the product).
  * op(A) is (M, K): A is stored (M, K), or (K, M) when trans_a.
  * op(B) is (K, N): B is stored (K, N), or (N, K) when trans_b.
- * C is (M, N). All row-major and contiguous; C does not alias A, B or bias.
- * Forward x @ W is (0, 0); dx = dy @ W^T is (0, 1); dW += x^T @ dy is (1, 0). */
+ * C is (M, N). All row-major and contiguous; C and pre alias neither each other nor A, B,
+ * bias. Forward x @ W is (0, 0); dx = dy @ W^T is (0, 1); dW += x^T @ dy is (1, 0). */
 void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
-              int trans_a, int trans_b, int accumulate, const float *bias, int relu);
+              int trans_a, int trans_b, int accumulate, const float *bias, int act,
+              float *pre);
 
 /* count products of one shape and transposition in one parallel region, in order:
  * C[i] = op(A[i]) @ op(B[i]), or += when accumulate[i]. Each thread computes the same part
@@ -86,31 +92,34 @@ void rg_attention_step(float *out, const float *q, const float *kcache, const fl
 /* ---- layer norm (layernorm.c) ---------------------------------------------------------- */
 
 /* out = (x - mean) * rstd * g + b, row by row, rstd = 1 / sqrt(var + eps).
- * x, out: (N, D); g, b: (D); mean, rstd: (N), saved for backward.
+ * x, out: (N, D); g: (D); b: (D), or NULL for none; mean, rstd: (N), saved for backward.
  * Overwrites out, mean, rstd. out may alias x. */
 void rg_layernorm_forward(float *out, float *mean, float *rstd, const float *x,
                           const float *g, const float *b, int N, int D, float eps);
 
 /* Backward of rg_layernorm_forward. dout, x: (N, D); g: (D); mean, rstd: (N).
  * Overwrites dx: (N, D) (dx may alias dout); adds into dg, db: (D) when accumulate,
- * else overwrites them. */
+ * else overwrites them; db may be NULL (a norm without b). */
 void rg_layernorm_backward(float *dx, float *dg, float *db, const float *dout,
                            const float *x, const float *g, const float *mean,
                            const float *rstd, int N, int D, int accumulate);
 
 /* ---- softmax cross-entropy (crossentropy.c) ------------------------------------------ */
 
-/* losses[i] = -log softmax(logits[i])[targets[i]], or 0 where targets[i] == ignore_index.
- * logits: (N, V); targets, losses: (N). Overwrites losses. */
-void rg_crossentropy_forward(float *losses, const float *logits, const int *targets,
-                             int N, int V, int ignore_index);
+/* losses[i] = -log softmax(logits[i])[targets[i]], and hits[i] = 1 when logits[i] has no
+ * element above logits[i][targets[i]] (the prediction is right, ties counted), else 0;
+ * both 0 where targets[i] == ignore_index. logits: (N, V); targets, losses, hits: (N).
+ * Overwrites losses, hits. */
+void rg_crossentropy_forward(float *losses, int *hits, const float *logits,
+                             const int *targets, int N, int V, int ignore_index);
 
 /* The forward above fused with its gradient:
  * dlogits[i] = (softmax(logits[i]) - onehot(targets[i])) * dscale, zero rows where
- * targets[i] == ignore_index. dlogits: (N, V), may alias logits. Overwrites losses, dlogits. */
-void rg_crossentropy_forward_backward(float *losses, float *dlogits, const float *logits,
-                                      const int *targets, int N, int V, int ignore_index,
-                                      float dscale);
+ * targets[i] == ignore_index. dlogits: (N, V), may alias logits. Overwrites losses,
+ * dlogits, hits. */
+void rg_crossentropy_forward_backward(float *losses, float *dlogits, int *hits,
+                                      const float *logits, const int *targets, int N, int V,
+                                      int ignore_index, float dscale);
 
 /* ---- Adam / AdamW and the gradient norm (adam.c) ------------------------------------------- */
 
@@ -160,6 +169,13 @@ void rg_relu_forward(float *out, const float *x, size_t n);
 /* dx = dout where out > 0, else 0. out is the forward's output. dx may alias dout. */
 void rg_relu_backward(float *dx, const float *dout, const float *out, size_t n);
 
+/* out = gelu(x) = x Phi(x) = x (1 + erf(x / sqrt 2)) / 2, the exact form (within about
+ * 1.2e-7 relative, see simd.h). x, out: (n); out may alias x. */
+void rg_gelu_forward(float *out, const float *x, size_t n);
+/* dx = dout * gelu'(x) = dout * (Phi(x) + x e^(-x^2/2) / sqrt(2 pi)); x is the forward's
+ * input. dx: (n), may alias dout. */
+void rg_gelu_backward(float *dx, const float *dout, const float *x, size_t n);
+
 /* out = a + b. a, b, out: (n); out may alias a or b (residual connections). */
 void rg_add(float *out, const float *a, const float *b, size_t n);
 /* x[i, :] += b. x: (N, C); b: (C). */
@@ -171,9 +187,11 @@ void rg_colsum(float *db, const float *dy, int N, int C, int accumulate);
  * ids: (B, T) in [0, V); wte: (V, D); wpe: (Tmax, D) with T <= Tmax; out: (B, T, D). */
 void rg_embedding_forward(float *out, const int *ids, const float *wte, const float *wpe,
                           int B, int T, int D);
-/* dwte[ids[b, t], :] += dout[b, t, :]; dwpe[t, :] += dout[b, t, :], dwte: (V, D) and
- * dwpe: (Tmax, D) first set to zero unless accumulate. */
+/* dwte[ids[b, t], :] += dout[b, t, :]; dwpe[t, :] += dout[b, t, :], dwte: (V, D) first
+ * set to zero unless accumulate_wte, dwpe: (Tmax, D) unless accumulate_wpe (a tied output
+ * projection has written its part of dwte already). */
 void rg_embedding_backward(float *dwte, float *dwpe, const float *dout, const int *ids,
-                           int B, int T, int D, int V, int Tmax, int accumulate);
+                           int B, int T, int D, int V, int Tmax, int accumulate_wte,
+                           int accumulate_wpe);
 
 #endif /* RUSTGPT_KERNELS_H */

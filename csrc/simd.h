@@ -1,5 +1,5 @@
 /* simd.h: private to csrc/. Run-time SIMD variants of a kernel's inner function, a
- * vectorizable e^x, and the transpose gemm's packing and attention share. The default build
+ * vectorizable e^x and GELU, and the transpose gemm's packing and attention share. The default build
  * has no -march flag, so each hot inner function is compiled three times (generic, AVX2,
  * AVX-512) and rg_simd_level() picks one per call. */
 #ifndef RUSTGPT_SIMD_H
@@ -52,6 +52,38 @@ RG_INLINE float rg_expf(float x) {
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     return x == x ? p * scale : x;
+}
+
+/* GELU in its exact form, gelu(x) = x Phi(x) with Phi(x) = (1 + erf(x / sqrt 2)) / 2 the
+ * normal distribution's CDF, and its derivative gelu'(x) = Phi(x) + x phi(x), phi(x) =
+ * e^(-x^2/2) / sqrt(2 pi). The tail Q(a) = 1 - Phi(a) of a = |x| is erfc(z) / 2, z = a / sqrt 2,
+ * by Numerical Recipes' erfcc: erfc(z) = t e^(-z^2 + P(t)), t = 1 / (1 + z/2), P a Chebyshev
+ * fit with fractional error below 1.2e-7 for every z. Phi(x) = Q(-x) for x < 0 keeps that
+ * relative accuracy where it is tiny (1 + erf would cancel). Branch-free, so loops of it
+ * vectorize; NaN in gives NaN out. */
+RG_INLINE float rg_erfc_poly(float t) {
+    float p = 1.7087277e-1f * t - 8.2215223e-1f;
+    p = p * t + 1.48851587f;
+    p = p * t - 1.13520398f;
+    p = p * t + 2.7886807e-1f;
+    p = p * t - 1.8628806e-1f;
+    p = p * t + 9.678418e-2f;
+    p = p * t + 3.7409196e-1f;
+    p = p * t + 1.00002368f;
+    return p * t - 1.26551223f;
+}
+
+RG_INLINE float rg_gelu(float x) {
+    float z = fabsf(x) * 0.70710678118654752f, t = 1.0f / (1.0f + 0.5f * z);
+    float q = 0.5f * t * rg_expf(rg_erfc_poly(t) - z * z); /* Q(|x|) */
+    return x * (x < 0.0f ? q : 1.0f - q);
+}
+
+RG_INLINE float rg_gelu_grad(float x) {
+    float z = fabsf(x) * 0.70710678118654752f, t = 1.0f / (1.0f + 0.5f * z);
+    float g = rg_expf(-z * z); /* e^(-x^2/2) */
+    float q = 0.5f * t * g * rg_expf(rg_erfc_poly(t));
+    return (x < 0.0f ? q : 1.0f - q) + x * g * 0.39894228040143268f;
 }
 
 /* d[p*w + r] = src[r*ld + p] for p < kc, r < n (n rows of kc floats, at a stride of ld,

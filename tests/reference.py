@@ -80,7 +80,8 @@ def log_softmax(logits):
 
 
 def crossentropy(logits, targets, ignore_index=-1, dscale=1.0):
-    """losses (N) and dlogits (N, V) = (softmax - onehot) * dscale; ignored rows are 0."""
+    """losses (N), dlogits (N, V) = (softmax - onehot) * dscale and hits (N), 1 where the
+    target's logit is the row's largest (ties count); ignored rows are 0."""
     logp = log_softmax(logits)
     N, V = logp.shape
     keep = np.asarray(targets) != ignore_index
@@ -89,7 +90,8 @@ def crossentropy(logits, targets, ignore_index=-1, dscale=1.0):
     dlogits = np.exp(logp)
     dlogits[np.arange(N), safe] -= 1.0
     dlogits *= dscale * keep[:, None]
-    return losses, dlogits
+    hits = keep & (logits[np.arange(N), safe] >= logits.max(axis=1))
+    return losses, dlogits, hits.astype(np.intc)
 
 
 def adam_update(params, m, v, grads, lr, beta1=0.9, beta2=0.999, eps=1e-8,
@@ -180,6 +182,6 @@ def model_logits(p, ids, num_layers, num_heads):
 def model_loss(p, ids, targets, num_layers, num_heads, ignore_index=-1):
     """Mean next-token cross-entropy over the targets that are not ignore_index."""
     logits = model_logits(p, ids, num_layers, num_heads)
-    losses, _ = crossentropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+    losses, _, _ = crossentropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                              ignore_index)
     return losses.sum() / np.count_nonzero(targets != ignore_index)

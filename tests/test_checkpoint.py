@@ -3,6 +3,7 @@ and every kind of damaged or foreign file refused with a SerializationError."""
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 from rustgpt.checkpoint import BEST_NAME, Checkpoint, CheckpointManager, load
 from rustgpt.config import Config, ModelConfig, TrainingConfig
 from rustgpt.data import Dataset
-from rustgpt.errors import SerializationError
+from rustgpt.errors import SerializationError, ValidationError
 from rustgpt.model import LLM
 from rustgpt.tokenizer import Vocab
 from rustgpt.training import Callback, Trainer, rustgpt_phases
@@ -100,6 +101,21 @@ def test_manager_prunes_and_tracks_best_of_the_latest_phase(tmp_path):
     assert CheckpointManager.resolve(tmp_path / "run") == tmp_path / "run" / BEST_NAME
     with pytest.raises(SerializationError, match="no checkpoint in this directory"):
         CheckpointManager.resolve(tmp_path)
+
+
+def test_model_only_checkpoints_are_named_by_their_step(tmp_path):
+    manager = CheckpointManager(tmp_path, max_to_keep=2)
+    model = LLM(CONFIG.model, Vocab.from_texts(TEXTS))
+    for epoch in (10, 20, 30):
+        manager.save(Checkpoint.from_model(model, CONFIG, loss=1.0 / epoch, step=epoch))
+    assert [p.name for p in manager.checkpoints()] == ["ckpt-00000020.safetensors",
+                                                       "ckpt-00000030.safetensors"]
+    back = Checkpoint.load(manager.latest())
+    assert back.step == 30 and back.trainer is None and back.info()["step"] == 30
+    assert Checkpoint.load(manager.best()).loss == pytest.approx(1 / 30)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValidationError, match="step = .*expected an integer >= 0"):
+            Checkpoint.from_model(model, CONFIG, step=bad)
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -231,7 +247,7 @@ def test_kill_9_during_saves_never_damages_the_checkpoint(tmp_path):
         proc.wait()
         ckpt = Checkpoint.load(path)  # intact: the previous or the new version, never a mix
         assert ckpt.loss >= 0 and ckpt.weights["output.w"].shape == (128, 2002)
-    CheckpointManager(tmp_path).prepare()  # clears temporaries that killed writers left
+    CheckpointManager(tmp_path).remove_stale()  # the temporaries killed writers left
     assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
 
 
@@ -246,3 +262,125 @@ def test_prepare_refuses_a_full_or_unwritable_directory(tmp_path, monkeypatch):
     blocker.write_text("x")
     with pytest.raises(SerializationError, match="cannot write checkpoints here"):
         CheckpointManager(blocker / "run").prepare()
+
+
+# ---- values that are not what a checkpoint holds ----------------------------------------------
+
+def test_non_finite_weights_are_refused_unless_allowed(good, tmp_path):
+    """NaN weights loaded silently and generated '!!!!'; the flag is for inspecting them."""
+    def nan(t, m):
+        t["blocks.1.ffn.w1"][2, 3] = np.nan
+        t["blocks.1.ffn.w1"][0, 0] = -np.inf
+    bad = rewrite(good, tmp_path, nan)
+    message = (r"edited.safetensors: tensor blocks.1.ffn.w1 holds 2 NaN or infinite values of "
+               r"384, expected finite numbers \(allow_non_finite=True loads it anyway\)$")
+    with pytest.raises(SerializationError, match=message):
+        Checkpoint.load(bad)
+    with pytest.raises(SerializationError, match=message):
+        load(bad)
+    assert np.isnan(Checkpoint.load(bad, allow_non_finite=True).weights["blocks.1.ffn.w1"][2, 3])
+    assert np.isnan(load(bad, allow_non_finite=True).params.values["blocks.1.ffn.w1"][2, 3])
+
+
+def test_non_finite_optimizer_moments_are_refused(tmp_path):
+    trainer = make_trainer(Losses(stop_at=2))
+    trainer.run()
+    good = Checkpoint.from_trainer(trainer, CONFIG).save(tmp_path / "t.safetensors")
+
+    def inf(t, m):
+        t["optim.v.output.b"][1] = np.inf
+    with pytest.raises(SerializationError, match="tensor optim.v.output.b holds 1 NaN"):
+        Checkpoint.load(rewrite(good, tmp_path, inf))
+
+
+@pytest.fixture
+def trained(tmp_path):
+    trainer = make_trainer(Losses(stop_at=3))
+    trainer.run()
+    return Checkpoint.from_trainer(trainer, CONFIG).save(tmp_path / "trained.safetensors")
+
+
+def _state(path):
+    raw = path.read_bytes()
+    meta = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
+    return json.loads(meta["state"])
+
+
+def _with_trainer(path, **changes):
+    state = _state(path)
+    return {**state, "trainer": {**state["trainer"], **changes}}
+
+
+def _with_position(path, **changes):
+    state = _state(path)
+    return _with_trainer(path, position={**state["trainer"]["position"], **changes})
+
+
+@pytest.mark.parametrize("state,message", [
+    ("[]", "metadata state is an array, expected an object"),
+    ('"[]"', 'metadata state is "[]", expected an object'),
+    ("[" * 100_000 + "]" * 100_000, "damaged metadata (RecursionError"),
+    ('{"trainer": 5}', "metadata state.trainer is 5, expected an object or null"),
+    ('{"trainer": null, "loss": "x"}', 'metadata state.loss is "x", expected a number or null'),
+    ('{"trainer": null, "optimizer_t": 1.5}', "state.optimizer_t is 1.5, expected an integer"),
+    ('{"trainer": null, "optimizer_t": 3e10}', "state.optimizer_t is 30000000000.0"),
+    ('{"trainer": null, "optimizer_t": true}', "state.optimizer_t is true, expected an integer"),
+    ('{"trainer": null, "timestamp": []}', "state.timestamp is an array, expected a number"),
+    ('{"loss": 1.0}', "metadata state has no 'trainer'"),
+    ('{"trainer": {"position": []}}', "state.trainer.position is an array, expected an object"),
+    ('{"trainer": {"position": {"phase": 0}}}', "state.trainer.position has no 'epoch'"),
+    (lambda p: _with_position(p, step="3"), 'state.trainer.position.step is "3", expected an '
+                                           'integer >= 0'),
+    (lambda p: _with_position(p, epoch=-1), "state.trainer.position.epoch is -1"),
+    (lambda p: _with_position(p, order=[0, "1"]), "state.trainer.position.order is an array, "
+                                                  "expected an array of integers >= 0 or null"),
+    (lambda p: _with_position(p, extra=1), "state.trainer.position has unknown fields "
+                                           "['extra']"),
+    (lambda p: _with_trainer(p, rng=5), "state.trainer.rng is 5, expected an object"),
+    (lambda p: _with_trainer(p, rng={"bit_generator": "MT19937"}), "state.trainer.rng is not a "
+                                                                   "numpy PCG64 state"),
+    (lambda p: _with_trainer(p, rng={}), "state.trainer.rng is not a numpy PCG64 state"),
+    (lambda p: _with_trainer(p, last_loss=None), "state.trainer.last_loss is null, expected a "
+                                                 "number"),
+    (lambda p: _with_trainer(p, epoch_losses=[1.0, "x"]), "state.trainer.epoch_losses is an "
+                                                          "array, expected an array of numbers"),
+])
+def test_malformed_state_metadata(trained, tmp_path, state, message):
+    """Each was a RecursionError, AttributeError or TypeError in load or restore."""
+    text = state if isinstance(state, str) else json.dumps(state(trained))
+
+    def change(t, m):
+        m["state"] = text
+    with pytest.raises(SerializationError, match=re.escape(message)):
+        Checkpoint.load(rewrite(trained, tmp_path, change)).restore(make_trainer(Losses()))
+
+
+def test_positions_outside_the_trainers_data_are_refused(trained, tmp_path):
+    for changes, message in (({"phase": 3}, "checkpoint position: phase 3, the trainer has 2 "
+                                            "phases"),
+                             ({"order": [0, 5]}, "checkpoint position: the epoch's order holds "
+                                                 "example 5, the phase has 2 examples")):
+        text = json.dumps(_with_position(trained, **changes))
+
+        def change(t, m):
+            m["state"] = text
+        ckpt = Checkpoint.load(rewrite(trained, tmp_path, change))
+        with pytest.raises(SerializationError, match=re.escape(message)):
+            ckpt.restore(make_trainer(Losses()))
+    ckpt = Checkpoint.load(trained)
+    ckpt.trainer = {"position": ckpt.trainer["position"]}  # a model's checkpoint with a step
+    with pytest.raises(SerializationError, match=r"training state lacks \['rng', 'last_loss', "
+                                                 r"'epoch_loss'\]"):
+        ckpt.restore(make_trainer(Losses()))
+
+
+def test_a_config_of_absurd_size_is_refused_before_its_table_is_built(good, tmp_path):
+    def layers(t, m):
+        config = json.loads(m["config"])
+        config["model"]["num_layers"] = 10**9
+        m["config"] = json.dumps(config)
+    start = time.perf_counter()
+    with pytest.raises(SerializationError, match="num_layers = 1000000000, the file holds 26 "
+                                                 "weight tensors"):
+        Checkpoint.load(rewrite(good, tmp_path, layers))
+    assert time.perf_counter() - start < 1.0

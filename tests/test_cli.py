@@ -123,9 +123,9 @@ def test_json_logs(trained, tmp_path):
                                        str(tmp_path / "o"), "--pretraining-epochs", "1",
                                        "--instruction-epochs", "0"])
     assert result.exit_code == 0, result.output
-    lines = [json.loads(l) for l in result.stderr.splitlines() if l.startswith("{")]
-    assert any(l.get("message", "").startswith("pretraining epoch 0") and "loss" in l
-               for l in lines)
+    lines = [json.loads(line) for line in result.stderr.splitlines()]  # every line parses
+    assert any(line["message"].startswith("pretraining epoch 1/1") and "loss" in line
+               for line in lines)
 
 
 # ---- real processes ---------------------------------------------------------------------------
@@ -188,3 +188,142 @@ def test_signal_saves_and_resume_matches_an_uninterrupted_run(tmp_path, sig, cod
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+# ---- a run's directory: other runs, resume, init-from, lock ----------------------------------
+
+def tiny_run(tmp_path, *args, env=None):
+    """Train the TINY config into tmp_path/run (options after the command, as users type):
+    on the bundled data, 15 steps an epoch of pretraining and 12 of instruction tuning."""
+    (tmp_path / "tiny.toml").write_text(TINY)
+    return run("train", "--config", str(tmp_path / "tiny.toml"), "--output",
+               str(tmp_path / "run"), *args, env=env)
+
+
+def test_a_new_run_refuses_another_runs_directory_and_overwrite_clears_only_its_files(tmp_path):
+    first = tiny_run(tmp_path)
+    assert first.exit_code == 0, first.output
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    again = tiny_run(tmp_path, "--embedding-dim", "8")
+    assert again.exit_code == 1 and len(again.output.strip().splitlines()) == 1
+    assert "--resume" in again.output and "--overwrite" in again.output
+    assert "ckpt-" in again.output
+    replaced = tiny_run(tmp_path, "--embedding-dim", "8", "--overwrite",
+                        "--pretraining-epochs", "1", "--instruction-epochs", "1")
+    assert replaced.exit_code == 0, replaced.output
+    files = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert "notes.txt" in files and (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    ckpts = [f for f in files if f.startswith("ckpt-")]
+    assert ckpts == ["ckpt-00000015.safetensors", "ckpt-00000027.safetensors"]  # the new run's
+    best = load_file(tmp_path / "run" / "best.safetensors")
+    assert best["embeddings.token"].shape[1] == 8
+
+
+def test_resume_applies_new_epochs_and_refuses_new_sizes(tmp_path):
+    assert tiny_run(tmp_path).exit_code == 0  # 2 x 15 + 2 x 12 = 54 steps
+    refused = tiny_run(tmp_path, "--resume", "--embedding-dim", "8", "--batch-size", "2")
+    assert refused.exit_code == 1 and len(refused.output.strip().splitlines()) == 1
+    assert "[model] embedding_dim (16 -> 8)" in refused.output
+    assert "[training] batch_size (8 -> 2)" in refused.output
+    more = tiny_run(tmp_path, "--resume", "--instruction-epochs", "4")
+    assert more.exit_code == 0, more.output
+    assert "trained 24 steps (to step 78)" in more.output  # the instruction phase went on
+    steps = json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"]
+    assert [s["step"] for s in steps] == list(range(1, 79))
+    done = tiny_run(tmp_path, "--resume", "--instruction-epochs", "4")
+    assert done.exit_code == 0 and "nothing to train" in done.output
+
+
+def test_init_from_starts_a_fresh_run_from_the_weights(tmp_path):
+    assert tiny_run(tmp_path).exit_code == 0
+    source = tmp_path / "run" / "best.safetensors"
+    tuned = run("train", "--config", str(tmp_path / "tiny.toml"), "--output",
+                str(tmp_path / "tuned"), "--init-from", str(source), "--pretraining-epochs", "0",
+                "--instruction-epochs", "1", "--instruction-lr", "1e-9")
+    assert tuned.exit_code == 0, tuned.output
+    assert "trained 12 steps (to step 12)" in tuned.output  # a new schedule from step 1
+    a, b = load_file(source), load_file(tmp_path / "tuned" / "ckpt-00000012.safetensors")
+    for name in a:
+        if not name.startswith("optim."):
+            np.testing.assert_allclose(a[name], b[name], atol=1e-6, err_msg=name)
+    assert np.abs(b["optim.m.output.w"]).max() > 0  # a fresh optimizer's moments
+    assert load_file(source)["optim.m.output.w"].shape == b["optim.m.output.w"].shape
+    wider = run("train", "--output", str(tmp_path / "w"), "--init-from", str(source),
+                "--embedding-dim", "32")
+    assert wider.exit_code == 1 and "[model] embedding_dim (16 -> 32)" in wider.output
+    both = tiny_run(tmp_path, "--resume", "--init-from", str(source))
+    assert both.exit_code == 1 and "pass one of them" in both.output
+
+
+def test_a_second_run_into_a_locked_directory_names_the_holder(tmp_path):
+    import os
+
+    from rustgpt.fileio import DirectoryLock
+
+    (tmp_path / "run").mkdir()
+    with DirectoryLock(tmp_path / "run"):
+        busy = tiny_run(tmp_path)
+    assert busy.exit_code == 1 and f"PID {os.getpid()}" in busy.output
+    assert not list((tmp_path / "run").glob("ckpt-*"))
+    (tmp_path / "run" / ".metrics.json.abc123.tmp").write_text("left by a kill -9")
+    assert tiny_run(tmp_path).exit_code == 0  # the lock was released with its holder
+    assert not list((tmp_path / "run").glob("*.tmp"))  # stale temporaries removed
+
+
+def test_divergence_writes_the_metrics_and_logs_the_failure(tmp_path):
+    log_file = tmp_path / "run.log"
+    result = tiny_run(tmp_path, "--pretraining-lr", "1e30",
+                      env={"LLM_LOGGING_FILE": str(log_file)})
+    assert result.exit_code == 1 and "training diverged" in result.output
+    steps = json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"]
+    assert steps and all(s["accuracy"] is not None for s in steps)
+    assert "ERROR" in log_file.read_text() and "training diverged" in log_file.read_text()
+
+
+def test_failures_reach_the_log_file_and_json_logs_stay_json(tmp_path):
+    log_file = tmp_path / "gen.log"
+    missing = run("generate", "hi", "--checkpoint", str(tmp_path / "none"),
+                  env={"LLM_LOGGING_FILE": str(log_file)})
+    assert missing.exit_code == 1 and missing.output.startswith("error: ")
+    assert "ERROR" in log_file.read_text() and "no trained model" in log_file.read_text()
+    as_json = run("generate", "hi", "--checkpoint", str(tmp_path / "none"), "--log-format",
+                  "json")
+    assert as_json.exit_code == 1
+    line = json.loads(as_json.stderr.strip())
+    assert line["level"] == "ERROR" and "no trained model" in line["message"]
+
+
+def test_progress_bar_only_when_asked_or_on_a_terminal(tmp_path):
+    quiet = tiny_run(tmp_path, "--pretraining-epochs", "1", "--instruction-epochs", "0")
+    assert quiet.exit_code == 0 and "step/s" not in quiet.stderr and "it/s" not in quiet.stderr
+    shown = tiny_run(tmp_path, "--pretraining-epochs", "1", "--instruction-epochs", "0",
+                     "--overwrite", "--progress")
+    assert shown.exit_code == 0 and "15/15" in shown.stderr
+
+
+def test_plot_defaults_to_the_configured_directory(trained, tmp_path):
+    pytest.importorskip("matplotlib")
+    result = run("plot", "--output", str(tmp_path / "p.png"),
+                 env={"LLM_CHECKPOINT_DIRECTORY": str(trained / "ckpt")})
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tensorboard_option_writes_event_files(tmp_path):
+    pytest.importorskip("tensorboardX")
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    result = tiny_run(tmp_path, "--pretraining-epochs", "1", "--instruction-epochs", "1",
+                      "--tensorboard", str(tmp_path / "tb"))
+    assert result.exit_code == 0, result.output
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tb"), size_guidance={
+        event_accumulator.TENSORS: 0})
+    events.Reload()
+    assert {"train/loss", "train/accuracy", "train/lr"} <= set(events.Tags()["scalars"])
+    assert len(events.Scalars("train/loss")) == 27  # every step of 15 + 12
+    assert events.Tensors("sample/text_summary")  # a generated sample at the checkpoints
+
+
+def test_a_thread_count_beyond_the_bound_is_one_line(tmp_path):
+    result = tiny_run(tmp_path, "--threads", "100000")
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "[training] threads = 100000, expected between 0 and" in result.output

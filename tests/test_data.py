@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -86,3 +87,88 @@ def test_json_loader_never_crashes(tmp_path_factory, items):
     except DataLoadError:
         return
     assert all(isinstance(e, str) and e.strip() for e in ds.examples)
+
+
+# ---- reading in pieces --------------------------------------------------------------------------
+
+TRICKY = ["plain </s>", 'quote " and \\ backslash </s>', "caf\u00e9 \U0001F600 \u2028 </s>",
+          "tab\tnew\nline </s>", "x" * 50 + " </s>", "}{][,: </s>"]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1 << 20])
+@pytest.mark.parametrize("ensure_ascii,indent,bom", [(True, None, ""), (False, 1, "\ufeff"),
+                                                     (False, "\t", ""), (True, 0, "\ufeff")])
+def test_json_read_in_pieces_gives_what_json_loads_gives(tmp_path, monkeypatch, chunk,
+                                                         ensure_ascii, indent, bom):
+    """Strings split anywhere between pieces (an escape, a surrogate pair, whitespace) come
+    out as json.loads reads them."""
+    from rustgpt import data
+
+    monkeypatch.setattr(data, "CHUNK_CHARS", chunk)
+    text = bom + json.dumps(TRICKY, ensure_ascii=ensure_ascii, indent=indent).replace(
+        "\n", "\r\n") + " \n"  # ensure_ascii writes the emoji as a surrogate pair of escapes
+    path = write(tmp_path, "t.json", text)
+    assert Dataset.load(path).examples == json.loads(text.lstrip("\ufeff"))
+
+
+def test_valid_arrays_are_not_read_whole(tmp_path, monkeypatch):
+    from rustgpt import data
+
+    def whole(*args):
+        raise AssertionError("read whole")
+    monkeypatch.setattr(data, "_read_text", whole)
+    path = write(tmp_path, "a.json", json.dumps(TRICKY))
+    assert Dataset.load(path).examples == TRICKY
+    csv_path = write(tmp_path, "a.csv", 'a,"b\nc"\r\nd,e\n')
+    assert Dataset.load(csv_path).examples == ["a,b\nc", "d,e"]
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("deep.json", "[" * 100_000 + "]" * 100_000, "JSON nested too deeply to parse, expected "
+                                                  "an array of strings"),
+    ("deep_item.json", '["a", ' + "[" * 100_000 + "]" * 100_000 + "]", "nested too deeply"),
+    ("open.json", "[" * 100_000, "nested too deeply"),
+    ("trailing.json", '["a",]', "line 1 column 6: malformed JSON"),
+    ("extra.json", '["a"] x', "line 1 column 7: malformed JSON (Extra data)"),
+    ("late.json", '[\n"a",\n"b"\n"c"]', "line 4 column 1: malformed JSON"),
+    ("escape.json", '["a\\x"]', "line 1 column 4: malformed JSON (Invalid \\escape"),
+    ("control.json", '["a\tb"]', "line 1 column 4: malformed JSON (Invalid control"),
+    ("late_latin.json", b'["a", "b",\n "c",\n "caf\xe9"]', "line 3: not UTF-8"),
+    ("late_latin.csv", b'a\nb\n"c\nd"\ncaf\xe9\n', "line 5: not UTF-8"),
+])
+def test_bad_files_read_in_pieces(tmp_path, monkeypatch, name, content, message):
+    """Problems found in any piece say where in the file (pieces of 3 characters here)."""
+    from rustgpt import data
+
+    monkeypatch.setattr(data, "CHUNK_CHARS", 3)
+    with pytest.raises(DataLoadError, match=re.escape(message)):
+        Dataset.load(write(tmp_path, name, content))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux's /proc")
+def test_loading_holds_the_examples_not_the_file(tmp_path):
+    """Peak memory of loading 20 MB files, one character outside Latin-1 among them (which
+    made the whole decoded text 4 bytes a character): when they were read whole, 5.7x the
+    file (JSON) and 9.6x (CSV); read in pieces, about 2x: the strings themselves."""
+    import random
+    import subprocess
+    import sys
+
+    rng = random.Random(0)
+    words = "the sun rises in east and sets west mountains form rain falls".split()
+    n = 200_000
+    items = [" ".join(rng.choices(words, k=18)) + " </s>" for _ in range(n)]
+    items[n // 2] += " \U0001F600"
+    # VmHWM, the peak resident size: getrusage's maxrss in a child starts at the parent's
+    code = ("import re, sys\nfrom rustgpt.data import Dataset\n"
+            "kb = lambda key: int(re.search(key + r':\\s+(\\d+) kB', open('/proc/self/status')"
+            ".read()).group(1))\nrss = kb('VmRSS')\n"
+            f"assert len(Dataset.load(sys.argv[1])) == {n}\n"
+            "print((kb('VmHWM') - rss) * 1024)")
+    for name, text in (("a.json", json.dumps(items, ensure_ascii=False)),
+                       ("a.csv", "".join(f"{i},{item}\n" for i, item in enumerate(items)))):
+        path = write(tmp_path, name, text)
+        out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                             text=True, check=True).stdout
+        added = int(out) / path.stat().st_size
+        assert added < 3, f"{name}: loading added {added:.1f}x the file's size"

@@ -130,3 +130,60 @@ def test_sample_draws_what_rng_choice_would(rng):
     mine, theirs = np.random.default_rng(7), np.random.default_rng(7)
     assert [G.sample(logits, mine, 1.0) for _ in range(200)] == \
         [int(theirs.choice(p.size, p=p)) for _ in range(200)]
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"max_tokens": 1.5}, "max_tokens = 1.5, expected an integer >= 1"),
+    ({"max_tokens": True}, "max_tokens = True, expected an integer"),
+    ({"top_k": 1.5}, "top_k = 1.5, expected an integer"),
+    ({"top_k": False}, "top_k = False, expected an integer"),
+    ({"beam_width": 2.0}, "beam_width = 2.0, expected an integer"),
+    ({"beam_width": True}, "beam_width = True, expected an integer"),
+    ({"temperature": float("nan")}, "temperature = nan, expected a number >= 0"),
+    ({"temperature": float("inf")}, "temperature = inf, expected a number"),
+    ({"temperature": "0.5"}, "temperature = '0.5', expected a number"),
+    ({"top_p": float("nan")}, "top_p = nan, expected a number in"),
+    ({"min_p": True}, "min_p = True, expected a number in"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty = inf, expected a finite"),
+    ({"seed": -1, "temperature": 1.0}, "seed = -1, expected an integer >= 0"),
+    ({"seed": 1.5}, "seed = 1.5, expected an integer >= 0"),
+    ({"seed": True}, "seed = True, expected an integer >= 0"),
+    ({"rng": 5, "temperature": 1.0}, "rng = 5, expected a numpy.random.Generator"),
+])
+def test_option_types(model, options, message):
+    """Options of the wrong type are refused with one line, not accepted (True as 1 token,
+    1.5 as 2) or failing deep inside numpy."""
+    with pytest.raises(ValidationError, match=f"^generate: {message.replace('(', '.')}"):
+        G.generate(model, "the sun", **options)
+
+
+def test_length_penalty_and_numpy_scalars(model):
+    with pytest.raises(ValidationError, match="length_penalty = nan, expected a finite"):
+        G.beam_search(model, "the sun", length_penalty=float("nan"))
+    assert isinstance(G.generate(model, "the sun", max_tokens=np.int64(2), seed=np.uint8(3),
+                                 temperature=np.float32(0.5), top_k=np.int32(3)), str)
+
+
+def test_beams_too_big_for_the_memory_are_refused(model, monkeypatch):
+    """beam_width = 20000 reached 13 GB (and ran on) with the default model."""
+    from rustgpt import resources
+
+    monkeypatch.setattr(resources, "available_memory", lambda: 64 * 2**20)
+    with pytest.raises(ValidationError, match=r"^generate: beam_width = 20000 needs about "
+                                              r"[\d.]+ MB of memory, 64.0 MB is available$"):
+        G.generate(model, "the sun", beam_width=20_000)
+    assert G.generate(model, "the sun", beam_width=4) == G.generate(model, "the sun",
+                                                                   beam_width=4)
+    monkeypatch.setattr(resources, "available_memory", lambda: 1000)
+    with pytest.raises(ValidationError, match=r"^generate: decoding needs about"):
+        G.generate(model, "the sun")
+
+
+def test_failed_allocations_in_decoding_become_one_line_errors(model, monkeypatch):
+    def fail(*args):
+        raise MemoryError
+    monkeypatch.setattr(type(model), "prefill", fail)
+    with pytest.raises(ValidationError, match=r"^generate: beam_width = 3: out of memory"):
+        G.generate(model, "the sun", beam_width=3)
+    with pytest.raises(ValidationError, match=r"^generate: decoding: out of memory"):
+        G.generate(model, "the sun")

@@ -82,30 +82,36 @@ def test_crossentropy(rng, simd, N, V):
     logits = (rng.standard_normal((N, V)) * 5).astype(np.float32)
     targets = rng.integers(0, V, N).astype(np.intc)
     targets[::3] = -1  # ignored positions (padding)
-    losses = np.empty(N, np.float32)
-    K.crossentropy_forward(losses, logits, targets)
-    e_losses, e_dlogits = ref.crossentropy(logits, targets, dscale=0.25)
+    targets[1::3] = logits[1::3].argmax(axis=1)  # predicted right: hits
+    losses, hits = np.empty(N, np.float32), np.full(N, 7, np.intc)
+    K.crossentropy_forward(losses, hits, logits, targets)
+    e_losses, e_dlogits, e_hits = ref.crossentropy(logits, targets, dscale=0.25)
     ref.assert_close(losses, e_losses, 1e-5, 1e-5, "losses")
-    losses2, dlogits = np.empty(N, np.float32), np.empty_like(logits)
-    K.crossentropy_forward_backward(losses2, dlogits, logits, targets, -1, 0.25)
+    np.testing.assert_array_equal(hits, e_hits)
+    losses2, dlogits, hits2 = np.empty(N, np.float32), np.empty_like(logits), np.full(N, 7, np.intc)
+    K.crossentropy_forward_backward(losses2, dlogits, hits2, logits, targets, -1, 0.25)
     ref.assert_close(losses2, e_losses, 1e-5, 1e-5, "losses")
     ref.assert_close(dlogits, e_dlogits, 1e-5, 1e-6, "dlogits")
-    K.crossentropy_forward_backward(losses2, logits, logits, targets, -1, 0.25)  # in place
+    np.testing.assert_array_equal(hits2, e_hits)
+    K.crossentropy_forward_backward(losses2, logits, hits2, logits, targets, -1, 0.25)  # in place
     ref.assert_close(logits, e_dlogits, 1e-5, 1e-6, "dlogits in place")
+    np.testing.assert_array_equal(hits2, e_hits)
 
 
 def test_crossentropy_propagates_nan(simd):
     logits = np.zeros((2, 40), np.float32)
     logits[0, 17] = np.nan  # not the target: NaN must still reach the loss and gradient
-    losses, dlogits = np.empty(2, np.float32), np.empty_like(logits)
-    K.crossentropy_forward_backward(losses, dlogits, logits, np.array([3, 3], np.intc), -1, 1.0)
+    losses, dlogits, hits = np.empty(2, np.float32), np.empty_like(logits), np.empty(2, np.intc)
+    K.crossentropy_forward_backward(losses, dlogits, hits, logits, np.array([3, 3], np.intc),
+                                    -1, 1.0)
     assert np.isnan(losses[0]) and np.isnan(dlogits[0]).any() and np.isfinite(losses[1])
+    assert hits.tolist() == [0, 1]  # a NaN row predicts nothing; a tie (all zero) counts
 
 
 def test_crossentropy_is_stable_for_huge_logits():
     logits = np.array([[1e4, 0.0, -1e4]], np.float32)
     losses = np.empty(1, np.float32)
-    K.crossentropy_forward(losses, logits, np.array([1], np.intc))
+    K.crossentropy_forward(losses, np.empty(1, np.intc), logits, np.array([1], np.intc))
     assert np.isfinite(losses).all() and abs(losses[0] - 1e4) < 1
 
 
@@ -395,8 +401,8 @@ def test_token_ids_out_of_range_are_refused():
     with pytest.raises(ValidationError, match="T = 9 exceeds max_seq_len = 8"):
         K.embedding_forward(np.empty((1, 9, 4), np.float32), np.zeros((1, 9), np.intc), wte, wpe)
     with pytest.raises(ValidationError, match=r"targets\[1\] = 7"):
-        K.crossentropy_forward(np.empty(2, np.float32), np.zeros((2, 5), np.float32),
-                               np.array([1, 7], np.intc))
+        K.crossentropy_forward(np.empty(2, np.float32), np.empty(2, np.intc),
+                               np.zeros((2, 5), np.float32), np.array([1, 7], np.intc))
 
 
 def test_wrong_shape_dtype_layout_and_readonly_are_refused():
@@ -488,11 +494,12 @@ def test_crossentropy_random_shapes(N, V, seed):
     rng = np.random.default_rng(seed)
     logits = (rng.standard_normal((N, V)) * 4).astype(np.float32)
     targets = rng.integers(-1, V, N).astype(np.intc)
-    losses, dlogits = np.empty(N, np.float32), np.empty_like(logits)
-    K.crossentropy_forward_backward(losses, dlogits, logits, targets, -1, 0.5)
-    e_losses, e_dlogits = ref.crossentropy(logits, targets, dscale=0.5)
+    losses, dlogits, hits = np.empty(N, np.float32), np.empty_like(logits), np.empty(N, np.intc)
+    K.crossentropy_forward_backward(losses, dlogits, hits, logits, targets, -1, 0.5)
+    e_losses, e_dlogits, e_hits = ref.crossentropy(logits, targets, dscale=0.5)
     ref.assert_close(losses, e_losses, 1e-4, 1e-4, "losses")
     ref.assert_close(dlogits, e_dlogits, 1e-4, 1e-5, "dlogits")
+    np.testing.assert_array_equal(hits, e_hits)
 
 
 @settings(max_examples=40, deadline=None)

@@ -147,6 +147,14 @@ def test_to_json_parses_back_and_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("export", ["to_csv", "to_json"])
+def test_export_without_a_path_returns_the_files_text(tmp_path, export):
+    m = filled_metrics()
+    text = getattr(m, export)()
+    assert getattr(m, export)(tmp_path / "f") is None
+    assert text == (tmp_path / "f").read_bytes().decode("utf-8")
+
+
+@pytest.mark.parametrize("export", ["to_csv", "to_json"])
 def test_export_to_unwritable_path_raises(tmp_path, export):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

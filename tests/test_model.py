@@ -400,3 +400,115 @@ def test_plans_are_dropped_when_the_workspace_grows(model, rng):
     for T in (2, 3, 9, 4):  # T = 9 needs bigger buffers than the plans of 2 and 3 hold
         model.loss_and_backward(*(rng.integers(0, 13, (1, T)) for _ in range(2)))
     assert sorted(key[1] for key in model._plans) == [4, 9]
+
+
+# ---- sizes the machine cannot hold, and seeds -------------------------------------------------
+
+def test_seed_must_be_a_non_negative_integer():
+    for bad in (-1, 1.5, True, "1", None):
+        with pytest.raises(ValidationError, match=f"LLM: seed = {bad!r}, expected an integer"):
+            LLM(TINY, tiny_vocab(), seed=bad)
+    assert LLM(TINY, tiny_vocab(), seed=np.int64(2 ** 40)).total_parameters() > 0
+
+
+@pytest.fixture
+def memory(monkeypatch):
+    """Set the memory rustgpt.resources reports as available (bytes)."""
+    from rustgpt import resources
+
+    def set_available(nbytes):
+        monkeypatch.setattr(resources, "available_memory", lambda: nbytes)
+    return set_available
+
+
+def test_models_too_big_for_the_memory_are_refused_before_allocating(memory):
+    import time
+
+    from rustgpt.errors import ArchitectureError
+
+    memory(2 * 2**30)
+    start = time.perf_counter()
+    # 1.16e9 parameters: 18 GB with gradients and moments (it allocated 4.6 GB before)
+    with pytest.raises(ArchitectureError, match=r"^\[model\] embedding_dim = 128, hidden_dim "
+                       r"= 256, num_layers = 10000, max_seq_len = 80 with a vocabulary of 13: "
+                       r"1,155,853,581 parameters, their gradients and Adam moments need "
+                       r"about 17.2 GB of memory, 2.0 GB is available$"):
+        LLM(ModelConfig(num_layers=10_000), tiny_vocab())
+    assert time.perf_counter() - start < 1.0
+    memory(None)  # unknown: nothing is refused
+    assert LLM(TINY, tiny_vocab()).total_parameters() > 0
+
+
+@pytest.mark.parametrize("sizes", [{"embedding_dim": 100_000}, {"max_seq_len": 10**9},
+                                   {"num_layers": 10**7}])
+def test_sizes_no_machine_holds_are_refused(sizes):
+    """With the machine's own memory: these ended in an OSError traceback from mmap."""
+    from rustgpt.errors import ArchitectureError
+
+    with pytest.raises(ArchitectureError, match="of memory, .* is available$"):
+        LLM(ModelConfig(**sizes), tiny_vocab())
+
+
+def test_failed_allocations_become_one_line_errors(monkeypatch):
+    import errno
+
+    from rustgpt import model as M
+    from rustgpt.errors import ArchitectureError
+
+    for failure in (MemoryError(), OSError(errno.ENOMEM, "Cannot allocate memory")):
+        def fail(*args, failure=failure):
+            raise failure
+        with monkeypatch.context() as m:
+            m.setattr(M, "FlatParameters", fail)
+            with pytest.raises(ArchitectureError, match=r"parameters: out of memory"):
+                LLM(TINY, tiny_vocab())
+        model = LLM(TINY, tiny_vocab())
+        with monkeypatch.context() as m:
+            m.setattr(M, "KVCache", fail)
+            with pytest.raises(ValidationError, match=r"^LLM: a KV cache of 3 x 9 positions: "
+                                                      r"out of memory"):
+                model.new_cache(3)
+        with monkeypatch.context() as m:
+            m.setattr(M.Embeddings, "forward", fail)
+            with pytest.raises(ValidationError, match=r"^LLM: the activations of a batch of "
+                                                      r"1 x 2 tokens: out of memory"):
+                model.loss_and_backward([[1, 2]], [[2, 3]])
+
+    def io_error(*args):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(M, "FlatParameters", io_error)
+    with pytest.raises(OSError, match="Input/output error"):  # other OS errors are not memory
+        LLM(TINY, tiny_vocab())
+
+
+@pytest.mark.parametrize("B,T,config", [
+    (1, 1, TINY), (3, 7, TINY), (2, 9, TINY),
+    (5, 33, ModelConfig(embedding_dim=12, hidden_dim=7, num_layers=3, num_heads=4,
+                        max_seq_len=33)),
+])
+def test_activation_estimate_covers_the_workspace(rng, B, T, config):
+    from rustgpt.model import activation_bytes
+
+    model = LLM(config, tiny_vocab(29))
+    ids = rng.integers(0, 29, (B, T))
+    model.loss_and_backward(ids, ids)
+    held = 4 * sum(buf.size for buf in model.workspace._buffers.values())
+    estimate = activation_bytes(config, 29, B, T)
+    assert held <= estimate <= 1.25 * held, (held, estimate)
+
+
+def test_batches_too_big_for_the_memory_are_refused(model, memory, rng):
+    from rustgpt.model import activation_bytes
+
+    ids = rng.integers(0, 13, (4, 9))
+    need = activation_bytes(TINY, 13, 4, 9)
+    memory(need - 1)
+    for run in (model.forward, lambda x: model.loss(x, x), lambda x: model.train_step(
+            x, x, Adam(model.params), 1e-3)):
+        with pytest.raises(ValidationError, match=r"^LLM: the activations of a batch of 4 x 9 "
+                                                  r"tokens need about .* of memory"):
+            run(ids)
+    memory(need)
+    model.loss_and_backward(ids, ids)
+    memory(need // 2)  # the workspace holds the larger step's activations already
+    model.loss_and_backward(ids[:2], ids[:2])

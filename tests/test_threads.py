@@ -164,3 +164,71 @@ def test_a_failing_step_restores_the_thread_count(clock, four_threads):
     with pytest.raises(RuntimeError, match="diverged"):
         tuner.run(fail, 10)
     assert K.get_num_threads() == 4
+
+
+# ---- the bound on thread counts (resources.max_threads) ------------------------------------
+
+def test_thread_counts_above_the_bound_are_refused(set_threads):
+    from rustgpt.errors import ValidationError
+    from rustgpt.resources import max_threads
+
+    bound = max_threads()
+    set_threads(bound)  # the bound itself is allowed
+    assert K.get_num_threads() == bound or not K.kernels_info()["openmp"]
+    for fn in (K.set_num_threads, K.set_local_threads):
+        for n in (bound + 1, 100_000):
+            with pytest.raises(ValidationError, match=rf"{fn.__name__}: n = {n}, expected at "
+                                                      rf"most {bound} \(4 x the \d+ logical"):
+                fn(n)
+    assert K.set_local_threads(0) == 0  # nothing was set by the refused calls
+
+
+def _python(code, **env):
+    """Run `code` in a fresh interpreter with `env` added; its stdout and stderr."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout, done.stderr
+
+
+# a parallel kernel call after import: with 100000 threads it crashed the OpenMP runtime
+KERNEL_RUN = """
+import os, numpy as np, rustgpt
+from rustgpt import _kernels as K
+from rustgpt.resources import max_threads
+a = np.ones((256, 256), np.float32); c = np.empty_like(a)
+K.sgemm(c, a, a)
+assert c[0, 0] == 256
+print(os.environ["OMP_NUM_THREADS"], K.get_num_threads(), max_threads())
+"""
+
+
+@pytest.mark.skipif(not K.kernels_info()["openmp"], reason="needs OpenMP")
+@pytest.mark.parametrize("value", ["100000", "40000,3", "1"])
+def test_omp_num_threads_is_bounded_before_openmp_reads_it(value):
+    out, err = _python(KERNEL_RUN, OMP_NUM_THREADS=value)
+    env, threads, bound = out.split()
+    counts = [min(int(n), int(bound)) for n in value.split(",")]
+    assert env == ",".join(map(str, counts)) and int(threads) == counts[0]
+    warnings = err.count("OMP_NUM_THREADS")
+    assert warnings == (counts != [int(n) for n in value.split(",")])  # once, if capped
+    if warnings:
+        assert f"OMP_NUM_THREADS = {value} is more than {bound}" in err
+
+
+@pytest.mark.skipif(not K.kernels_info()["openmp"], reason="needs OpenMP")
+def test_omp_num_threads_is_bounded_when_openmp_was_loaded_first():
+    """Another library loaded OpenMP (and it read the variable) before rustgpt: the kernels'
+    count is bounded all the same."""
+    import ctypes.util
+
+    gomp = ctypes.util.find_library("gomp")
+    if gomp is None:
+        pytest.skip("the OpenMP runtime is not libgomp")
+    _, threads, bound = _python(f"import ctypes; ctypes.CDLL({gomp!r})\n" + KERNEL_RUN,
+                                OMP_NUM_THREADS="100000")[0].split()
+    assert threads == bound

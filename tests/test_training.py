@@ -52,7 +52,9 @@ def test_phases_epochs_batches_and_callbacks():
     assert trainer.run() is True and rec.ended
     assert len(rec.steps) == 8 and rec.phases == ["pretraining", "instruction"]
     assert [(e["phase"], e["epoch"]) for e in rec.epochs] == (
-        [("pretraining", i) for i in range(3)] + [("instruction", i) for i in range(2)])
+        [("pretraining", i) for i in (1, 2, 3)] + [("instruction", i) for i in (1, 2)])
+    assert [r["epoch"] for r in rec.steps] == [1, 1, 2, 2, 3, 3, 1, 2]  # counted from 1
+    assert all(0 <= r["accuracy"] <= 1 for r in rec.steps)
     assert {r["lr"] for r in rec.steps[:6]} == {5e-4} and rec.steps[-1]["lr"] == 1e-4
     assert all(r["tokens_per_s"] > 0 and math.isfinite(r["grad_norm"]) for r in rec.steps)
 
@@ -87,6 +89,31 @@ def test_stop_and_resume_continue_exactly():
     assert resumed.run() is True
     losses = [r["loss"] for r in first.steps + second.steps]
     assert losses == [r["loss"] for r in full.steps]
+
+
+def test_reopen_phases_trains_the_new_epochs_of_the_phase_that_ended(caplog):
+    # pretraining (2 batches an epoch) was saved with 1 epoch, stopped as instruction began
+    cfg = TrainingConfig(pretraining_epochs=1, instruction_epochs=1, batch_size=2)
+    first = Recorder(stop_at=2)
+    trainer = make(cfg, first)
+    assert trainer.run() is False  # the stop comes as the instruction phase opens
+    assert (trainer.position.phase, trainer.position.epoch, trainer.position.batch) == (1, 0, 0)
+    state = trainer.state_dict()
+
+    more = Recorder()
+    grown = make(TrainingConfig(pretraining_epochs=3, instruction_epochs=1, batch_size=2), more)
+    grown.load_state_dict(state)
+    grown.reopen_phases([1, 1])
+    assert (grown.position.phase, grown.position.epoch) == (0, 1)
+    assert grown.run() is True
+    assert [r["phase"] for r in more.steps] == ["pretraining"] * 4 + ["instruction"]
+
+    late = make(TrainingConfig(pretraining_epochs=3, instruction_epochs=1, batch_size=2),
+                Recorder())
+    state["position"].update(epoch=0, batch=1)  # instruction has begun: too late
+    late.load_state_dict(state)
+    late.reopen_phases([1, 1])
+    assert late.position.phase == 1 and "pretraining phase is over" in caplog.text
 
 
 def test_shuffle_is_seeded_and_changes_order():

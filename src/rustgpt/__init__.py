@@ -20,6 +20,10 @@ from rustgpt.errors import (
     ValidationError,
     VocabularyError,
 )
+from rustgpt.resources import bound_omp_num_threads
+
+# OpenMP reads OMP_NUM_THREADS once, when the C extension first loads it: bounded before that
+bound_omp_num_threads()
 
 __version__ = "0.1.0"
 

@@ -22,6 +22,7 @@ from cpython.pythread cimport PyThread_get_thread_ident
 from libc.stdlib cimport free, malloc, realloc
 
 from rustgpt.errors import ShapeMismatch, TokenError, ValidationError
+from rustgpt.resources import max_threads, threads_bound_text
 
 
 cdef extern from "rustgpt_kernels.h" nogil:
@@ -35,9 +36,10 @@ cdef extern from "rustgpt_kernels.h" nogil:
     int rg_set_local_threads(int n) noexcept
     void rg_run_streams(int n, const unsigned char *stream, const int *wait,
                         void (*run)(void *ctx, int j) noexcept nogil, void *ctx) noexcept
+    int RG_ACT_NONE, RG_ACT_RELU, RG_ACT_GELU
     void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
-                  int trans_a, int trans_b, int accumulate, const float *bias,
-                  int relu) noexcept
+                  int trans_a, int trans_b, int accumulate, const float *bias, int act,
+                  float *pre) noexcept
     void rg_sgemm_many(int count, float **C, const float **A, const float **B, int M, int N,
                        int K, int trans_a, int trans_b, const int *accumulate) noexcept
     void rg_attention_forward(float *out, float *att, const float *q, const float *k,
@@ -52,23 +54,26 @@ cdef extern from "rustgpt_kernels.h" nogil:
     void rg_layernorm_backward(float *dx, float *dg, float *db, const float *dout,
                                const float *x, const float *g, const float *mean,
                                const float *rstd, int N, int D, int accumulate) noexcept
-    void rg_crossentropy_forward(float *losses, const float *logits, const int *targets,
-                                 int N, int V, int ignore_index) noexcept
-    void rg_crossentropy_forward_backward(float *losses, float *dlogits, const float *logits,
-                                          const int *targets, int N, int V, int ignore_index,
-                                          float dscale) noexcept
+    void rg_crossentropy_forward(float *losses, int *hits, const float *logits,
+                                 const int *targets, int N, int V, int ignore_index) noexcept
+    void rg_crossentropy_forward_backward(float *losses, float *dlogits, int *hits,
+                                          const float *logits, const int *targets, int N,
+                                          int V, int ignore_index, float dscale) noexcept
     double rg_adam_update(float *params, float *m, float *v, const float *grads, size_t n,
                           double lr, double beta1, double beta2, double eps,
                           double weight_decay, int t, double max_norm) noexcept
     void rg_relu_forward(float *out, const float *x, size_t n) noexcept
     void rg_relu_backward(float *dx, const float *dout, const float *out, size_t n) noexcept
+    void rg_gelu_forward(float *out, const float *x, size_t n) noexcept
+    void rg_gelu_backward(float *dx, const float *dout, const float *x, size_t n) noexcept
     void rg_add(float *out, const float *a, const float *b, size_t n) noexcept
     void rg_bias_add(float *x, const float *b, int N, int C) noexcept
     void rg_colsum(float *db, const float *dy, int N, int C, int accumulate) noexcept
     void rg_embedding_forward(float *out, const int *ids, const float *wte, const float *wpe,
                               int B, int T, int D) noexcept
     void rg_embedding_backward(float *dwte, float *dwpe, const float *dout, const int *ids,
-                               int B, int T, int D, int V, int Tmax, int accumulate) noexcept
+                               int B, int T, int D, int V, int Tmax, int accumulate_wte,
+                               int accumulate_wpe) noexcept
     double rg_sum_squares(const float *x, size_t n) noexcept
     size_t rg_sum_squares_chunk(size_t n) noexcept
     void rg_sum_squares_part(double *part, const float *x, size_t n, int c) noexcept
@@ -232,8 +237,8 @@ cdef enum:
 cdef enum:
     OP_SGEMM, OP_SGEMM_MANY, OP_ATTENTION_FORWARD, OP_ATTENTION_BACKWARD, OP_LAYERNORM_FORWARD,
     OP_LAYERNORM_BACKWARD, OP_CROSSENTROPY_FORWARD_BACKWARD, OP_RELU_FORWARD,
-    OP_RELU_BACKWARD, OP_ADD, OP_BIAS_ADD, OP_COLSUM, OP_EMBEDDING_FORWARD,
-    OP_EMBEDDING_BACKWARD
+    OP_RELU_BACKWARD, OP_GELU_FORWARD, OP_GELU_BACKWARD, OP_ADD, OP_BIAS_ADD, OP_COLSUM,
+    OP_EMBEDDING_FORWARD, OP_EMBEDDING_BACKWARD
 
 
 cdef struct Op:
@@ -241,7 +246,7 @@ cdef struct Op:
     void *p[3 * MANY]  # the kernel's arrays, in its argument order
     int i[6]    # its int arguments (sizes, flags), in order
     size_t n    # element count of the flat kernels; sgemm_many's accumulate flags, as bits;
-                # sgemm's relu flag
+                # sgemm's activation (RG_ACT_*)
     float f     # its float argument (eps, dscale)
 
 
@@ -251,7 +256,7 @@ cdef void _run(const Op *o) noexcept nogil:
     cdef int acc[MANY]
     cdef int j
     if o.kind == OP_SGEMM:
-        rg_sgemm(p[0], p[1], p[2], i[0], i[1], i[2], i[3], i[4], i[5], p[3], <int>o.n)
+        rg_sgemm(p[0], p[1], p[2], i[0], i[1], i[2], i[3], i[4], i[5], p[3], <int>o.n, p[4])
     elif o.kind == OP_SGEMM_MANY:  # C[0..MANY) in p[0..], A in p[MANY..], B in p[2 MANY..]
         for j in range(MANY):
             acc[j] = (o.n >> j) & 1
@@ -267,11 +272,16 @@ cdef void _run(const Op *o) noexcept nogil:
     elif o.kind == OP_LAYERNORM_BACKWARD:
         rg_layernorm_backward(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], i[0], i[1], i[2])
     elif o.kind == OP_CROSSENTROPY_FORWARD_BACKWARD:
-        rg_crossentropy_forward_backward(p[0], p[1], p[2], <int *>o.p[3], i[0], i[1], i[2], o.f)
+        rg_crossentropy_forward_backward(p[0], p[1], <int *>o.p[2], p[3], <int *>o.p[4], i[0],
+                                         i[1], i[2], o.f)
     elif o.kind == OP_RELU_FORWARD:
         rg_relu_forward(p[0], p[1], o.n)
     elif o.kind == OP_RELU_BACKWARD:
         rg_relu_backward(p[0], p[1], p[2], o.n)
+    elif o.kind == OP_GELU_FORWARD:
+        rg_gelu_forward(p[0], p[1], o.n)
+    elif o.kind == OP_GELU_BACKWARD:
+        rg_gelu_backward(p[0], p[1], p[2], o.n)
     elif o.kind == OP_ADD:
         rg_add(p[0], p[1], p[2], o.n)
     elif o.kind == OP_BIAS_ADD:
@@ -282,14 +292,14 @@ cdef void _run(const Op *o) noexcept nogil:
         rg_embedding_forward(p[0], <int *>o.p[1], p[2], p[3], i[0], i[1], i[2])
     elif o.kind == OP_EMBEDDING_BACKWARD:
         rg_embedding_backward(p[0], p[1], p[2], <int *>o.p[3], i[0], i[1], i[2], i[3], i[4],
-                              i[5])
+                              i[5] & 1, i[5] >> 1)
 
 
 cdef int _check_ids(const Op *o) except -1:
     """The int arrays of a recorded op still hold ids in range (checked again at replay:
     their contents may have changed since)."""
     if o.kind == OP_CROSSENTROPY_FORWARD_BACKWARD:
-        _check_id_range(<int *>o.p[3], o.i[0], o.i[1], True, o.i[2],
+        _check_id_range(<int *>o.p[4], o.i[0], o.i[1], True, o.i[2],
                         "crossentropy_forward_backward", "targets", TokenError)
     elif o.kind == OP_EMBEDDING_FORWARD:
         _check_id_range(<int *>o.p[1], <Py_ssize_t>o.i[0] * o.i[1], o.i[3], False, 0,
@@ -516,7 +526,7 @@ cdef class Plan:
         # stream 1 takes the leaves, but those after the last other call go to stream 0,
         # which has nothing left to do by then
         rest = np.nonzero(~leaf)[0]
-        tail = rest[-1] if rest.size else m
+        tail = rest[rest.size - 1] if rest.size else m
         on1 = leaf & (np.arange(m) < tail)
         conflict = np.zeros((m, m), bool)
         r, q = np.nonzero(shared & later & (out[:, None] | out[None, :]))
@@ -611,12 +621,15 @@ cdef Py_ssize_t _outputs(const Op *o) noexcept:
     """How many of the arrays of a call (in the kernel's argument order) it writes."""
     if o.kind == OP_SGEMM_MANY:
         return o.i[5]
+    if o.kind == OP_SGEMM:
+        return 1 + (o.p[4] != NULL)  # C, and pre when given
     if o.kind == OP_ATTENTION_BACKWARD:
         return 4
-    if o.kind in (OP_LAYERNORM_FORWARD, OP_LAYERNORM_BACKWARD):
+    if o.kind == OP_LAYERNORM_BACKWARD:
+        return 2 + (o.p[2] != NULL)  # dx, dg, and db when given
+    if o.kind in (OP_LAYERNORM_FORWARD, OP_CROSSENTROPY_FORWARD_BACKWARD):
         return 3
-    if o.kind in (OP_ATTENTION_FORWARD, OP_CROSSENTROPY_FORWARD_BACKWARD,
-                  OP_EMBEDDING_BACKWARD):
+    if o.kind in (OP_ATTENTION_FORWARD, OP_EMBEDDING_BACKWARD):
         return 2
     return 1
 
@@ -732,21 +745,27 @@ def physical_cores():
     return max(1, len(cores))
 
 
+def _thread_count(n, str fn, int least):
+    """n as an int, checked to lie in [least, max_threads()]: far more threads than CPUs
+    only slow the kernels down, and tens of thousands crash the OpenMP runtime."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < least:
+        raise ValidationError(f"{fn}: n = {n!r}, expected an integer >= {least}")
+    if n > max_threads():
+        raise ValidationError(f"{fn}: n = {n!r}, expected at most {threads_bound_text()}")
+    return int(n)
+
+
 def set_num_threads(n):
-    """Use `n` OpenMP threads in the kernels of every thread of the process (n >= 1; a
-    no-op without OpenMP)."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValidationError(f"set_num_threads: n = {n!r}, expected an integer >= 1")
-    rg_set_num_threads(int(n))
+    """Use `n` OpenMP threads in the kernels of every thread of the process (1 <= n <=
+    resources.max_threads(); a no-op without OpenMP)."""
+    rg_set_num_threads(_thread_count(n, "set_num_threads", 1))
 
 
 def set_local_threads(n):
-    """Use `n` threads in the kernels this thread calls (n >= 1), or go back to the
-    process-wide count (n = 0); other threads are not affected. Returns the local count
-    it replaces (0: there was none)."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise ValidationError(f"set_local_threads: n = {n!r}, expected an integer >= 0")
-    return rg_set_local_threads(int(n))
+    """Use `n` threads in the kernels this thread calls (1 <= n <= resources.max_threads()),
+    or go back to the process-wide count (n = 0); other threads are not affected. Returns
+    the local count it replaces (0: there was none)."""
+    return rg_set_local_threads(_thread_count(n, "set_local_threads", 0))
 
 
 def get_num_threads():
@@ -775,8 +794,12 @@ def kernels_info():
 
 
 # OMP_NUM_THREADS wins (OpenMP reads it itself); otherwise one thread per physical core.
+# rustgpt/__init__.py bounds the variable before OpenMP loads, unless another library
+# loaded OpenMP first: then its count is bounded here.
 if not os.environ.get("OMP_NUM_THREADS"):
     rg_set_num_threads(physical_cores())
+elif rg_num_threads() > max_threads():
+    rg_set_num_threads(max_threads())
 
 
 # ---- matmul -----------------------------------------------------------------------------------
@@ -793,30 +816,47 @@ cdef tuple _gemm_dims(str fn, object A, str a_name, object B, str b_name, bint t
     return sa, sb, (M, N, K)
 
 
+_ACTIVATIONS = {None: RG_ACT_NONE, "relu": RG_ACT_RELU, "gelu": RG_ACT_GELU}
+
+
 def sgemm(C, A, B, bint trans_a=False, bint trans_b=False, bint accumulate=False, bias=None,
-          bint relu=False):
+          activation=None, pre=None):
     """C = op(A) @ op(B) (C += ... when accumulate). op(A): (M, K), op(B): (K, N), C: (M, N).
-    Then C += bias (N,) per row, when given, and C = max(C, 0) when relu: on each tile of C
-    as it is finished, the same bits as bias_add and relu_forward after it, without their
-    passes over C."""
+    Then C += bias (N,) per row, when given; pre = C, when given (M, N): the values before
+    the activation, as gelu_backward takes them; and C = activation(C) for activation
+    "relu" or "gelu" (None: none). All on each tile of C as it is finished: the same bits
+    as bias_add and relu_forward or gelu_forward after the product, without their passes
+    over C."""
     fn = "sgemm"
+    if activation not in _ACTIVATIONS:
+        raise ValidationError(f"{fn}: activation = {activation!r}, expected None, 'relu' or "
+                              f"'gelu'")
     sa, sb, dims = _gemm_dims(fn, A, "A", B, "B", trans_a, trans_b)
     cdef int M = dims[0], N = dims[1], K = dims[2]
     cdef const float *a = _f(A, fn, "A", sa)
     cdef const float *b = _f(B, fn, "B", sb)
     cdef float *c = _f(C, fn, "C", (M, N), True)
     cdef const float *bp = NULL
+    cdef float *pp = NULL
     if bias is not None:
         bp = _f(bias, fn, "bias", (N,))
         if _overlap(c, M * N, bp, N):
             raise ValidationError(f"{fn}: C overlaps bias, expected a separate output array")
     if _overlap(c, M * N, a, M * K) or _overlap(c, M * N, b, K * N):
         raise ValidationError(f"{fn}: C overlaps an input, expected a separate output array")
+    if pre is not None:
+        pp = _f(pre, fn, "pre", (M, N), True)
+        if (_overlap(pp, M * N, c, M * N) or _overlap(pp, M * N, a, M * K)
+                or _overlap(pp, M * N, b, K * N) or (bp != NULL and _overlap(pp, M * N, bp, N))):
+            raise ValidationError(f"{fn}: pre overlaps C or an input, expected a separate "
+                                  f"output array")
     cdef Op op
     op.kind, op.p[0], op.p[1], op.p[2], op.p[3] = OP_SGEMM, c, <void *>a, <void *>b, <void *>bp
+    op.p[4] = pp
     op.i[0], op.i[1], op.i[2], op.i[3], op.i[4], op.i[5] = M, N, K, trans_a, trans_b, accumulate
-    op.n = relu
-    _submit(&op, (C, A, B) if bias is None else (C, A, B, bias))
+    op.n = _ACTIVATIONS[activation]
+    # outputs first (Plan's rule): C, pre
+    _submit(&op, tuple(x for x in (C, pre, A, B, bias) if x is not None))
 
 
 def sgemm_many(Cs, As, Bs, bint trans_a=False, bint trans_b=False, accumulate=False):
@@ -943,7 +983,8 @@ def attention_step(out, q, kcache, vcache, int n, int num_heads):
 # ---- layer norm -----------------------------------------------------------------------------
 
 def layernorm_forward(out, mean, rstd, x, g, b, float eps=1e-5):
-    """out = (x - mean) * rstd * g + b per row. x, out: (N, D); g, b: (D); mean, rstd: (N)."""
+    """out = (x - mean) * rstd * g + b per row. x, out: (N, D); g: (D); b: (D), or None for
+    a norm without bias; mean, rstd: (N)."""
     fn = "layernorm_forward"
     s = _shape(x, fn, "x", 2)
     cdef int N = s[0], D = s[1]
@@ -951,7 +992,7 @@ def layernorm_forward(out, mean, rstd, x, g, b, float eps=1e-5):
         raise ValidationError(f"{fn}: eps = {eps}, expected > 0")
     cdef const float *xp = _f(x, fn, "x", s)
     cdef const float *gp = _f(g, fn, "g", (D,))
-    cdef const float *bp = _f(b, fn, "b", (D,))
+    cdef const float *bp = NULL if b is None else _f(b, fn, "b", (D,))
     cdef float *op = _f(out, fn, "out", s, True)
     cdef float *mp = _f(mean, fn, "mean", (N,), True)
     cdef float *rp = _f(rstd, fn, "rstd", (N,), True)
@@ -959,12 +1000,12 @@ def layernorm_forward(out, mean, rstd, x, g, b, float eps=1e-5):
     o.kind, o.p[0], o.p[1], o.p[2] = OP_LAYERNORM_FORWARD, op, mp, rp
     o.p[3], o.p[4], o.p[5] = <void *>xp, <void *>gp, <void *>bp
     o.i[0], o.i[1], o.f = N, D, eps
-    _submit(&o, (out, mean, rstd, x, g, b))
+    _submit(&o, (out, mean, rstd, x, g) + (() if b is None else (b,)))
 
 
 def layernorm_backward(dx, dg, db, dout, x, g, mean, rstd, bint accumulate=True):
     """Overwrites dx (N, D) (may be dout itself); adds into dg, db (D), or overwrites them
-    when not accumulate."""
+    when not accumulate. db None: a norm without bias."""
     fn = "layernorm_backward"
     s = _shape(x, fn, "x", 2)
     cdef int N = s[0], D = s[1]
@@ -975,12 +1016,13 @@ def layernorm_backward(dx, dg, db, dout, x, g, mean, rstd, bint accumulate=True)
     cdef const float *rp = _f(rstd, fn, "rstd", (N,))
     cdef float *dxp = _f(dx, fn, "dx", s, True)
     cdef float *dgp = _f(dg, fn, "dg", (D,), True)
-    cdef float *dbp = _f(db, fn, "db", (D,), True)
+    cdef float *dbp = NULL if db is None else _f(db, fn, "db", (D,), True)
     cdef Op o
     o.kind, o.p[0], o.p[1], o.p[2], o.p[3] = OP_LAYERNORM_BACKWARD, dxp, dgp, dbp, <void *>dop
     o.p[4], o.p[5], o.p[6], o.p[7] = <void *>xp, <void *>gp, <void *>mp, <void *>rp
     o.i[0], o.i[1], o.i[2] = N, D, accumulate
-    _submit(&o, (dx, dg, db, dout, x, g, mean, rstd))
+    # outputs first (Plan's rule): dx, dg, db
+    _submit(&o, tuple(a for a in (dx, dg, db, dout, x, g, mean, rstd) if a is not None))
 
 
 # ---- cross-entropy ---------------------------------------------------------------------------
@@ -995,22 +1037,26 @@ cdef int *_targets(object targets, str fn, int N, int V, int ignore_index) excep
     return p
 
 
-def crossentropy_forward(losses, logits, targets, int ignore_index=-1):
-    """losses[i] = -log softmax(logits[i])[targets[i]] (0 where ignored). logits: (N, V)."""
+def crossentropy_forward(losses, hits, logits, targets, int ignore_index=-1):
+    """losses[i] = -log softmax(logits[i])[targets[i]]; hits[i] = 1 where the target's logit
+    is the row's largest (ties count), else 0; both 0 where ignored. logits: (N, V);
+    losses float32 (N,), hits int32 (N,)."""
     fn = "crossentropy_forward"
     s = _shape(logits, fn, "logits", 2)
     cdef int N = s[0], V = s[1]
     cdef const float *lp = _f(logits, fn, "logits", s)
     cdef const int *tp = _targets(targets, fn, N, V, ignore_index)
     cdef float *op = _f(losses, fn, "losses", (N,), True)
+    cdef int *hp = <int *>_data(hits, fn, "hits", _I32, (N,), True)
     _not_recorded(fn)
     with nogil:
-        rg_crossentropy_forward(op, lp, tp, N, V, ignore_index)
+        rg_crossentropy_forward(op, hp, lp, tp, N, V, ignore_index)
 
 
-def crossentropy_forward_backward(losses, dlogits, logits, targets, int ignore_index=-1,
-                                  float dscale=1.0):
-    """Fused loss and gradient: dlogits = (softmax - onehot) * dscale; dlogits may be logits."""
+def crossentropy_forward_backward(losses, dlogits, hits, logits, targets,
+                                  int ignore_index=-1, float dscale=1.0):
+    """Fused loss, hits (as crossentropy_forward) and gradient: dlogits = (softmax - onehot)
+    * dscale; dlogits may be logits."""
     fn = "crossentropy_forward_backward"
     s = _shape(logits, fn, "logits", 2)
     cdef int N = s[0], V = s[1]
@@ -1018,11 +1064,12 @@ def crossentropy_forward_backward(losses, dlogits, logits, targets, int ignore_i
     cdef const int *tp = _targets(targets, fn, N, V, ignore_index)
     cdef float *op = _f(losses, fn, "losses", (N,), True)
     cdef float *dp = _f(dlogits, fn, "dlogits", s, True)
+    cdef int *hp = <int *>_data(hits, fn, "hits", _I32, (N,), True)
     cdef Op o
-    o.kind, o.p[0], o.p[1], o.p[2], o.p[3] = (OP_CROSSENTROPY_FORWARD_BACKWARD, op, dp,
-                                              <void *>lp, <void *>tp)
+    o.kind, o.p[0], o.p[1], o.p[2], o.p[3], o.p[4] = (OP_CROSSENTROPY_FORWARD_BACKWARD, op, dp,
+                                                      hp, <void *>lp, <void *>tp)
     o.i[0], o.i[1], o.i[2], o.f = N, V, ignore_index, dscale
-    _submit(&o, (losses, dlogits, logits, targets))
+    _submit(&o, (losses, dlogits, hits, logits, targets))
 
 
 # ---- Adam ---------------------------------------------------------------------------------------
@@ -1082,6 +1129,17 @@ def relu_backward(dx, dout, out):
     _elementwise(OP_RELU_BACKWARD, "relu_backward", ("dx", "dout", "out"), (dx, dout, out))
 
 
+def gelu_forward(out, x):
+    """out = gelu(x) = x * Phi(x), the exact (erf) form; out may be x. Any shape, out the
+    same."""
+    _elementwise(OP_GELU_FORWARD, "gelu_forward", ("out", "x"), (out, x))
+
+
+def gelu_backward(dx, dout, x):
+    """dx = dout * gelu'(x); dx may be dout. x is the forward's input (sgemm's pre)."""
+    _elementwise(OP_GELU_BACKWARD, "gelu_backward", ("dx", "dout", "x"), (dx, dout, x))
+
+
 def add(out, a, b):
     """out = a + b elementwise; out may be a or b. Any shape, all three the same."""
     _elementwise(OP_ADD, "add", ("out", "a", "b"), (out, a, b))
@@ -1131,10 +1189,19 @@ def embedding_forward(out, ids, wte, wpe):
     _submit(&o, (out, ids, wte, wpe))
 
 
-def embedding_backward(dwte, dwpe, dout, ids, bint accumulate=True):
+def embedding_backward(dwte, dwpe, dout, ids, accumulate=True):
     """dwte[ids[b, t]] += dout[b, t]; dwpe[t] += dout[b, t], into zeroed dwte, dwpe when
-    not accumulate."""
+    not accumulate (a bool for both, or a pair of bools: (dwte's, dwpe's))."""
     fn = "embedding_backward"
+    if isinstance(accumulate, (bool, np.bool_)):
+        flags = (accumulate, accumulate)
+    else:
+        try:
+            flags = tuple(accumulate)
+        except TypeError:
+            flags = ()
+    if len(flags) != 2 or not all(isinstance(f, (bool, np.bool_)) for f in flags):
+        raise ValidationError(f"{fn}: accumulate = {accumulate!r}, expected a bool or 2 bools")
     s = _shape(dout, fn, "dout", 3)
     sw = _shape(dwte, fn, "dwte", 2)
     sp = _shape(dwpe, fn, "dwpe", 2)
@@ -1148,7 +1215,8 @@ def embedding_backward(dwte, dwpe, dout, ids, bint accumulate=True):
     cdef Op o
     o.kind, o.p[0], o.p[1], o.p[2], o.p[3] = (OP_EMBEDDING_BACKWARD, dwtep, dwpep, <void *>dop,
                                               <void *>ip)
-    o.i[0], o.i[1], o.i[2], o.i[3], o.i[4], o.i[5] = B, T, D, V, Tmax, accumulate
+    o.i[0], o.i[1], o.i[2], o.i[3], o.i[4] = B, T, D, V, Tmax
+    o.i[5] = bool(flags[0]) | bool(flags[1]) << 1  # bits: dwte's, dwpe's accumulate
     _submit(&o, (dwte, dwpe, dout, ids))
 
 

@@ -20,8 +20,10 @@ import numpy as np
 
 from rustgpt import __version__
 from rustgpt.config import Config, from_dict, to_dict
-from rustgpt.errors import LlmError, SerializationError
+from rustgpt.data import json_kind
+from rustgpt.errors import LlmError, SerializationError, ValidationError
 from rustgpt.fileio import read_bytes, write_atomic
+from rustgpt.metrics import CSV_NAME, JSON_NAME
 from rustgpt.model import LLM, parameter_specs
 from rustgpt.tokenizer import Vocab
 from rustgpt.training import Callback
@@ -32,6 +34,9 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt-(\d{8,})\.safetensors$")
 BEST_NAME = "best.safetensors"
+RUN_FILES = (CSV_NAME, JSON_NAME)  # written beside the checkpoints
+# fileio.write_atomic's temporary files of checkpoints and metrics
+STALE_PATTERNS = (".*.safetensors.*.tmp", ".metrics.*.tmp")
 
 
 @attrs.define
@@ -39,7 +44,9 @@ class Checkpoint:
     """Everything needed to rebuild a model and resume its training exactly.
 
     weights: name -> float32 array (``blocks.0.attn.wq`` ...); optimizer: {"m", "v"} flat
-    (P,) arrays and "t"; trainer: the Trainer's JSON-able state (position, RNG, losses)."""
+    (P,) arrays and "t"; trainer: the Trainer's JSON-able state (position, RNG, losses);
+    model_step: the step (or epoch) a checkpoint without trainer state is from, which
+    names its file in a CheckpointManager."""
 
     weights: dict[str, np.ndarray]
     config: Config
@@ -50,13 +57,23 @@ class Checkpoint:
     timestamp: float = attrs.field(factory=time.time)
     package_version: str = __version__
     format_version: int = FORMAT_VERSION
+    model_step: int = 0
 
     @classmethod
-    def from_model(cls, model: LLM, config: Config, loss: float = math.nan) -> Checkpoint:
-        return cls(model.state_dict(), config, model.vocab, loss=loss)
+    def from_model(cls, model: LLM, config: Config, loss: float = math.nan,
+                   step: int = 0) -> Checkpoint:
+        """The weights of `model` alone (no optimizer or position: it can be loaded and
+        fine-tuned, not resumed), trained with `config` to `loss` after `step` steps (or
+        epochs: the number names the file ``ckpt-<step>`` in a CheckpointManager)."""
+        if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+            raise ValidationError(f"Checkpoint.from_model: step = {step!r}, expected an "
+                                  f"integer >= 0")
+        return cls(model.state_dict(), config, model.vocab, loss=loss, model_step=step)
 
     @classmethod
     def from_trainer(cls, trainer: Trainer, config: Config) -> Checkpoint:
+        """Everything a resume needs: the weights, the optimizer's moments, the trainer's
+        position, RNG and losses (the pending update applied first)."""
         state = trainer.state_dict()
         optimizer = state.pop("optimizer")
         loss = trainer.epoch_loss if math.isfinite(trainer.epoch_loss) else trainer.last_loss
@@ -65,10 +82,12 @@ class Checkpoint:
 
     @property
     def step(self) -> int:
-        return int(self.trainer["position"]["step"]) if self.trainer else 0
+        """The training step of the weights (``model_step`` without trainer state)."""
+        return int(self.trainer["position"]["step"]) if self.trainer else self.model_step
 
     @property
     def phase(self) -> int:
+        """The training phase's index (0 without trainer state)."""
         return int(self.trainer["position"]["phase"]) if self.trainer else 0
 
     def build_model(self) -> LLM:
@@ -78,10 +97,25 @@ class Checkpoint:
         return model
 
     def restore(self, trainer: Trainer) -> None:
-        """Put the weights, optimizer and position into `trainer` (built on the same config)."""
+        """Put the weights, optimizer and position into `trainer` (built on the same config).
+        Raises SerializationError when there is no training state, or its position lies
+        outside the trainer's phases and data."""
         if self.optimizer is None or self.trainer is None:
             raise SerializationError("checkpoint holds no training state to resume from "
                                      "(it was saved from a model, not a trainer)")
+        missing = [k for k in ("rng", "last_loss", "epoch_loss") if k not in self.trainer]
+        if missing:
+            raise SerializationError(f"checkpoint training state lacks {missing}, expected "
+                                     f"the state of a Trainer")
+        position = self.trainer["position"]
+        phase, order = position["phase"], position["order"]
+        if phase > len(trainer.phases):
+            raise SerializationError(f"checkpoint position: phase {phase}, the trainer has "
+                                     f"{len(trainer.phases)} phases")
+        n = len(trainer.phases[phase].sequences) if phase < len(trainer.phases) else 0
+        if order is not None and any(i >= n for i in order):
+            raise SerializationError(f"checkpoint position: the epoch's order holds example "
+                                     f"{max(order)}, the phase has {n} examples")
         trainer.model.load_state_dict(self.weights)
         trainer.load_state_dict({**self.trainer, "optimizer": self.optimizer})
 
@@ -102,7 +136,8 @@ class Checkpoint:
 
     def _metadata(self) -> dict[str, str]:
         state = {"trainer": self.trainer, "loss": self.loss, "timestamp": self.timestamp,
-                 "optimizer_t": None if self.optimizer is None else int(self.optimizer["t"])}
+                 "optimizer_t": None if self.optimizer is None else int(self.optimizer["t"]),
+                 "step": self.model_step}
         return {"format": "rustgpt", "format_version": str(self.format_version),
                 "package_version": self.package_version,
                 "config": json.dumps(to_dict(self.config)),
@@ -110,6 +145,7 @@ class Checkpoint:
                 "state": json.dumps(state, allow_nan=True)}
 
     def to_bytes(self) -> bytes:
+        """The safetensors file's bytes (what save writes)."""
         from safetensors.numpy import save
 
         return save(self._tensors(), metadata=self._metadata())
@@ -121,8 +157,10 @@ class Checkpoint:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Checkpoint:
-        """Read and validate a checkpoint file; raises SerializationError saying what is wrong."""
+    def load(cls, path: str | os.PathLike, allow_non_finite: bool = False) -> Checkpoint:
+        """Read and validate a checkpoint file; raises SerializationError saying what is wrong,
+        also for NaN or infinite values in a tensor unless `allow_non_finite` (to inspect a
+        diverged run's weights)."""
         path = Path(path)
         tensors, meta = _read_safetensors(path)
         try:
@@ -140,17 +178,22 @@ class Checkpoint:
             config = from_dict(json.loads(meta["config"]), f"{path}: config")
             vocab = Vocab.from_dict(json.loads(meta["vocab"]))
             state = json.loads(meta["state"])
-        except (KeyError, json.JSONDecodeError) as err:
+        except (KeyError, json.JSONDecodeError, RecursionError) as err:
             raise SerializationError(f"{path}: damaged metadata ({err!r})") from err
         except LlmError as err:
             raise SerializationError(f"{path}: stored config or vocabulary is invalid: {err}") from err
+        _check_state(path, state)
         weights, moments = {}, {"m": {}, "v": {}}
         for name, arr in tensors.items():
-            if name.startswith("optim."):
-                _, key, pname = name.split(".", 2)
-                moments.setdefault(key, {})[pname] = arr
+            parts = name.split(".", 2)
+            if len(parts) == 3 and parts[0] == "optim" and parts[1] in moments:
+                moments[parts[1]][parts[2]] = arr
             else:
                 weights[name] = arr
+        if config.model.num_layers > len(weights):  # before a table of that many blocks
+            raise SerializationError(f"{path}: weights disagree with the stored config: "
+                                     f"num_layers = {config.model.num_layers}, the file holds "
+                                     f"{len(weights)} weight tensors")
         expected = _expected_shapes(config, vocab)
         _check_shapes(path, "weights", weights, expected)
         optimizer = None
@@ -160,9 +203,18 @@ class Checkpoint:
             optimizer = {key: np.concatenate([moments[key][n].reshape(-1) for n in expected])
                          for key in ("m", "v")}
             optimizer["t"] = int(state["optimizer_t"])
+        if not allow_non_finite:
+            for name, arr in tensors.items():
+                bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
+                if bad:
+                    raise SerializationError(
+                        f"{path}: tensor {name} holds {bad:,} NaN or infinite values of "
+                        f"{arr.size:,}, expected finite numbers (allow_non_finite=True loads "
+                        f"it anyway)")
         return cls({n: weights[n] for n in expected}, config, vocab, optimizer, state["trainer"],
                    float(state["loss"]) if state.get("loss") is not None else math.nan,
-                   float(state.get("timestamp", 0.0)), meta.get("package_version", "?"), version)
+                   float(state.get("timestamp", 0.0)), meta.get("package_version", "?"), version,
+                   state.get("step", 0))
 
     def info(self) -> dict:
         """A summary for `rustgpt-cli info`."""
@@ -170,7 +222,7 @@ class Checkpoint:
         return {"format_version": self.format_version, "package_version": self.package_version,
                 "saved": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.timestamp)),
                 "parameters": int(sum(w.size for w in self.weights.values())),
-                "loss": self.loss, "step": position.get("step", 0),
+                "loss": self.loss, "step": self.step,
                 "phase": position.get("phase"), "epoch": position.get("epoch"),
                 "has_optimizer_state": self.optimizer is not None}
 
@@ -184,7 +236,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]
         tensors = load(raw)
         header_len = int.from_bytes(raw[:8], "little")
         header = json.loads(raw[8:8 + header_len])
-    except (SafetensorError, ValueError, UnicodeDecodeError) as err:
+    except (SafetensorError, ValueError, UnicodeDecodeError, RecursionError) as err:
         raise SerializationError(f"{path}: not a readable safetensors file "
                                  f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
                                  f"truncated or corrupted?") from err
@@ -212,6 +264,75 @@ def _check_shapes(path: Path, what: str, arrays: dict, expected: dict) -> None:
                                      f"the stored config and vocabulary imply {shape}")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_state(path: Path, state) -> None:
+    """The `state` metadata holds what load and Trainer.load_state_dict read, of the types
+    they read: {"trainer": null or {"position": {phase, epoch, batch, step: int >= 0, order:
+    null or [int >= 0]}, and for a resume "rng": a numpy PCG64 state, "last_loss",
+    "epoch_loss": number, "epoch_losses": [number]}, "loss": number or null, "optimizer_t":
+    int in [0, 2**31) or null, "timestamp": number (optional)}. restore() checks that the fields a
+    resume needs are there."""
+    def check(ok: bool, where: str, value, expected: str) -> None:
+        if not ok:
+            container = isinstance(value, (dict, list))
+            found = json_kind(value) if container else json.dumps(value)[:40]
+            raise SerializationError(f"{path}: metadata state{where} is {found}, expected "
+                                     f"{expected}")
+
+    def field(parent: dict, where: str, key: str):
+        if key not in parent:
+            raise SerializationError(f"{path}: metadata state{where} has no {key!r}")
+        return parent[key]
+
+    check(isinstance(state, dict), "", state, "an object")
+    check(state.get("loss") is None or _is_number(state["loss"]), ".loss", state.get("loss"),
+          "a number or null")
+    check(_is_number(state.get("timestamp", 0.0)), ".timestamp", state.get("timestamp"),
+          "a number")
+    check(_is_int(state.get("step", 0)), ".step", state.get("step"), "an integer >= 0")
+    t = state.get("optimizer_t")
+    check(t is None or _is_int(t) and t < 2**31, ".optimizer_t", t,
+          "an integer in [0, 2**31) or null")  # the Adam kernel's step is a C int
+    trainer = field(state, "", "trainer")
+    if trainer is None:
+        return
+    check(isinstance(trainer, dict), ".trainer", trainer, "an object or null")
+    position = field(trainer, ".trainer", "position")
+    check(isinstance(position, dict), ".trainer.position", position, "an object")
+    unknown = sorted(set(position) - {"phase", "epoch", "batch", "step", "order"})
+    if unknown:
+        raise SerializationError(f"{path}: metadata state.trainer.position has unknown "
+                                 f"fields {unknown[:3]}")
+    for key in ("phase", "epoch", "batch", "step"):
+        value = field(position, ".trainer.position", key)
+        check(_is_int(value), f".trainer.position.{key}", value, "an integer >= 0")
+    order = field(position, ".trainer.position", "order")
+    check(order is None or isinstance(order, list) and all(_is_int(i) for i in order),
+          ".trainer.position.order", order, "an array of integers >= 0 or null")
+    for key in ("last_loss", "epoch_loss"):
+        value = trainer.get(key, 0.0)
+        check(_is_number(value), f".trainer.{key}", value, "a number")
+    losses = trainer.get("epoch_losses", [])
+    check(isinstance(losses, list) and all(_is_number(x) for x in losses),
+          ".trainer.epoch_losses", losses, "an array of numbers")
+    if "rng" not in trainer:
+        return
+    rng = trainer["rng"]
+    check(isinstance(rng, dict), ".trainer.rng", rng, "an object")
+    try:
+        np.random.PCG64().state = rng  # the Trainer's generator (default_rng)
+    except (TypeError, ValueError, KeyError, OverflowError) as err:
+        raise SerializationError(f"{path}: metadata state.trainer.rng is not a numpy PCG64 "
+                                 f"state ({err})") from err
+
+
 class CheckpointManager:
     """Checkpoints of one run in `directory`: ``ckpt-<step>.safetensors`` (the newest
     ``max_to_keep`` kept) and ``best.safetensors``, the lowest loss of the latest phase
@@ -224,13 +345,11 @@ class CheckpointManager:
         self.max_to_keep = max_to_keep
 
     def prepare(self, checkpoint_bytes: int = 0) -> None:
-        """Before training starts: create the directory, prove it writable, check it has room
-        for the checkpoints this manager keeps (each about `checkpoint_bytes`, plus one being
-        written), and remove the temporary files of writers that were killed mid-save."""
+        """Before training starts: create the directory, prove it writable, and check it has
+        room for the checkpoints this manager keeps (each about `checkpoint_bytes`, plus one
+        being written)."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            for stale in self.directory.glob(".*.safetensors.*.tmp"):
-                stale.unlink(missing_ok=True)
             probe = tempfile.NamedTemporaryFile(dir=self.directory, prefix=".probe-")
             probe.close()
             free = shutil.disk_usage(self.directory).free
@@ -243,6 +362,29 @@ class CheckpointManager:
                                      f"checkpoints need about {need / 2**20:,.0f} MB "
                                      f"({self.max_to_keep} kept + best + one being written)")
 
+    def run_files(self) -> list[Path]:
+        """The files a run leaves here: step checkpoints, best, metrics."""
+        if not self.directory.is_dir():
+            return []
+        others = [self.directory / name for name in (BEST_NAME, *RUN_FILES)]
+        return self.checkpoints() + [p for p in others if p.is_file()]
+
+    def clear(self) -> None:
+        """Delete run_files() (and only those)."""
+        try:
+            for path in self.run_files():
+                path.unlink(missing_ok=True)
+        except OSError as err:
+            raise SerializationError(f"{self.directory}: cannot delete the previous run's "
+                                     f"files ({err.strerror or err})") from err
+
+    def remove_stale(self) -> None:
+        """Remove the temporary files of writers killed mid-save. Only while holding the
+        directory's lock (fileio.DirectoryLock): a live writer's file is not stale."""
+        for pattern in STALE_PATTERNS:
+            for stale in self.directory.glob(pattern):
+                stale.unlink(missing_ok=True)
+
     def checkpoints(self) -> list[Path]:
         """Step checkpoints, oldest first."""
         if not self.directory.is_dir():
@@ -252,6 +394,7 @@ class CheckpointManager:
         return [p for _, p in sorted(found)]
 
     def latest(self) -> Path | None:
+        """The step checkpoint of the highest step; None if there is none."""
         found = self.checkpoints()
         return found[-1] if found else None
 
@@ -261,8 +404,14 @@ class CheckpointManager:
         return best if best.is_file() else self.latest()
 
     def save(self, checkpoint: Checkpoint) -> Path:
-        """Write ``ckpt-<step>``, update best, prune the oldest beyond max_to_keep."""
-        self.prepare()
+        """Write ``ckpt-<step>`` (``checkpoint.step``: a step number names one file, so a
+        second save at a step replaces the first), update best, prune the oldest beyond
+        max_to_keep."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SerializationError(f"{self.directory}: cannot write checkpoints here "
+                                     f"({err.strerror or err})") from err
         data = checkpoint.to_bytes()
         path = self.directory / f"ckpt-{checkpoint.step:08d}.safetensors"
         write_atomic(path, data)
@@ -299,9 +448,10 @@ class CheckpointManager:
         return path
 
 
-def load(path: str | os.PathLike = "checkpoints") -> LLM:
-    """A ready model from a checkpoint file or directory (its best checkpoint)."""
-    return Checkpoint.load(CheckpointManager.resolve(path)).build_model()
+def load(path: str | os.PathLike = "checkpoints", allow_non_finite: bool = False) -> LLM:
+    """A ready model from a checkpoint file or directory (its best checkpoint); NaN or
+    infinite weights are refused unless `allow_non_finite` (see Checkpoint.load)."""
+    return Checkpoint.load(CheckpointManager.resolve(path), allow_non_finite).build_model()
 
 
 class CheckpointCallback(Callback):

@@ -16,6 +16,7 @@ import attrs
 
 from rustgpt.errors import ArchitectureError, ConfigError
 from rustgpt.fileio import read_bytes
+from rustgpt.resources import max_threads, threads_bound_text
 
 ENV_PREFIX = "LLM_"
 
@@ -40,6 +41,9 @@ _fraction = _check("in [0, 1)", lambda v: 0 <= v < 1)
 
 @attrs.frozen
 class ModelConfig:
+    """[model]: the network's sizes (RustGPT's by default). Raises ArchitectureError when
+    num_heads does not divide embedding_dim, ConfigError for a size below 1."""
+
     embedding_dim: int = _help("width of token vectors (D)", default=128, validator=_positive)
     hidden_dim: int = _help("feed-forward width (H)", default=256, validator=_positive)
     num_layers: int = _help("transformer blocks", default=3, validator=_positive)
@@ -56,6 +60,9 @@ class ModelConfig:
 
 @attrs.frozen
 class TrainingConfig:
+    """[training]: RustGPT's two phases (epochs, learning rates), batching, Adam, the
+    schedule, clipping, seed and threads."""
+
     pretraining_epochs: int = _help("epochs over the pretraining data", default=100,
                                     validator=_non_negative)
     pretraining_lr: float = _help("Adam learning rate while pretraining", default=5e-4,
@@ -83,13 +90,17 @@ class TrainingConfig:
     seed: int = _help("seed of the weights and the shuffling", default=42,
                       validator=_non_negative)
     threads: int = _help("kernel threads; 0 = OMP_NUM_THREADS or the physical cores",
-                         default=0, validator=_non_negative)
+                         default=0, validator=_check(
+                             f"between 0 and {threads_bound_text()}",
+                             lambda v: 0 <= v <= max_threads()))
     adaptive_threads: bool = _help("run steps on one thread while that measures faster "
                                    "than all (a busy shared VM); same results", default=True)
 
 
 @attrs.frozen
 class DataConfig:
+    """[data]: the example files of the two phases, the size limit, long examples."""
+
     pretraining_data: str = _help("pretraining examples, .json or .csv; empty = bundled",
                                   default="")
     chat_training_data: str = _help("instruction-tuning examples, .json or .csv; empty = "
@@ -104,6 +115,8 @@ class DataConfig:
 
 @attrs.frozen
 class GenerationConfig:
+    """[generation]: decoding settings (greedy by default, as RustGPT)."""
+
     max_tokens: int = _help("new tokens at most", default=80, validator=_positive)
     temperature: float = _help("0 = greedy (RustGPT), > 0 samples", default=0.0,
                                validator=_non_negative)
@@ -122,16 +135,22 @@ class GenerationConfig:
 
 @attrs.frozen
 class LoggingConfig:
+    """[logging]: level, text or JSON lines, a log file, TensorBoard."""
+
     level: str = _help("DEBUG, INFO, WARNING or ERROR", default="INFO",
                        validator=_check("DEBUG, INFO, WARNING or ERROR",
                                         lambda v: v.upper() in ("DEBUG", "INFO", "WARNING", "ERROR")))
     format: str = _help("text or json (one JSON object per line)", default="text",
                         validator=_check("text or json", lambda v: v in ("text", "json")))
     file: str = _help("log to this file instead of stderr; empty = stderr", default="")
+    tensorboard: str = _help("also write TensorBoard event files here (needs the "
+                             "tensorboard extra); empty = off", default="")
 
 
 @attrs.frozen
 class CheckpointConfig:
+    """[checkpoint]: where checkpoints go, how many are kept, how often."""
+
     directory: str = _help("where checkpoints are written", default="checkpoints")
     max_to_keep: int = _help("newest checkpoints kept (best is kept apart)", default=5,
                              validator=_positive)
@@ -143,6 +162,8 @@ class CheckpointConfig:
 
 @attrs.frozen
 class Config:
+    """The whole configuration, one attribute per section; see ``load_config``."""
+
     model: ModelConfig = attrs.field(factory=ModelConfig)
     training: TrainingConfig = attrs.field(factory=TrainingConfig)
     data: DataConfig = attrs.field(factory=DataConfig)

@@ -2,6 +2,7 @@
 
 JSON is an array of strings; CSV is one example per row (no header, columns joined with
 ","), as RustGPT reads them. Every problem is a ``DataLoadError`` naming file and item.
+Files are read in pieces: memory holds the examples, not the file's bytes and text as well.
 """
 
 from __future__ import annotations
@@ -11,14 +12,18 @@ import io
 import json
 import logging
 import os
+import re
+from contextlib import contextmanager
+from json.decoder import scanstring
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence, TextIO
 
 import numpy as np
 
 from rustgpt.errors import DataLoadError
-from rustgpt.fileio import read_bytes
+from rustgpt.fileio import read_bytes, reading
 from rustgpt.model import IGNORE_INDEX
+from rustgpt.resources import allocating
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +31,7 @@ CORPUS = Path(__file__).parent / "corpus"
 BUNDLED_PRETRAINING = CORPUS / "pretraining.json"  # the default data, shipped in the package
 BUNDLED_CHAT = CORPUS / "chat.json"
 MAX_FILE_BYTES = 256 * 1024 * 1024  # larger files are refused, not read into memory
+CHUNK_CHARS = 1 << 20  # characters read at a time
 
 
 def _read_text(path: Path, max_bytes: int) -> str:
@@ -38,6 +44,89 @@ def _read_text(path: Path, max_bytes: int) -> str:
                             f"offset {err.start})") from err
 
 
+@contextmanager
+def _loading(path: Path, max_bytes: int) -> Iterator[TextIO]:
+    """`path` open as UTF-8 text (a BOM skipped, line ends kept) for the block. Raises
+    DataLoadError: for the file (fileio.reading), for bytes that are not UTF-8 (naming the
+    line and offset of the first), and when memory runs out."""
+    try:
+        with allocating(f"{path}: loading", DataLoadError), \
+                reading(path, DataLoadError, max_bytes) as f, \
+                io.TextIOWrapper(f, encoding="utf-8-sig", newline="") as text:
+            yield text
+    except UnicodeDecodeError:
+        _read_text(path, max_bytes)  # raises, naming the line and offset a piece cannot
+        raise
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")
+# items without escapes or control characters (their text is their value), each followed by
+# its comma: the common case, taken a run at a time by the regular expression engine
+_PLAIN_RUN = re.compile(r'(?:[ \t\n\r]*"[^"\\\x00-\x1f]*"[ \t\n\r]*,)+')
+_PLAIN = re.compile(r'"([^"\\\x00-\x1f]*)"')
+
+
+class _Scanner:
+    """A text read in pieces of CHUNK_CHARS: ``buf[pos:]`` is what is not consumed yet."""
+
+    def __init__(self, text: TextIO) -> None:
+        self.text, self.buf, self.pos = text, "", 0
+
+    def more(self, size: int = 0) -> bool:
+        """Append up to `size` (or CHUNK_CHARS) characters to what is left; False at the end
+        of the text."""
+        piece = self.text.read(size or CHUNK_CHARS)
+        self.buf, self.pos = self.buf[self.pos:] + piece, 0
+        return bool(piece)
+
+    def peek(self) -> str:
+        """The next character that is not JSON whitespace, not consumed ('' at the end)."""
+        while True:
+            self.pos = _SPACE.match(self.buf, self.pos).end()
+            if self.pos < len(self.buf) or not self.more():
+                return self.buf[self.pos:self.pos + 1]
+
+    def string(self) -> str | None:
+        """The JSON string that starts at pos (a '"'), consumed; None if malformed."""
+        size = CHUNK_CHARS
+        while True:
+            try:
+                value, self.pos = scanstring(self.buf, self.pos + 1)  # json.loads' own
+                return value
+            except json.JSONDecodeError:  # unterminated in this piece, or malformed
+                if not self.more(size):
+                    return None
+                size *= 2  # a long string: growing pieces keep its rescans linear
+
+
+def _json_strings(text: TextIO) -> list[str] | None:
+    """The strings of a JSON array of strings, read from `text` in pieces; None when the
+    text is anything else (the caller then parses it whole to say what)."""
+    scan = _Scanner(text)
+    if scan.peek() != "[":
+        return None
+    scan.pos += 1
+    items = []
+    if scan.peek() == "]":
+        scan.pos += 1
+    else:
+        while True:
+            run = _PLAIN_RUN.match(scan.buf, scan.pos)
+            if run:
+                items.extend(_PLAIN.findall(scan.buf, run.start(), run.end()))
+                scan.pos = run.end()
+            if scan.peek() != '"' or (item := scan.string()) is None:
+                return None
+            items.append(item)
+            after = scan.peek()
+            scan.pos += 1
+            if after == "]":
+                break
+            if after != ",":
+                return None
+    return items if scan.peek() == "" else None
+
+
 class Dataset:
     """A list of training examples (strings), e.g. ``"User: hi Assistant: hello </s>"``."""
 
@@ -46,7 +135,8 @@ class Dataset:
             raise DataLoadError(f"{source}: no examples, expected at least one")
         for i, example in enumerate(examples):
             if not isinstance(example, str):
-                raise DataLoadError(f"{source}: item {i} is {_kind(example)}, expected a string")
+                raise DataLoadError(f"{source}: item {i} is {json_kind(example)}, expected a "
+                                    f"string")
             if not example.strip():
                 raise DataLoadError(f"{source}: item {i} is an empty string")
         self.examples = list(examples)
@@ -72,34 +162,43 @@ class Dataset:
 
     @classmethod
     def load_json(cls, path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> Dataset:
-        """A JSON array of strings."""
+        """A JSON array of strings. Read string by string; a file that is anything else
+        (malformed, other items, not UTF-8) is then parsed whole for a message naming the
+        line and column or the item."""
         path = Path(path)
-        text = _read_text(path, max_bytes)
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataLoadError(f"{path}: line {err.lineno} column {err.colno}: malformed "
-                                f"JSON ({err.msg})") from err
-        if not isinstance(data, list):
-            raise DataLoadError(f"{path}: top level is {_kind(data)}, expected an array of strings")
-        return cls(data, str(path))
+        with _loading(path, max_bytes) as text:
+            examples = _json_strings(text)
+        if examples is None:
+            text = _read_text(path, max_bytes)
+            try:
+                examples = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise DataLoadError(f"{path}: line {err.lineno} column {err.colno}: malformed "
+                                    f"JSON ({err.msg})") from err
+            except RecursionError as err:
+                raise DataLoadError(f"{path}: JSON nested too deeply to parse, expected an "
+                                    f"array of strings") from err
+            if not isinstance(examples, list):
+                raise DataLoadError(f"{path}: top level is {json_kind(examples)}, expected an "
+                                    f"array of strings")
+        return cls(examples, str(path))
 
     @classmethod
     def load_csv(cls, path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> Dataset:
         """One example per row, no header; a row's columns are joined with ","."""
         path = Path(path)
-        text = _read_text(path, max_bytes)
         examples, width = [], None
         try:
-            for row in csv.reader(io.StringIO(text, newline="")):
-                if not row:
-                    continue
-                if width is None:
-                    width = len(row)
-                elif len(row) != width:
-                    raise DataLoadError(f"{path}: line {len(examples) + 1}: {len(row)} columns, "
-                                        f"expected {width} like the first row")
-                examples.append(",".join(row))
+            with _loading(path, max_bytes) as text:
+                for row in csv.reader(text):
+                    if not row:
+                        continue
+                    if width is None:
+                        width = len(row)
+                    elif len(row) != width:
+                        raise DataLoadError(f"{path}: line {len(examples) + 1}: {len(row)} "
+                                            f"columns, expected {width} like the first row")
+                    examples.append(",".join(row))
         except csv.Error as err:
             raise DataLoadError(f"{path}: malformed CSV ({err})") from err
         return cls(examples, str(path))
@@ -164,7 +263,8 @@ def make_batch(sequences: Sequence[np.ndarray], pad_id: int = 0) -> tuple[np.nda
     return inputs, targets
 
 
-def _kind(value) -> str:
+def json_kind(value) -> str:
+    """What a decoded JSON value is, for messages: "an object", "a number", ..."""
     names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
              type(None): "null", int: "a number", float: "a number"}
     return names.get(type(value), type(value).__name__)

@@ -8,11 +8,14 @@ decoding state (cache, generator) belongs to the call, never to the model.
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from rustgpt.errors import ValidationError
+from rustgpt.model import check_seed
+from rustgpt.resources import allocating, check_memory
 
 if TYPE_CHECKING:
     from rustgpt.model import LLM
@@ -83,22 +86,46 @@ def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.
 
 # ---- the decoding loops ---------------------------------------------------------------------
 
-def _check_options(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, beam_width):
+def _integer(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _real(value) -> bool:
+    """A finite real number (not a bool)."""
+    return (isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, bool) and math.isfinite(value))
+
+
+def _check_options(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, beam_width,
+                   seed=None, rng=None, length_penalty=1.0):
     rules = [
-        (max_tokens, max_tokens is not None and max_tokens >= 1, "max_tokens", ">= 1"),
-        (temperature, temperature >= 0, "temperature", ">= 0 (0 = greedy)"),
-        (top_k, top_k >= 0, "top_k", ">= 0 (0 = off)"),
-        (top_p, 0 < top_p <= 1, "top_p", "in (0, 1]"),
-        (min_p, 0 <= min_p < 1, "min_p", "in [0, 1)"),
-        (repetition_penalty, repetition_penalty > 0, "repetition_penalty", "> 0"),
-        (beam_width, beam_width >= 1, "beam_width", ">= 1"),
+        (max_tokens, _integer(max_tokens) and max_tokens >= 1, "max_tokens", "an integer >= 1"),
+        (temperature, _real(temperature) and temperature >= 0, "temperature",
+         "a number >= 0 (0 = greedy)"),
+        (top_k, _integer(top_k) and top_k >= 0, "top_k", "an integer >= 0 (0 = off)"),
+        (top_p, _real(top_p) and 0 < top_p <= 1, "top_p", "a number in (0, 1]"),
+        (min_p, _real(min_p) and 0 <= min_p < 1, "min_p", "a number in [0, 1)"),
+        (repetition_penalty, _real(repetition_penalty) and repetition_penalty > 0,
+         "repetition_penalty", "a finite number > 0"),
+        (beam_width, _integer(beam_width) and beam_width >= 1, "beam_width", "an integer >= 1"),
+        (length_penalty, _real(length_penalty), "length_penalty", "a finite number"),
+        (rng, rng is None or isinstance(rng, np.random.Generator), "rng",
+         "a numpy.random.Generator or None"),
     ]
     for value, ok, name, rule in rules:
         if not ok:
             raise ValidationError(f"generate: {name} = {value!r}, expected {rule}")
+    if seed is not None:
+        check_seed(seed, "generate")
     if beam_width > 1 and temperature > 0:
         raise ValidationError("generate: beam search is deterministic, use temperature = 0 "
                               "with beam_width > 1")
+
+
+def _check_memory(model: LLM, batch: int, prompt_len: int, extra: int, what: str) -> None:
+    """Refuse decoding that needs more memory than is available: the KV cache and the
+    prompt's activations (model.decoding_bytes), plus `extra` bytes."""
+    check_memory(model.decoding_bytes(batch, prompt_len) + extra, f"generate: {what} needs")
 
 
 def _prompt_ids(model: LLM, prompt: str, raw: bool) -> list[int]:
@@ -122,10 +149,20 @@ def stream(model: LLM, prompt: str, *, max_tokens: int | None = None, temperatur
     `max_tokens` new tokens or at max_seq_len. ``use_cache=False`` recomputes the whole
     prefix each step (the reference the cache is tested against)."""
     budget = model.config.max_seq_len if max_tokens is None else max_tokens
-    _check_options(budget, temperature, top_k, top_p, min_p, repetition_penalty, 1)
+    _check_options(budget, temperature, top_k, top_p, min_p, repetition_penalty, 1, seed, rng)
     rng = rng if rng is not None else np.random.default_rng(seed)
     ids = _prompt_ids(model, prompt, raw)
     budget = min(budget, model.config.max_seq_len - len(ids))
+    if use_cache:
+        _check_memory(model, 1, len(ids), 0, "decoding")
+    with allocating("generate: decoding"):
+        yield from _stream(model, ids, budget, rng, temperature, top_k, top_p, min_p,
+                           repetition_penalty, use_cache)
+
+
+def _stream(model: LLM, ids: list[int], budget: int, rng: np.random.Generator,
+            temperature: float, top_k: int, top_p: float, min_p: float,
+            repetition_penalty: float, use_cache: bool) -> Iterator[str]:
     cache = model.new_cache(1) if use_cache else None
     logits = model.prefill(cache, [ids])[0] if use_cache else model.forward([ids])[0, -1]
     new: list[int] = []
@@ -149,10 +186,23 @@ def beam_search(model: LLM, prompt: str, *, beam_width: int = 4, max_tokens: int
     """Token ids of the best of `beam_width` beams, scored by summed log-probability divided
     by length**length_penalty (finished beams include their </s>)."""
     budget = model.config.max_seq_len if max_tokens is None else max_tokens
-    _check_options(budget, 0.0, 0, 1.0, 0.0, 1.0, beam_width)
+    _check_options(budget, 0.0, 0, 1.0, 0.0, 1.0, beam_width, length_penalty=length_penalty)
     ids = _prompt_ids(model, prompt, raw)
     budget = min(budget, model.config.max_seq_len - len(ids))
-    W, eos = beam_width, model.vocab.eos_id
+    # besides the cache: a copy of its keys or values while beams are reordered, and each
+    # step's scores, (W, V) float64: log-probabilities, candidates, their order and sort
+    W = beam_width
+    c = model.config
+    reorder = 4 * c.num_layers * W * c.max_seq_len * c.embedding_dim
+    _check_memory(model, W, len(ids), reorder + 5 * 8 * W * model.vocab.size,
+                  f"beam_width = {W}")
+    with allocating(f"generate: beam_width = {W}"):
+        return _beam_search(model, ids, W, budget, length_penalty)
+
+
+def _beam_search(model: LLM, ids: list[int], W: int, budget: int,
+                 length_penalty: float) -> list[int]:
+    eos = model.vocab.eos_id
     cache = model.new_cache(W)
     logits = model.prefill(cache, [ids] * W)
     beams: list[list[int]] = [[] for _ in range(W)]
@@ -202,9 +252,10 @@ def generate(model: LLM, prompt: str, *, max_tokens: int | None = None, temperat
     """The model's answer to `prompt` (prefixed with "User: " unless `raw`), without </s>.
 
     Greedy by default (RustGPT); temperature > 0 samples, filtered by top_k / top_p / min_p;
-    beam_width > 1 runs beam search. Raises ValidationError for out-of-range options."""
+    beam_width > 1 runs beam search. Raises ValidationError for options of the wrong type or
+    out of range, and for decoding that needs more memory than is available."""
     _check_options(1 if max_tokens is None else max_tokens, temperature, top_k, top_p, min_p,
-                   repetition_penalty, beam_width)
+                   repetition_penalty, beam_width, seed, rng)
     if beam_width > 1:
         return model.vocab.decode(beam_search(model, prompt, beam_width=beam_width,
                                               max_tokens=max_tokens, raw=raw))

@@ -77,6 +77,7 @@ class Workspace:
         return buf
 
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 array of `shape` for `name`, its contents left from earlier use."""
         view = self._views.get((name, shape))
         if view is not None:
             return view
@@ -106,6 +107,7 @@ class Module:
         self._params[name] = (tuple(shape), init, value)
 
     def child(self, name: str, module: Module) -> Module:
+        """Add `module` under `name` (its parameters are named ``name.<param>``)."""
         self._children[name] = module
         return module
 
@@ -130,6 +132,7 @@ class Module:
         return sum(math.prod(shape) for _, shape, _, _ in self.named_specs())
 
     def key(self, name: str) -> str:
+        """A workspace name for this layer's `name` buffer (unique across layers)."""
         return f"{self.path}.{name}"
 
 
@@ -183,6 +186,8 @@ class Embeddings(Module):
 
     def backward(self, ws: Workspace, ids: np.ndarray, dout: np.ndarray,
                  accumulate: bool = True) -> None:
+        """Scatter-add dout (B, T, D) into the token and position gradients (overwrite
+        them when not `accumulate`)."""
         K.embedding_backward(self.dtoken, self.dposition, dout, ids, accumulate)
 
 
@@ -267,6 +272,8 @@ class FeedForward(Module):
 
     def backward(self, ws: Workspace, x: np.ndarray, dout: np.ndarray,
                  accumulate: bool = True) -> np.ndarray:
+        """dx (B, T, D) for dout (B, T, D) at input x; adds into dw1, db1, dw2, db2
+        (overwrites them when not `accumulate`)."""
         x2, dout2 = _rows(x), _rows(dout)
         N, H = x2.shape[0], self.w1.shape[1]
         h = ws.get(self.key("h"), (N, H))
@@ -303,6 +310,8 @@ class LayerNorm(Module):
 
     def backward(self, ws: Workspace, x: np.ndarray, dout: np.ndarray,
                  accumulate: bool = True) -> np.ndarray:
+        """dx (B, T, D) for dout at input x, from the mean and rstd the forward saved; adds
+        into dgamma, dbeta (overwrites them when not `accumulate`)."""
         x2 = _rows(x)
         N = x2.shape[0]
         mean, rstd = ws.get(self.key("mean"), (N,)), ws.get(self.key("rstd"), (N,))
@@ -337,6 +346,8 @@ class TransformerBlock(Module):
 
     def backward(self, ws: Workspace, x: np.ndarray, dout: np.ndarray,
                  accumulate: bool = True) -> np.ndarray:
+        """dx (B, T, D) for dout at the block's input x, through both sub-layers and their
+        norms; the parameters' gradients as the sub-layers' backward."""
         r1, r2 = ws.get(self.key("r1"), x.shape), ws.get(self.key("r2"), x.shape)
         x1 = ws.get(self.ln1.key("out"), x.shape)
         dr2 = self.ln2.backward(ws, r2, dout, accumulate)
@@ -365,6 +376,8 @@ class OutputProjection(Module):
 
     def backward(self, ws: Workspace, x: np.ndarray, dlogits: np.ndarray,
                  accumulate: bool = True) -> np.ndarray:
+        """dx (B, T, D) for dlogits (B, T, V) at input x; adds into dw, db (overwrites them
+        when not `accumulate`)."""
         x2, dl2 = _rows(x), _rows(dlogits)
         K.sgemm(self.dw, x2, dl2, trans_a=True, accumulate=accumulate)
         K.colsum(self.db, dl2, accumulate)

@@ -19,6 +19,7 @@ from rustgpt.training import Callback, Trainer
 log = logging.getLogger(__name__)
 
 FIELDS = ("step", "phase", "loss", "grad_norm", "lr", "tokens_per_s", "accuracy")
+CSV_NAME, JSON_NAME = "metrics.csv", "metrics.json"  # MetricsCallback's files in a run's directory
 _SPIKE_RATIO = 10.0  # a norm this many times the running average is a spike ...
 _SPIKE_AFTER = 10    # ... once this many norms make the average meaningful
 
@@ -122,6 +123,7 @@ class Metrics:
         return _mean(_tail(self._series("loss"), last_n))
 
     def latest_loss(self) -> float | None:
+        """The last recorded loss; None if none."""
         losses = self._series("loss")
         return losses[-1] if losses else None
 
@@ -157,20 +159,22 @@ class Metrics:
 
     # ---- files ------------------------------------------------------------------------------
 
-    def to_csv(self, path: str | os.PathLike) -> None:
-        """Write one row per step, columns FIELDS, an empty cell where a value is missing.
-        Atomic; raises SerializationError if the file cannot be written."""
+    def to_csv(self, path: str | os.PathLike | None = None) -> str | None:
+        """One row per step, columns FIELDS, an empty cell where a value is missing: written
+        to `path` (atomically; SerializationError if it cannot be), or returned as text when
+        no path is given."""
         out = io.StringIO(newline="")
         writer = csv.writer(out)  # writes None as an empty cell
         writer.writerow(FIELDS)
         writer.writerows([row[k] for k in FIELDS] for row in self._rows.values())
-        write_atomic(path, out.getvalue().encode("utf-8"))
+        return _write_or_return(out.getvalue(), path)
 
-    def to_json(self, path: str | os.PathLike) -> None:
-        """Write {"steps": [row, ...], "summary": {...}}, missing values as null.
-        Atomic; raises SerializationError if the file cannot be written."""
+    def to_json(self, path: str | os.PathLike | None = None) -> str | None:
+        """{"steps": [row, ...], "summary": {...}}, missing values as null: written to `path`
+        (atomically; SerializationError if it cannot be), or returned as text when no path
+        is given."""
         data = {"steps": list(self._rows.values()), "summary": self.summary()}
-        write_atomic(path, json.dumps(data).encode("utf-8"))
+        return _write_or_return(json.dumps(data), path)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> Metrics:
@@ -214,13 +218,16 @@ class MetricsCallback(Callback):
         self.every_epochs = every_epochs
 
     def on_step(self, trainer: Trainer, record: dict) -> None:
+        """Record the step."""
         self.metrics.record_step(record)
 
     def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
+        """Write the files when the epoch is due (see the class docstring)."""
         if trainer.epochs_due(self.every_epochs):
             self.write()
 
     def on_train_end(self, trainer: Trainer) -> None:
+        """Write the files."""
         self.write()
 
     def write(self) -> None:
@@ -230,8 +237,15 @@ class MetricsCallback(Callback):
         except OSError as err:
             raise SerializationError(
                 f"{self.out_dir}: cannot create directory ({err.strerror or err})") from err
-        self.metrics.to_csv(self.out_dir / "metrics.csv")
-        self.metrics.to_json(self.out_dir / "metrics.json")
+        self.metrics.to_csv(self.out_dir / CSV_NAME)
+        self.metrics.to_json(self.out_dir / JSON_NAME)
+
+
+def _write_or_return(text: str, path: str | os.PathLike | None) -> str | None:
+    if path is None:
+        return text
+    write_atomic(path, text.encode("utf-8"))
+    return None
 
 
 def _tail(values: list[float], last_n: int | None) -> list[float]:

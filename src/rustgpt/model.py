@@ -7,12 +7,19 @@ for generation; the parameter table, named state and description.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from rustgpt import _kernels as K
-from rustgpt.errors import ShapeMismatch, TokenError, TrainingError, ValidationError
+from rustgpt.errors import (
+    ArchitectureError,
+    ShapeMismatch,
+    TokenError,
+    TrainingError,
+    ValidationError,
+)
 from rustgpt.layers import (
     Embeddings,
     FlatParameters,
@@ -22,6 +29,7 @@ from rustgpt.layers import (
     Workspace,
     _rows,
 )
+from rustgpt.resources import allocating, check_memory
 from rustgpt.threads import StepThreads
 
 if TYPE_CHECKING:
@@ -58,11 +66,19 @@ def _out_of_vocab(name: str, bad, V: int) -> TokenError:
     return TokenError(f"{name} holds token id {bad}, expected ids in [0, {V})")
 
 
-def _build_layers(root: Module, config: ModelConfig, vocab_size: int) -> None:
-    """The layer tree under `root`: embeddings, blocks.0 .. blocks.L-1, output."""
+def check_seed(seed, where: str) -> None:
+    """A seed is an integer >= 0 (numpy's rule), else a ValidationError naming `where`."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValidationError(f"{where}: seed = {seed!r}, expected an integer >= 0")
+
+
+def _build_layers(root: Module, config: ModelConfig, vocab_size: int,
+                  num_layers: int | None = None) -> None:
+    """The layer tree under `root`: embeddings, blocks.0 .. blocks.L-1, output (L =
+    `num_layers`, else the config's)."""
     D = config.embedding_dim
     root.child("embeddings", Embeddings(vocab_size, D, config.max_seq_len))
-    for i in range(config.num_layers):
+    for i in range(config.num_layers if num_layers is None else num_layers):
         root.child(f"blocks.{i}", TransformerBlock(D, config.hidden_dim, config.num_heads))
     root.child("output", OutputProjection(D, vocab_size))
 
@@ -72,6 +88,26 @@ def parameter_specs(config: ModelConfig, vocab_size: int) -> list[tuple[str, tup
     root = Module()
     _build_layers(root, config, vocab_size)
     return list(root.named_specs())
+
+
+def parameter_count(config: ModelConfig, vocab_size: int) -> int:
+    """P of a model, without building its L blocks: they are alike, so one is counted."""
+    root = Module()
+    _build_layers(root, config, vocab_size, num_layers=1)
+    block = root._children["blocks.0"].parameters()
+    return root.parameters() + (config.num_layers - 1) * block
+
+
+def activation_bytes(config: ModelConfig, vocab_size: int, B: int, T: int) -> int:
+    """Bytes of a training step's activations on (B, T) tokens, a little above what its
+    workspace holds. Per token, float32: each block's q, k, v, attention output, norm and
+    feed-forward outputs, residuals and their gradients (16 D + 2 H), norm statistics (4)
+    and attention weights (NH T); the weights' gradient scratch (NH T), the embeddings'
+    output and the last input gradient (2 D), the logits (V), loss and hit (2)."""
+    D, H, NH = config.embedding_dim, config.hidden_dim, config.num_heads
+    per_token = (config.num_layers * (16 * D + 2 * H + 4 + NH * T) + NH * T + 2 * D
+                 + vocab_size + 2)
+    return 4 * B * T * per_token
 
 
 class KVCache:
@@ -103,7 +139,18 @@ class LLM(Module):
     """
 
     def __init__(self, config: ModelConfig, vocab: Vocab, seed: int = 0) -> None:
+        """Raises ValidationError for a bad seed and ArchitectureError, before allocating,
+        for a model whose parameters, gradients and Adam moments (4 float32 copies) need
+        more than the memory available."""
         super().__init__()
+        check_seed(seed, "LLM")
+        c = config
+        P = parameter_count(c, vocab.size)
+        what = (f"[model] embedding_dim = {c.embedding_dim}, hidden_dim = {c.hidden_dim}, "
+                f"num_layers = {c.num_layers}, max_seq_len = {c.max_seq_len} with a vocabulary "
+                f"of {vocab.size}: {P:,} parameters")
+        check_memory(4 * 4 * P, f"{what}, their gradients and Adam moments need",
+                     ArchitectureError)
         self.config = config
         self.vocab = vocab
         _build_layers(self, config, vocab.size)
@@ -111,14 +158,17 @@ class LLM(Module):
         self.blocks: list[TransformerBlock] = [self._children[f"blocks.{i}"]
                                                for i in range(config.num_layers)]
         self.output: OutputProjection = self._children["output"]
-        self.params = FlatParameters(list(self.named_specs()))
+        with allocating(what, ArchitectureError):
+            self.params = FlatParameters(list(self.named_specs()))
         self.bind(self.params)
         self.params.initialize(np.random.default_rng(seed))
         self.workspace = Workspace()  # training activations
+        self._activations = 0  # bytes of the largest step checked: the workspace holds them
         # recorded training steps: (B, T, targets) -> (plan, its ids, its targets, losses)
         self._plans: dict[tuple[int, int, int], tuple] = {}
         self._plans_generation = -1  # the workspace generation the plans were recorded in
         self.plans_recorded = 0  # training steps run layer by layer and recorded so far
+        self.last_correct = 0  # targets the latest loss_and_backward predicted right
         self.step_threads = StepThreads()  # train_step's choice of 1 or all threads
         self._deferred: Adam | None = None  # whose pending step the next forward applies
 
@@ -166,7 +216,23 @@ class LLM(Module):
     def forward(self, ids) -> np.ndarray:
         """Logits (B, T, V) for token ids (B, T) (or (T,), giving (1, T, V)); a new array."""
         self.settle()
-        return self._forward(Workspace(), self._ids(ids))[0].copy()
+        ids = self._ids(ids)
+        with self._activations_of(*ids.shape, training=False):
+            return self._forward(Workspace(), ids)[0].copy()
+
+    @contextmanager
+    def _activations_of(self, B: int, T: int, training: bool) -> Iterator[None]:
+        """Around a pass over (B, T) tokens: refuse it up front when its activations need
+        more memory than is available (besides what the training workspace holds already,
+        for a training step), and turn a failed allocation into a ValidationError too."""
+        need = activation_bytes(self.config, self.vocab.size, B, T)
+        held = self._activations if training else 0  # the workspace only grows
+        what = f"LLM: the activations of a batch of {B} x {T} tokens"
+        check_memory(need - held, f"{what} need")
+        if training:
+            self._activations = max(held, need)
+        with allocating(what):
+            yield
 
     def settle(self) -> None:
         """Apply the Adam step ``train_step(..., defer=True)`` left pending, if any. Every
@@ -180,7 +246,8 @@ class LLM(Module):
 
         inputs, targets: (B, T); targets equal to IGNORE_INDEX (-1) are padding. Overwrites
         ``params.grad`` with d(loss)/d(params) (every layer writes its gradients over the old
-        ones, so no zeroing pass is needed). Returns the loss.
+        ones, so no zeroing pass is needed). Returns the loss; ``last_correct`` is then the
+        number of targets whose logit was the largest (next-token accuracy's numerator).
 
         The first step of each (B, T, number of targets) runs layer by layer and is recorded
         as a kernel plan (``_kernels.Plan``); later steps of that shape copy their ids into
@@ -210,17 +277,18 @@ class LLM(Module):
         if entry is None:
             self.settle()
             plan, ids, tgt = K.Plan(), ids.copy(), tgt.copy()  # the plan's own inputs
-            with plan:
-                losses, forward = self._loss_and_backward(self.workspace, ids, tgt, count,
-                                                          plan)
+            with self._activations_of(*ids.shape, training=True), plan:
+                losses, hits, forward = self._loss_and_backward(self.workspace, ids, tgt,
+                                                                count, plan)
             ws = self.workspace
             if ws.generation != self._plans_generation or len(self._plans) >= MAX_PLANS:
                 self._plans.clear()  # plans over replaced buffers would keep those alive
                 self._plans_generation = ws.generation
-            self._plans[key] = plan, ids, tgt, losses, forward
+            self._plans[key] = plan, ids, tgt, losses, hits, forward
             self.plans_recorded += 1
+            sum_squares = None
         else:
-            plan, plan_ids, plan_tgt, losses, forward = entry
+            plan, plan_ids, plan_tgt, losses, hits, forward = entry
             plan_ids[...] = ids
             plan_tgt[...] = tgt
             small = ids.size <= SMALL_STEP_TOKENS
@@ -231,25 +299,27 @@ class LLM(Module):
                                    self.params.grad if norm else None)
             if deferred is not None:
                 deferred.pending = self._deferred = None
-            return float(losses.sum(dtype=np.float64) / count), sum_squares
-        return float(losses.sum(dtype=np.float64) / count), None
+        self.last_correct = int(np.count_nonzero(hits))
+        return float(losses.sum(dtype=np.float64) / count), sum_squares
 
     def _loss_and_backward(self, ws: Workspace, ids: np.ndarray, tgt: np.ndarray,
-                           count: int, plan: K.Plan) -> tuple[np.ndarray, int]:
+                           count: int, plan: K.Plan) -> tuple[np.ndarray, np.ndarray, int]:
         """Forward, loss and backward as kernel calls, recorded into `plan`; the
-        per-position losses (B*T,) and the number of calls the forward made."""
+        per-position losses (B*T,) and hits (B*T,) (1 where the prediction was right), and
+        the number of calls the forward made."""
         logits, xs = self._forward(ws, ids)
         forward = len(plan)
         B, T, V = logits.shape
         losses = ws.get("losses", (B * T,))
+        hits = ws.get("hits", (B * T,)).view(np.intc)  # the float32 scratch, as int32
         # dlogits overwrite the logits in place: (softmax - onehot) / count
-        K.crossentropy_forward_backward(losses, _rows(logits), _rows(logits), tgt.reshape(-1),
-                                        IGNORE_INDEX, 1.0 / count)
+        K.crossentropy_forward_backward(losses, _rows(logits), hits, _rows(logits),
+                                        tgt.reshape(-1), IGNORE_INDEX, 1.0 / count)
         dx = self.output.backward(ws, xs[-1], logits, accumulate=False)
         for block, x in zip(reversed(self.blocks), reversed(xs[:-1])):
             dx = block.backward(ws, x, dx, accumulate=False)
         self.embeddings.backward(ws, ids, dx, accumulate=False)
-        return losses, forward
+        return losses, hits, forward
 
     def loss(self, inputs, targets) -> tuple[float, int, int]:
         """(summed loss, number of targets, number predicted correctly) without gradients."""
@@ -259,12 +329,13 @@ class LLM(Module):
             raise ShapeMismatch("targets", ids.shape, tgt.shape)
         tgt = self._in_vocab(tgt.reshape(ids.shape), "targets", IGNORE_INDEX)[0]
         self.settle()
-        logits = self._forward(Workspace(), ids)[0]
+        with self._activations_of(*ids.shape, training=False):
+            logits = self._forward(Workspace(), ids)[0]
         losses = np.empty(tgt.size, np.float32)
-        K.crossentropy_forward(losses, _rows(logits), tgt.reshape(-1), IGNORE_INDEX)
-        keep = tgt != IGNORE_INDEX
-        correct = int(np.count_nonzero((logits.argmax(-1) == tgt) & keep))
-        return float(losses.sum(dtype=np.float64)), int(keep.sum()), correct
+        hits = np.empty(tgt.size, np.intc)
+        K.crossentropy_forward(losses, hits, _rows(logits), tgt.reshape(-1), IGNORE_INDEX)
+        count = int(np.count_nonzero(tgt != IGNORE_INDEX))
+        return float(losses.sum(dtype=np.float64)), count, int(np.count_nonzero(hits))
 
     def grad_norm(self) -> float:
         """Global L2 norm of the gradient buffer."""
@@ -306,7 +377,15 @@ class LLM(Module):
 
     def new_cache(self, batch: int = 1) -> KVCache:
         c = self.config
-        return KVCache(c.num_layers, batch, c.max_seq_len, c.embedding_dim)
+        with allocating(f"LLM: a KV cache of {batch} x {c.max_seq_len} positions"):
+            return KVCache(c.num_layers, batch, c.max_seq_len, c.embedding_dim)
+
+    def decoding_bytes(self, batch: int, prompt_len: int) -> int:
+        """Bytes that decoding `batch` rows of a `prompt_len`-token prompt needs, about: the
+        KV cache (2 L B T_max D float32) and the prompt's activations."""
+        c = self.config
+        cache = 2 * 4 * c.num_layers * batch * c.max_seq_len * c.embedding_dim
+        return cache + activation_bytes(c, self.vocab.size, batch, prompt_len)
 
     def prefill(self, cache: KVCache, ids) -> np.ndarray:
         """Run the prompt ids (B, T) through the model, filling cache rows 0..T-1.

@@ -72,10 +72,14 @@ class Adam:
             self.pending = None
 
     def state_dict(self) -> dict:
+        """Copies of the moments m, v (P,) and the step count t (a pending step applied
+        first)."""
         self.settle()
         return {"m": self.m.copy(), "v": self.v.copy(), "t": self.t}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a state_dict; raises ValidationError if m or v do not match the
+        parameters' shape."""
         self.settle()
         for key in ("m", "v"):
             arr = np.asarray(state[key], np.float32)

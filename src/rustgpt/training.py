@@ -59,20 +59,28 @@ def rustgpt_phases(config: TrainingConfig, vocab, max_seq_len: int, pretraining:
 
 
 class Callback:
-    """Hooks the trainer calls; override what you need. ``record`` is a dict of metrics.
+    """Hooks the trainer calls; override what you need. ``record`` is a dict of metrics:
+    per step phase, epoch (counted from 1), step, loss, accuracy (the share of targets
+    predicted right), grad_norm, lr, tokens and tokens_per_s; per epoch phase, epoch,
+    step, loss (the epoch's mean) and tokens_per_s.
 
     In ``on_step`` the step's Adam update may still be pending (it runs beside the next
     step's forward): the model's methods and ``trainer.state_dict()`` apply it first, but
     code reading ``model.params`` directly should call ``trainer.model.settle()``. The
     other hooks see it applied."""
 
-    def on_step(self, trainer: Trainer, record: dict) -> None: ...
+    def on_step(self, trainer: Trainer, record: dict) -> None:
+        """After each training step, with the step's record."""
 
-    def on_epoch_end(self, trainer: Trainer, record: dict) -> None: ...
+    def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
+        """After each epoch, with the epoch's record (``trainer.epochs_due`` tells whether a
+        periodic save is due)."""
 
-    def on_phase_end(self, trainer: Trainer, phase: Phase) -> None: ...
+    def on_phase_end(self, trainer: Trainer, phase: Phase) -> None:
+        """After the last epoch of `phase`."""
 
-    def on_train_end(self, trainer: Trainer) -> None: ...
+    def on_train_end(self, trainer: Trainer) -> None:
+        """When every phase is done (not when the run is stopped early)."""
 
 
 class ProgressBar(Callback):
@@ -83,6 +91,7 @@ class ProgressBar(Callback):
         self.loss = None
 
     def on_step(self, trainer: Trainer, record: dict) -> None:
+        """Advance the bar; every 50 steps show the smoothed loss and tokens/s."""
         if self.bar is None:
             from tqdm import tqdm
 
@@ -96,6 +105,7 @@ class ProgressBar(Callback):
                                      f"{record['tokens_per_s']:,.0f} tok/s", refresh=False)
 
     def close(self) -> None:
+        """Close the bar (the CLI calls it however training ends)."""
         if self.bar is not None:
             self.bar.close()
 
@@ -127,6 +137,7 @@ class Trainer:
     # ---- schedule ---------------------------------------------------------------------------
 
     def batches_per_epoch(self, phase: Phase) -> int:
+        """Steps in one epoch of `phase` (its last batch may be short)."""
         return math.ceil(len(phase.sequences) / self.config.batch_size)
 
     def lr_at(self, phase: Phase, step_in_phase: int) -> float:
@@ -148,10 +159,12 @@ class Trainer:
 
     @property
     def finished(self) -> bool:
+        """Whether every phase is done."""
         return self.position.phase >= len(self.phases)
 
     @property
     def total_steps(self) -> int:
+        """Steps of the whole schedule, every phase's epochs."""
         return sum(p.epochs * self.batches_per_epoch(p) for p in self.phases)
 
     def epochs_due(self, every: int) -> bool:
@@ -160,6 +173,22 @@ class Trainer:
         epochs and at each phase's end."""
         done = self.position.epoch
         return done % every == 0 or done == self.phases[self.position.phase].epochs
+
+    def reopen_phases(self, epochs_before: Sequence[int]) -> None:
+        """After ``load_state_dict``, when the phases' epochs differ from those the run was
+        saved with (`epochs_before`, per phase): if the phase that ended last now has more
+        epochs and the next has not begun, training goes back to it, so ``run()`` trains
+        the new epochs. (A phase lowered below its epochs done ends at once.) Earlier
+        phases cannot grow: a warning says their new epochs are not trained."""
+        pos = self.position
+        last = pos.phase - 1
+        if last >= 0 and pos.epoch == pos.batch == 0 and \
+                self.phases[last].epochs > epochs_before[last]:
+            pos.phase, pos.epoch, pos.order = last, epochs_before[last], None
+        for phase, before in zip(self.phases[:pos.phase], epochs_before):
+            if phase.epochs > before:
+                log.warning("%s phase is over (after %d epochs): its %d epochs now are not "
+                            "trained", phase.name, before, phase.epochs)
 
     def run(self) -> bool:
         """Train from the current position. Returns True when every phase is done, False
@@ -204,9 +233,9 @@ class Trainer:
         self.last_loss = loss
         self._epoch_losses.append(loss)
         self._epoch_tokens += tokens
-        record = {"phase": phase.name, "epoch": pos.epoch, "step": pos.step, "loss": loss,
-                  "grad_norm": norm, "lr": lr, "tokens": tokens,
-                  "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0}
+        record = {"phase": phase.name, "epoch": pos.epoch + 1, "step": pos.step, "loss": loss,
+                  "accuracy": self.model.last_correct / tokens, "grad_norm": norm, "lr": lr,
+                  "tokens": tokens, "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0}
         for cb in self.callbacks:
             cb.on_step(self, record)
 
@@ -214,15 +243,15 @@ class Trainer:
         self.model.settle()
         pos = self.position
         elapsed = time.perf_counter() - self._epoch_start
-        record = {"phase": phase.name, "epoch": pos.epoch, "step": pos.step,
+        record = {"phase": phase.name, "epoch": pos.epoch + 1, "step": pos.step,
                   "loss": float(np.mean(self._epoch_losses)) if self._epoch_losses else math.nan,
                   "tokens_per_s": self._epoch_tokens / elapsed if elapsed > 0 else 0.0}
         self.epoch_loss = record["loss"]
         # every 10th epoch and a phase's last at INFO, the rest at DEBUG
         level = logging.INFO if (pos.epoch + 1) % 10 == 0 or pos.epoch + 1 == phase.epochs \
             else logging.DEBUG
-        log.log(level, "%s epoch %d: loss %.4f", phase.name, pos.epoch, record["loss"],
-                extra={k: v for k, v in record.items() if k != "phase"})
+        log.log(level, "%s epoch %d/%d: loss %.4f", phase.name, pos.epoch + 1, phase.epochs,
+                record["loss"], extra={k: v for k, v in record.items() if k != "phase"})
         pos.epoch, pos.batch, pos.order = pos.epoch + 1, 0, None
         for cb in self.callbacks:
             cb.on_epoch_end(self, record)
@@ -237,6 +266,7 @@ class Trainer:
                 "epoch_losses": list(self._epoch_losses)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a state_dict (the model's weights are restored apart, by the caller)."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.position = Position(**state["position"])
         self.rng.bit_generator.state = state["rng"]
