@@ -1,6 +1,7 @@
 """The PyTorch port computes what rustgpt computes (as llm.c's test_gpt2.c): logits, loss,
-every gradient, and a few Adam steps with clipping, on a small random model and on the
-default architecture loaded from a checkpoint file. Skipped without torch."""
+every gradient, and a few Adam steps with clipping, on a small random model of every
+architecture option and on the default and gpt architectures loaded from a checkpoint
+file. Skipped without torch."""
 
 import numpy as np
 import pytest
@@ -17,12 +18,20 @@ from rustgpt.tokenizer import Vocab  # noqa: E402
 from bench.torch_port import from_rustgpt  # noqa: E402
 from tests import reference as ref  # noqa: E402
 
-SMALL = ModelConfig(embedding_dim=12, hidden_dim=33, num_layers=2, num_heads=3, max_seq_len=9)
+SIZES = dict(embedding_dim=12, hidden_dim=33, num_layers=2, num_heads=3, max_seq_len=9)
+SMALL = ModelConfig(**SIZES)
+arch_options = pytest.mark.parametrize("options", ref.ARCHS.values(), ids=ref.ARCHS.keys())
 
 
-def small_model(seed=3):
+def small_model(seed=3, **options):
+    """A SMALL model; with options (ref.ARCHS'), its parameters redrawn N(0, 0.3^2) so that
+    every part of the architecture matters (gpt's init is nearly zero)."""
     vocab = Vocab([f"w{i}" for i in range(17)] + ["</s>", "<unk>"])
-    return LLM(SMALL, vocab, seed=seed)
+    model = LLM(ModelConfig(**SIZES, **options), vocab, seed=seed)
+    if options:
+        model.params.data[...] = np.random.default_rng(seed).standard_normal(
+            model.params.data.size) * 0.3
+    return model
 
 
 def small_batch(rng):
@@ -43,28 +52,39 @@ def port_grads(port):
 
 
 def assert_same_logits_and_loss(port, model, inputs, targets, atol):
+    """Logits and mean loss agree, both models in inference (no dropout)."""
     with torch.no_grad():
-        logits = port(inputs).numpy()
+        logits = port.eval()(inputs).numpy()
         loss = port.loss(inputs, targets).item()
     ref.assert_close(logits, model.forward(inputs), 1e-4, atol, "logits")
-    assert loss == pytest.approx(model.loss_and_backward(inputs, targets), rel=1e-4)
+    summed, count, _ = model.loss(inputs, targets)
+    assert loss == pytest.approx(summed / count, rel=1e-4)
 
 
-def test_small_model_logits_and_loss(rng):
-    model = small_model()
+@arch_options
+def test_small_model_logits_and_loss(rng, options):
+    model = small_model(**options)
     assert_same_logits_and_loss(from_rustgpt(model), model, *small_batch(rng), atol=1e-5)
 
 
-def test_default_architecture_from_a_checkpoint_file(default_model, tmp_path):
+@pytest.mark.parametrize("arch", ["rustgpt", "gpt"])
+def test_architecture_from_a_checkpoint_file(arch, default_model, tmp_path):
+    """The default size (RustGPT's, or gpt's block at that size, with dropout) saved to a
+    checkpoint file: the port built from the file alone agrees."""
     model, sequences = default_model
-    path = Checkpoint.from_model(model, Config()).save(tmp_path / "model.safetensors")
+    if arch == "gpt":
+        model = LLM(ModelConfig(arch="gpt", dropout=0.1), model.vocab, seed=7)
+    path = Checkpoint.from_model(model, Config(model=model.config)).save(
+        tmp_path / "model.safetensors")
     assert_same_logits_and_loss(from_rustgpt(path), model, *make_batch(sequences), atol=1e-4)
 
 
-@pytest.mark.parametrize("which", ["small", "default"])
+@pytest.mark.parametrize("which", ["small", *(f"small-{a}" for a in ref.ARCHS if a != "rustgpt"),
+                                   "default"])
 def test_gradients_match(which, default_model, rng):
-    if which == "small":
-        model, (inputs, targets) = small_model(), small_batch(rng)
+    if which.startswith("small"):
+        options = ref.ARCHS[which[len("small-"):]] if "-" in which else {}
+        model, (inputs, targets) = small_model(**options), small_batch(rng)
     else:
         model, (inputs, targets) = default_model[0], make_batch(default_model[1])
     port = from_rustgpt(model)
@@ -78,9 +98,10 @@ def test_gradients_match(which, default_model, rng):
 
 
 @pytest.mark.parametrize("max_grad_norm", [5.0, 0.1], ids=["clip-5", "clip-active"])
-def test_training_steps_match(max_grad_norm, rng):
+@pytest.mark.parametrize("arch", ["rustgpt", "gpt"])
+def test_training_steps_match(max_grad_norm, arch, rng):
     """Five Adam steps from the same weights: same losses, nearly the same weights."""
-    model = small_model()
+    model = small_model(**({"arch": "gpt"} if arch == "gpt" else {}))
     port = from_rustgpt(model)
     optimizer = Adam(model.params)
     inputs, targets = small_batch(rng)

@@ -39,12 +39,15 @@ class Embeddings(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Causal multi-head attention, no output projection. wq, wk, wv (D, D)."""
+    """Causal multi-head attention. wq, wk, wv (D, D); with `projection` then a wo + bo
+    (wo (D, D), bo (D,) with `bias`), without it RustGPT's."""
 
-    def __init__(self, D: int, NH: int) -> None:
+    def __init__(self, D: int, NH: int, projection: bool = False, bias: bool = False) -> None:
         super().__init__()
         self.num_heads = NH
         self.wq, self.wk, self.wv = (_normal((D, D), (2.0 / D) ** 0.5) for _ in range(3))
+        self.wo = _normal((D, D), (2.0 / D) ** 0.5) if projection else None
+        self.bo = nn.Parameter(torch.zeros(D)) if projection and bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
@@ -52,76 +55,118 @@ class SelfAttention(nn.Module):
         split = lambda a: a.view(B, T, NH, D // NH).transpose(1, 2)  # (B, NH, T, hs)
         q, k, v = split(x @ self.wq), split(x @ self.wk), split(x @ self.wv)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(hs)
-        return a.transpose(1, 2).reshape(B, T, D)
+        a = a.transpose(1, 2).reshape(B, T, D)
+        if self.wo is None:
+            return a
+        return a @ self.wo + self.bo if self.bo is not None else a @ self.wo
 
 
 class FeedForward(nn.Module):
-    """relu(x W1 + b1) W2 + b2. w1 (D, H), w2 (H, D)."""
+    """act(x W1 + b1) W2 + b2, act relu or gelu (exact). w1 (D, H), w2 (H, D), biases with
+    `bias`."""
 
-    def __init__(self, D: int, H: int) -> None:
+    def __init__(self, D: int, H: int, activation: str = "relu", bias: bool = True) -> None:
         super().__init__()
+        self.act = torch.relu if activation == "relu" else F.gelu  # F.gelu: the erf form
         self.w1 = _normal((D, H), (2.0 / D) ** 0.5)
-        self.b1 = nn.Parameter(torch.zeros(H))
+        self.b1 = nn.Parameter(torch.zeros(H)) if bias else None
         self.w2 = _normal((H, D), (2.0 / H) ** 0.5)
-        self.b2 = nn.Parameter(torch.zeros(D))
+        self.b2 = nn.Parameter(torch.zeros(D)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x @ self.w1 + self.b1) @ self.w2 + self.b2
+        u = x @ self.w1
+        h = self.act(u if self.b1 is None else u + self.b1)
+        y = h @ self.w2
+        return y if self.b2 is None else y + self.b2
 
 
 class LayerNorm(nn.Module):
-    def __init__(self, D: int) -> None:
+    def __init__(self, D: int, bias: bool = True) -> None:
         super().__init__()
         self.gamma = nn.Parameter(torch.ones(D))
-        self.beta = nn.Parameter(torch.zeros(D))
+        self.beta = nn.Parameter(torch.zeros(D)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, x.shape[-1:], self.gamma, self.beta, LN_EPS)
 
 
 class TransformerBlock(nn.Module):
-    """Post-norm, as RustGPT: x = LN1(x + attn(x)); x = LN2(x + ffn(x))."""
+    """Post-norm, as RustGPT: x = LN1(x + attn(x)); x = LN2(x + ffn(x)); or pre-norm, as
+    GPT-2: x = x + attn(LN1(x)); x = x + ffn(LN2(x)). With dropout (in train mode), on each
+    sub-layer's output before its residual add (rustgpt's sites; torch's own masks)."""
 
-    def __init__(self, D: int, H: int, NH: int) -> None:
+    def __init__(self, D: int, H: int, NH: int, norm: str = "post", activation: str = "relu",
+                 projection: bool = False, bias: bool = True, dropout: float = 0.0) -> None:
         super().__init__()
-        self.attn = SelfAttention(D, NH)
-        self.ln1 = LayerNorm(D)
-        self.ffn = FeedForward(D, H)
-        self.ln2 = LayerNorm(D)
+        self.norm = norm
+        self.drop = nn.Dropout(dropout)
+        attn = SelfAttention(D, NH, projection, bias)
+        ffn = FeedForward(D, H, activation, bias)
+        ln1, ln2 = LayerNorm(D, bias), LayerNorm(D, bias)
+        # registered in rustgpt's parameter order (pre-norm: the order the forward reads)
+        order = ((("ln1", ln1), ("attn", attn), ("ln2", ln2), ("ffn", ffn)) if norm == "pre"
+                 else (("attn", attn), ("ln1", ln1), ("ffn", ffn), ("ln2", ln2)))
+        for name, module in order:
+            self.add_module(name, module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.ln1(x + self.attn(x))
-        return self.ln2(x + self.ffn(x))
+        if self.norm == "pre":
+            x = x + self.drop(self.attn(self.ln1(x)))
+            return x + self.drop(self.ffn(self.ln2(x)))
+        x = self.ln1(x + self.drop(self.attn(x)))
+        return self.ln2(x + self.drop(self.ffn(x)))
 
 
 class OutputProjection(nn.Module):
-    def __init__(self, D: int, V: int) -> None:
+    """logits = x w + b, or with `tied` (the Embeddings) x token^T + b; b with `bias`."""
+
+    def __init__(self, D: int, V: int, bias: bool = True, tied: Embeddings | None = None) -> None:
         super().__init__()
-        self.w = _normal((D, V), (2.0 / D) ** 0.5)
-        self.b = nn.Parameter(torch.zeros(V))
+        self.tied = [tied] if tied is not None else None  # a list: not a second submodule
+        self.w = _normal((D, V), (2.0 / D) ** 0.5) if tied is None else None
+        self.b = nn.Parameter(torch.zeros(V)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.w + self.b
+        y = x @ (self.w if self.tied is None else self.tied[0].token.T)
+        return y if self.b is None else y + self.b
 
 
 class TorchGPT(nn.Module):
-    """rustgpt's LLM in PyTorch; ``state_dict()`` keys equal rustgpt's parameter names."""
+    """rustgpt's LLM in PyTorch, with its architecture options (rustgpt.config.ModelConfig's
+    keys; arch picks the init as rustgpt's does; dropout applies in train mode, with
+    torch's masks); ``state_dict()`` keys equal rustgpt's parameter names, in its order."""
 
     def __init__(self, vocab_size: int, embedding_dim: int = 128, hidden_dim: int = 256,
-                 num_layers: int = 3, num_heads: int = 1, max_seq_len: int = 80) -> None:
+                 num_layers: int = 3, num_heads: int = 1, max_seq_len: int = 80,
+                 arch: str = "rustgpt", norm: str = "post", activation: str = "relu",
+                 attention_projection: bool = False, tie_embeddings: bool = False,
+                 bias: bool = True, dropout: float = 0.0) -> None:
         super().__init__()
+        D = embedding_dim
         self.max_seq_len = max_seq_len
-        self.embeddings = Embeddings(vocab_size, embedding_dim, max_seq_len)
-        self.blocks = nn.ModuleList(TransformerBlock(embedding_dim, hidden_dim, num_heads)
+        self.embeddings = Embeddings(vocab_size, D, max_seq_len)
+        self.drop = nn.Dropout(dropout)  # on the embeddings, in train mode
+        self.blocks = nn.ModuleList(TransformerBlock(D, hidden_dim, num_heads, norm, activation,
+                                                     attention_projection, bias, dropout)
                                     for _ in range(num_layers))
-        self.output = OutputProjection(embedding_dim, vocab_size)
+        self.ln_f = LayerNorm(D, bias) if norm == "pre" else None
+        self.output = OutputProjection(D, vocab_size, bias,
+                                       self.embeddings if tie_embeddings else None)
+        if arch == "gpt":  # nanoGPT's init: weights N(0, 0.02), residual projections scaled
+            with torch.no_grad():
+                for name, p in self.named_parameters():
+                    if p.dim() == 2:
+                        residual = name.endswith(("attn.wo", "ffn.w2"))
+                        p.normal_(0.0, 0.02 / (2 * num_layers) ** 0.5 if residual else 0.02)
         self.optimizer: torch.optim.Adam | None = None
 
     def forward(self, ids) -> torch.Tensor:
         """Logits (B, T, V) of token ids (B, T)."""
-        x = self.embeddings(_long(ids))
+        x = self.drop(self.embeddings(_long(ids)))
         for block in self.blocks:
             x = block(x)
+        if self.ln_f is not None:
+            x = self.ln_f(x)
         return self.output(x)
 
     def loss(self, inputs, targets) -> torch.Tensor:
@@ -191,9 +236,10 @@ def from_rustgpt(source) -> TorchGPT:
             model_cfg = json.loads(f.metadata()["config"])["model"]
         weights = {k: v for k, v in load_file(str(path)).items() if not k.startswith("optim.")}
     else:
-        model_cfg = {k: getattr(source.config, k) for k in
-                     ("embedding_dim", "hidden_dim", "num_layers", "num_heads", "max_seq_len")}
+        import attrs
+
+        model_cfg = attrs.asdict(source.config)
         weights = source.params.values
-    port = TorchGPT(weights["output.b"].shape[0], **model_cfg)
+    port = TorchGPT(weights["embeddings.token"].shape[0], **model_cfg)
     port.load_rustgpt_state(weights)
     return port

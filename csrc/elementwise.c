@@ -1,4 +1,4 @@
-/* elementwise.c: relu, GELU, addition, bias add and column sums, embedding gather /
+/* elementwise.c: relu, GELU, dropout, addition, bias add and column sums, embedding gather /
  * scatter-add. Memory-bound loops (GELU's excepted): vectorized by the compiler, parallel
  * only where the arrays are large. */
 #include "simd.h"
@@ -51,6 +51,42 @@ void rg_gelu_forward(float *out, const float *x, size_t n) { gelu_run(out, NULL,
 
 void rg_gelu_backward(float *dx, const float *dout, const float *x, size_t n) {
     gelu_run(dx, dout, x, n);
+}
+
+/* lowbias32 (Chris Wellons' 32-bit integer hash): a bijection that mixes every input bit
+ * into every output bit, two multiplies, so a loop of it vectorizes. */
+RG_INLINE unsigned hash32(unsigned x) {
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
+/* Elements [i0, i1) of dropout: element i is kept when hash32(hash32(i) ^ key) >= drop. */
+RG_INLINE void dropout_span(int wide, float *out, const float *x, size_t i0, size_t i1,
+                            unsigned key, unsigned drop, float scale) {
+    (void)wide;
+    #pragma omp simd
+    for (size_t i = i0; i < i1; i++)
+        out[i] = rg_select(hash32(hash32((unsigned)i) ^ key) >= drop, x[i] * scale, 0.0f);
+}
+RG_VARIANTS(dropout_span, (float *out, const float *x, size_t i0, size_t i1, unsigned key,
+                           unsigned drop, float scale),
+            (out, x, i0, i1, key, drop, scale))
+
+void rg_dropout(float *out, const float *x, size_t n, float p, const int *seed, int site) {
+    /* one key per (seed, site); p * 2^32 of the 2^32 hash values drop an element */
+    unsigned key = hash32(hash32((unsigned)seed[0] + 0x9e3779b9U * (unsigned)site)
+                          ^ (unsigned)seed[1]);
+    unsigned drop = (unsigned)((double)p * 4294967296.0);
+    float scale = 1.0f / (1.0f - p);
+    void (*f)(float *, const float *, size_t, size_t, unsigned, unsigned, float) =
+        dropout_span_pick();
+    int nt = n >= PAR_MIN ? rg_num_threads() : 1;
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int c = 0; c < nt; c++) f(out, x, n * c / nt, n * (c + 1) / nt, key, drop, scale);
 }
 
 void rg_add(float *out, const float *a, const float *b, size_t n) {

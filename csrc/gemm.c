@@ -22,6 +22,8 @@
  * panels (M <= SMALL_M) and B not transposed, B is read in place instead (gemm_small_m);
  * with those and B transposed (dx = dy W^T), AVX-512 takes dot products of rows of A and B
  * as they lie (gemm_dot). Pack buffers are static per thread (_Thread_local); nothing is allocated on the heap.
+ * rg_sgemm's epilogue (bias, relu or GELU, the values before the activation) runs on C as
+ * its parts are finished, while they are in cache (gemm_epilogue).
  */
 #include <stddef.h>
 #include "simd.h"
@@ -325,9 +327,9 @@ static void pack_b(float *dst, const float *B, int N, int K, int trans_b, int j0
 /* ---- driver ---------------------------------------------------------------------------------- */
 
 /* c (rows x cols, row stride ldc) copied to pre (the same layout) when pre is not NULL, then
- * act (RG_ACT_*) applied to it: the end of rg_sgemm's epilogue on a tile, in three SIMD
- * variants (GELU is worth vectorizing). */
-RG_INLINE void finish_tile(int wide, float *c, float *pre, size_t ldc, int rows, int cols,
+ * act (RG_ACT_*) applied to it: the end of rg_sgemm's epilogue, in three SIMD variants
+ * (GELU is worth vectorizing). */
+RG_INLINE void finish_rows(int wide, float *c, float *pre, size_t ldc, int rows, int cols,
                            int act) {
     (void)wide;
     for (int i = 0; i < rows; i++) {
@@ -341,41 +343,49 @@ RG_INLINE void finish_tile(int wide, float *c, float *pre, size_t ldc, int rows,
         }
     }
 }
-RG_VARIANTS(finish_tile, (float *c, float *pre, size_t ldc, int rows, int cols, int act),
+RG_VARIANTS(finish_rows, (float *c, float *pre, size_t ldc, int rows, int cols, int act),
             (c, pre, ldc, rows, cols, act))
 
-/* What rg_sgemm does to each finished tile of C: add a bias per column, keep the values in
- * pre, apply the activation. */
+/* What rg_sgemm does to C once its products are done: add a bias per column, keep the
+ * values in pre, apply the activation. A relu without pre runs in the micro-kernel on
+ * each tile, with the bias; otherwise the micro-kernel adds the bias and the rest ("the
+ * finish") runs over a whole row panel of C at a time, while it is in cache (per tile,
+ * GELU's vector loops were too short). */
 typedef struct {
     const float *bias; /* N floats, or NULL */
     int act;           /* RG_ACT_* */
     float *pre;        /* (M, N), or NULL */
-    void (*finish)(float *, float *, size_t, int, int, int); /* finish_tile's variant */
+    void (*finish)(float *, float *, size_t, int, int, int); /* finish_rows' variant */
 } gemm_epilogue;
 
-/* Whether the micro-kernel applies e's relu itself, in registers (nothing needs the values
- * before it), and whether a tile it finished (bias added, that relu applied) needs more. */
+/* Whether the micro-kernel applies e's relu in registers (nothing needs the values before
+ * it), and whether e has a finish. */
 static inline int kernel_relu(const gemm_epilogue *e) {
     return e && e->act == RG_ACT_RELU && !e->pre;
 }
-static inline int needs_finish(const gemm_epilogue *e) {
+static inline int has_finish(const gemm_epilogue *e) {
     return e && (e->pre || e->act == RG_ACT_GELU);
 }
 
-/* The tile of C (row stride N) at rows [i0, i0 + rows), columns [j0, j0 + cols) gets e; when
- * in_kernel, the micro-kernel has added the bias and applied kernel_relu(e) already. */
-static void epilogue(const gemm_epilogue *e, float *C, size_t N, int i0, int j0, int rows,
-                     int cols, int in_kernel) {
+/* Rows [i0, i0 + rows), columns [j0, j0 + cols) of C (row stride N), a tile the
+ * micro-kernel computed without its epilogue (the right edge): the bias, and the
+ * micro-kernel's relu when there is no finish. */
+static void edge_epilogue(const gemm_epilogue *e, float *C, size_t N, int i0, int j0,
+                          int rows, int cols) {
     float *c = C + (size_t)i0 * N + j0;
-    if (e->bias && !in_kernel)
-        for (int i = 0; i < rows; i++) {
-            float *c_i = c + (size_t)i * N;
-            const float *b = e->bias + j0;
-            for (int j = 0; j < cols; j++) c_i[j] += b[j];
-        }
-    int act = in_kernel && kernel_relu(e) ? RG_ACT_NONE : e->act;
-    if (e->pre || act != RG_ACT_NONE)
-        e->finish(c, e->pre ? e->pre + (size_t)i0 * N + j0 : NULL, N, rows, cols, act);
+    for (int i = 0; i < rows && e->bias; i++) {
+        float *c_i = c + (size_t)i * N;
+        const float *b = e->bias + j0;
+        for (int j = 0; j < cols; j++) c_i[j] += b[j];
+    }
+    if (kernel_relu(e)) e->finish(c, NULL, N, rows, cols, RG_ACT_RELU);
+}
+
+/* The finish of rows [i0, i0 + rows), columns [j0, j0 + cols) of C (row stride N). */
+static void finish(const gemm_epilogue *e, float *C, size_t N, int i0, int j0, int rows,
+                   int cols) {
+    e->finish(C + (size_t)i0 * N + j0, e->pre ? e->pre + (size_t)i0 * N + j0 : NULL, N, rows,
+              cols, e->act);
 }
 
 /* A transposed, (K, M), is read in place instead of packed when M is at most this (and
@@ -423,8 +433,6 @@ static void gemm_block(gemm_path path, float *C, const float *A, const float *B,
                                         rows, nr,
                                         last && last->bias ? last->bias + jc + jr : NULL,
                                         kernel_relu(last));
-                            if (needs_finish(last))
-                                epilogue(last, C, N, ic + ir, jc + jr, rows, nr, 1);
                             continue;
                         }
                         /* right edge: through a whole-width buffer */
@@ -437,8 +445,9 @@ static void gemm_block(gemm_path path, float *C, const float *A, const float *B,
                         for (int i = 0; i < rows; i++)
                             memcpy(c_tile + (size_t)i * N, edge + i * nr,
                                    (size_t)cols * sizeof(float));
-                        if (last) epilogue(last, C, N, ic + ir, jc + jr, rows, cols, 0);
+                        if (last) edge_epilogue(last, C, N, ic + ir, jc + jr, rows, cols);
                     }
+                    if (has_finish(last)) finish(last, C, N, ic + ir, jc, rows, nc);
                 }
             }
         }
@@ -466,7 +475,6 @@ static void gemm_small_m(gemm_path path, float *C, const float *A, const float *
             float *c = C + (size_t)ip * N + j;
             path.kernel(K, a_pack + (size_t)ip * K, mr, B + j, N, c, N, accumulate, rows, nr,
                         epi && epi->bias ? epi->bias + j : NULL, kernel_relu(epi));
-            if (needs_finish(epi)) epilogue(epi, C, N, ip, j, rows, nr, 1);
         }
     if (j < n1) {
         int cols = n1 - j;
@@ -481,9 +489,10 @@ static void gemm_small_m(gemm_path path, float *C, const float *A, const float *
                         cols, NULL, 0);
             for (int i = 0; i < rows; i++)
                 memcpy(c + (size_t)i * N, edge + i * nr, (size_t)cols * sizeof(float));
-            if (epi) epilogue(epi, C, N, ip, j, rows, cols, 0);
+            if (epi) edge_epilogue(epi, C, N, ip, j, rows, cols);
         }
     }
+    if (has_finish(epi)) finish(epi, C, N, 0, n0, M, n1 - n0); /* M <= SMALL_M rows */
 }
 
 #ifdef RG_X86
@@ -568,7 +577,10 @@ static void gemm_dot(float *C, const float *A, const float *B, int M, int N, int
             }
         }
     }
-    if (epi) epilogue(epi, C, N, 0, n0, M, n1 - n0, 0); /* a few rows: still in cache */
+    if (epi) { /* a few rows: still in cache */
+        edge_epilogue(epi, C, N, 0, n0, M, n1 - n0);
+        if (has_finish(epi)) finish(epi, C, N, 0, n0, M, n1 - n0);
+    }
 }
 #endif
 
@@ -680,7 +692,7 @@ void rg_sgemm_many(int count, float *const C[], const float *const A[], const fl
 void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
               int trans_a, int trans_b, int accumulate, const float *bias, int act,
               float *pre) {
-    gemm_epilogue e = {bias, act, pre, finish_tile_pick()};
+    gemm_epilogue e = {bias, act, pre, finish_rows_pick()};
     sgemm_run(1, &C, &A, &B, M, N, K, trans_a, trans_b, &accumulate,
               bias || act != RG_ACT_NONE || pre ? &e : NULL);
 }

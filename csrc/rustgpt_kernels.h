@@ -169,12 +169,19 @@ void rg_relu_forward(float *out, const float *x, size_t n);
 /* dx = dout where out > 0, else 0. out is the forward's output. dx may alias dout. */
 void rg_relu_backward(float *dx, const float *dout, const float *out, size_t n);
 
-/* out = gelu(x) = x Phi(x) = x (1 + erf(x / sqrt 2)) / 2, the exact form (within about
- * 1.2e-7 relative, see simd.h). x, out: (n); out may alias x. */
+/* out = gelu(x) = x Phi(x) = x (1 + erf(x / sqrt 2)) / 2, the exact form (erf within
+ * 1.5e-7, see simd.h). x, out: (n); out may alias x. */
 void rg_gelu_forward(float *out, const float *x, size_t n);
 /* dx = dout * gelu'(x) = dout * (Phi(x) + x e^(-x^2/2) / sqrt(2 pi)); x is the forward's
  * input. dx: (n), may alias dout. */
 void rg_gelu_backward(float *dx, const float *dout, const float *x, size_t n);
+
+/* Dropout: out = x / (1 - p) where element i is kept, 0 where it is dropped (probability p,
+ * 0 <= p < 1). The mask is a counter-based hash of (seed[0], seed[1], site, i), never
+ * stored: the same seed and site give the same mask, so dropout's backward is this call on
+ * the gradient, and a replayed plan draws the mask of the seed its array holds then.
+ * x, out: (n), out may alias x; seed: 2 ints. */
+void rg_dropout(float *out, const float *x, size_t n, float p, const int *seed, int site);
 
 /* out = a + b. a, b, out: (n); out may alias a or b (residual connections). */
 void rg_add(float *out, const float *a, const float *b, size_t n);

@@ -32,13 +32,26 @@
              : level == RG_SIMD_AVX2 ? name##_avx2 : name##_generic;                    \
     }
 
+/* m ? a : b without a branch. GCC does not turn `m ? a : b` into a vector blend when an arm
+ * does arithmetic of its own (under the default -ftrapping-math it will not compute an arm
+ * the condition might not take), and such a loop stays scalar on SSE and AVX2; here both
+ * arms are values already, blended through a mask. */
+RG_INLINE float rg_select(int m, float a, float b) {
+    unsigned ua, ub, mask = -(unsigned)(m != 0);
+    memcpy(&ua, &a, sizeof ua);
+    memcpy(&ub, &b, sizeof ub);
+    ua = (ua & mask) | (ub & ~mask);
+    memcpy(&a, &ua, sizeof a);
+    return a;
+}
+
 /* e^x by Cephes' single-precision method: x = n ln2 + r with |r| <= ln2/2, e^r by a
  * degree-6 polynomial, 2^n built in the exponent bits; about 1 ulp. Branch-free, so a loop
  * of it vectorizes. x is clamped to [-87, 88] (below -87 gives e^-87 ~ 1.6e-38, not 0);
  * NaN in gives NaN out, and never reaches the float-to-int conversion. */
 RG_INLINE float rg_expf(float x) {
-    float c = x > -87.0f ? x : -87.0f; /* NaN fails the comparison: c = -87 */
-    c = c < 88.0f ? c : 88.0f;
+    float c = rg_select(x > -87.0f, x, -87.0f); /* NaN fails the comparison: c = -87 */
+    c = rg_select(c < 88.0f, c, 88.0f);
     const float magic = 12582912.0f; /* 1.5 * 2^23: (y + magic) - magic rounds y */
     float n = (c * 1.44269504088896341f + magic) - magic;
     float r = c - n * 0.693359375f + n * 2.12194440e-4f;
@@ -51,39 +64,34 @@ RG_INLINE float rg_expf(float x) {
     unsigned bits = (unsigned)((int)n + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return x == x ? p * scale : x;
+    return rg_select(x == x, p * scale, x);
 }
 
 /* GELU in its exact form, gelu(x) = x Phi(x) with Phi(x) = (1 + erf(x / sqrt 2)) / 2 the
  * normal distribution's CDF, and its derivative gelu'(x) = Phi(x) + x phi(x), phi(x) =
- * e^(-x^2/2) / sqrt(2 pi). The tail Q(a) = 1 - Phi(a) of a = |x| is erfc(z) / 2, z = a / sqrt 2,
- * by Numerical Recipes' erfcc: erfc(z) = t e^(-z^2 + P(t)), t = 1 / (1 + z/2), P a Chebyshev
- * fit with fractional error below 1.2e-7 for every z. Phi(x) = Q(-x) for x < 0 keeps that
- * relative accuracy where it is tiny (1 + erf would cancel). Branch-free, so loops of it
- * vectorize; NaN in gives NaN out. */
-RG_INLINE float rg_erfc_poly(float t) {
-    float p = 1.7087277e-1f * t - 8.2215223e-1f;
-    p = p * t + 1.48851587f;
-    p = p * t - 1.13520398f;
-    p = p * t + 2.7886807e-1f;
-    p = p * t - 1.8628806e-1f;
-    p = p * t + 9.678418e-2f;
-    p = p * t + 3.7409196e-1f;
-    p = p * t + 1.00002368f;
-    return p * t - 1.26551223f;
+ * e^(-x^2/2) / sqrt(2 pi). rg_normal_tail(x, &e) is Q(|x|) = 1 - Phi(|x|) = erfc(z) / 2,
+ * z = |x| / sqrt 2, by Abramowitz and Stegun 7.1.26: erfc(z) = t P(t) e^(-z^2),
+ * t = 1 / (1 + 0.3275911 z), P of degree 5, error below 1.5e-7 for every z (PyTorch's float
+ * erf is the same formula); e gets e^(-z^2), which the density shares. Phi(x) is Q for
+ * x < 0, 1 - Q otherwise. Branch-free, so loops of them vectorize; NaN in gives NaN out. */
+RG_INLINE float rg_normal_tail(float x, float *e) {
+    float z = fabsf(x) * 0.70710678118654752f, t = 1.0f / (1.0f + 0.3275911f * z);
+    float p = 1.061405429f * t - 1.453152027f;
+    p = p * t + 1.421413741f;
+    p = p * t - 0.284496736f;
+    p = p * t + 0.254829592f;
+    *e = rg_expf(-z * z); /* e^(-x^2/2) */
+    return 0.5f * t * p * *e;
 }
 
 RG_INLINE float rg_gelu(float x) {
-    float z = fabsf(x) * 0.70710678118654752f, t = 1.0f / (1.0f + 0.5f * z);
-    float q = 0.5f * t * rg_expf(rg_erfc_poly(t) - z * z); /* Q(|x|) */
-    return x * (x < 0.0f ? q : 1.0f - q);
+    float e, q = rg_normal_tail(x, &e);
+    return x * rg_select(x < 0.0f, q, 1.0f - q);
 }
 
 RG_INLINE float rg_gelu_grad(float x) {
-    float z = fabsf(x) * 0.70710678118654752f, t = 1.0f / (1.0f + 0.5f * z);
-    float g = rg_expf(-z * z); /* e^(-x^2/2) */
-    float q = 0.5f * t * g * rg_expf(rg_erfc_poly(t));
-    return (x < 0.0f ? q : 1.0f - q) + x * g * 0.39894228040143268f;
+    float e, q = rg_normal_tail(x, &e);
+    return rg_select(x < 0.0f, q, 1.0f - q) + x * e * 0.39894228040143268f;
 }
 
 /* d[p*w + r] = src[r*ld + p] for p < kc, r < n (n rows of kc floats, at a stride of ld,

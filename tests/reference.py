@@ -6,7 +6,15 @@ arrays instead of writing into outputs.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+# RustGPT's architecture, each option toggled alone, and the gpt preset (--arch gpt): the
+# ModelConfig options every architecture test runs over
+ARCHS = {"rustgpt": {}, "gpt": {"arch": "gpt"}, "pre-norm": {"norm": "pre"},
+         "gelu": {"activation": "gelu"}, "projection": {"attention_projection": True},
+         "tied": {"tie_embeddings": True}, "no-bias": {"bias": False}}
 
 
 def matmul(A, B, trans_a=False, trans_b=False):
@@ -54,12 +62,12 @@ def attention_backward(dout, q, k, v, num_heads):
 
 
 def layernorm_forward(x, g, b, eps=1e-5):
-    """out, mean, rstd of row-wise layer norm."""
+    """out, mean, rstd of row-wise layer norm (b None: without the bias)."""
     x = np.asarray(x, np.float64)
     mean = x.mean(axis=-1)
     rstd = 1.0 / np.sqrt(x.var(axis=-1) + eps)
-    out = (x - mean[..., None]) * rstd[..., None] * g + b
-    return out, mean, rstd
+    out = (x - mean[..., None]) * rstd[..., None] * g
+    return (out if b is None else out + b), mean, rstd
 
 
 def layernorm_backward(dout, x, g, eps=1e-5):
@@ -71,6 +79,59 @@ def layernorm_backward(dout, x, g, eps=1e-5):
     dx = rstd[:, None] * (dxhat - dxhat.mean(-1, keepdims=True)
                           - xhat * (dxhat * xhat).mean(-1, keepdims=True))
     return dx, (dout * xhat).sum(0), dout.sum(0)
+
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+_erfc = np.vectorize(math.erfc, otypes=[np.float64])
+
+
+def normal_cdf(x):
+    """Phi(x) = (1 + erf(x / sqrt 2)) / 2, through erfc where x < 0 (no cancellation)."""
+    x = np.asarray(x, np.float64)
+    return np.where(x < 0, 0.5 * _erfc(-x / math.sqrt(2)), 0.5 * (1 + _erf(x / math.sqrt(2))))
+
+
+def gelu(x):
+    """gelu(x) = x Phi(x), the exact (erf) form."""
+    x = np.asarray(x, np.float64)
+    return x * normal_cdf(x)
+
+
+def gelu_backward(dout, x):
+    """dout * gelu'(x), gelu'(x) = Phi(x) + x e^(-x^2/2) / sqrt(2 pi)."""
+    x = np.asarray(x, np.float64)
+    return np.asarray(dout, np.float64) * (normal_cdf(x) + x * np.exp(-x * x / 2)
+                                           / math.sqrt(2 * math.pi))
+
+
+def _hash32(x):
+    """lowbias32 on uint32 arrays (elementwise.c's hash32)."""
+    x = np.array(x, np.uint32)
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+def dropout_keep(shape, p, seed, site):
+    """The mask of K.dropout(out, x, p, seed, site) for x of `shape`: True where kept."""
+    seed = np.asarray(seed).astype(np.int64) & 0xFFFFFFFF
+    key = _hash32(_hash32([(int(seed[0]) + 0x9E3779B9 * site) & 0xFFFFFFFF])
+                  ^ np.uint32(seed[1]))
+    drop = np.uint32(int(float(np.float32(p)) * 2.0**32))
+    i = np.arange(math.prod(shape), dtype=np.uint32)
+    return (_hash32(_hash32(i) ^ key) >= drop).reshape(shape)
+
+
+def dropout(x, p, seed, site):
+    """x / (1 - p) where kept, 0 where dropped, as K.dropout (p = 0 or seed None: x)."""
+    x = np.asarray(x, np.float64)
+    if p == 0 or seed is None:
+        return x
+    return np.where(dropout_keep(x.shape, p, seed, site), x / (1 - np.float64(np.float32(p))),
+                    0.0)
 
 
 def log_softmax(logits):
@@ -148,40 +209,69 @@ def assert_close(actual, expected, rtol, atol, name=""):
 
 
 # ---- the model, layer by layer (params: dict of float64 arrays keyed like LLM's) --------------
+# The architecture options follow the parameters p holds, as the LLM names them (attention's
+# wo, bo; biases; output.w, absent when tied; ln_f), and the keywords norm and activation;
+# dropout with a training step's seed (LLM._dropout_seed), at the LLM's sites: the
+# embeddings 0, block i's attention 2i+1 and feed-forward 2i+2.
+
+def options(config):
+    """The keywords of model_logits / model_loss for a ModelConfig (without dropout: the
+    model in inference)."""
+    return {"norm": config.norm, "activation": config.activation}
+
+
+def _sub(p, prefix):
+    return {k[len(prefix):]: v for k, v in p.items() if k.startswith(prefix)}
+
 
 def self_attention(p, x, num_heads):
     out, _ = attention_forward(x @ p["wq"], x @ p["wk"], x @ p["wv"], num_heads)
-    return out
+    return out @ p["wo"] + p.get("bo", 0.0) if "wo" in p else out
 
 
-def feed_forward(p, x):
-    return np.maximum(x @ p["w1"] + p["b1"], 0.0) @ p["w2"] + p["b2"]
+def feed_forward(p, x, activation="relu"):
+    u = x @ p["w1"] + p.get("b1", 0.0)
+    h = np.maximum(u, 0.0) if activation == "relu" else gelu(u)
+    return h @ p["w2"] + p.get("b2", 0.0)
 
 
 def layer_norm(p, x):
-    return layernorm_forward(x, p["gamma"], p["beta"])[0]
+    return layernorm_forward(x, p["gamma"], p.get("beta"))[0]
 
 
-def transformer_block(p, x, num_heads):
-    sub = lambda prefix: {k[len(prefix):]: v for k, v in p.items() if k.startswith(prefix)}
-    x = layer_norm(sub("ln1."), x + self_attention(sub("attn."), x, num_heads))
-    return layer_norm(sub("ln2."), x + feed_forward(sub("ffn."), x))
+def transformer_block(p, x, num_heads, norm="post", activation="relu", drop=0.0, seed=None,
+                      site=0):
+    """A block; with drop > 0 and a step's seed, dropout on its sub-layers' outputs (sites
+    `site`, site + 1)."""
+    attn = lambda h: dropout(self_attention(_sub(p, "attn."), h, num_heads), drop, seed, site)
+    ffn = lambda h: dropout(feed_forward(_sub(p, "ffn."), h, activation), drop, seed, site + 1)
+    ln1 = lambda h: layer_norm(_sub(p, "ln1."), h)
+    ln2 = lambda h: layer_norm(_sub(p, "ln2."), h)
+    if norm == "pre":
+        x = x + attn(ln1(x))
+        return x + ffn(ln2(x))
+    x = ln1(x + attn(x))
+    return ln2(x + ffn(x))
 
 
-def model_logits(p, ids, num_layers, num_heads):
-    """Logits (B, T, V) of the whole model in float64."""
+def model_logits(p, ids, num_layers, num_heads, norm="post", activation="relu", drop=0.0,
+                 seed=None):
+    """Logits (B, T, V) of the whole model in float64 (drop, seed: a training step's
+    dropout)."""
     T = ids.shape[1]
-    x = p["embeddings.token"][ids] + p["embeddings.position"][:T]
+    x = dropout(p["embeddings.token"][ids] + p["embeddings.position"][:T], drop, seed, 0)
     for i in range(num_layers):
-        prefix = f"blocks.{i}."
-        x = transformer_block({k[len(prefix):]: v for k, v in p.items() if k.startswith(prefix)},
-                              x, num_heads)
-    return x @ p["output.w"] + p["output.b"]
+        x = transformer_block(_sub(p, f"blocks.{i}."), x, num_heads, norm, activation, drop,
+                              seed, 2 * i + 1)
+    if "ln_f.gamma" in p:
+        x = layer_norm(_sub(p, "ln_f."), x)
+    w = p["output.w"] if "output.w" in p else p["embeddings.token"].T  # tied
+    return x @ w + p.get("output.b", 0.0)
 
 
-def model_loss(p, ids, targets, num_layers, num_heads, ignore_index=-1):
+def model_loss(p, ids, targets, num_layers, num_heads, ignore_index=-1, **options):
     """Mean next-token cross-entropy over the targets that are not ignore_index."""
-    logits = model_logits(p, ids, num_layers, num_heads)
+    logits = model_logits(p, ids, num_layers, num_heads, **options)
     losses, _, _ = crossentropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                              ignore_index)
     return losses.sum() / np.count_nonzero(targets != ignore_index)

@@ -327,3 +327,21 @@ def test_a_thread_count_beyond_the_bound_is_one_line(tmp_path):
     result = tiny_run(tmp_path, "--threads", "100000")
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
     assert "[training] threads = 100000, expected between 0 and" in result.output
+
+
+def test_train_the_gpt_architecture(tmp_path):
+    """--arch gpt trains (an option given as well wins over the arch's), the checkpoint
+    carries the architecture for generate and info, and --resume cannot change it."""
+    result = tiny_run(tmp_path, "--arch", "gpt", "--bias", "--num-heads", "4", "--dropout",
+                      "0.1", "--pretraining-epochs", "1", "--instruction-epochs", "1")
+    assert result.exit_code == 0, result.output
+    ckpt = str(tmp_path / "run")
+    info = run("info", "--checkpoint", ckpt)
+    assert ("arch gpt (pre-norm, gelu, attention projection, tied embeddings, dropout 0.1)"
+            in info.output)
+    assert run("generate", "Hello", "--checkpoint", ckpt, "--max-tokens", "3").exit_code == 0
+    refused = tiny_run(tmp_path, "--resume", "--arch", "rustgpt", "--no-bias")
+    assert refused.exit_code == 1 and len(refused.output.strip().splitlines()) == 1
+    assert "[model] arch ('gpt' -> 'rustgpt'), [model] bias (True -> False)" in refused.output
+    bad = tiny_run(tmp_path, "--arch", "llama")
+    assert bad.exit_code == 2 and "'llama' is not one of 'rustgpt', 'gpt'" in bad.output

@@ -67,6 +67,41 @@ def test_heads_must_divide_embedding_and_env_errors_name_the_variable():
         load_config(None, {"LLM_TRAINING_SHUFFLE": "maybe"})
 
 
+def test_arch_sets_the_architecture_keys_left_unset():
+    """[model] arch gives norm, activation, attention_projection, tie_embeddings and bias
+    their values where the file, environment or command line leave them unset; keys given
+    win; the resolved config round-trips and its document comments the arch's keys out."""
+    assert Config().model.arch == "rustgpt"
+    m = Config().model
+    assert (m.norm, m.activation, m.attention_projection, m.tie_embeddings, m.bias) == (
+        "post", "relu", False, False, True)
+    config, sources = load_config(None, {"LLM_MODEL_ARCH": "gpt", "LLM_MODEL_NORM": ""},
+                                  {"model": {"bias": True, "activation": None}})
+    m = config.model
+    assert (m.arch, m.norm, m.activation, m.attention_projection, m.tie_embeddings, m.bias) == (
+        "gpt", "pre", "gelu", True, True, True)
+    assert sources["model.bias"] == "cli" and "model.activation" not in sources
+    assert from_dict(to_dict(config)) == config
+    assert '# norm = "post"' in render_toml() and 'arch = "rustgpt"' in render_toml()
+    assert 'norm = "pre"  ' in render_toml(config)  # not the default: written out
+
+
+@pytest.mark.parametrize("toml,message", [
+    ('arch = "llama"', r"\[model\] arch = 'llama', expected rustgpt or gpt"),
+    ('norm = "sandwich"', r"\[model\] norm = 'sandwich', expected post or pre"),
+    ('activation = "swish"', r"\[model\] activation = 'swish', expected relu or gelu"),
+    ("bias = 1", r"\[model\] bias = 1, expected true, false or nothing"),
+    ("tie_embeddings = \"yes\"", r"tie_embeddings = 'yes', expected true, false or nothing"),
+    ("dropout = 1", r"\[model\] dropout = 1.0, expected in \[0, 1\)"),
+    ("dropout = -0.1", r"\[model\] dropout = -0.1, expected in \[0, 1\)"),
+])
+def test_bad_architecture_keys(tmp_path, toml, message):
+    path = tmp_path / "c.toml"
+    path.write_text(f"[model]\n{toml}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, {})
+
+
 def test_unreadable_file_and_yaml(tmp_path):
     with pytest.raises(ConfigError, match="missing.toml: no such file"):
         load_config(tmp_path / "missing.toml", {})

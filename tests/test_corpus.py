@@ -1,14 +1,17 @@
-"""Text corpora: finding files, bad input, the token file (contents, cache, dtype), the split,
-random windows and the bytes a token range stands for."""
+"""Text corpora: finding files, reading them (strict or replacing, progress, the cut rule), bad
+input, the token file (contents, cache, dtype), the split, random windows and the bytes a token
+range stands for."""
 
+import logging
 import shutil
 
 import numpy as np
 import pytest
 
 from rustgpt import corpus
-from rustgpt.corpus import TokenFile, count_bytes, find_sources, random_windows
+from rustgpt.corpus import TokenFile, count_bytes, documents, find_sources, pieces, random_windows
 from rustgpt.errors import DataLoadError, ValidationError, VocabularyError
+from rustgpt.tokenizer import KINDS, train_tokenizer
 
 
 class CharTokenizer:
@@ -185,6 +188,65 @@ def test_pieces_are_cut_before_whitespace(tmp_path, monkeypatch):
         assert tf.tokens.tolist() == tok.encode(text) + [tok.eos_id]
 
 
+def test_pieces_keep_every_byte_and_report_progress(tmp_path):
+    lines = [f"line {i} é🙂\r\n" for i in range(corpus.CHUNK_BYTES // 8)]  # across reads
+    write(tmp_path / "a.txt", "".join(lines))
+    write(tmp_path / "sub" / "b.md", "no newline at the end")
+    write(tmp_path / "skipped.json", "[]")
+    sources = find_sources([tmp_path])
+    seen = []
+    got = list(pieces(sources, progress=seen.append))
+    assert "".join(got) == "".join(lines) + "no newline at the end"
+    assert len(got) > 2 and all(p[0].isspace() for p in got[1:-1])  # cut before whitespace
+    assert sum(seen) == sum(s.path.stat().st_size for s in sources)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pieces_train_the_tokenizer_the_whole_text_does(tmp_path, monkeypatch, kind):
+    """No word, and no pre-split of byte-level BPE, straddles a cut."""
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", 24)
+    text = ("First Citizen:\nBefore we proceed any further, hear me   speak.\n\n\tAll: don't!"
+            " Speak,\n speak.\n") * 30
+    write(tmp_path / "a.txt", text)
+    got = list(pieces(find_sources([tmp_path / "a.txt", tmp_path])))  # a.txt once
+    assert len(got) > 100 and "".join(got) == text
+    trained, whole = (train_tokenizer(kind, texts, vocab_size=300) for texts in (got, [text]))
+    assert trained == whole and getattr(trained, "counts", 0) == getattr(whole, "counts", 0)
+
+
+def test_replace_reads_any_bytes_with_one_warning_per_file(tmp_path, caplog):
+    filler = (b"speak, " * corpus.CHUNK_BYTES)[:corpus.CHUNK_BYTES - 1]
+    path = write(tmp_path / "latin1.txt", filler + "é".encode() + b"ok\n caf\xe9 \xff\n")
+    at = corpus.CHUNK_BYTES + 8  # the é across the first read is fine; \xe9 is not
+    with pytest.raises(DataLoadError, match=rf"latin1.txt: line 2: not UTF-8 \(byte 0xe9 at "
+                                            rf"offset {at}\)"):
+        list(pieces(find_sources([path])))
+    write(path, path.read_bytes() + b"\0\n")  # a NUL is UTF-8: "replace" reads it as it is
+    jsonl = write(tmp_path / "b.jsonl", b'{"text": "a"}\n{"text": "\xe9\xe9"}\n')
+    with caplog.at_level(logging.WARNING, logger="rustgpt"):
+        text = "".join(pieces(find_sources([path, jsonl]), "replace"))
+    start = (filler + "é".encode() + b"ok\n caf").decode()
+    assert text == start + "\ufffd \ufffd\n\0\na\ufffd\ufffd"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: line 2: not UTF-8 (byte 0xe9 at offset {at}); read as U+FFFD, as is every "
+        f"such byte of the file",
+        f"{jsonl}: line 2: not UTF-8 (byte 0xe9 at offset 24); read as U+FFFD, as is every such "
+        f"byte of the file"]
+    write(path, b"cut \xe2\x82")  # ends inside a character
+    with pytest.raises(DataLoadError, match=r"line 1: not UTF-8 \(byte 0xe2 at offset 4\)"):
+        list(pieces(find_sources([path])))
+    with pytest.raises(ValidationError, match=r"errors = 'ignore', expected 'strict' or "
+                                              r"'replace'"):
+        list(documents(find_sources([path]), "ignore"))
+
+
+def test_pieces_of_a_corpus_without_text(tmp_path):
+    paths = [write(tmp_path / "a.txt", ""), write(tmp_path / "b.jsonl", '{"text": ""}\n')]
+    with pytest.raises(DataLoadError, match=r"a.txt \(\+1 files\): empty corpus, expected some "
+                                            r"text"):
+        list(pieces(find_sources(paths)))
+
+
 def test_reuse_and_rebuild(corpus_dir, tmp_path):
     cache = tmp_path / "cache"
     tok = CharTokenizer("".join(DOCS) + "!")
@@ -248,10 +310,12 @@ def test_split(hundred):
     (8, "0.1", ValidationError, "val_fraction = '0.1', expected a number in [0, 1)"),
     (10, 0.1, DataLoadError, "a.txt: the val split has 10 of the corpus's 100 tokens "
                              "(val_fraction 0.1), fewer than one window of max_seq_len + 1 = "
-                             "11; expected a longer corpus or a smaller max_seq_len"),
+                             "11; expected a longer corpus, a larger val_fraction or a smaller "
+                             "max_seq_len"),
     (90, 0.1, DataLoadError, "a.txt: the train split has 90 of the corpus's 100 tokens "
                              "(val_fraction 0.1), fewer than one window of max_seq_len + 1 = "
-                             "91; expected a longer corpus or a smaller max_seq_len"),
+                             "91; expected a longer corpus, a smaller val_fraction or a smaller "
+                             "max_seq_len"),
 ])
 def test_split_errors(hundred, seq_len, fraction, error, message):
     with pytest.raises(error) as err:

@@ -118,32 +118,55 @@ def test_sgemm_overwrites_nan(simd, rng):
         _check(C, ref.matmul(A, B), Kd, "C")
 
 
+ACTIVATIONS = {"relu": K.relu_forward, "gelu": K.gelu_forward}
+
+
 @pytest.mark.parametrize("M,Kd,N", SHAPES)
 @pytest.mark.parametrize("trans_a,trans_b", TRANS)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_sgemm_bias_and_relu_equal_their_own_passes(simd, rng, set_threads, M, Kd, N, trans_a,
-                                                    trans_b, threads):
-    """sgemm(bias=, relu=) gives the bits of sgemm, then bias_add, then relu_forward, on
-    every path (B in place, dot products, packed; edges; K over a cache block), with and
-    without accumulate, bias alone and relu alone."""
+def test_sgemm_epilogue_equals_its_own_passes(simd, rng, set_threads, M, Kd, N, trans_a,
+                                              trans_b, threads):
+    """sgemm(bias=, activation=, pre=) gives the bits of sgemm, then bias_add, then a copy
+    into pre, then relu_forward or gelu_forward, on every path (B in place, dot products,
+    packed; edges; K over a cache block), with and without accumulate, bias, activation
+    and pre each alone and together."""
     A, B = _operands(rng, M, Kd, N, trans_a, trans_b)
     bias = rng.standard_normal(N).astype(np.float32)
     C0 = rng.standard_normal((M, N)).astype(np.float32)
     set_threads(threads)
+    cases = [(bias, "relu", False), (bias, None, False), (None, "relu", False),
+             (bias, "gelu", True), (None, "gelu", True), (bias, "gelu", False),
+             (bias, "relu", True), (bias, None, True)]
     for accumulate in (False, True):
-        for b, relu in ((bias, True), (bias, False), (None, True)):
+        for b, activation, keep in cases:
             expected = C0.copy()
             K.sgemm(expected, A, B, trans_a, trans_b, accumulate)
             if b is not None:
                 K.bias_add(expected, b)
-            if relu:
-                K.relu_forward(expected, expected)
-            C = C0.copy()
-            K.sgemm(C, A, B, trans_a, trans_b, accumulate, bias=b, relu=relu)
-            np.testing.assert_array_equal(C, expected)
+            expected_pre = expected.copy()
+            if activation:
+                ACTIVATIONS[activation](expected, expected)
+            C, pre = C0.copy(), np.full((M, N), np.nan, np.float32) if keep else None
+            K.sgemm(C, A, B, trans_a, trans_b, accumulate, bias=b, activation=activation,
+                    pre=pre)
+            np.testing.assert_array_equal(C, expected, err_msg=f"{b is not None, activation}")
+            if keep:
+                np.testing.assert_array_equal(pre, expected_pre)
 
 
-def test_sgemm_bias_bad_input():
+@pytest.mark.parametrize("M,Kd,N", [(7, 33, 129), (80, 128, 256)])
+def test_sgemm_gelu_matches_the_float64_reference(simd, rng, M, Kd, N):
+    A, B = _operands(rng, M, Kd, N, False, False)
+    bias = rng.standard_normal(N).astype(np.float32)
+    C, pre = np.empty((M, N), np.float32), np.empty((M, N), np.float32)
+    K.sgemm(C, A, B, bias=bias, activation="gelu", pre=pre)
+    u = ref.matmul(A, B) + bias
+    tol = 4e-6 * np.sqrt(Kd)
+    ref.assert_close(pre, u, tol, tol * 4, "pre")
+    ref.assert_close(C, ref.gelu(u), tol, tol * 4, "C")
+
+
+def test_sgemm_epilogue_bad_input():
     A, B, C = (np.zeros(shape, np.float32) for shape in ((4, 5), (5, 6), (4, 6)))
     with pytest.raises(ShapeMismatch, match=r"sgemm: bias has shape \(5,\), expected \(6,\)"):
         K.sgemm(C, A, B, bias=np.zeros(5, np.float32))
@@ -151,6 +174,32 @@ def test_sgemm_bias_bad_input():
         K.sgemm(C, A, B, bias=np.zeros(6))
     with pytest.raises(ValidationError, match="sgemm: C overlaps bias"):
         K.sgemm(C, A, B, bias=C[0])
+    with pytest.raises(ValidationError, match="sgemm: activation = 'tanh', expected None, "
+                                              "'relu' or 'gelu'"):
+        K.sgemm(C, A, B, activation="tanh")
+    with pytest.raises(ShapeMismatch, match=r"sgemm: pre has shape \(6, 4\), expected \(4, 6\)"):
+        K.sgemm(C, A, B, activation="gelu", pre=np.zeros((6, 4), np.float32))
+    with pytest.raises(ValidationError, match="sgemm: pre overlaps C or an input"):
+        K.sgemm(C, A, B, activation="gelu", pre=C)
+    with pytest.raises(ValidationError, match="sgemm: pre overlaps C or an input"):
+        K.sgemm(C, A, B, bias=np.zeros(6, np.float32), pre=B.reshape(-1)[:24].reshape(4, 6))
+
+
+def test_sgemm_pre_is_recorded_as_an_output(rng):
+    """A plan records sgemm's pre as written (the two-stream schedule must know), and its
+    replay fills it again."""
+    A, B = _operands(rng, 5, 16, 24, False, False)
+    C, pre, out = (np.empty((5, 24), np.float32) for _ in range(3))
+    with K.Plan() as plan:
+        K.sgemm(C, A, B, activation="gelu", pre=pre)               # 0
+        K.colsum(np.empty(24, np.float32), pre, accumulate=False)  # 1: a leaf, reads pre
+        K.relu_forward(out, C)                                     # 2
+        K.add(out, out, out)                                       # 3
+    assert plan.streams(0)[1] == (1, 0, ("call", 1))  # on the other stream, waiting for 0
+    C[...] = pre[...] = np.nan
+    plan.run()
+    _check(pre, ref.matmul(A, B), 16, "pre")
+    _check(C, ref.gelu(ref.matmul(A, B)), 16, "C")
 
 
 def test_sgemm_bad_shapes():

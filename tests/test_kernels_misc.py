@@ -1,4 +1,5 @@
-"""Layer norm, cross-entropy, Adam, relu, bias, embedding and norm kernels vs tests/reference.py."""
+"""Layer norm, cross-entropy, Adam, relu, GELU, dropout, bias, embedding and norm kernels vs
+tests/reference.py."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -63,6 +64,29 @@ def test_layernorm_backward_matches_finite_differences(rng):
     K.layernorm_backward(dx, dg, db, w.astype(np.float32), x32, g32, mean, rstd)
     ref.assert_close(dx, num_dx, 1e-3, 1e-4, "dx")
     ref.assert_close(dg, num_dg, 1e-3, 1e-4, "dg")
+
+
+@pytest.mark.parametrize("N,D", SIZES)
+def test_layernorm_without_bias(rng, simd, N, D):
+    """b = None: out = xhat * g, and backward leaves the bias gradient out (dg, dx as with
+    a bias)."""
+    x = rng.standard_normal((N, D)).astype(np.float32)
+    g = rng.standard_normal(D).astype(np.float32)
+    dout = rng.standard_normal((N, D)).astype(np.float32)
+    out, mean, rstd = np.empty_like(x), np.empty(N, np.float32), np.empty(N, np.float32)
+    K.layernorm_forward(out, mean, rstd, x, g, None)
+    ref.assert_close(out, ref.layernorm_forward(x, g, None)[0], 1e-4, 1e-4, "out")
+    dx, dg = np.empty_like(x), np.ones(D, np.float32)
+    K.layernorm_backward(dx, dg, None, dout, x, g, mean, rstd)
+    e_dx, e_dg, _ = ref.layernorm_backward(dout, x, g)
+    ref.assert_close(dx, e_dx, 1e-3, 1e-4, "dx")
+    ref.assert_close(dg, e_dg + 1, 1e-4, 1e-4, "dg")
+    with K.Plan() as plan:  # recorded with two outputs, replayed the same
+        K.layernorm_backward(dx, dg, None, dout, x, g, mean, rstd, accumulate=False)
+    dx.fill(np.nan), dg.fill(np.nan)
+    plan.run()
+    ref.assert_close(dx, e_dx, 1e-3, 1e-4, "dx replayed")
+    ref.assert_close(dg, e_dg, 1e-4, 1e-4, "dg replayed")
 
 
 def test_layernorm_backward_in_place(rng):
@@ -347,6 +371,87 @@ def test_relu(rng, simd, n):
     np.testing.assert_array_equal(x, out)
 
 
+@pytest.mark.parametrize("n", [1, 7, 33, 129, 4097, 100_003])
+def test_gelu(rng, simd, n):
+    """gelu_forward and gelu_backward vs the float64 erf form, on odd sizes (the vector
+    loops' tails) and past the size that splits them between threads; in place too."""
+    x = (rng.standard_normal(n) * 3).astype(np.float32)
+    x[:min(n, 4)] = [0.0, -9.5, 40.0, -0.75][:min(n, 4)]  # zero, the tails, gelu' ~ 0
+    out = np.empty_like(x)
+    K.gelu_forward(out, x)
+    ref.assert_close(out, ref.gelu(x), 2e-6, 1e-6, "gelu")
+    dout = rng.standard_normal(n).astype(np.float32)
+    dx = np.empty_like(x)
+    K.gelu_backward(dx, dout, x)
+    ref.assert_close(dx, ref.gelu_backward(dout, x), 2e-6, 1e-6, "gelu backward")
+    K.gelu_backward(dout, dout, x)  # in place
+    np.testing.assert_array_equal(dout, dx)
+    K.gelu_forward(x, x)
+    np.testing.assert_array_equal(x, out)
+
+
+def test_gelu_reference_backward_matches_finite_differences(rng):
+    x = rng.standard_normal(40) * 3
+    w = rng.standard_normal(40)
+    numeric = ref.numerical_gradient(lambda: float((w * ref.gelu(x)).sum()), x)
+    ref.assert_close(ref.gelu_backward(w, x), numeric, 1e-6, 1e-8, "gelu'")
+
+
+def test_gelu_propagates_nan_and_keeps_the_tails(simd):
+    x = np.array([np.nan, np.inf, -np.inf, -30.0, 30.0, 1e-30], np.float32)
+    out, dx = np.empty_like(x), np.empty_like(x)
+    K.gelu_forward(out, x)
+    K.gelu_backward(dx, np.ones_like(x), x)
+    assert np.isnan(out[0]) and np.isnan(dx[0]) and out[1] == np.inf
+    assert np.isnan(out[2])  # -inf * Phi(-inf) = -inf * 0, as torch's
+    assert abs(out[3]) < 1e-30 and out[4] == 30.0 and out[5] == np.float32(5e-31)
+    assert abs(dx[3]) < 1e-30 and dx[4] == 1.0
+
+
+@pytest.mark.parametrize("n", [1, 7, 33, 129, 100_003])
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+def test_dropout(rng, simd, n, p):
+    """dropout vs the reference mask (the same hash, in numpy), on odd sizes and past the
+    size that splits it between threads: x / (1 - p) where kept; about p dropped; the same
+    mask again for the same seed and site (dropout's backward), another for another."""
+    x = rng.standard_normal(n).astype(np.float32)
+    seed = np.array([7, -3], np.intc)
+    out = np.empty_like(x)
+    K.dropout(out, x, p, seed, 5)
+    keep = ref.dropout_keep(x.shape, p, seed, 5)
+    ref.assert_close(out, ref.dropout(x, p, seed, 5), 1e-7, 1e-7, "dropout")
+    np.testing.assert_array_equal(out != 0, keep & (x != 0))
+    if n > 10_000:
+        assert abs(1 - keep.mean() - p) < 0.01
+    again = x.copy()
+    K.dropout(again, again, p, seed, 5)  # in place
+    np.testing.assert_array_equal(again, out)
+    if p > 0 and n > 10_000:
+        for other_seed, site in (([7, -2], 5), ([8, -3], 5), ([7, -3], 6)):
+            other = np.empty_like(x)
+            K.dropout(other, x, p, np.array(other_seed, np.intc), site)
+            assert not np.array_equal(other != 0, out != 0)
+            assert abs(((other != 0) & (out != 0)).mean() - (1 - p) ** 2) < 0.02  # independent
+
+
+def test_dropout_replays_the_seed_the_array_holds_then(rng):
+    x = rng.standard_normal((3, 50)).astype(np.float32)
+    seed, out = np.array([1, 2], np.intc), np.empty_like(x)
+    with K.Plan() as plan:
+        K.dropout(out, x, 0.5, seed, 0)
+    seed[1] = 3
+    plan.run()
+    ref.assert_close(out, ref.dropout(x, 0.5, [1, 3], 0), 1e-7, 1e-7, "replayed")
+    with pytest.raises(ValidationError, match="dropout: p = 1.0, expected 0 <= p < 1"):
+        K.dropout(out, x, 1.0, seed)
+    with pytest.raises(ValidationError, match="dropout: seed has dtype int64, expected int32"):
+        K.dropout(out, x, 0.5, np.array([1, 2]))
+    with pytest.raises(ShapeMismatch, match=r"dropout: seed has shape \(3,\), expected \(2,\)"):
+        K.dropout(out, x, 0.5, np.zeros(3, np.intc))
+    with pytest.raises(ShapeMismatch, match="dropout: out"):
+        K.dropout(out[:2], x, 0.5, seed)
+
+
 @pytest.mark.parametrize("N,C", SIZES + [(1024, 2048)])
 def test_bias_add_and_colsum(rng, simd, N, C):
     x = rng.standard_normal((N, C)).astype(np.float32)
@@ -382,6 +487,13 @@ def test_embedding(rng, B, T, D, V):
     K.embedding_backward(dwte, dwpe, dout, ids, accumulate=False)
     ref.assert_close(dwte, e_dwte, 1e-5, 1e-5, "dwte")
     ref.assert_close(dwpe, e_dwpe, 1e-5, 1e-5, "dwpe")
+    for acc_wte, acc_wpe in ((True, False), (False, True)):  # one added to, one overwritten
+        dwte.fill(1.0), dwpe.fill(1.0)
+        K.embedding_backward(dwte, dwpe, dout, ids, accumulate=(acc_wte, acc_wpe))
+        ref.assert_close(dwte, e_dwte + acc_wte, 1e-5, 1e-5, "dwte")
+        ref.assert_close(dwpe, e_dwpe + acc_wpe, 1e-5, 1e-5, "dwpe")
+    with pytest.raises(ValidationError, match=r"accumulate = \(True,\), expected a bool or 2"):
+        K.embedding_backward(dwte, dwpe, dout, ids, accumulate=(True,))
 
 
 def test_sum_squares(rng, simd):

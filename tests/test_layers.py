@@ -23,10 +23,11 @@ def params64(store):
     return {name: value.astype(np.float64) for name, value in store.values.items()}
 
 
-def check_layer(layer, reference, x, rng, tol=2e-3):
-    """Forward vs reference(p, x); dx and every parameter gradient vs finite differences."""
+def check_layer(layer, reference, x, rng, tol=2e-3, ws=None):
+    """Forward vs reference(p, x); dx and every parameter gradient vs finite differences.
+    ws: the workspace (a training one for dropout)."""
     store = bind(layer, rng)
-    ws = L.Workspace()
+    ws = ws or L.Workspace()
     out = layer.forward(ws, x)
     p64, x64 = params64(store), x.astype(np.float64)
     ref.assert_close(out, reference(p64, x64), 1e-4, 1e-4, "forward")
@@ -51,21 +52,30 @@ def check_accumulate(store, backward):
 
 
 @pytest.mark.parametrize("num_heads", [1, NH])
-def test_self_attention(rng, num_heads):
+@pytest.mark.parametrize("projection,bias", [(False, False), (True, False), (True, True)])
+def test_self_attention(rng, num_heads, projection, bias):
     x = rng.standard_normal((B, T, D)).astype(np.float32)
-    check_layer(L.SelfAttention(D, num_heads),
-                lambda p, x: ref.self_attention(p, x, num_heads), x, rng)
+    layer = L.SelfAttention(D, num_heads, projection, bias)
+    assert sorted(n for n, *_ in layer.named_specs()) == sorted(
+        ["wq", "wk", "wv"] + ["wo"] * projection + ["bo"] * (projection and bias))
+    check_layer(layer, lambda p, x: ref.self_attention(p, x, num_heads), x, rng)
 
 
-def test_feed_forward(rng):
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_feed_forward(rng, activation, bias):
     x = rng.standard_normal((B, T, D)).astype(np.float32)
-    check_layer(L.FeedForward(D, H), ref.feed_forward, x, rng)
+    layer = L.FeedForward(D, H, activation, bias)
+    assert [n for n, *_ in layer.named_specs()] == (["w1", "b1", "w2", "b2"] if bias
+                                                     else ["w1", "w2"])
+    check_layer(layer, lambda p, x: ref.feed_forward(p, x, activation), x, rng)
 
 
-def test_attention_backward_with_residual_adds_dx_onto_dout(rng):
+@pytest.mark.parametrize("projection", [False, True])
+def test_attention_backward_with_residual_adds_dx_onto_dout(rng, projection):
     """backward(residual=True), as a block calls it, returns dout + dx in dout's own buffer,
     and the parameter gradients are those of a plain backward."""
-    layer = L.SelfAttention(D, NH)
+    layer = L.SelfAttention(D, NH, projection, bias=True)
     store, ws = bind(layer, rng), L.Workspace()
     x = rng.standard_normal((B, T, D)).astype(np.float32)
     layer.forward(ws, x)
@@ -79,20 +89,71 @@ def test_attention_backward_with_residual_adds_dx_onto_dout(rng):
     np.testing.assert_array_equal(store.grad, grads)
 
 
-def test_layer_norm(rng):
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_norm(rng, bias):
     x = rng.standard_normal((B, T, D)).astype(np.float32)
-    check_layer(L.LayerNorm(D), ref.layer_norm, x, rng)
+    check_layer(L.LayerNorm(D, bias), ref.layer_norm, x, rng)
 
 
-def test_transformer_block(rng):
+# RustGPT's block, each option toggled alone, and GPT-2's (as --arch gpt)
+BLOCKS = {"rustgpt": {}, "pre-norm": {"norm": "pre"}, "gelu": {"activation": "gelu"},
+          "projection": {"projection": True}, "no-bias": {"bias": False},
+          "gpt": {"norm": "pre", "activation": "gelu", "projection": True, "bias": False}}
+
+
+@pytest.mark.parametrize("options", BLOCKS.values(), ids=BLOCKS.keys())
+def test_transformer_block(rng, options):
     x = rng.standard_normal((B, T, D)).astype(np.float32)
-    check_layer(L.TransformerBlock(D, H, NH),
-                lambda p, x: ref.transformer_block(p, x, NH), x, rng)
+    norm, activation = options.get("norm", "post"), options.get("activation", "relu")
+    check_layer(L.TransformerBlock(D, H, NH, **options),
+                lambda p, x: ref.transformer_block(p, x, NH, norm, activation), x, rng)
 
 
-def test_output_projection(rng):
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_transformer_block_with_dropout(rng, norm):
+    """In a training workspace (a dropout seed) each sub-layer's output goes through its
+    dropout mask (sites 4, 5); the gradient through the same masks."""
     x = rng.standard_normal((B, T, D)).astype(np.float32)
-    check_layer(L.OutputProjection(D, V), lambda p, x: x @ p["w"] + p["b"], x, rng)
+    seed = np.array([11, 2], np.intc)
+    check_layer(L.TransformerBlock(D, H, NH, norm=norm, dropout=0.25, site=4),
+                lambda p, x: ref.transformer_block(p, x, NH, norm, drop=0.25, seed=seed,
+                                                   site=4),
+                x, rng, ws=L.Workspace(dropout_seed=seed))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_output_projection(rng, bias):
+    x = rng.standard_normal((B, T, D)).astype(np.float32)
+    check_layer(L.OutputProjection(D, V, bias), lambda p, x: x @ p["w"] + p.get("b", 0.0), x,
+                rng)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_tied_output_projection(rng, bias):
+    """Tied to the embeddings: logits = x token^T (+ b); its backward writes (or adds) the
+    token embedding's gradient, which the embeddings' backward then adds to."""
+    root = L.Module()
+    embeddings = root.child("embeddings", L.Embeddings(V, D, T))
+    output = root.child("output", L.OutputProjection(D, V, bias, tied=embeddings))
+    assert [n for n, *_ in root.named_specs()] == (["embeddings.token", "embeddings.position"]
+                                                   + ["output.b"] * bias)
+    store, ws = bind(root, rng), L.Workspace()
+    x = rng.standard_normal((B, T, D)).astype(np.float32)
+    ids = rng.integers(0, V, (B, T)).astype(np.intc)
+    p64, x64 = params64(store), x.astype(np.float64)
+    logits = lambda: x64 @ p64["embeddings.token"].T + p64.get("output.b", 0.0)
+    w = rng.standard_normal((B, T, V))
+    # loss = sum(embeddings) + sum(w * logits): both uses of the token embedding
+    reference = lambda: ((p64["embeddings.token"][ids] + p64["embeddings.position"][:T]).sum()
+                         + (w * logits()).sum())
+    ref.assert_close(output.forward(ws, x), logits(), 1e-5, 1e-5, "logits")
+    dx = output.backward(ws, x, w.astype(np.float32), accumulate=False)
+    embeddings.forward(ws, ids)
+    embeddings.backward(ws, ids, np.ones((B, T, D), np.float32), accumulate=(True, False))
+    ref.assert_close(dx, w @ p64["embeddings.token"], 1e-5, 1e-5, "dx")
+    for name in p64:
+        ref.assert_close(store.grads[name], ref.numerical_gradient(reference, p64[name]), 1e-4,
+                         1e-4, name)
 
 
 def test_embeddings(rng):

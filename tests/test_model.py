@@ -1,5 +1,6 @@
 """LLM: whole-model gradient vs finite differences, batching with padding, KV-cache decoding,
-determinism, parameter count and state."""
+determinism, parameter count and state; the gradient, decoding and plan replay for every
+architecture option."""
 
 import os
 import subprocess
@@ -17,7 +18,9 @@ from rustgpt.optim import Adam
 from rustgpt.tokenizer import Vocab
 from tests import reference as ref
 
-TINY = ModelConfig(embedding_dim=8, hidden_dim=12, num_layers=2, num_heads=2, max_seq_len=9)
+SIZES = dict(embedding_dim=8, hidden_dim=12, num_layers=2, num_heads=2, max_seq_len=9)
+TINY = ModelConfig(**SIZES)
+arch_options = pytest.mark.parametrize("options", ref.ARCHS.values(), ids=ref.ARCHS.keys())
 
 
 def tiny_vocab(n=13):
@@ -33,13 +36,25 @@ def params64(model):
     return {name: v.astype(np.float64) for name, v in model.params.values.items()}
 
 
-def test_gradient_matches_finite_differences(model, rng):
+def tiny_model(options, rng=None, seed=3):
+    """A TINY model with the architecture options; with rng, every parameter redrawn
+    N(0, 0.3^2) (gains included), so that no option's part is near zero (gpt's init is)."""
+    m = LLM(ModelConfig(**SIZES, **options), tiny_vocab(), seed=seed)
+    if rng is not None:
+        m.params.data[...] = rng.standard_normal(m.params.data.size) * 0.3
+    return m
+
+
+@arch_options
+def test_gradient_matches_finite_differences(rng, options):
+    model = tiny_model(options, rng)
     seqs = [rng.integers(0, 13, n).astype(np.intc) for n in (7, 4)]  # second row is padded
     inputs, targets = make_batch(seqs)
     model.params.grad.fill(np.nan)  # every gradient must be written over, none added to
     loss = model.loss_and_backward(inputs, targets)
     p = params64(model)
-    f = lambda: ref.model_loss(p, inputs, targets, TINY.num_layers, TINY.num_heads)
+    f = lambda: ref.model_loss(p, inputs, targets, TINY.num_layers, TINY.num_heads,
+                               **ref.options(model.config))
     assert loss == pytest.approx(f(), rel=1e-5)
     for name in p:
         ref.assert_close(model.params.grads[name], ref.numerical_gradient(f, p[name]),
@@ -79,7 +94,9 @@ def test_padded_batch_equals_sequences_one_at_a_time(model, rng):
     ref.assert_close(batch_grad, grad / count, 1e-4, 1e-6, "grad")
 
 
-def test_kv_cache_steps_match_full_forward(model, rng):
+@arch_options
+def test_kv_cache_steps_match_full_forward(rng, options):
+    model = tiny_model(options, rng)
     B, T = 3, 9
     ids = rng.integers(0, 13, (B, T))
     full = model.forward(ids)  # (B, T, V)
@@ -130,13 +147,15 @@ def test_training_does_not_depend_on_the_thread_count(rng, set_threads):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_deferred_updates_give_the_same_training(rng, set_threads, threads):
+@pytest.mark.parametrize("options", [{}, {"arch": "gpt", "dropout": 0.1}],
+                         ids=["rustgpt", "gpt-dropout"])
+def test_deferred_updates_give_the_same_training(rng, set_threads, threads, options):
     """train_step(defer=True) leaves each update to the next step's forward (a replayed
     one runs it beside the forward, a recorded one first): the same losses, norms,
     parameters and moments as updating at once, bit for bit, across new shapes, clipping
     and lr changes."""
     config = ModelConfig(embedding_dim=64, hidden_dim=128, num_layers=2, num_heads=2,
-                         max_seq_len=40)
+                         max_seq_len=40, **options)
     # new shapes record plans between replays; (30, 30, 30) is past SMALL_STEP_TOKENS
     lengths = [(17,), (17,), (9,), (17,), (9,), (30,), (30, 30, 30), (17,), (30, 30, 30), (17,)]
     batches = [make_batch([rng.integers(0, 13, n).astype(np.intc) for n in ns])
@@ -164,11 +183,15 @@ def test_deferred_updates_give_the_same_training(rng, set_threads, threads):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_backward_as_two_streams_equals_in_order(rng, set_threads, threads, monkeypatch):
+@pytest.mark.parametrize("options", [{}, {"arch": "gpt"}, {"arch": "gpt", "dropout": 0.1}],
+                         ids=["rustgpt", "gpt", "gpt-dropout"])
+def test_backward_as_two_streams_equals_in_order(rng, set_threads, threads, options,
+                                                 monkeypatch):
     """Small steps replay their backward as two streams (SMALL_STEP_TOKENS): the same
-    losses and gradients as replaying it in order, bit for bit."""
+    losses and gradients as replaying it in order, bit for bit (gpt: the tied token
+    gradient written by the output projection and added to by the embeddings)."""
     config = ModelConfig(embedding_dim=64, hidden_dim=128, num_layers=2, num_heads=2,
-                         max_seq_len=40)
+                         max_seq_len=40, **options)
     batches = [make_batch([rng.integers(0, 13, n).astype(np.intc) for n in ns])
                for ns in ((17,), (5, 9), (40,))]
     results = []
@@ -288,6 +311,120 @@ def test_default_architecture_parameter_count():
     assert "total parameters 493,459" in m.network_description()
 
 
+# ---- dropout ----------------------------------------------------------------------------
+
+DROPOUT = {"rustgpt": {"dropout": 0.3}, "gpt": {"arch": "gpt", "dropout": 0.3}}
+
+
+@pytest.mark.parametrize("options", DROPOUT.values(), ids=DROPOUT.keys())
+def test_dropout_gradient_matches_finite_differences(rng, options):
+    """A training step with dropout is the reference's loss under the same masks (the
+    model's seed and the step's), and its gradient that loss's."""
+    model = tiny_model(options, rng)
+    inputs, targets = make_batch([rng.integers(0, 13, n).astype(np.intc) for n in (7, 4)])
+    loss = model.loss_and_backward(inputs, targets, dropout_step=5)
+    p, seed = params64(model), model._dropout_seed.copy()
+    f = lambda: ref.model_loss(p, inputs, targets, TINY.num_layers, TINY.num_heads,
+                               **ref.options(model.config), drop=0.3, seed=seed)
+    assert loss == pytest.approx(f(), rel=1e-5)
+    assert loss != pytest.approx(ref.model_loss(p, inputs, targets, TINY.num_layers,
+                                                TINY.num_heads, **ref.options(model.config)))
+    for name in p:
+        ref.assert_close(model.params.grads[name], ref.numerical_gradient(f, p[name]),
+                         2e-3, 2e-4, name)
+
+
+def test_dropout_only_in_training_steps(rng):
+    """forward, loss and KV-cache decoding never drop: the same logits as without
+    dropout; a training step does, with each step's own masks, replayed or recorded."""
+    options = DROPOUT["gpt"]
+    m, plain = tiny_model(options, seed=5), tiny_model({"arch": "gpt"}, seed=5)
+    ids = rng.integers(0, 13, (2, 9)).astype(np.intc)
+    np.testing.assert_array_equal(m.forward(ids), plain.forward(ids))
+    assert m.loss(ids, ids) == plain.loss(ids, ids)
+    cache, plain_cache = m.new_cache(2), plain.new_cache(2)
+    np.testing.assert_array_equal(m.prefill(cache, ids[:, :4]),
+                                  plain.prefill(plain_cache, ids[:, :4]))
+    np.testing.assert_array_equal(m.step(cache, ids[:, 4]), plain.step(plain_cache, ids[:, 4]))
+    losses = [m.loss_and_backward(ids, ids, step) for step in (1, 2, 3, 2)]
+    assert len(set(losses)) == 3 and losses[1] == losses[3]  # a step's masks are its own
+    assert m.plans_recorded == 1  # the later steps replayed the plan with their seeds
+    for step in (2, 3):  # = a fresh model recording that step
+        fresh = tiny_model(options, seed=5)
+        assert fresh.loss_and_backward(ids, ids, step) == losses[step - 1]
+        m.loss_and_backward(ids, ids, step)
+        np.testing.assert_array_equal(m.params.grad, fresh.params.grad)
+    with pytest.raises(ValidationError, match="dropout_step = -1, expected an integer >= 0"):
+        m.loss_and_backward(ids, ids, -1)
+
+
+def test_dropout_masks_follow_the_optimizer_step(rng):
+    """train_step draws the masks of the optimizer's step: a run continued from another's
+    weights and optimizer state (as --resume does) trains as if never stopped."""
+    options = DROPOUT["gpt"]
+    x, y = make_batch([rng.integers(0, 13, 9).astype(np.intc) for _ in range(2)])
+
+    def train(model, optimizer, steps):
+        return [model.train_step(x, y, optimizer, 1e-2, defer=True) for _ in range(steps)]
+
+    whole = tiny_model(options, seed=5)
+    whole_opt = Adam(whole.params)
+    curve = train(whole, whole_opt, 4)
+    first = tiny_model(options, seed=5)
+    first_opt = Adam(first.params)
+    head = train(first, first_opt, 2)
+    resumed = tiny_model(options, seed=5)
+    resumed.load_state_dict(first.state_dict())
+    resumed_opt = Adam(resumed.params)
+    resumed_opt.load_state_dict(first_opt.state_dict())
+    assert head + train(resumed, resumed_opt, 2) == curve
+    resumed.settle(), whole.settle()
+    np.testing.assert_array_equal(resumed.params.data, whole.params.data)
+
+
+def test_gpt_architecture_parameters_and_init():
+    """--arch gpt: nanoGPT's parameters (no biases, no output weight: the token embedding
+    serves, a final norm) and its init: weights N(0, 0.02), the residual projections
+    N(0, 0.02 / sqrt(2 L)), norm gains 1."""
+    D, H, V, T, L = 64, 256, 300, 32, 4
+    m = LLM(ModelConfig(embedding_dim=D, hidden_dim=H, num_layers=L, num_heads=4,
+                        max_seq_len=T, arch="gpt"), tiny_vocab(V), seed=1)
+    names = [name for name, *_ in m.params.specs]
+    assert names[:2] == ["embeddings.token", "embeddings.position"]
+    assert names[2:10] == [f"blocks.0.{n}" for n in ("ln1.gamma", "attn.wq", "attn.wk",
+                                                     "attn.wv", "attn.wo", "ln2.gamma",
+                                                     "ffn.w1", "ffn.w2")]
+    assert names[-1] == "ln_f.gamma" and not any(n.startswith("output") for n in names)
+    assert m.total_parameters() == V * D + T * D + L * (4 * D * D + 2 * D * H + 2 * D) + D
+    for name, value in m.params.values.items():
+        if name.endswith("gamma"):
+            assert (value == 1).all(), name
+        else:
+            std = 0.02 / np.sqrt(2 * L) if name.endswith(("wo", "w2")) else 0.02
+            assert abs(value.std() / std - 1) < 0.1 and abs(value.mean()) < std / 10, name
+    assert "arch gpt (pre-norm, gelu, attention projection, tied embeddings, no biases)" in \
+        m.network_description()
+
+
+def test_default_architecture_keeps_its_names_and_init():
+    """RustGPT's parameter table is unchanged by the options: names, shapes and init."""
+    from rustgpt.model import parameter_specs
+
+    specs = parameter_specs(ModelConfig(), 531)
+    assert [(n, s) for n, s, _, _ in specs[:6]] == [
+        ("embeddings.token", (531, 128)), ("embeddings.position", (80, 128)),
+        ("blocks.0.attn.wq", (128, 128)), ("blocks.0.attn.wk", (128, 128)),
+        ("blocks.0.attn.wv", (128, 128)), ("blocks.0.ln1.gamma", (128,))]
+    assert [n for n, *_ in specs[-4:]] == ["blocks.2.ln2.gamma", "blocks.2.ln2.beta",
+                                           "output.w", "output.b"]
+    assert {(n.split(".")[-1], init, round(v, 4)) for n, _, init, v in specs} == {
+        ("token", "normal", 0.02), ("position", "normal", 0.02), ("wq", "normal", 0.125),
+        ("wk", "normal", 0.125), ("wv", "normal", 0.125), ("gamma", "constant", 1.0),
+        ("beta", "constant", 0.0), ("w1", "normal", 0.125), ("b1", "constant", 0.0),
+        ("w2", "normal", 0.0884), ("b2", "constant", 0.0), ("w", "normal", 0.125),
+        ("b", "constant", 0.0)}
+
+
 def test_state_dict_round_trip(model, rng):
     other = LLM(TINY, tiny_vocab(), seed=99)
     other.load_state_dict(model.state_dict())
@@ -360,12 +497,13 @@ def test_nan_after_a_deferred_update_leaves_that_update_applied(rng):
     np.testing.assert_array_equal(*results)
 
 
-def test_replayed_step_equals_a_recorded_one(rng):
+@arch_options
+def test_replayed_step_equals_a_recorded_one(rng, options):
     """The second step of a shape replays the first one's kernel plan on new ids: same
     loss and gradient, bit for bit, as a fresh model running that step layer by layer."""
     first, second = (rng.integers(0, 13, (2, 6)).astype(np.intc) for _ in range(2))
     targets = rng.integers(0, 13, (2, 6)).astype(np.intc)
-    replaying, fresh = LLM(TINY, tiny_vocab(), seed=5), LLM(TINY, tiny_vocab(), seed=5)
+    replaying, fresh = tiny_model(options, seed=5), tiny_model(options, seed=5)
     replaying.loss_and_backward(first, targets)
     assert len(replaying._plans) == 1
     loss = replaying.loss_and_backward(second, targets)
@@ -485,6 +623,11 @@ def test_failed_allocations_become_one_line_errors(monkeypatch):
     (1, 1, TINY), (3, 7, TINY), (2, 9, TINY),
     (5, 33, ModelConfig(embedding_dim=12, hidden_dim=7, num_layers=3, num_heads=4,
                         max_seq_len=33)),
+    *((3, 7, ModelConfig(**SIZES, **options)) for options in ref.ARCHS.values()),
+    (3, 7, ModelConfig(**SIZES, dropout=0.1)), (3, 7, ModelConfig(**SIZES, arch="gpt",
+                                                                   dropout=0.1)),
+    (5, 33, ModelConfig(embedding_dim=12, hidden_dim=7, num_layers=3, num_heads=4,
+                        max_seq_len=33, arch="gpt")),
 ])
 def test_activation_estimate_covers_the_workspace(rng, B, T, config):
     from rustgpt.model import activation_bytes

@@ -1,8 +1,7 @@
 """Tokenizers: the interface each kind keeps; word (RustGPT's rules, encode/decode, errors,
-statistics), char and bpe round trips; dicts and files (corrupt, foreign); reading text."""
+statistics), char and bpe round trips; dicts and files (corrupt, foreign); training a kind."""
 
 import json
-import logging
 import string
 from collections import Counter
 
@@ -15,7 +14,6 @@ from hypothesis import strategies as st
 from rustgpt.errors import DataLoadError, TokenError, ValidationError, VocabularyError
 from rustgpt.tokenizer import (
     BPE_EOS,
-    CHUNK_BYTES,
     EOS,
     KINDS,
     UNK,
@@ -24,7 +22,6 @@ from rustgpt.tokenizer import (
     Tokenizer,
     Vocab,
     load_tokenizer,
-    read_texts,
     tokenize,
     tokenizer_from_dict,
     tokens_per_byte,
@@ -289,7 +286,8 @@ def test_saved_files_load_back(kind, tokenizer_of, tmp_path):
     tok = tokenizer_of(kind)
     path = tmp_path / "tok.json"
     tok.save(path)
-    assert load_tokenizer(str(path)) == tok and load_tokenizer(path).encode(PLAY) == tok.encode(PLAY)
+    assert load_tokenizer(str(path)) == tok
+    assert load_tokenizer(path).encode(PLAY) == tok.encode(PLAY)
     if kind == "bpe":  # Hugging Face's own format
         hf = tokenizers.Tokenizer.from_file(str(path))
         assert hf.encode(ODD, add_special_tokens=False).ids == tok.encode(ODD)
@@ -342,51 +340,18 @@ def test_load_tokenizer_kinds_and_missing_files(tmp_path):
         load_tokenizer(tmp_path)
 
 
-# ---- reading text ----------------------------------------------------------------------------
+# ---- training a kind ------------------------------------------------------------------------
 
-def test_read_texts_pieces_end_at_newlines_and_keep_every_byte(tmp_path):
-    lines = [f"line {i} é🙂\r\n" for i in range(CHUNK_BYTES // 8)]  # characters across reads
-    (tmp_path / "a.txt").write_text("".join(lines), newline="")
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "b.md").write_text("no newline at the end")
-    (tmp_path / "skipped.json").write_text("[]")
-    pieces = list(read_texts([tmp_path], "char"))
-    assert "".join(pieces) == "".join(lines) + "no newline at the end"
-    assert len(pieces) > 2 and all(p.endswith("\n") for p in pieces[:-1])
-    seen = []
-    list(read_texts([tmp_path / "a.txt"], "bpe", progress=seen.append))
-    assert sum(seen) == (tmp_path / "a.txt").stat().st_size
-
-
-def test_a_file_that_is_not_utf8(tmp_path, caplog):
-    path = tmp_path / "latin1.txt"
-    path.write_bytes(b"x" * (CHUNK_BYTES - 1) + "é".encode() + b"ok\n caf\xe9\n")
-    at = CHUNK_BYTES + 8  # the é across the first read is fine; \xe9 is not
-    for kind in ("char", "word"):
-        with pytest.raises(DataLoadError, match=rf"latin1.txt: byte {at:,} \(0xe9\) is not "
-                                                r"UTF-8, expected UTF-8 text"):
-            train_tokenizer(kind, [path])
-    with caplog.at_level(logging.WARNING, logger="rustgpt"):
-        text = "".join(read_texts([path], "bpe"))
-    assert text.endswith("ok\n caf\ufffd\n") and f"byte {at:,} (0xe9) is not UTF-8" in caplog.text
-    assert train_tokenizer("bpe", [path], vocab_size=260).size == 260
-    path.write_bytes(b"cut \xe2\x82")  # ends inside a character
-    with pytest.raises(DataLoadError, match=r"byte 4 \(0xe2\) is not UTF-8"):
-        list(read_texts([path], "char"))
-
-
-def test_train_tokenizer_from_files(tmp_path):
-    (tmp_path / "a.txt").write_text(PLAY[:300])
-    (tmp_path / "b.txt").write_text(PLAY[300:] + "Zeus")
-    tok = train_tokenizer("char", [tmp_path / "a.txt", tmp_path])  # a.txt twice: no matter
-    assert tok == CharTokenizer.from_texts([PLAY + "Zeus"])
-    (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "data").mkdir()
-    for paths, message in [([tmp_path / "empty.txt"], r"empty.txt: empty, expected some text"),
-                           ([tmp_path / "data"], r"data: a directory without .txt or .md files"),
-                           ([tmp_path / "nope.txt"], r"nope.txt: no such file or directory"),
-                           ([], r"no text files given")]:
-        with pytest.raises(DataLoadError, match=message):
-            train_tokenizer("char", paths)
-    with pytest.raises(ValidationError, match=r"tokenizer kind = 'bytes', expected one of"):
-        train_tokenizer("bytes", [tmp_path / "a.txt"])
+def test_train_tokenizer_on_streamed_texts():
+    pieces = PLAY.splitlines(keepends=True)
+    assert train_tokenizer("char", iter(pieces)) == CharTokenizer.from_texts([PLAY])
+    assert train_tokenizer("word", iter(pieces)) == Vocab.from_texts([PLAY])
+    assert train_tokenizer("bpe", iter(pieces), vocab_size=280) == BpeTokenizer.from_texts(
+        pieces, vocab_size=280)
+    with pytest.raises(ValidationError, match=r"tokenizer kind = 'bytes', expected one of "
+                                              r"word, char, bpe"):
+        train_tokenizer("bytes", pieces)
+    with pytest.raises(ValidationError, match=r"vocab_size = 100, expected an integer >= 257"):
+        train_tokenizer("bpe", iter(pieces), vocab_size=100)
+    with pytest.raises(ValidationError, match=r"text is a bytes, expected a string"):
+        train_tokenizer("char", [b"abc"])

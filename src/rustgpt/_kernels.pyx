@@ -66,6 +66,8 @@ cdef extern from "rustgpt_kernels.h" nogil:
     void rg_relu_backward(float *dx, const float *dout, const float *out, size_t n) noexcept
     void rg_gelu_forward(float *out, const float *x, size_t n) noexcept
     void rg_gelu_backward(float *dx, const float *dout, const float *x, size_t n) noexcept
+    void rg_dropout(float *out, const float *x, size_t n, float p, const int *seed,
+                    int site) noexcept
     void rg_add(float *out, const float *a, const float *b, size_t n) noexcept
     void rg_bias_add(float *x, const float *b, int N, int C) noexcept
     void rg_colsum(float *db, const float *dy, int N, int C, int accumulate) noexcept
@@ -237,8 +239,8 @@ cdef enum:
 cdef enum:
     OP_SGEMM, OP_SGEMM_MANY, OP_ATTENTION_FORWARD, OP_ATTENTION_BACKWARD, OP_LAYERNORM_FORWARD,
     OP_LAYERNORM_BACKWARD, OP_CROSSENTROPY_FORWARD_BACKWARD, OP_RELU_FORWARD,
-    OP_RELU_BACKWARD, OP_GELU_FORWARD, OP_GELU_BACKWARD, OP_ADD, OP_BIAS_ADD, OP_COLSUM,
-    OP_EMBEDDING_FORWARD, OP_EMBEDDING_BACKWARD
+    OP_RELU_BACKWARD, OP_GELU_FORWARD, OP_GELU_BACKWARD, OP_DROPOUT, OP_ADD, OP_BIAS_ADD,
+    OP_COLSUM, OP_EMBEDDING_FORWARD, OP_EMBEDDING_BACKWARD
 
 
 cdef struct Op:
@@ -247,7 +249,7 @@ cdef struct Op:
     int i[6]    # its int arguments (sizes, flags), in order
     size_t n    # element count of the flat kernels; sgemm_many's accumulate flags, as bits;
                 # sgemm's activation (RG_ACT_*)
-    float f     # its float argument (eps, dscale)
+    float f     # its float argument (eps, dscale, dropout's p)
 
 
 cdef void _run(const Op *o) noexcept nogil:
@@ -282,6 +284,8 @@ cdef void _run(const Op *o) noexcept nogil:
         rg_gelu_forward(p[0], p[1], o.n)
     elif o.kind == OP_GELU_BACKWARD:
         rg_gelu_backward(p[0], p[1], p[2], o.n)
+    elif o.kind == OP_DROPOUT:
+        rg_dropout(p[0], p[1], o.n, o.f, <int *>o.p[2], i[0])
     elif o.kind == OP_ADD:
         rg_add(p[0], p[1], p[2], o.n)
     elif o.kind == OP_BIAS_ADD:
@@ -1138,6 +1142,24 @@ def gelu_forward(out, x):
 def gelu_backward(dx, dout, x):
     """dx = dout * gelu'(x); dx may be dout. x is the forward's input (sgemm's pre)."""
     _elementwise(OP_GELU_BACKWARD, "gelu_backward", ("dx", "dout", "x"), (dx, dout, x))
+
+
+def dropout(out, x, float p, seed, int site=0):
+    """out = x / (1 - p) where kept, 0 where dropped (probability p, 0 <= p < 1); out may be
+    x. The mask is a hash of (seed, site, index): the same for the same int32 seed (2,) and
+    site, so dropout on the gradient is dropout's backward. A plan's replay reads the seed
+    array as it is then (a step writes its own seed there first)."""
+    fn = "dropout"
+    if not 0.0 <= p < 1.0:
+        raise ValidationError(f"{fn}: p = {p}, expected 0 <= p < 1")
+    shape = x.shape if isinstance(x, np.ndarray) else ()
+    cdef const float *xp = _f(x, fn, "x", shape)
+    cdef float *op = _f(out, fn, "out", shape, True)
+    cdef const int *sp = <const int *>_data(seed, fn, "seed", _I32, (2,), False)
+    cdef Op o
+    o.kind, o.p[0], o.p[1], o.p[2] = OP_DROPOUT, op, <void *>xp, <void *>sp
+    o.i[0], o.n, o.f = site, x.size, p
+    _submit(&o, (out, x, seed))
 
 
 def add(out, a, b):

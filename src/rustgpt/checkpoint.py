@@ -464,9 +464,11 @@ class CheckpointCallback(Callback):
         self.saved: Path | None = None
 
     def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
+        """Save when the epoch is due (``Trainer.epochs_due``)."""
         if trainer.epochs_due(self.every_epochs):
             self.save(trainer)
 
     def save(self, trainer: Trainer) -> Path:
+        """Save the trainer's state now; returns the checkpoint's path."""
         self.saved = self.manager.save(Checkpoint.from_trainer(trainer, self.config))
         return self.saved

@@ -1,4 +1,4 @@
-"""rustgpt-cli: train, generate, chat, info, eval, plot and config, over the library.
+"""rustgpt-cli: train, generate, chat, info, eval, plot, config and tokenizer, over the library.
 
 Heavy modules (numpy, the C extension) are imported inside the commands, so ``--help`` and
 ``config show`` start fast. Every LlmError reaches the user as one line on stderr, exit 1.
@@ -19,7 +19,9 @@ from rustgpt.errors import LlmError
 log = logging.getLogger("rustgpt.cli")
 
 # click option -> (config section, key); one name per setting: --embedding-dim = [model] embedding_dim
-MODEL_OPTIONS = ("embedding_dim", "hidden_dim", "num_layers", "num_heads", "max_seq_len")
+MODEL_OPTIONS = ("embedding_dim", "hidden_dim", "num_layers", "num_heads", "max_seq_len", "arch",
+                 "norm", "activation", "attention_projection", "tie_embeddings", "bias",
+                 "dropout")
 TRAIN_OPTIONS = ("pretraining_epochs", "instruction_epochs", "pretraining_lr", "instruction_lr",
                  "batch_size", "seed", "threads", "schedule", "warmup_steps", "shuffle")
 
@@ -168,6 +170,26 @@ def main(ctx, config_file, log_level, log_format):
 @click.option("--num-layers", type=int, help="Transformer blocks (default 3).")
 @click.option("--num-heads", type=int, help="Attention heads (default 1).")
 @click.option("--max-seq-len", type=int, help="Context length in tokens (default 80).")
+@click.option("--arch", type=click.Choice(["rustgpt", "gpt"]),
+              help="Architecture: rustgpt (default: RustGPT's post-norm relu block and init) or "
+                   "gpt (nanoGPT's GPT-2 block: pre-norm, gelu, attention projection, tied "
+                   "embeddings, no biases; its init). It sets the defaults of the five options "
+                   "below; any of them given as well wins.")
+@click.option("--norm", type=click.Choice(["post", "pre"]),
+              help="Layer norm after each residual add (post) or before each sub-layer, with a "
+                   "final one (pre).")
+@click.option("--activation", type=click.Choice(["relu", "gelu"]),
+              help="Feed-forward activation (gelu: the exact erf form).")
+@click.option("--attention-projection/--no-attention-projection", default=None,
+              help="An output projection (D x D) after attention.")
+@click.option("--tie-embeddings/--no-tie-embeddings", default=None,
+              help="Output layer = the token embedding transposed (no weight of its own).")
+@click.option("--bias/--no-bias", default=None,
+              help="Biases in the feed-forward, attention-output and output layers and the "
+                   "layer norms.")
+@click.option("--dropout", type=float,
+              help="Training only: drop this fraction of the embeddings' and each sub-layer's "
+                   "outputs, in [0, 1) (default 0: off).")
 @click.option("--tensorboard", type=click.Path(file_okay=False),
               help="Also write TensorBoard event files to this directory "
                    "(pip install 'rustgpt[tensorboard]').")
@@ -601,7 +623,7 @@ def init(path, force):
 
 @main.group(name="tokenizer")
 def tokenizer_group():
-    """Train a tokenizer on text files; encode, decode or describe one.
+    """Train a tokenizer on text; encode, decode or describe one.
 
     \b
     TOKENIZER is a tokenizer file (a Hugging Face tokenizer.json, or a file that
@@ -622,6 +644,14 @@ def _load_tokenizer(spec: str):
                           + Dataset.load(BUNDLED_CHAT).examples)
 
 
+def _pieces(sources, kind: str, progress=None):
+    """corpus.pieces(sources) as a `kind` tokenizer takes the text: byte-level bpe any bytes
+    (those that are not UTF-8 as U+FFFD, with a warning), word and char only UTF-8."""
+    from rustgpt.corpus import pieces
+
+    return pieces(sources, "replace" if kind == "bpe" else "strict", progress)
+
+
 @tokenizer_group.command(name="train")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--kind", type=click.Choice(["word", "char", "bpe"]), default="bpe",
@@ -636,7 +666,8 @@ def _load_tokenizer(spec: str):
 @group_options
 @click.pass_obj
 def tokenizer_train(state: State, paths, kind, vocab_size, output, progress):
-    """Train a tokenizer on PATHS: text files, or directories of .txt and .md files.
+    """Train a tokenizer on PATHS: text files, directories (their .txt, .md and .jsonl
+    files), globs, or .jsonl files (JSON lines with a string "text").
 
     The text is read once, streaming. bpe takes any bytes (those that are not UTF-8 as
     U+FFFD); word and char refuse a file that is not UTF-8, naming the byte.
@@ -644,14 +675,15 @@ def tokenizer_train(state: State, paths, kind, vocab_size, output, progress):
     import contextlib
     import time
 
-    from rustgpt.tokenizer import BPE_VOCAB_SIZE, text_files, train_tokenizer
+    from rustgpt.corpus import find_sources
+    from rustgpt.tokenizer import BPE_VOCAB_SIZE, train_tokenizer
 
     state.config()
     if vocab_size is not None and kind != "bpe":
         _fail(f"--vocab-size sets the size of a bpe vocabulary; a {kind} tokenizer's follows "
               f"from its text")
-    files = text_files(paths)
-    total = sum(f.stat().st_size for f in files)
+    sources = find_sources(paths)
+    total = sum(s.path.stat().st_size for s in sources)
     began = time.perf_counter()
     with contextlib.ExitStack() as stack:
         update = None
@@ -662,10 +694,11 @@ def tokenizer_train(state: State, paths, kind, vocab_size, output, progress):
             update = stack.enter_context(tqdm(total=total, unit="B", unit_scale=True,
                                               desc=f"{kind} tokenizer")).update
             stack.enter_context(logging_redirect_tqdm([logging.getLogger("rustgpt")]))
-        tokenizer = train_tokenizer(kind, files, vocab_size or BPE_VOCAB_SIZE, progress=update)
+        tokenizer = train_tokenizer(kind, _pieces(sources, kind, update),
+                                    vocab_size or BPE_VOCAB_SIZE)
     tokenizer.save(output)
     click.echo(f"wrote {output}: {kind} tokenizer, {tokenizer.size:,} tokens, from "
-               f"{len(files):,} file{'s' if len(files) > 1 else ''} ({total / 1e6:,.1f} MB) "
+               f"{len(sources):,} file{'s' if len(sources) > 1 else ''} ({total / 1e6:,.1f} MB) "
                f"in {time.perf_counter() - began:.1f} s")
 
 
@@ -704,12 +737,14 @@ def tokenizer_decode(state: State, spec, ids):
 @tokenizer_group.command(name="info")
 @click.argument("spec", metavar="TOKENIZER")
 @click.option("--text", "texts", multiple=True, type=click.Path(),
-              help="Text file (or directory) to count tokens per byte on; repeatable.")
+              help="Text to count tokens per byte on: a file, a directory, a glob or a .jsonl "
+                   "file, as `tokenizer train` takes; repeatable.")
 @group_options
 @click.pass_obj
 def tokenizer_info(state: State, spec, texts):
     """Kind, vocabulary size and special ids of TOKENIZER; tokens per byte on --text."""
-    from rustgpt.tokenizer import read_texts, tokens_per_byte
+    from rustgpt.corpus import find_sources
+    from rustgpt.tokenizer import tokens_per_byte
 
     state.config()
     tokenizer = _load_tokenizer(spec)
@@ -719,7 +754,7 @@ def tokenizer_info(state: State, spec, texts):
         i = getattr(tokenizer, name)
         click.echo(f"{name}: " + ("none" if i is None else f"{i} {tokenizer.decode([i])!r}"))
     if texts:
-        ratio = tokens_per_byte(tokenizer, read_texts(texts, tokenizer.kind))
+        ratio = tokens_per_byte(tokenizer, _pieces(find_sources(texts), tokenizer.kind))
         click.echo(f"tokens per byte: {ratio:.4f} ({1 / ratio:.2f} bytes per token) on "
                    f"{', '.join(texts)}")
 

@@ -39,10 +39,25 @@ _non_negative = _check(">= 0", lambda v: v >= 0)
 _fraction = _check("in [0, 1)", lambda v: 0 <= v < 1)
 
 
+# The architectures [model] arch names: the values they give the architecture keys left
+# unset. Each also picks its init (rustgpt: DESIGN.md's; gpt: nanoGPT's, see rustgpt.model).
+ARCHITECTURES = {
+    "rustgpt": {"norm": "post", "activation": "relu", "attention_projection": False,
+                "tie_embeddings": False, "bias": True},
+    "gpt": {"norm": "pre", "activation": "gelu", "attention_projection": True,
+            "tie_embeddings": True, "bias": False},  # nanoGPT's GPT-2 block
+}
+
+
 @attrs.frozen
 class ModelConfig:
-    """[model]: the network's sizes (RustGPT's by default). Raises ArchitectureError when
-    num_heads does not divide embedding_dim, ConfigError for a size below 1."""
+    """[model]: the network's sizes and architecture (RustGPT's by default). ``arch`` names
+    an architecture: the values of norm, activation, attention_projection, tie_embeddings
+    and bias left unset (None) and the init; keys given explicitly win (dropout is no
+    architecture's, 0 unless given). Once built, every
+    key holds its value (None is resolved), so a saved config reads the same whatever the
+    architectures' defaults become. Raises ArchitectureError when num_heads does not divide
+    embedding_dim, ConfigError for a size below 1 or an unknown choice."""
 
     embedding_dim: int = _help("width of token vectors (D)", default=128, validator=_positive)
     hidden_dim: int = _help("feed-forward width (H)", default=256, validator=_positive)
@@ -51,11 +66,35 @@ class ModelConfig:
                            validator=_positive)
     max_seq_len: int = _help("longest sequence the model reads (context)", default=80,
                              validator=_positive)
+    arch: str = _help("rustgpt (RustGPT's block and init) or gpt (nanoGPT's GPT-2 block and "
+                      "init): the values of the next five keys where they are unset",
+                      default="rustgpt",
+                      validator=_check(" or ".join(ARCHITECTURES), lambda v: v in ARCHITECTURES))
+    norm: Optional[str] = _help("post: x = LN(x + f(x)) (rustgpt); pre: x = x + f(LN(x)) and a "
+                                "final LN (gpt)", default=None,
+                                validator=_check("post or pre", lambda v: v in ("post", "pre")))
+    activation: Optional[str] = _help("feed-forward activation: relu (rustgpt) or gelu, exact "
+                                      "erf form (gpt)", default=None,
+                                      validator=_check("relu or gelu",
+                                                       lambda v: v in ("relu", "gelu")))
+    attention_projection: Optional[bool] = _help("an output projection (D x D) after "
+                                                 "attention (gpt)", default=None)
+    tie_embeddings: Optional[bool] = _help("the output layer is the token embedding "
+                                           "transposed, no weight of its own (gpt)",
+                                           default=None)
+    bias: Optional[bool] = _help("biases in the feed-forward, attention-output and output "
+                                 "layers and layer norms (rustgpt)", default=None)
+    dropout: float = _help("training only: drop this fraction of the embeddings' and each "
+                           "sub-layer's outputs (before the residual add), scaling the rest "
+                           "by 1 / (1 - dropout); 0 = off", default=0.0, validator=_fraction)
 
     def __attrs_post_init__(self) -> None:
         if self.embedding_dim % self.num_heads:
             raise ArchitectureError(f"[model] num_heads = {self.num_heads} must divide "
                                     f"embedding_dim = {self.embedding_dim}")
+        for key, value in ARCHITECTURES[self.arch].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)  # frozen: set once, while building
 
 
 @attrs.frozen
@@ -176,7 +215,9 @@ SECTIONS = {f.name: f.default.factory for f in attrs.fields(Config)}
 SECTIONS_BY_CLASS = {cls: name for name, cls in SECTIONS.items()}
 # the annotations are strings (from __future__; cattrs may resolve them in place later);
 # their types without typing.get_type_hints, which costs more start-up time than the rest
-_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "Optional[int]": Optional[int]}
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "Optional[int]": Optional[int],
+          "Optional[str]": Optional[str], "Optional[bool]": Optional[bool]}
+_OPTIONAL = {Optional[int]: int, Optional[str]: str, Optional[bool]: bool}  # -> the base type
 
 
 def to_dict(config: Config) -> dict:
@@ -196,14 +237,15 @@ def from_dict(data: Mapping, source: str = "config") -> Config:
 # ---- layering ------------------------------------------------------------------------------
 
 def _type_name(tp) -> str:
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        tp, "an integer or nothing")
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            Optional[int]: "an integer or nothing", Optional[str]: "a string or nothing",
+            Optional[bool]: "true, false or nothing"}[tp]
 
 
 def _coerce(value: Any, tp, where: str, from_text: bool) -> Any:
     """`value` as type `tp`; strings are parsed when they come from the environment."""
-    optional = tp == Optional[int]
-    base = int if optional else tp
+    optional = tp in _OPTIONAL
+    base = _OPTIONAL.get(tp, tp)
     if from_text:
         text = value.strip()
         try:
@@ -342,17 +384,23 @@ def _toml_value(value: Any) -> str:
 
 def render_toml(config: Config | None = None, sources: Mapping[str, str] | None = None) -> str:
     """A TOML document of `config` (defaults when None), each key with its help as a comment,
-    or with its source when `sources` is given. Unset optional keys are commented out."""
+    or with its source when `sources` is given. Keys whose default is unset (None) and that
+    no source set are commented out while they hold what they get unset (an architecture
+    key written into the file would keep its value when the file's arch changes)."""
     config = config or Config()
     lines = ["# rustgpt configuration. Precedence: defaults < this file < LLM_* environment "
              "< command-line options."]
     for section, cls in SECTIONS.items():
         lines += ["", f"[{section}]"]
-        current = getattr(config, section)
+        current, defaults = getattr(config, section), cls()
         for f in attrs.fields(cls):
-            value = getattr(current, f.name)
-            note = f.metadata["help"] if sources is None else sources.get(f"{section}.{f.name}", "default")
+            value, key = getattr(current, f.name), f"{section}.{f.name}"
+            resolved = f.default is None and value is not None  # unset, then given a value
+            note = (f.metadata["help"] if sources is None else
+                    sources.get(key, "unset: set by arch" if resolved else "default"))
             entry = f"{f.name} = {_toml_value(value)}" if value is not None else f"# {f.name} ="
+            if resolved and key not in (sources or {}) and value == getattr(defaults, f.name):
+                entry = "# " + entry
             lines.append(f"{entry:<40} # {note}")
     return "\n".join(lines) + "\n"
 

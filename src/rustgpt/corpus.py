@@ -1,6 +1,7 @@
-"""Text corpora: finding the text (files, directories, globs, JSON lines), tokenizing it once,
-streaming, into a cached token file (a raw uint16/uint32 memmap and a JSON sidecar), the
-train/val split, random training windows, and the bytes a token range stands for.
+"""Text corpora: finding the text (files, directories, globs, JSON lines) and reading it in
+pieces, for tokenizer training as for the rest; tokenizing it once, streaming, into a cached
+token file (a raw uint16/uint32 memmap and a JSON sidecar), the train/val split, random
+training windows, and the bytes a token range stands for.
 
 A tokenizer here is any object with ``size`` (int), ``encode(text) -> list[int]``,
 ``decode(ids) -> str`` and ``to_dict() -> dict`` (JSON-able); an integer ``eos_id``, when it
@@ -13,12 +14,13 @@ import glob
 import hashlib
 import json
 import logging
+import numbers
 import os
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -31,7 +33,9 @@ log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".md")  # what a directory contributes, with .jsonl
 JSONL_SUFFIX = ".jsonl"
-CHUNK_BYTES = 1 << 20  # text read, decoded and encoded at a time
+# Text is read, decoded and encoded CHUNK_BYTES at a time: small enough that a piece's buffers
+# (its bytes, its text, the tokenizer's list of ids) do not fragment the heap as 1 MiB did.
+CHUNK_BYTES = 1 << 16
 DECODE_TOKENS = 1 << 16  # tokens decoded at a time by count_bytes
 FORMAT = 1  # of the token file and its sidecar; part of the cache key
 _MAGIC = "*?["  # characters that make a path a glob
@@ -97,19 +101,45 @@ def _source(path: Path, root: Path) -> Source:
     return Source(path, path.relative_to(root).as_posix(), path.suffix.lower() == JSONL_SUFFIX)
 
 
-def documents(sources: Sequence[Source]) -> Iterator[tuple[Source, Iterator[str]]]:
+def documents(sources: Sequence[Source], errors: str = "strict",
+              progress: Callable[[int], None] | None = None
+              ) -> Iterator[tuple[Source, Iterator[str]]]:
     """The corpus's documents in order (a text file, or the ``text`` of one JSON line), each
-    with its source, as pieces of about CHUNK_BYTES of text, cut before a whitespace character that follows a
-    non-whitespace one: no word, and no token of a GPT-2-style pre-split, straddles a cut.
-    Files are read a chunk at a time and never whole; a BOM is skipped. Raises DataLoadError
-    naming file, line and byte offset: bytes that are not UTF-8, a NUL byte (binary or UTF-16
-    text), a JSON line that is not an object with a string ``text``."""
+    with its source, as pieces of about CHUNK_BYTES of text, cut before a whitespace character
+    that follows a non-whitespace one: no word, and no token of a GPT-2-style pre-split,
+    straddles a cut.
+    Files are read a chunk at a time and never whole; a BOM is skipped; `progress(n)`, when
+    given, is called after each read of n bytes (BOM included: they add up to the files' sizes).
+    `errors` = "strict" raises DataLoadError naming file, line and byte offset for bytes that are
+    not UTF-8 and a NUL byte (binary or UTF-16 text); "replace" reads any bytes, those that are
+    not UTF-8 as U+FFFD, with one warning per file naming the first. Either way a JSON line that
+    is not an object with a string ``text`` raises DataLoadError; an unknown `errors`,
+    ValidationError."""
+    if errors not in ("strict", "replace"):
+        raise ValidationError(f"errors = {errors!r}, expected 'strict' or 'replace'")
+    progress = progress or (lambda n: None)
     for source in sources:
+        decode = _decoder(source.path, errors)
         if source.jsonl:
-            for text in _jsonl_texts(source.path):
+            for text in _jsonl_texts(source.path, decode, progress):
                 yield source, _text_pieces(text)
         else:
-            yield source, _file_pieces(source.path)
+            yield source, _file_pieces(source.path, decode, progress)
+
+
+def pieces(sources: Sequence[Source], errors: str = "strict",
+           progress: Callable[[int], None] | None = None) -> Iterator[str]:
+    """Every piece of every document of `sources`, in order (see documents, which takes
+    `errors` and `progress`): the corpus as one stream of text, as a tokenizer is trained on it.
+    Raises what documents raises, and DataLoadError, once all is read, when there was no text."""
+    empty = True
+    for _, document in documents(sources, errors, progress):
+        for piece in document:
+            empty = False
+            yield piece
+    if empty:
+        raise DataLoadError(f"{_corpus_name([str(s.path) for s in sources])}: empty corpus, "
+                            f"expected some text")
 
 
 def _cut(buf: bytes | str, start: int, stop: int) -> int:
@@ -140,43 +170,59 @@ def _text_pieces(text: str) -> Iterator[str]:
         yield text[start:]
 
 
-def _file_pieces(path: Path) -> Iterator[str]:
+def _file_pieces(path: Path, decode, progress) -> Iterator[str]:
     with reading(path, DataLoadError) as f:
         buf = f.read(CHUNK_BYTES)
+        progress(len(buf))
         offset = len(_BOM) if buf.startswith(_BOM) else 0  # of buf[0] in the file
         buf = buf[offset:]
         line = 1  # of buf[0]
         while buf:
             chunk = f.read(CHUNK_BYTES)
+            progress(len(chunk))
             buf += chunk
             while len(buf) > CHUNK_BYTES or (buf and not chunk):
                 end = _cut(buf, 0, CHUNK_BYTES) if len(buf) > CHUNK_BYTES else len(buf)
-                yield _decode(buf[:end], path, offset, line)
+                yield decode(buf[:end], offset, line)
                 line += buf.count(b"\n", 0, end)
                 offset += end
                 buf = buf[end:]
 
 
-def _decode(raw: bytes, path: Path, offset: int, line: int) -> str:
-    """`raw` (found at byte `offset`, line `line` of `path`) as text."""
-    if (i := raw.find(b"\0")) >= 0:
-        line += raw.count(b"\n", 0, i)
-        raise DataLoadError(f"{path}: line {line}: a NUL byte at offset {offset + i}, expected UTF-8 text "
-                            f"(a binary file, or UTF-16?)")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line += raw.count(b"\n", 0, err.start)
-        raise DataLoadError(f"{path}: line {line}: not UTF-8 (byte 0x{raw[err.start]:02x} at offset "
-                            f"{offset + err.start})") from err
+def _decoder(path: Path, errors: str) -> Callable[[bytes, int, int], str]:
+    """decode(raw, offset, line): bytes `raw` of `path`, found at byte `offset`, line `line`, as
+    text, by `errors` (see documents); it warns once, at the first byte that is not UTF-8."""
+    warned = False
+
+    def decode(raw: bytes, offset: int, line: int) -> str:
+        nonlocal warned
+        if errors == "strict" and (i := raw.find(b"\0")) >= 0:
+            line += raw.count(b"\n", 0, i)
+            raise DataLoadError(f"{path}: line {line}: a NUL byte at offset {offset + i}, "
+                                f"expected UTF-8 text (a binary file, or UTF-16?)")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line += raw.count(b"\n", 0, err.start)
+            found = (f"{path}: line {line}: not UTF-8 (byte 0x{raw[err.start]:02x} at offset "
+                     f"{offset + err.start})")
+            if errors == "strict":
+                raise DataLoadError(found) from err
+            if not warned:
+                warned = True
+                log.warning("%s; read as U+FFFD, as is every such byte of the file", found)
+            return raw.decode("utf-8", "replace")
+
+    return decode
 
 
-def _jsonl_texts(path: Path) -> Iterator[str]:
+def _jsonl_texts(path: Path, decode, progress) -> Iterator[str]:
     expected = "expected an object with a string 'text'"
     with reading(path, DataLoadError) as f:
         offset = 0
         for number, raw in enumerate(f, 1):  # one line in memory at a time
-            line = _decode(raw, path, offset, number)
+            progress(len(raw))
+            line = decode(raw, offset, number)
             offset += len(raw)
             if number == 1:
                 line = line.removeprefix("\ufeff")
@@ -211,8 +257,11 @@ def _corpus_name(names: list[str]) -> str:
 
 
 def _digest(path: Path) -> str:
+    digest = hashlib.sha256()
     with reading(path, DataLoadError) as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class TokenFile:
@@ -255,7 +304,8 @@ class TokenFile:
         if cached is not None:
             log.info("%s: reusing %s (%s tokens)", cached.name, path, f"{len(cached):,}")
             return cached
-        counts = _write_tokens(path, sources, tokenizer, recipe)
+        counts = _write_tokens(path, sources, tokenizer,
+                               sum(s["size"] for s in recipe["sources"]))
         meta = {"format": FORMAT, "key": key, **counts, **recipe}
         write_atomic(path.with_suffix(".json"), json.dumps(meta, indent=1).encode())
         return cls(path, meta)
@@ -293,28 +343,30 @@ class TokenFile:
         (nanoGPT's split), val the rest. Raises ValidationError for val_fraction outside
         [0, 1), DataLoadError when train, or val if val_fraction > 0, is shorter than one
         window of seq_len + 1 tokens."""
-        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) \
                 or not 0 <= val_fraction < 1:
             raise ValidationError(f"val_fraction = {val_fraction!r}, expected a number in "
                                   f"[0, 1)")
         n = len(self)
         n_train = int(n * (1 - val_fraction))
-        for split, count in (("train", n_train), ("val", n - n_train)):
+        for split, count, fraction in (("train", n_train, "a smaller"),
+                                       ("val", n - n_train, "a larger")):
             if count < seq_len + 1 and (split == "train" or val_fraction > 0):
                 raise DataLoadError(
                     f"{self.name}: the {split} split has {count:,} of the corpus's {n:,} tokens "
                     f"(val_fraction {val_fraction:g}), fewer than one window of max_seq_len + 1 "
-                    f"= {seq_len + 1}; expected a longer corpus or a smaller max_seq_len")
+                    f"= {seq_len + 1}; expected a longer corpus, {fraction} val_fraction or a "
+                    f"smaller max_seq_len")
         return self.tokens[:n_train], self.tokens[n_train:]
 
 
-def _write_tokens(path: Path, sources: Sequence[Source], tokenizer, recipe: dict) -> dict:
-    """Tokenize `sources` into `path` (see TokenFile); returns tokens, dtype, text_bytes."""
+def _write_tokens(path: Path, sources: Sequence[Source], tokenizer, total: int) -> dict:
+    """Tokenize `sources` (`total` bytes of files) into `path` (see TokenFile); returns
+    tokens, dtype, text_bytes."""
     size = tokenizer.size
     dtype = np.dtype(np.uint16 if size <= 1 << 16 else np.uint32)
     eos = _eos(tokenizer)
     separator = np.asarray([eos] if eos is not None else tokenizer.encode("\n"), dtype)
-    total = sum(s["size"] for s in recipe["sources"])
     log.info("tokenizing %d files (%s) into %s", len(sources), size_text(total), path)
     n_tokens = text_bytes = 0
     started = reported = time.monotonic()

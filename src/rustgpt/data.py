@@ -27,9 +27,9 @@ from rustgpt.resources import allocating
 
 log = logging.getLogger(__name__)
 
-CORPUS = Path(__file__).parent / "corpus"
-BUNDLED_PRETRAINING = CORPUS / "pretraining.json"  # the default data, shipped in the package
-BUNDLED_CHAT = CORPUS / "chat.json"
+BUNDLED = Path(__file__).parent / "bundled"
+BUNDLED_PRETRAINING = BUNDLED / "pretraining.json"  # the default data, shipped in the package
+BUNDLED_CHAT = BUNDLED / "chat.json"
 MAX_FILE_BYTES = 256 * 1024 * 1024  # larger files are refused, not read into memory
 CHUNK_CHARS = 1 << 20  # characters read at a time
 

@@ -28,6 +28,7 @@ PROMPT_PREFIX = "User: "  # RustGPT's chat format
 # ---- samplers: logits (V,) -> token id ------------------------------------------------------
 
 def sample_greedy(logits: np.ndarray) -> int:
+    """The likeliest token (the first of ties)."""
     return int(np.argmax(logits))
 
 

@@ -5,6 +5,8 @@ holds named views into them (``wq`` and its gradient ``dwq``). Activations live 
 ``Workspace`` passed to every call, so one set of weights can serve many callers.
 ``backward`` returns the input gradient and adds (+=) into the parameter gradients, or, with
 ``accumulate=False``, overwrites them (no separate zeroing pass over the gradient buffer).
+Dropout applies where the workspace carries a step's dropout seed (training) and nowhere
+else (inference).
 Shapes use DESIGN.md's letters: B batch, T sequence, D embedding, H hidden, V vocabulary.
 """
 
@@ -60,7 +62,10 @@ class Workspace:
     the room left behind stays below what the buffer holds. Smaller buffers (all of a
     batch-1 step's) are plain arrays, so small models keep a small footprint."""
 
-    def __init__(self) -> None:
+    def __init__(self, dropout_seed: np.ndarray | None = None) -> None:
+        """dropout_seed: a training step's dropout seed, int32 (2,), which the step writes
+        before the layers run; None (inference): the layers apply no dropout."""
+        self.dropout_seed = dropout_seed
         self._buffers: dict[str, np.ndarray] = {}
         self._views: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
         self.generation = 0
@@ -110,6 +115,17 @@ class Module:
         """Add `module` under `name` (its parameters are named ``name.<param>``)."""
         self._children[name] = module
         return module
+
+    def modules(self) -> Iterator[Module]:
+        """This layer and every layer under it, parents first."""
+        yield self
+        for module in self._children.values():
+            yield from module.modules()
+
+    def own_specs(self) -> list[tuple[str, tuple[int, ...], str, float]]:
+        """(name, shape, init, value) of this layer's own parameters (not its children's);
+        ``param`` again with a name declared already replaces its init."""
+        return [(name, *spec) for name, spec in self._params.items()]
 
     def named_specs(self, prefix: str = "") -> Iterator[tuple[str, tuple[int, ...], str, float]]:
         """(dotted name, shape, init, value) of every parameter, in a fixed order."""
@@ -169,11 +185,24 @@ def _rows(x: np.ndarray) -> np.ndarray:
     return x.reshape(-1, x.shape[-1])
 
 
-class Embeddings(Module):
-    """x = token[ids] + position[0:T]. token: (V, D) and position: (T_max, D), N(0, 0.02)."""
+def _dropout(ws: Workspace, x: np.ndarray, p: float, site: int, name: str) -> np.ndarray:
+    """x with dropout p (the mask of `site` and ws's step seed) in ws's buffer `name`; x
+    itself when p = 0 or ws has no seed (inference). On a gradient: dropout's backward."""
+    if p == 0.0 or ws.dropout_seed is None:
+        return x
+    out = ws.get(name, x.shape)
+    K.dropout(out, x, p, ws.dropout_seed, site)
+    return out
 
-    def __init__(self, vocab_size: int, embedding_dim: int, max_seq_len: int) -> None:
+
+class Embeddings(Module):
+    """x = dropout(token[ids] + position[0:T]) (dropout p, dropout site `site`).
+    token: (V, D) and position: (T_max, D), N(0, 0.02)."""
+
+    def __init__(self, vocab_size: int, embedding_dim: int, max_seq_len: int,
+                 dropout: float = 0.0, site: int = 0) -> None:
         super().__init__()
+        self.dropout, self.site = dropout, site
         self.param("token", (vocab_size, embedding_dim), "normal", 0.02)
         self.param("position", (max_seq_len, embedding_dim), "normal", 0.02)
 
@@ -182,35 +211,53 @@ class Embeddings(Module):
         B, T = ids.shape
         out = ws.get(self.key("out"), (B, T, self.token.shape[1]))
         K.embedding_forward(out, ids, self.token, self.position)
-        return out
+        return _dropout(ws, out, self.dropout, self.site, self.key("drop"))
 
     def backward(self, ws: Workspace, ids: np.ndarray, dout: np.ndarray,
-                 accumulate: bool = True) -> None:
+                 accumulate: bool | tuple[bool, bool] = True) -> None:
         """Scatter-add dout (B, T, D) into the token and position gradients (overwrite
-        them when not `accumulate`)."""
+        them when not `accumulate`; a pair says it for (token, position) apart)."""
+        dout = _dropout(ws, dout, self.dropout, self.site, self.key("ddrop"))
         K.embedding_backward(self.dtoken, self.dposition, dout, ids, accumulate)
 
 
 class SelfAttention(Module):
-    """Causal multi-head attention without an output projection (as RustGPT).
-    wq, wk, wv: (D, D), N(0, 2/D)."""
+    """Causal multi-head attention, RustGPT's (no output projection); with `projection`,
+    GPT-2's: its output a then goes through a Wo + bo (bo with `bias`; q, k and v never
+    have one). wq, wk, wv, wo: (D, D), N(0, 2/D); bo: (D,) 0."""
 
-    def __init__(self, embedding_dim: int, num_heads: int) -> None:
+    def __init__(self, embedding_dim: int, num_heads: int, projection: bool = False,
+                 bias: bool = True) -> None:
         super().__init__()
         D = embedding_dim
         self.num_heads = num_heads
-        for name in ("wq", "wk", "wv"):
+        self.projection = projection
+        self.wo = self.bo = self.dwo = self.dbo = None  # bound when declared
+        for name in ("wq", "wk", "wv") + (("wo",) if projection else ()):
             self.param(name, (D, D), "normal", math.sqrt(2.0 / D))
+        if projection and bias:
+            self.param("bo", (D,), "constant", 0.0)
 
     def forward(self, ws: Workspace, x: np.ndarray) -> np.ndarray:
-        """x: (B, T, D) -> (B, T, D); q, k, v and the probabilities stay in ws for backward."""
+        """x: (B, T, D) -> (B, T, D); q, k, v, the probabilities (and the attention's output
+        before the projection, a) stay in ws for backward."""
         B, T, D = x.shape
         x2 = _rows(x)
-        q, k, v, out = (ws.get(self.key(n), (B, T, D)) for n in ("q", "k", "v", "out"))
+        q, k, v = (ws.get(self.key(n), (B, T, D)) for n in ("q", "k", "v"))
         # q = x Wq, k = x Wk, v = x Wv: one parallel region, x packed once
         K.sgemm_many((_rows(q), _rows(k), _rows(v)), (x2, x2, x2), (self.wq, self.wk, self.wv))
         att = ws.get(self.key("att"), (B, self.num_heads, T, T))
-        K.attention_forward(out, att, q, k, v, self.num_heads)
+        a = ws.get(self.key("a" if self.projection else "out"), (B, T, D))
+        K.attention_forward(a, att, q, k, v, self.num_heads)
+        return self._project(ws, a, "out")
+
+    def _project(self, ws: Workspace, a: np.ndarray, name: str) -> np.ndarray:
+        """a (B, T, D) through the output projection into ws's `name` buffer; a itself
+        when there is none."""
+        if not self.projection:
+            return a
+        out = ws.get(self.key(name), a.shape)
+        K.sgemm(_rows(out), _rows(a), self.wo, bias=self.bo)  # a Wo + bo
         return out
 
     def step(self, ws: Workspace, x: np.ndarray, kcache: np.ndarray, vcache: np.ndarray,
@@ -220,12 +267,12 @@ class SelfAttention(Module):
         B, _, D = x.shape
         x2 = x[:, 0]
         q, k, v = (ws.get(self.key(f"step.{name}"), (B, D)) for name in ("q", "k", "v"))
-        out = ws.get(self.key("step.out"), (B, 1, D))
+        a = ws.get(self.key("step.a"), (B, 1, D))
         K.sgemm_many((q, k, v), (x2, x2, x2), (self.wq, self.wk, self.wv))
         kcache[:, n] = k
         vcache[:, n] = v
-        K.attention_step(out[:, 0], q, kcache, vcache, n + 1, self.num_heads)
-        return out
+        K.attention_step(a[:, 0], q, kcache, vcache, n + 1, self.num_heads)
+        return self._project(ws, a, "step.out")
 
     def backward(self, ws: Workspace, x: np.ndarray, dout: np.ndarray,
                  accumulate: bool = True, residual: bool = False) -> np.ndarray:
@@ -234,9 +281,17 @@ class SelfAttention(Module):
         B, T, D = x.shape
         q, k, v = (ws.get(self.key(n), (B, T, D)) for n in ("q", "k", "v"))
         att = ws.get(self.key("att"), (B, self.num_heads, T, T))
+        da = dout
+        if self.projection:
+            a, da = ws.get(self.key("a"), (B, T, D)), ws.get(self.key("da"), (B, T, D))
+            dout2 = _rows(dout)
+            K.sgemm(self.dwo, _rows(a), dout2, trans_a=True, accumulate=accumulate)  # a^T dout
+            if self.bo is not None:
+                K.colsum(self.dbo, dout2, accumulate)
+            K.sgemm(_rows(da), dout2, self.wo, trans_b=True)  # da = dout Wo^T
         dq, dk, dv = (ws.get(self.key(n), (B, T, D)) for n in ("dq", "dk", "dv"))
         ds = ws.get("attention.ds", att.shape)  # scratch, one for every layer
-        K.attention_backward(dq, dk, dv, dout, att, q, k, v, self.num_heads, ds)
+        K.attention_backward(dq, dk, dv, da, att, q, k, v, self.num_heads, ds)
         x2 = _rows(x)
         grads = (_rows(dq), _rows(dk), _rows(dv))
         # dWq += x^T dq, dWk += x^T dk, dWv += x^T dv
@@ -250,22 +305,31 @@ class SelfAttention(Module):
 
 
 class FeedForward(Module):
-    """relu(x W1 + b1) W2 + b2. w1: (D, H) N(0, 2/D); w2: (H, D) N(0, 2/H); biases 0."""
+    """act(x W1 + b1) W2 + b2, act relu (RustGPT's) or gelu (exact), the biases with `bias`.
+    w1: (D, H) N(0, 2/D); w2: (H, D) N(0, 2/H); b1: (H,), b2: (D,) 0."""
 
-    def __init__(self, embedding_dim: int, hidden_dim: int) -> None:
+    def __init__(self, embedding_dim: int, hidden_dim: int, activation: str = "relu",
+                 bias: bool = True) -> None:
         super().__init__()
         D, H = embedding_dim, hidden_dim
+        self.activation = activation
+        self.b1 = self.b2 = self.db1 = self.db2 = None  # bound when declared
         self.param("w1", (D, H), "normal", math.sqrt(2.0 / D))
-        self.param("b1", (H,), "constant", 0.0)
+        if bias:
+            self.param("b1", (H,), "constant", 0.0)
         self.param("w2", (H, D), "normal", math.sqrt(2.0 / H))
-        self.param("b2", (D,), "constant", 0.0)
+        if bias:
+            self.param("b2", (D,), "constant", 0.0)
 
     def forward(self, ws: Workspace, x: np.ndarray) -> np.ndarray:
-        """x: (B, T, D) -> (B, T, D); the hidden activation h (B*T, H) stays in ws."""
+        """x: (B, T, D) -> (B, T, D); the hidden activation h (B*T, H) (and for gelu its
+        input u, the same shape) stays in ws."""
         x2 = _rows(x)
         N, H = x2.shape[0], self.w1.shape[1]
         h = ws.get(self.key("h"), (N, H))
-        K.sgemm(h, x2, self.w1, bias=self.b1, relu=True)  # h = relu(x W1 + b1)
+        u = ws.get(self.key("u"), (N, H)) if self.activation == "gelu" else None
+        # h = act(u), u = x W1 + b1
+        K.sgemm(h, x2, self.w1, bias=self.b1, activation=self.activation, pre=u)
         out = ws.get(self.key("out"), x.shape)
         K.sgemm(_rows(out), h, self.w2, bias=self.b2)
         return out
@@ -279,25 +343,33 @@ class FeedForward(Module):
         h = ws.get(self.key("h"), (N, H))
         dh = ws.get(self.key("dh"), (N, H))
         K.sgemm(self.dw2, h, dout2, trans_a=True, accumulate=accumulate)  # dW2 += h^T dout
-        K.colsum(self.db2, dout2, accumulate)
+        if self.b2 is not None:
+            K.colsum(self.db2, dout2, accumulate)
         K.sgemm(dh, dout2, self.w2, trans_b=True)  # dh = dout W2^T
-        K.relu_backward(dh, dh, h)
+        if self.activation == "gelu":
+            K.gelu_backward(dh, dh, ws.get(self.key("u"), (N, H)))  # du = dh gelu'(u)
+        else:
+            K.relu_backward(dh, dh, h)
         K.sgemm(self.dw1, x2, dh, trans_a=True, accumulate=accumulate)
-        K.colsum(self.db1, dh, accumulate)
+        if self.b1 is not None:
+            K.colsum(self.db1, dh, accumulate)
         dx = ws.get(self.key("dx"), x.shape)
         K.sgemm(_rows(dx), dh, self.w1, trans_b=True)
         return dx
 
 
 class LayerNorm(Module):
-    """(x - mean) / sqrt(var + 1e-5) * gamma + beta over the last axis. gamma 1, beta 0."""
+    """(x - mean) / sqrt(var + 1e-5) * gamma + beta over the last axis, beta with `bias`.
+    gamma 1, beta 0."""
 
     eps = 1e-5
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, bias: bool = True) -> None:
         super().__init__()
+        self.beta = self.dbeta = None  # bound when declared
         self.param("gamma", (dim,), "constant", 1.0)
-        self.param("beta", (dim,), "constant", 0.0)
+        if bias:
+            self.param("beta", (dim,), "constant", 0.0)
 
     def forward(self, ws: Workspace, x: np.ndarray) -> np.ndarray:
         """x: (B, T, D) -> (B, T, D); mean and rstd (B*T,) stay in ws."""
@@ -322,65 +394,129 @@ class LayerNorm(Module):
 
 
 class TransformerBlock(Module):
-    """Post-norm block, as RustGPT: x = LN1(x + attn(x)); x = LN2(x + ffn(x))."""
+    """Post-norm, as RustGPT: x = LN1(x + attn(x)); x = LN2(x + ffn(x)). Or pre-norm, as
+    GPT-2: x = x + attn(LN1(x)); x = x + ffn(LN2(x)). The sub-layers' options as theirs;
+    with dropout p, each sub-layer's output goes through dropout before its residual add
+    (dropout sites `site` and site + 1)."""
 
-    def __init__(self, embedding_dim: int, hidden_dim: int, num_heads: int) -> None:
+    def __init__(self, embedding_dim: int, hidden_dim: int, num_heads: int,
+                 norm: str = "post", activation: str = "relu", projection: bool = False,
+                 bias: bool = True, dropout: float = 0.0, site: int = 0) -> None:
         super().__init__()
-        self.attn = self.child("attn", SelfAttention(embedding_dim, num_heads))
-        self.ln1 = self.child("ln1", LayerNorm(embedding_dim))
-        self.ffn = self.child("ffn", FeedForward(embedding_dim, hidden_dim))
-        self.ln2 = self.child("ln2", LayerNorm(embedding_dim))
+        D = embedding_dim
+        self.norm = norm
+        self.dropout, self.site = dropout, site
+        attn = SelfAttention(D, num_heads, projection, bias)
+        ffn = FeedForward(D, hidden_dim, activation, bias)
+        ln1, ln2 = LayerNorm(D, bias), LayerNorm(D, bias)
+        # in the order the forward reads them (the deferred update goes in buffer order)
+        order = ((("ln1", ln1), ("attn", attn), ("ln2", ln2), ("ffn", ffn)) if norm == "pre"
+                 else (("attn", attn), ("ln1", ln1), ("ffn", ffn), ("ln2", ln2)))
+        for name, module in order:
+            self.child(name, module)
+        self.attn, self.ln1, self.ffn, self.ln2 = attn, ln1, ffn, ln2
 
     def forward(self, ws: Workspace, x: np.ndarray) -> np.ndarray:
         """x: (B, T, D) -> (B, T, D)."""
-        return self.after_attention(ws, x, self.attn.forward(ws, x))
+        return self._forward(ws, x, self.attn.forward)
 
-    def after_attention(self, ws: Workspace, x: np.ndarray, a: np.ndarray) -> np.ndarray:
-        """The block's rest once the attention output a (B, T, D) of x is known."""
-        r1 = ws.get(self.key("r1"), x.shape)
-        K.add(r1, x, a)
+    def step(self, ws: Workspace, x: np.ndarray, kcache: np.ndarray, vcache: np.ndarray,
+             n: int) -> np.ndarray:
+        """The block at one new position n, x (B, 1, D) -> (B, 1, D), attending through the
+        cache (SelfAttention.step)."""
+        return self._forward(ws, x, lambda ws, h: self.attn.step(ws, h, kcache, vcache, n))
+
+    def _drop(self, ws: Workspace, y: np.ndarray, which: int, name: str) -> np.ndarray:
+        """Dropout on sub-layer `which`'s output (0 attention, 1 feed-forward) or, on its
+        gradient, dropout's backward."""
+        return _dropout(ws, y, self.dropout, self.site + which, self.key(name))
+
+    def _forward(self, ws: Workspace, x: np.ndarray, attend) -> np.ndarray:
+        """The block around attend(ws, h) -> attention output (of the input, or of LN1(x))."""
+        r1, r2 = ws.get(self.key("r1"), x.shape), ws.get(self.key("r2"), x.shape)
+        if self.norm == "pre":  # r1 = x + attn(LN1(x)); r2 = r1 + ffn(LN2(r1))
+            K.add(r1, x, self._drop(ws, attend(ws, self.ln1.forward(ws, x)), 0, "drop1"))
+            K.add(r2, r1, self._drop(ws, self.ffn.forward(ws, self.ln2.forward(ws, r1)), 1,
+                                     "drop2"))
+            return r2
+        K.add(r1, x, self._drop(ws, attend(ws, x), 0, "drop1"))
         x1 = self.ln1.forward(ws, r1)
-        r2 = ws.get(self.key("r2"), x.shape)
-        K.add(r2, x1, self.ffn.forward(ws, x1))
+        K.add(r2, x1, self._drop(ws, self.ffn.forward(ws, x1), 1, "drop2"))
         return self.ln2.forward(ws, r2)
 
     def backward(self, ws: Workspace, x: np.ndarray, dout: np.ndarray,
                  accumulate: bool = True) -> np.ndarray:
         """dx (B, T, D) for dout at the block's input x, through both sub-layers and their
         norms; the parameters' gradients as the sub-layers' backward."""
-        r1, r2 = ws.get(self.key("r1"), x.shape), ws.get(self.key("r2"), x.shape)
+        r1 = ws.get(self.key("r1"), x.shape)
+        if self.norm == "pre":
+            h1, h2 = ws.get(self.ln1.key("out"), x.shape), ws.get(self.ln2.key("out"), x.shape)
+            df = self._drop(ws, dout, 1, "ddrop2")
+            dr1 = self.ln2.backward(ws, r1, self.ffn.backward(ws, h2, df, accumulate),
+                                    accumulate)
+            K.add(dr1, dr1, dout)  # r2 = r1 + ffn(LN2(r1))
+            da = self._drop(ws, dr1, 0, "ddrop1")
+            dx = self.ln1.backward(ws, x, self.attn.backward(ws, h1, da, accumulate),
+                                   accumulate)
+            K.add(dx, dx, dr1)  # r1 = x + attn(LN1(x))
+            return dx
+        r2 = ws.get(self.key("r2"), x.shape)
         x1 = ws.get(self.ln1.key("out"), x.shape)
         dr2 = self.ln2.backward(ws, r2, dout, accumulate)
-        dx1 = self.ffn.backward(ws, x1, dr2, accumulate)
+        dx1 = self.ffn.backward(ws, x1, self._drop(ws, dr2, 1, "ddrop2"), accumulate)
         # the residual: a separate pass, as adding onto dr2 in place would make the small
         # steps' two streams wait (the weight gradients read dr2)
         K.add(dx1, dx1, dr2)
         dr1 = self.ln1.backward(ws, r1, dx1, accumulate)
-        return self.attn.backward(ws, x, dr1, accumulate, residual=True)
+        da = self._drop(ws, dr1, 0, "ddrop1")
+        if da is dr1:  # no dropout: attention adds its dx onto dr1, the residual's gradient
+            return self.attn.backward(ws, x, dr1, accumulate, residual=True)
+        dx = self.attn.backward(ws, x, da, accumulate)
+        K.add(dx, dx, dr1)  # r1 = x + dropout(attn(x))
+        return dx
 
 
 class OutputProjection(Module):
-    """logits = x W + b. w: (D, V) N(0, 2/D); b: (V,) 0."""
+    """logits = x W + b, or with `tied` (the model's Embeddings) x token^T + b: no weight of
+    its own, the token embedding's gradient gets both uses. w: (D, V) N(0, 2/D); b: (V,) 0,
+    with `bias`."""
 
-    def __init__(self, embedding_dim: int, vocab_size: int) -> None:
+    def __init__(self, embedding_dim: int, vocab_size: int, bias: bool = True,
+                 tied: Embeddings | None = None) -> None:
         super().__init__()
-        self.param("w", (embedding_dim, vocab_size), "normal", math.sqrt(2.0 / embedding_dim))
-        self.param("b", (vocab_size,), "constant", 0.0)
+        self.tied = tied
+        self.vocab_size = vocab_size
+        self.w = self.b = self.dw = self.db = None  # bound when declared
+        if tied is None:
+            self.param("w", (embedding_dim, vocab_size), "normal",
+                       math.sqrt(2.0 / embedding_dim))
+        if bias:
+            self.param("b", (vocab_size,), "constant", 0.0)
 
     def forward(self, ws: Workspace, x: np.ndarray) -> np.ndarray:
         """x: (B, T, D) -> logits (B, T, V)."""
         B, T, _ = x.shape
-        logits = ws.get(self.key("logits"), (B, T, self.w.shape[1]))
-        K.sgemm(_rows(logits), _rows(x), self.w, bias=self.b)
+        logits = ws.get(self.key("logits"), (B, T, self.vocab_size))
+        if self.tied is None:
+            K.sgemm(_rows(logits), _rows(x), self.w, bias=self.b)
+        else:
+            K.sgemm(_rows(logits), _rows(x), self.tied.token, trans_b=True, bias=self.b)
         return logits
 
     def backward(self, ws: Workspace, x: np.ndarray, dlogits: np.ndarray,
                  accumulate: bool = True) -> np.ndarray:
-        """dx (B, T, D) for dlogits (B, T, V) at input x; adds into dw, db (overwrites them
-        when not `accumulate`)."""
+        """dx (B, T, D) for dlogits (B, T, V) at input x; adds into dw (tied: the token
+        embedding's gradient) and db (overwrites them when not `accumulate`)."""
         x2, dl2 = _rows(x), _rows(dlogits)
-        K.sgemm(self.dw, x2, dl2, trans_a=True, accumulate=accumulate)
-        K.colsum(self.db, dl2, accumulate)
         dx = ws.get(self.key("dx"), x.shape)
-        K.sgemm(_rows(dx), dl2, self.w, trans_b=True)
+        if self.tied is None:
+            K.sgemm(self.dw, x2, dl2, trans_a=True, accumulate=accumulate)  # dW += x^T dl
+        else:
+            K.sgemm(self.tied.dtoken, dl2, x2, trans_a=True, accumulate=accumulate)  # dl^T x
+        if self.b is not None:
+            K.colsum(self.db, dl2, accumulate)
+        if self.tied is None:
+            K.sgemm(_rows(dx), dl2, self.w, trans_b=True)  # dx = dl W^T
+        else:
+            K.sgemm(_rows(dx), dl2, self.tied.token)  # dx = dl token
         return dx

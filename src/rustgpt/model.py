@@ -1,7 +1,8 @@
-"""LLM: RustGPT's transformer composed from the layers, over one flat parameter buffer.
+"""LLM: the transformer composed from the layers (RustGPT's block, or GPT-2's as options),
+over one flat parameter buffer.
 
 Forward, loss and backward for training; prefill and one-token steps against a KV cache
-for generation; the parameter table, named state and description.
+for generation; the parameter table, the init, named state and description.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from rustgpt.errors import (
 )
 from rustgpt.layers import (
     Embeddings,
+    FeedForward,
     FlatParameters,
+    LayerNorm,
     Module,
     OutputProjection,
+    SelfAttention,
     TransformerBlock,
     Workspace,
     _rows,
@@ -74,13 +78,36 @@ def check_seed(seed, where: str) -> None:
 
 def _build_layers(root: Module, config: ModelConfig, vocab_size: int,
                   num_layers: int | None = None) -> None:
-    """The layer tree under `root`: embeddings, blocks.0 .. blocks.L-1, output (L =
-    `num_layers`, else the config's)."""
-    D = config.embedding_dim
-    root.child("embeddings", Embeddings(vocab_size, D, config.max_seq_len))
-    for i in range(config.num_layers if num_layers is None else num_layers):
-        root.child(f"blocks.{i}", TransformerBlock(D, config.hidden_dim, config.num_heads))
-    root.child("output", OutputProjection(D, vocab_size))
+    """The layer tree under `root`: embeddings, blocks.0 .. blocks.L-1, ln_f (pre-norm
+    only), output (L = `num_layers`, else the config's), with the init of config.arch."""
+    c, D = config, config.embedding_dim
+    # dropout sites (each its own mask): the embeddings 0, block i's sub-layers 2i+1, 2i+2
+    embeddings = root.child("embeddings", Embeddings(vocab_size, D, c.max_seq_len,
+                                                     c.dropout, site=0))
+    for i in range(c.num_layers if num_layers is None else num_layers):
+        root.child(f"blocks.{i}", TransformerBlock(
+            D, c.hidden_dim, c.num_heads, norm=c.norm, activation=c.activation,
+            projection=c.attention_projection, bias=c.bias, dropout=c.dropout,
+            site=2 * i + 1))
+    if c.norm == "pre":  # GPT-2's final norm before the output projection
+        root.child("ln_f", LayerNorm(D, c.bias))
+    root.child("output", OutputProjection(D, vocab_size, c.bias,
+                                          tied=embeddings if c.tie_embeddings else None))
+    if c.arch == "gpt":
+        _gpt_init(root, c.num_layers)
+
+
+def _gpt_init(root: Module, num_layers: int) -> None:
+    """nanoGPT's init over the layers' own (DESIGN.md's): every weight N(0, 0.02), and the
+    projections that end in the residual stream (attention's wo, the feed-forward's w2)
+    N(0, 0.02 / sqrt(2 L)), as GPT-2 scales them; norm gains 1 and biases 0 as declared."""
+    for module in root.modules():
+        for name, shape, init, _ in module.own_specs():
+            if init == "normal":
+                residual = ((isinstance(module, SelfAttention) and name == "wo")
+                            or (isinstance(module, FeedForward) and name == "w2"))
+                module.param(name, shape, "normal",
+                             0.02 / math.sqrt(2 * num_layers) if residual else 0.02)
 
 
 def parameter_specs(config: ModelConfig, vocab_size: int) -> list[tuple[str, tuple, str, float]]:
@@ -102,11 +129,18 @@ def activation_bytes(config: ModelConfig, vocab_size: int, B: int, T: int) -> in
     """Bytes of a training step's activations on (B, T) tokens, a little above what its
     workspace holds. Per token, float32: each block's q, k, v, attention output, norm and
     feed-forward outputs, residuals and their gradients (16 D + 2 H), norm statistics (4)
-    and attention weights (NH T); the weights' gradient scratch (NH T), the embeddings'
-    output and the last input gradient (2 D), the logits (V), loss and hit (2)."""
-    D, H, NH = config.embedding_dim, config.hidden_dim, config.num_heads
-    per_token = (config.num_layers * (16 * D + 2 * H + 4 + NH * T) + NH * T + 2 * D
-                 + vocab_size + 2)
+    and attention weights (NH T), with an attention projection its input and gradient
+    (2 D), with gelu the feed-forward's pre-activation (H), with dropout the sub-layers'
+    outputs and gradients after it (4 D); the weights' gradient scratch (NH T), the
+    embeddings' output and the last input gradient (2 D, with dropout 4 D), the final
+    norm's output, gradient and statistics (pre-norm: 2 D + 2), the logits (V), loss and
+    hit (2)."""
+    c, D, H, NH = config, config.embedding_dim, config.hidden_dim, config.num_heads
+    drop = c.dropout > 0
+    block = (16 * D + 2 * H + 4 + NH * T + 2 * D * c.attention_projection
+             + H * (c.activation == "gelu") + 4 * D * drop)
+    per_token = (c.num_layers * block + NH * T + 2 * D * (1 + drop)
+                 + (2 * D + 2) * (c.norm == "pre") + vocab_size + 2)
     return 4 * B * T * per_token
 
 
@@ -123,6 +157,7 @@ class KVCache:
 
     @property
     def batch(self) -> int:
+        """Rows (sequences) the cache holds."""
         return self.k.shape[1]
 
     def reorder(self, rows: np.ndarray) -> None:
@@ -132,9 +167,11 @@ class KVCache:
 
 
 class LLM(Module):
-    """The model: embeddings, ``num_layers`` post-norm blocks, output projection.
+    """The model: embeddings, ``num_layers`` blocks, (pre-norm) a final layer norm, output
+    projection, as the config's architecture options say.
 
-    Build with ``LLM(config, vocab, seed)``; parameters are drawn from DESIGN.md's init.
+    Build with ``LLM(config, vocab, seed)``; parameters are drawn from the init of
+    config.arch (rustgpt: DESIGN.md's; gpt: nanoGPT's, see _gpt_init).
     ``params.data`` / ``params.grad`` are the flat (P,) buffers the optimizer updates.
     """
 
@@ -157,12 +194,17 @@ class LLM(Module):
         self.embeddings: Embeddings = self._children["embeddings"]
         self.blocks: list[TransformerBlock] = [self._children[f"blocks.{i}"]
                                                for i in range(config.num_layers)]
+        self.ln_f: LayerNorm | None = self._children.get("ln_f")
         self.output: OutputProjection = self._children["output"]
         with allocating(what, ArchitectureError):
             self.params = FlatParameters(list(self.named_specs()))
         self.bind(self.params)
         self.params.initialize(np.random.default_rng(seed))
-        self.workspace = Workspace()  # training activations
+        # a training step's dropout seed, (the model's seed, the step's) as int32: the
+        # training workspace carries it, so its layers (and plans) draw their masks from it
+        self.seed = seed
+        self._dropout_seed = np.zeros(2, np.intc) if config.dropout > 0 else None
+        self.workspace = Workspace(self._dropout_seed)  # training activations
         self._activations = 0  # bytes of the largest step checked: the workspace holds them
         # recorded training steps: (B, T, targets) -> (plan, its ids, its targets, losses)
         self._plans: dict[tuple[int, int, int], tuple] = {}
@@ -207,11 +249,19 @@ class LLM(Module):
 
     def _forward(self, ws: Workspace, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits (B, T, V) and the activations between layers, xs[i] = input of block i,
-        xs[-1] = input of the output projection (each (B, T, D), views into ws)."""
+        xs[L] = the last block's output, then (pre-norm) the final norm's: xs[-1] is the
+        input of the output projection (each (B, T, D), views into ws)."""
         xs = [self.embeddings.forward(ws, ids)]
         for block in self.blocks:
             xs.append(block.forward(ws, xs[-1]))
+        if self.ln_f is not None:
+            xs.append(self.ln_f.forward(ws, xs[-1]))
         return self.output.forward(ws, xs[-1]), xs
+
+    def _head(self, ws: Workspace, x: np.ndarray) -> np.ndarray:
+        """Logits (B, T, V) of the last block's output x (B, T, D): the final norm, if any,
+        and the output projection."""
+        return self.output.forward(ws, x if self.ln_f is None else self.ln_f.forward(ws, x))
 
     def forward(self, ids) -> np.ndarray:
         """Logits (B, T, V) for token ids (B, T) (or (T,), giving (1, T, V)); a new array."""
@@ -241,13 +291,16 @@ class LLM(Module):
             self._deferred.settle()
             self._deferred = None
 
-    def loss_and_backward(self, inputs, targets) -> float:
+    def loss_and_backward(self, inputs, targets, dropout_step: int = 0) -> float:
         """Mean cross-entropy of next-token prediction and its gradient.
 
         inputs, targets: (B, T); targets equal to IGNORE_INDEX (-1) are padding. Overwrites
         ``params.grad`` with d(loss)/d(params) (every layer writes its gradients over the old
         ones, so no zeroing pass is needed). Returns the loss; ``last_correct`` is then the
         number of targets whose logit was the largest (next-token accuracy's numerator).
+        With config.dropout > 0 this is a training step: its dropout masks come from the
+        model's seed and `dropout_step` (an integer >= 0; train_step passes the optimizer's
+        step number, which checkpoints keep, so a resumed run draws the same masks).
 
         The first step of each (B, T, number of targets) runs layer by layer and is recorded
         as a kernel plan (``_kernels.Plan``); later steps of that shape copy their ids into
@@ -256,13 +309,22 @@ class LLM(Module):
         beside the forward if the step has at most SMALL_STEP_TOKENS tokens (``Plan.run``:
         one thread updating while another runs it), and such a step's backward runs as two
         streams, the weight gradients on a thread of their own."""
-        return self._loss_and_backward_norm(inputs, targets, False)[0]
+        return self._loss_and_backward_norm(inputs, targets, False, dropout_step)[0]
 
-    def _loss_and_backward_norm(self, inputs, targets,
-                                norm: bool) -> tuple[float, float | None]:
+    def _loss_and_backward_norm(self, inputs, targets, norm: bool,
+                                dropout_step: int = 0) -> tuple[float, float | None]:
         """loss_and_backward's loss; with `norm`, and the gradients' sum of squares when a
         replay took it on the way (as K.sum_squares would; None when the step was
         recorded)."""
+        if self._dropout_seed is not None:
+            step = dropout_step
+            if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+                raise ValidationError(f"loss_and_backward: dropout_step = {step!r}, expected "
+                                      f"an integer >= 0")
+            # 32 bits of each, the seed's halves mixed; the calls read them when they run
+            seed, step = int(self.seed), int(step)
+            self._dropout_seed[...] = np.array(
+                [(seed ^ (seed >> 32)) & 0xFFFFFFFF, step & 0xFFFFFFFF], np.uint32).view(np.intc)
         ids = self._ids(inputs, "inputs")
         tgt = _integers(_array(targets, "targets"), "targets")
         if tgt.ndim == 1:
@@ -316,9 +378,13 @@ class LLM(Module):
         K.crossentropy_forward_backward(losses, _rows(logits), hits, _rows(logits),
                                         tgt.reshape(-1), IGNORE_INDEX, 1.0 / count)
         dx = self.output.backward(ws, xs[-1], logits, accumulate=False)
-        for block, x in zip(reversed(self.blocks), reversed(xs[:-1])):
+        if self.ln_f is not None:
+            dx = self.ln_f.backward(ws, xs[-2], dx, accumulate=False)
+        L = len(self.blocks)
+        for block, x in zip(reversed(self.blocks), reversed(xs[:L])):
             dx = block.backward(ws, x, dx, accumulate=False)
-        self.embeddings.backward(ws, ids, dx, accumulate=False)
+        # a tied output projection has written its part of the token gradient: add to it
+        self.embeddings.backward(ws, ids, dx, accumulate=(self.output.tied is not None, False))
         return losses, hits, forward
 
     def loss(self, inputs, targets) -> tuple[float, int, int]:
@@ -361,7 +427,9 @@ class LLM(Module):
 
     def _train_step(self, inputs, targets, optimizer: Adam, lr: float,
                     max_grad_norm: float | None, defer: bool) -> tuple[float, float]:
-        loss, sum_squares = self._loss_and_backward_norm(inputs, targets, defer)
+        # dropout's masks: those of the step about to be taken (t counts a pending one)
+        loss, sum_squares = self._loss_and_backward_norm(inputs, targets, defer,
+                                                         optimizer.t + 1)
         # the update checks the norm itself and leaves everything as it was if not finite
         norm = optimizer.step(lr, max_grad_norm, defer, sum_squares) if math.isfinite(loss) \
             else self.grad_norm()
@@ -376,6 +444,8 @@ class LLM(Module):
     # ---- generation (KV cache) --------------------------------------------------------------
 
     def new_cache(self, batch: int = 1) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to max_seq_len tokens; raises
+        ValidationError when it would not fit in memory."""
         c = self.config
         with allocating(f"LLM: a KV cache of {batch} x {c.max_seq_len} positions"):
             return KVCache(c.num_layers, batch, c.max_seq_len, c.embedding_dim)
@@ -404,7 +474,7 @@ class LLM(Module):
         cache.length = T
         last = ws.get("prefill.last", (B, 1, x.shape[2]))
         last[...] = x[:, T - 1:T]
-        return self.output.forward(ws, last)[:, 0]
+        return self._head(ws, last)[:, 0]
 
     def step(self, cache: KVCache, ids) -> np.ndarray:
         """Append one token per batch row (ids: (B,)) at position cache.length.
@@ -422,10 +492,9 @@ class LLM(Module):
         # embedding of token ids at position n: token[id] + position[n]
         np.add(self.embeddings.token[ids], self.embeddings.position[n], out=x[:, 0])
         for layer, block in enumerate(self.blocks):
-            x = block.after_attention(ws, x, block.attn.step(ws, x, cache.k[layer],
-                                                              cache.v[layer], n))
+            x = block.step(ws, x, cache.k[layer], cache.v[layer], n)
         cache.length = n + 1
-        return self.output.forward(ws, x)[:, 0]
+        return self._head(ws, x)[:, 0]
 
     def generate(self, prompt: str, **options) -> str:
         """Answer `prompt` (RustGPT: prefixed with "User: ", greedy, stop at </s>).
@@ -437,9 +506,11 @@ class LLM(Module):
     # ---- state ----------------------------------------------------------------------------
 
     def total_parameters(self) -> int:
+        """Number of parameters (P)."""
         return int(self.params.data.size)
 
     def named_parameters(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(name, array) of every parameter, views into the flat buffer."""
         self.settle()
         yield from self.params.values.items()
 
@@ -466,9 +537,13 @@ class LLM(Module):
     def network_description(self) -> str:
         """One line per layer with its parameter count, then the total."""
         c = self.config
+        options = [f"{c.norm}-norm", c.activation]
+        options += ["attention projection"] * c.attention_projection
+        options += ["tied embeddings"] * c.tie_embeddings + ["no biases"] * (not c.bias)
+        options += [f"dropout {c.dropout:g}"] * (c.dropout > 0)
         lines = [f"LLM: vocab {self.vocab.size}, embedding_dim {c.embedding_dim}, hidden_dim "
                  f"{c.hidden_dim}, {c.num_layers} layers, {c.num_heads} heads, max_seq_len "
-                 f"{c.max_seq_len}"]
+                 f"{c.max_seq_len}, arch {c.arch} ({', '.join(options)})"]
         for name, module in self._children.items():
             lines.append(f"  {name:<12} {type(module).__name__:<18} {module.parameters():>10,}")
         lines.append(f"  total parameters {self.total_parameters():,}")

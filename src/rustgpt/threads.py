@@ -58,6 +58,8 @@ class StepThreads:
 
     def run(self, step: Callable[[], R], tokens: int,
             untimed: Callable[[], bool] | None = None) -> R:
+        """``step()`` on the chosen thread count, timed towards the choice (see the class
+        docstring); returns what it returns."""
         threads = K.get_num_threads()
         if not self.enabled or threads == 1:
             return step()

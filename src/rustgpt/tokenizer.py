@@ -1,28 +1,25 @@
 """Tokenizers behind one small interface (`Tokenizer`): `word` (RustGPT's rules, `Vocab`),
 `char` (a corpus's characters) and `bpe` (a Hugging Face tokenizer.json, trained here as
-byte-level BPE); reading text files to train them; tokenizer files and dicts."""
+byte-level BPE); training one of a kind on texts; tokenizer files and dicts. Finding and
+reading the text is corpus.py's."""
 
 from __future__ import annotations
 
 import abc
-import codecs
 import json
-import logging
 import numbers
 import os
 import reprlib
 import string
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from rustgpt.errors import DataLoadError, TokenError, ValidationError, VocabularyError
-from rustgpt.fileio import read_bytes, reading, write_atomic
+from rustgpt.fileio import read_bytes, write_atomic
 
 if TYPE_CHECKING:
     import tokenizers
-
-log = logging.getLogger(__name__)
 
 KINDS = ("word", "char", "bpe")
 EOS = "</s>"
@@ -40,9 +37,6 @@ BPE_VOCAB_SIZE = 1024
 MIN_BPE_VOCAB_SIZE = 257  # the 256 bytes and BPE_EOS
 # a foreign tokenizer.json's end-of-text token: the first of these its vocabulary holds
 _EOS_NAMES = (BPE_EOS, EOS, "<|end_of_text|>", "<eos>")
-
-TEXT_SUFFIXES = (".txt", ".md")  # the files a directory contributes to a corpus
-CHUNK_BYTES = 1 << 16  # text is read in pieces of about this size (64 KiB)
 
 
 class Tokenizer(abc.ABC):
@@ -183,17 +177,20 @@ class Vocab(Tokenizer):
 
     @property
     def size(self) -> int:
+        """Words in the vocabulary, special tokens included."""
         return len(self.words)
 
     def __len__(self) -> int:
         return len(self.words)
 
     def contains(self, word: str) -> bool:
+        """True when `word` (one token) is in the vocabulary."""
         return word in self._index
 
     __contains__ = contains
 
     def token_id(self, word: str) -> int | None:
+        """The id of `word` (one token), None when it is not in the vocabulary."""
         return self._index.get(word)
 
     def encode(self, text: str) -> list[int]:
@@ -250,6 +247,7 @@ class Vocab(Tokenizer):
         }
 
     def to_dict(self) -> dict:
+        """{"kind": "word", "words": [...], "counts": {word: count}}; from_dict reads it."""
         return {"kind": self.kind, "words": self.words, "counts": self.counts}
 
     @classmethod
@@ -306,17 +304,23 @@ class CharTokenizer(Tokenizer):
 
     @property
     def size(self) -> int:
+        """The characters and <unk>."""
         return len(self._pieces)
 
     def encode(self, text: str) -> list[int]:
+        """One id per character of `text`, <unk> for a character not in the vocabulary.
+        Raises ValidationError when `text` is not a string."""
         index, unk = self._index, self.unk_id
         return [index.get(ch, unk) for ch in _check_text(text)]
 
     def decode(self, ids: Iterable[int]) -> str:
+        """The characters of `ids`, <unk> as U+FFFD. Raises TokenError for an id that is not
+        an integer or is outside [0, size)."""
         pieces = self._pieces
         return "".join([pieces[i] for i in _checked(ids, self.size)])
 
     def to_dict(self) -> dict:
+        """{"kind": "char", "chars": [...]}; from_dict reads it."""
         return {"kind": self.kind, "chars": self.chars}
 
     @classmethod
@@ -356,8 +360,8 @@ class BpeTokenizer(Tokenizer):
 
     @classmethod
     def from_texts(cls, texts: Iterable[str], vocab_size: int = BPE_VOCAB_SIZE) -> BpeTokenizer:
-        """Byte-level BPE learnt from `texts` (an iterable of strings, consumed once; chunks
-        ending at newlines, as read_texts gives them): GPT-2's pre-tokenizer and no
+        """Byte-level BPE learnt from `texts` (an iterable of strings, consumed once: pieces
+        of a corpus, as corpus.pieces gives them): GPT-2's pre-tokenizer and no
         normalizer, so every text round-trips; at most `vocab_size` tokens, the 256 bytes
         and <|endoftext|> among them. Raises ValidationError for vocab_size < 257."""
         if not _is_int(vocab_size) or vocab_size < MIN_BPE_VOCAB_SIZE:
@@ -407,9 +411,12 @@ class BpeTokenizer(Tokenizer):
 
     @property
     def size(self) -> int:
+        """One more than the largest id of the vocabulary, added tokens included."""
         return self._size
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, no special tokens added. Raises ValidationError when `text` is
+        not a string or holds a lone surrogate."""
         try:
             return self._tokenizer.encode(_check_text(text), add_special_tokens=False).ids
         except TypeError:  # a lone surrogate, which Rust strings cannot hold
@@ -418,9 +425,13 @@ class BpeTokenizer(Tokenizer):
                                   f"expected text that UTF-8 can encode") from None
 
     def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`, special tokens kept. Raises TokenError for an id that is not an
+        integer or is outside [0, size)."""
         return self._tokenizer.decode(_checked(ids, self.size), skip_special_tokens=False)
 
     def to_dict(self) -> dict:
+        """{"kind": "bpe", "tokenizer_json": the text of its tokenizer.json}; from_dict reads
+        it."""
         return {"kind": self.kind, "tokenizer_json": self._tokenizer.to_str()}
 
     @classmethod
@@ -447,11 +458,6 @@ class BpeTokenizer(Tokenizer):
 _CLASSES: dict[str, type] = {"word": Vocab, "char": CharTokenizer, "bpe": BpeTokenizer}
 _JSON_NAMES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean",
                type(None): "null"}
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise ValidationError(f"tokenizer kind = {kind!r}, expected one of {', '.join(KINDS)}")
 
 
 def tokenizer_from_dict(data: dict) -> Tokenizer:
@@ -495,9 +501,7 @@ def load_tokenizer(spec: str | os.PathLike, texts: Iterable[str] | None = None,
         if texts is None:
             raise ValidationError(f"tokenizer {spec!r}: a kind is built from text and none "
                                   f"was given; pass texts, or the path of a tokenizer file")
-        if spec == "bpe":
-            return BpeTokenizer.from_texts(texts, vocab_size)
-        return _CLASSES[spec].from_texts(texts)
+        return train_tokenizer(spec, texts, vocab_size)
     path = Path(spec)
     if not path.exists():
         raise DataLoadError(f"{path}: no such file, expected a tokenizer file or a kind "
@@ -511,95 +515,22 @@ def load_tokenizer(spec: str | os.PathLike, texts: Iterable[str] | None = None,
     return BpeTokenizer._from_json(path, text, data)
 
 
-def text_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """The files behind `paths`: a file as given, a directory's .txt and .md files
-    (recursively, sorted). Raises DataLoadError for a path that does not exist, a directory
-    without such files, or no paths at all."""
-    files: list[Path] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found = sorted(f for f in path.rglob("*")
-                           if f.suffix.lower() in TEXT_SUFFIXES and f.is_file())
-            if not found:
-                raise DataLoadError(f"{path}: a directory without {' or '.join(TEXT_SUFFIXES)} "
-                                    f"files, expected text files")
-            files += found
-        elif path.exists():
-            files.append(path)
-        else:
-            raise DataLoadError(f"{path}: no such file or directory")
-    if not files:
-        raise DataLoadError("no text files given, expected at least one file or directory")
-    return files
-
-
-def read_texts(paths: Iterable[str | os.PathLike], kind: str,
-               progress: Callable[[int], None] | None = None) -> Iterator[str]:
-    """The text of the files behind `paths` (text_files) in pieces of about CHUNK_BYTES,
-    each ending at a newline where the file has one there, so that no piece splits a line.
-
-    Files are read as UTF-8 (newlines as they are). A byte that is not UTF-8 raises
-    DataLoadError naming the file and the byte's offset, except for `kind` "bpe": byte-level
-    BPE takes any bytes, so there it is read as U+FFFD and a warning names the first one.
-    `progress(n)` is called after each read of n bytes."""
-    _check_kind(kind)
-    for path in text_files(paths):
-        yield from _file_texts(path, kind != "bpe", progress)
-
-
-def _file_texts(path: Path, strict: bool, progress) -> Iterator[str]:
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0  # bytes read before `data`
-    tail = ""  # text after the last newline so far
-    with reading(path, DataLoadError) as f:
-        while True:
-            data = f.read(CHUNK_BYTES)
-            final = not data
-            pending = decoder.getstate()[0]  # an unfinished character's first bytes
-            try:
-                text = decoder.decode(data, final)
-            except UnicodeDecodeError as err:  # err.object is pending + data
-                at = offset - len(pending) + err.start
-                if strict:
-                    raise DataLoadError(f"{path}: byte {at:,} ({err.object[err.start]:#04x}) is "
-                                        f"not UTF-8, expected UTF-8 text") from err
-                log.warning("%s: byte %s (%#04x) is not UTF-8; bytes that are not are read as "
-                            "U+FFFD", path, f"{at:,}", err.object[err.start])
-                decoder = codecs.getincrementaldecoder("utf-8")("replace")
-                text = decoder.decode(err.object, final)
-            offset += len(data)
-            if progress is not None and data:
-                progress(len(data))
-            text = tail + text
-            cut = len(text) if final else (text.rfind("\n") + 1 or len(text))
-            tail = text[cut:]
-            if cut:
-                yield text[:cut]
-            if final:
-                return
-
-
-def train_tokenizer(kind: str, paths: Iterable[str | os.PathLike],
-                    vocab_size: int = BPE_VOCAB_SIZE,
-                    progress: Callable[[int], None] | None = None) -> Tokenizer:
-    """A `kind` tokenizer trained on the text files (or directories) `paths`, read in one
-    streaming pass as read_texts reads them (so bpe takes any bytes; word and char refuse
-    a file that is not UTF-8); bpe has `vocab_size` tokens at most.
-
-    Raises ValidationError for an unknown kind or a vocab_size below 257 (bpe);
-    DataLoadError for a missing or unreadable path, an empty corpus, or (word, char) a
-    byte that is not UTF-8, naming the file and the byte's offset."""
-    _check_kind(kind)
-    files = text_files(paths)
-    if all(f.stat().st_size == 0 for f in files):
-        names = ", ".join(map(str, files[:3])) + (", ..." if len(files) > 3 else "")
-        raise DataLoadError(f"{names}: empty, expected some text to train a tokenizer on")
-    return load_tokenizer(kind, read_texts(files, kind, progress), vocab_size)
+def train_tokenizer(kind: str, texts: Iterable[str],
+                    vocab_size: int = BPE_VOCAB_SIZE) -> Tokenizer:
+    """A `kind` tokenizer learnt from `texts` (strings, consumed once: the pieces of a corpus,
+    as corpus.pieces gives them); bpe has `vocab_size` tokens at most.
+    Raises ValidationError for an unknown kind, a vocab_size below 257 (bpe) or a text that is
+    not a string."""
+    if kind not in KINDS:
+        raise ValidationError(f"tokenizer kind = {kind!r}, expected one of {', '.join(KINDS)}")
+    if kind == "bpe":
+        return BpeTokenizer.from_texts(texts, vocab_size)
+    return _CLASSES[kind].from_texts(texts)
 
 
 def tokens_per_byte(tokenizer: Tokenizer, texts: str | Iterable[str]) -> float:
     """Tokens per byte of UTF-8 text over `texts` (one string, or pieces of one as
-    read_texts gives them). Raises ValidationError when there is no text."""
+    corpus.pieces gives them). Raises ValidationError when there is no text."""
     tokens = n_bytes = 0
     for text in [texts] if isinstance(texts, str) else texts:
         tokens += len(tokenizer.encode(text))
