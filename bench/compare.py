@@ -281,7 +281,7 @@ def generation_run(kind: str, model: LLM) -> Callable[[], int]:
     if kind.startswith("rustgpt"):
         options = dict(temperature=1.0, top_p=0.9, seed=0) if kind.endswith("top-p") else {}
         return lambda: sum(1 for _ in stream(model, GEN_PROMPT, max_tokens=GEN_TOKENS, **options))
-    ids = model.vocab.encode("User: " + GEN_PROMPT)
+    ids = model.tokenizer.encode("User: " + GEN_PROMPT)
     if kind == "torch":
         from bench.torch_port import from_rustgpt
 

@@ -20,7 +20,7 @@ def rss_mb() -> float:
 
 def soak(model, opt, rng, rounds):
     for _ in range(rounds):
-        seqs = [rng.integers(0, model.vocab.size, int(rng.integers(2, 81))).astype(np.intc)
+        seqs = [rng.integers(0, model.tokenizer.size, int(rng.integers(2, 81))).astype(np.intc)
                 for _ in range(int(rng.integers(1, 9)))]  # every shape in turn
         model.train_step(*make_batch(seqs), opt, 1e-4)
         generate(model, "w1 w2 w3", max_tokens=40, temperature=0.8, top_p=0.9, rng=rng)

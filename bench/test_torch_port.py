@@ -73,7 +73,7 @@ def test_architecture_from_a_checkpoint_file(arch, default_model, tmp_path):
     checkpoint file: the port built from the file alone agrees."""
     model, sequences = default_model
     if arch == "gpt":
-        model = LLM(ModelConfig(arch="gpt", dropout=0.1), model.vocab, seed=7)
+        model = LLM(ModelConfig(arch="gpt", dropout=0.1), model.tokenizer, seed=7)
     path = Checkpoint.from_model(model, Config(model=model.config)).save(
         tmp_path / "model.safetensors")
     assert_same_logits_and_loss(from_rustgpt(path), model, *make_batch(sequences), atol=1e-4)
@@ -124,8 +124,8 @@ def test_generate_no_cache_is_rustgpts_greedy(default_model):
     model = default_model[0]
     port = from_rustgpt(model)
     prompt = "User: How do mountains form?"
-    ids = model.vocab.encode(prompt)
+    ids = model.tokenizer.encode(prompt)
     expected = generate(model, prompt, max_tokens=8, raw=True)
     new = port.generate_no_cache(ids, 8)
-    eos = new.index(model.vocab.eos_id) if model.vocab.eos_id in new else len(new)
-    assert model.vocab.decode(new[:eos]) == expected
+    eos = new.index(model.tokenizer.eos_id) if model.tokenizer.eos_id in new else len(new)
+    assert model.tokenizer.decode(new[:eos]) == expected

@@ -8,17 +8,19 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from rustgpt.checkpoint import BEST_NAME, Checkpoint, CheckpointManager, load
+from rustgpt import generation
+from rustgpt.checkpoint import BEST_NAME, FORMAT_VERSION, Checkpoint, CheckpointManager, load
 from rustgpt.config import Config, ModelConfig, TrainingConfig
 from rustgpt.data import Dataset
 from rustgpt.errors import SerializationError, ValidationError
 from rustgpt.model import LLM
-from rustgpt.tokenizer import Vocab
+from rustgpt.tokenizer import Vocab, train_tokenizer
 from rustgpt.training import Callback, Trainer, rustgpt_phases
 
 TEXTS = ["the sun rises in the east </s>", "rain falls from clouds </s>",
@@ -52,12 +54,12 @@ def test_round_trip(tmp_path):
     trainer.run()
     path = Checkpoint.from_trainer(trainer, CONFIG).save(tmp_path / "a.safetensors")
     ckpt = Checkpoint.load(path)
-    assert ckpt.config == CONFIG and ckpt.vocab == trainer.model.vocab and ckpt.step == 3
+    assert ckpt.config == CONFIG and ckpt.tokenizer == trainer.model.tokenizer and ckpt.step == 3
     for name, value in trainer.model.named_parameters():
         np.testing.assert_array_equal(ckpt.weights[name], value)
     np.testing.assert_array_equal(ckpt.optimizer["m"], trainer.optimizer.m)
     assert ckpt.optimizer["t"] == 3 and math.isfinite(ckpt.loss)
-    ids = trainer.model.vocab.encode("the sun rises")
+    ids = trainer.model.tokenizer.encode("the sun rises")
     np.testing.assert_array_equal(load(path).forward([ids]), trainer.model.forward([ids]))
     # plain safetensors: weights by attribute path, optimizer moments beside them
     tensors = load_file(path)
@@ -181,10 +183,15 @@ def test_foreign_and_mismatched_files(good, tmp_path):
         Checkpoint.load(rewrite(good, tmp_path, shape))
 
     def vocab(t, m):
-        words = json.loads(m["vocab"])["words"] + ["extra"]
-        m["vocab"] = json.dumps({"words": words})
+        words = json.loads(m["tokenizer"])["words"] + ["extra"]
+        m["tokenizer"] = json.dumps({"kind": "word", "words": words})
     with pytest.raises(SerializationError, match="embeddings.token has shape"):
         Checkpoint.load(rewrite(good, tmp_path, vocab))
+
+    def foreign_tokenizer(t, m):
+        m["tokenizer"] = json.dumps({"kind": "sentencepiece"})
+    with pytest.raises(SerializationError, match="stored config or tokenizer is invalid"):
+        Checkpoint.load(rewrite(good, tmp_path, foreign_tokenizer))
 
     def missing(t, m):
         del t["output.b"]
@@ -193,7 +200,7 @@ def test_foreign_and_mismatched_files(good, tmp_path):
 
     def config(t, m):
         m["config"] = json.dumps({"model": {"num_heads": 3}})
-    with pytest.raises(SerializationError, match="stored config or vocabulary is invalid"):
+    with pytest.raises(SerializationError, match="stored config or tokenizer is invalid"):
         Checkpoint.load(rewrite(good, tmp_path, config))
 
     def dtype(t, m):
@@ -384,3 +391,38 @@ def test_a_config_of_absurd_size_is_refused_before_its_table_is_built(good, tmp_
                                                  "weight tensors"):
         Checkpoint.load(rewrite(good, tmp_path, layers))
     assert time.perf_counter() - start < 1.0
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_format_1_checkpoints_still_load_and_resume():
+    """ckpt-v1.safetensors: written by rustgpt 0.1.0 before the format held a tokenizer of
+    any kind (a word list under "vocab"); ckpt-v1.json: that version's logits for a text."""
+    expected = json.loads((FIXTURES / "ckpt-v1.json").read_text())
+    old = Checkpoint.load(FIXTURES / "ckpt-v1.safetensors")
+    assert old.format_version == 1 and old.tokenizer.kind == "word"
+    assert old.step == expected["step"] and old.optimizer is not None
+    model = old.build_model()
+    assert model.tokenizer.encode(expected["text"]) == expected["ids"]
+    logits = model.forward(np.array([expected["ids"]], np.intc))[0]
+    np.testing.assert_allclose(logits, expected["logits"], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_a_checkpoint_carries_any_tokenizer(tmp_path, kind):
+    texts = ["the sun rises in the east\n", "héllo wörld ✓\n"] * 20
+    tokenizer = train_tokenizer(kind, texts, vocab_size=300) if kind == "bpe" else \
+        train_tokenizer(kind, texts)
+    model = LLM(CONFIG.model, tokenizer, seed=1)
+    path = Checkpoint.from_model(model, CONFIG, step=3).save(tmp_path / "c.safetensors")
+    back = Checkpoint.load(path)
+    assert back.format_version == FORMAT_VERSION and back.tokenizer.kind == kind
+    assert back.tokenizer.to_dict() == tokenizer.to_dict()
+    again = back.build_model()
+    ids = tokenizer.encode("the sun héllo")
+    np.testing.assert_array_equal(again.forward(np.array([ids], np.intc)),
+                                  model.forward(np.array([ids], np.intc)))
+    # no end-of-text id (char): generation runs to max_tokens
+    text = generation.generate(again, "the sun", raw=True, max_tokens=6)
+    assert isinstance(text, str) and (kind == "bpe" or len(text) == 6)

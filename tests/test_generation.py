@@ -19,14 +19,14 @@ def model():
 
 
 def test_greedy_is_stepwise_argmax(model):
-    ids = model.vocab.encode("User: How do mountains form?")
+    ids = model.tokenizer.encode("User: How do mountains form?")
     out = []
     for _ in range(6):
         token = int(np.argmax(model.forward([ids + out])[0, -1]))
-        if token == model.vocab.eos_id:
+        if token == model.tokenizer.eos_id:
             break
         out.append(token)
-    assert G.generate(model, "How do mountains form?", max_tokens=6) == model.vocab.decode(out)
+    assert G.generate(model, "How do mountains form?", max_tokens=6) == model.tokenizer.decode(out)
 
 
 @pytest.mark.parametrize("options", [{}, {"temperature": 0.8, "top_p": 0.9, "seed": 1},
@@ -67,9 +67,9 @@ def test_repetition_penalty():
 
 def test_beam_search_scores_at_least_as_well_as_greedy(model):
     def score(tokens):
-        ids = model.vocab.encode("User: the sun")
+        ids = model.tokenizer.encode("User: the sun")
         logp, seq = 0.0, list(ids)
-        for t in tokens + [model.vocab.eos_id]:
+        for t in tokens + [model.tokenizer.eos_id]:
             z = model.forward([seq])[0, -1].astype(np.float64)
             logp += z[t] - np.log(np.exp(z - z.max()).sum()) - z.max()
             seq.append(t)
@@ -77,10 +77,10 @@ def test_beam_search_scores_at_least_as_well_as_greedy(model):
                 break
         return logp / (len(tokens) + 1)
 
-    greedy = model.vocab.encode(G.generate(model, "the sun"))
+    greedy = model.tokenizer.encode(G.generate(model, "the sun"))
     beam = G.beam_search(model, "the sun", beam_width=4)
     assert score(beam) >= score(greedy) - 1e-6
-    assert G.generate(model, "the sun", beam_width=1) == model.vocab.decode(greedy)
+    assert G.generate(model, "the sun", beam_width=1) == model.tokenizer.decode(greedy)
 
 
 @pytest.mark.parametrize("options,message", [

@@ -159,12 +159,12 @@ def test_default_schedule_reproduces_training_answers(rustgpt_run):
     for example in chat.examples[::9]:
         question, answer = example.removeprefix("User: ").split(" Assistant: ")
         expected = "Assistant: " + answer.removesuffix(" </s>")
-        assert model.generate(question) == model.vocab.decode(model.vocab.encode(expected))
+        assert model.generate(question) == model.tokenizer.decode(model.tokenizer.encode(expected))
 
 
 def test_default_schedule_lowers_the_loss_by_a_large_factor(rustgpt_run):
     model, _, rec = rustgpt_run
     pre = [e["loss"] for e in rec.epochs if e["phase"] == "pretraining"]
     chat = [e["loss"] for e in rec.epochs if e["phase"] == "instruction"]
-    assert pre[0] > math.log(model.vocab.size) * 0.7  # starts near chance
+    assert pre[0] > math.log(model.tokenizer.size) * 0.7  # starts near chance
     assert pre[-1] < pre[0] / 10 and chat[-1] < chat[0] / 5

@@ -1,5 +1,5 @@
 """Checkpoints: one ``.safetensors`` file holding weights, optimizer moments and, as JSON in
-the header metadata, config, vocabulary and training state. Written atomically (temporary
+the header metadata, config, tokenizer and training state. Written atomically (temporary
 file, fsync, rename); read without executing anything; every defect is a SerializationError.
 """
 
@@ -25,13 +25,14 @@ from rustgpt.errors import LlmError, SerializationError, ValidationError
 from rustgpt.fileio import read_bytes, write_atomic
 from rustgpt.metrics import CSV_NAME, JSON_NAME
 from rustgpt.model import LLM, parameter_specs
-from rustgpt.tokenizer import Vocab
+from rustgpt.tokenizer import Tokenizer, tokenizer_from_dict
 from rustgpt.training import Callback
 
 if TYPE_CHECKING:
     from rustgpt.training import Trainer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the tokenizer of any kind ("tokenizer"); 1: a word list ("vocab")
+READS = (1, 2)  # the format versions load() reads
 _NAME = re.compile(r"^ckpt-(\d{8,})\.safetensors$")
 BEST_NAME = "best.safetensors"
 RUN_FILES = (CSV_NAME, JSON_NAME)  # written beside the checkpoints
@@ -50,7 +51,7 @@ class Checkpoint:
 
     weights: dict[str, np.ndarray]
     config: Config
-    vocab: Vocab
+    tokenizer: Tokenizer
     optimizer: dict | None = None
     trainer: dict | None = None
     loss: float = math.nan
@@ -68,7 +69,7 @@ class Checkpoint:
         if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
             raise ValidationError(f"Checkpoint.from_model: step = {step!r}, expected an "
                                   f"integer >= 0")
-        return cls(model.state_dict(), config, model.vocab, loss=loss, model_step=step)
+        return cls(model.state_dict(), config, model.tokenizer, loss=loss, model_step=step)
 
     @classmethod
     def from_trainer(cls, trainer: Trainer, config: Config) -> Checkpoint:
@@ -77,7 +78,7 @@ class Checkpoint:
         state = trainer.state_dict()
         optimizer = state.pop("optimizer")
         loss = trainer.epoch_loss if math.isfinite(trainer.epoch_loss) else trainer.last_loss
-        return cls(trainer.model.state_dict(), config, trainer.model.vocab, optimizer=optimizer,
+        return cls(trainer.model.state_dict(), config, trainer.model.tokenizer, optimizer=optimizer,
                    trainer=state, loss=loss)
 
     @property
@@ -92,7 +93,7 @@ class Checkpoint:
 
     def build_model(self) -> LLM:
         """A ready LLM with these weights."""
-        model = LLM(self.config.model, self.vocab)
+        model = LLM(self.config.model, self.tokenizer)
         model.load_state_dict(self.weights)
         return model
 
@@ -141,7 +142,7 @@ class Checkpoint:
         return {"format": "rustgpt", "format_version": str(self.format_version),
                 "package_version": self.package_version,
                 "config": json.dumps(to_dict(self.config)),
-                "vocab": json.dumps(self.vocab.to_dict()),
+                "tokenizer": json.dumps(self.tokenizer.to_dict()),
                 "state": json.dumps(state, allow_nan=True)}
 
     def to_bytes(self) -> bytes:
@@ -171,17 +172,18 @@ class Checkpoint:
         if meta.get("format") != "rustgpt":
             raise SerializationError(f"{path}: not a rustgpt checkpoint (format "
                                      f"{meta.get('format')!r})")
-        if version != FORMAT_VERSION:
+        if version not in READS:
             raise SerializationError(f"{path}: checkpoint format version {version}, this rustgpt "
-                                     f"({__version__}) reads version {FORMAT_VERSION}")
+                                     f"({__version__}) reads versions {READS[0]} to {READS[-1]}")
         try:
             config = from_dict(json.loads(meta["config"]), f"{path}: config")
-            vocab = Vocab.from_dict(json.loads(meta["vocab"]))
+            tokenizer = tokenizer_from_dict(json.loads(meta["vocab" if version == 1 else
+                                                           "tokenizer"]))
             state = json.loads(meta["state"])
         except (KeyError, json.JSONDecodeError, RecursionError) as err:
             raise SerializationError(f"{path}: damaged metadata ({err!r})") from err
         except LlmError as err:
-            raise SerializationError(f"{path}: stored config or vocabulary is invalid: {err}") from err
+            raise SerializationError(f"{path}: stored config or tokenizer is invalid: {err}") from err
         _check_state(path, state)
         weights, moments = {}, {"m": {}, "v": {}}
         for name, arr in tensors.items():
@@ -194,7 +196,7 @@ class Checkpoint:
             raise SerializationError(f"{path}: weights disagree with the stored config: "
                                      f"num_layers = {config.model.num_layers}, the file holds "
                                      f"{len(weights)} weight tensors")
-        expected = _expected_shapes(config, vocab)
+        expected = _expected_shapes(config, tokenizer)
         _check_shapes(path, "weights", weights, expected)
         optimizer = None
         if state.get("optimizer_t") is not None:
@@ -211,7 +213,7 @@ class Checkpoint:
                         f"{path}: tensor {name} holds {bad:,} NaN or infinite values of "
                         f"{arr.size:,}, expected finite numbers (allow_non_finite=True loads "
                         f"it anyway)")
-        return cls({n: weights[n] for n in expected}, config, vocab, optimizer, state["trainer"],
+        return cls({n: weights[n] for n in expected}, config, tokenizer, optimizer, state["trainer"],
                    float(state["loss"]) if state.get("loss") is not None else math.nan,
                    float(state.get("timestamp", 0.0)), meta.get("package_version", "?"), version,
                    state.get("step", 0))
@@ -248,8 +250,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]
     return tensors, meta
 
 
-def _expected_shapes(config: Config, vocab: Vocab) -> dict[str, tuple[int, ...]]:
-    return {name: shape for name, shape, _, _ in parameter_specs(config.model, vocab.size)}
+def _expected_shapes(config: Config, tokenizer: Tokenizer) -> dict[str, tuple[int, ...]]:
+    return {name: shape for name, shape, _, _ in parameter_specs(config.model, tokenizer.size)}
 
 
 def _check_shapes(path: Path, what: str, arrays: dict, expected: dict) -> None:

@@ -289,8 +289,8 @@ def _train_locked(config, manager, resume, sources, init_from, overwrite, show_p
     pre = Dataset.load(config.data.pretraining_data or BUNDLED_PRETRAINING, limit)
     chat = Dataset.load(config.data.chat_training_data or BUNDLED_CHAT, limit)
     saved = checkpoint or start
-    vocab = saved.vocab if saved else Vocab.from_texts(pre.examples + chat.examples)
-    model = LLM(config.model, vocab, seed=config.training.seed)
+    tokenizer = saved.tokenizer if saved else Vocab.from_texts(pre.examples + chat.examples)
+    model = LLM(config.model, tokenizer, seed=config.training.seed)
     if start is not None:
         model.load_state_dict(start.weights)
     # an unwritable or full output fails now, not after an hour of training
@@ -318,7 +318,7 @@ def _train_locked(config, manager, resume, sources, init_from, overwrite, show_p
     if show_progress:
         callbacks.append(ProgressBar())
     trainer = Trainer(model, config.training,
-                      rustgpt_phases(config.training, vocab, config.model.max_seq_len, pre, chat,
+                      rustgpt_phases(config.training, tokenizer, config.model.max_seq_len, pre, chat,
                                      config.data.long_examples),
                       callbacks)
     if checkpoint:
@@ -327,7 +327,7 @@ def _train_locked(config, manager, resume, sources, init_from, overwrite, show_p
         trainer.reopen_phases([saved_training.pretraining_epochs,
                                saved_training.instruction_epochs])
     log.info("model: %s parameters, vocabulary %d, %s", f"{model.total_parameters():,}",
-             vocab.size, rustgpt.kernels_info())
+             tokenizer.size, rustgpt.kernels_info())
     first_step = trainer.position.step
     seen = install_stop_handlers(trainer)
     began = time.perf_counter()
@@ -531,15 +531,19 @@ def chat(state: State, checkpoint, **options):
 @group_options
 @click.pass_obj
 def info(state: State, checkpoint):
-    """Architecture, parameter count, vocabulary and training state of a checkpoint."""
+    """Architecture, parameter count, tokenizer and training state of a checkpoint."""
     config, _ = state.config()
     ckpt = _load_checkpoint(checkpoint or config.checkpoint.directory)
     model = ckpt.build_model()
     click.echo(model.network_description())
-    stats = model.vocab.statistics(top=10)
-    click.echo(f"vocabulary: {stats['size']} tokens, {stats['total_words']:,} words counted, "
-               f"special {' '.join(stats['special_tokens'])}")
-    click.echo("most frequent: " + ", ".join(f"{w} ({n})" for w, n in stats["most_frequent"]))
+    tokenizer = model.tokenizer
+    if tokenizer.kind == "word":  # RustGPT's vocabulary counts its words
+        stats = tokenizer.statistics(top=10)
+        click.echo(f"vocabulary: {stats['size']} words, {stats['total_words']:,} counted, "
+                   f"special {' '.join(stats['special_tokens'])}")
+        click.echo("most frequent: " + ", ".join(f"{w} ({n})" for w, n in stats["most_frequent"]))
+    else:
+        click.echo(f"tokenizer: {tokenizer.kind}, {tokenizer.size:,} tokens")
     for key, value in ckpt.info().items():
         click.echo(f"{key}: {value}")
 
@@ -560,7 +564,7 @@ def evaluate(state: State, data, checkpoint, batch_size):
     ckpt = _load_checkpoint(checkpoint or config.checkpoint.directory)
     model = ckpt.build_model()
     dataset = Dataset.load(data, config.data.max_file_mb * 2**20)
-    result = evaluate_model(model, dataset.encode(model.vocab, model.config.max_seq_len),
+    result = evaluate_model(model, dataset.encode(model.tokenizer, model.config.max_seq_len),
                             batch_size)
     for key, value in result.items():
         click.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")

@@ -132,7 +132,7 @@ def _check_memory(model: LLM, batch: int, prompt_len: int, extra: int, what: str
 def _prompt_ids(model: LLM, prompt: str, raw: bool) -> list[int]:
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValidationError(f"generate: prompt {prompt!r} is empty, expected some text")
-    ids = model.vocab.encode(prompt if raw else PROMPT_PREFIX + prompt)
+    ids = model.tokenizer.encode(prompt if raw else PROMPT_PREFIX + prompt)
     limit = model.config.max_seq_len - 1  # leave room for at least one new token
     if len(ids) > limit:
         log.warning("prompt of %d tokens keeps its last %d (max_seq_len %d)", len(ids), limit,
@@ -171,10 +171,10 @@ def _stream(model: LLM, ids: list[int], budget: int, rng: np.random.Generator,
     while len(new) < budget:
         penalised = apply_repetition_penalty(logits, ids + new, repetition_penalty)
         token = sample(penalised, rng, temperature, top_k, top_p, min_p)
-        if token == model.vocab.eos_id:
+        if token == model.tokenizer.eos_id:
             return
         new.append(token)
-        full = model.vocab.decode(new)
+        full = model.tokenizer.decode(new)
         yield full[len(text):]
         text = full
         if len(new) < budget:
@@ -195,7 +195,7 @@ def beam_search(model: LLM, prompt: str, *, beam_width: int = 4, max_tokens: int
     W = beam_width
     c = model.config
     reorder = 4 * c.num_layers * W * c.max_seq_len * c.embedding_dim
-    _check_memory(model, W, len(ids), reorder + 5 * 8 * W * model.vocab.size,
+    _check_memory(model, W, len(ids), reorder + 5 * 8 * W * model.tokenizer.size,
                   f"beam_width = {W}")
     with allocating(f"generate: beam_width = {W}"):
         return _beam_search(model, ids, W, budget, length_penalty)
@@ -203,7 +203,7 @@ def beam_search(model: LLM, prompt: str, *, beam_width: int = 4, max_tokens: int
 
 def _beam_search(model: LLM, ids: list[int], W: int, budget: int,
                  length_penalty: float) -> list[int]:
-    eos = model.vocab.eos_id
+    eos = model.tokenizer.eos_id
     cache = model.new_cache(W)
     logits = model.prefill(cache, [ids] * W)
     beams: list[list[int]] = [[] for _ in range(W)]
@@ -258,7 +258,7 @@ def generate(model: LLM, prompt: str, *, max_tokens: int | None = None, temperat
     _check_options(1 if max_tokens is None else max_tokens, temperature, top_k, top_p, min_p,
                    repetition_penalty, beam_width, seed, rng)
     if beam_width > 1:
-        return model.vocab.decode(beam_search(model, prompt, beam_width=beam_width,
+        return model.tokenizer.decode(beam_search(model, prompt, beam_width=beam_width,
                                               max_tokens=max_tokens, raw=raw))
     return "".join(stream(model, prompt, max_tokens=max_tokens, temperature=temperature,
                           top_k=top_k, top_p=top_p, min_p=min_p,

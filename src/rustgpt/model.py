@@ -39,7 +39,7 @@ from rustgpt.threads import StepThreads
 if TYPE_CHECKING:
     from rustgpt.config import ModelConfig
     from rustgpt.optim import Adam
-    from rustgpt.tokenizer import Vocab
+    from rustgpt.tokenizer import Tokenizer
 
 IGNORE_INDEX = -1  # target id of padded positions: no loss, no gradient
 MAX_PLANS = 256  # recorded training steps kept per model, one per batch shape and target count
@@ -170,27 +170,29 @@ class LLM(Module):
     """The model: embeddings, ``num_layers`` blocks, (pre-norm) a final layer norm, output
     projection, as the config's architecture options say.
 
-    Build with ``LLM(config, vocab, seed)``; parameters are drawn from the init of
+    Build with ``LLM(config, tokenizer, seed)`` (any kind of rustgpt.tokenizer: the model
+    reads its size; generation encodes and decodes with it); parameters are drawn from the init of
     config.arch (rustgpt: DESIGN.md's; gpt: nanoGPT's, see _gpt_init).
     ``params.data`` / ``params.grad`` are the flat (P,) buffers the optimizer updates.
     """
 
-    def __init__(self, config: ModelConfig, vocab: Vocab, seed: int = 0) -> None:
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer, seed: int = 0) -> None:
         """Raises ValidationError for a bad seed and ArchitectureError, before allocating,
         for a model whose parameters, gradients and Adam moments (4 float32 copies) need
         more than the memory available."""
         super().__init__()
         check_seed(seed, "LLM")
         c = config
-        P = parameter_count(c, vocab.size)
+        V = tokenizer.size
+        P = parameter_count(c, V)
         what = (f"[model] embedding_dim = {c.embedding_dim}, hidden_dim = {c.hidden_dim}, "
                 f"num_layers = {c.num_layers}, max_seq_len = {c.max_seq_len} with a vocabulary "
-                f"of {vocab.size}: {P:,} parameters")
+                f"of {V}: {P:,} parameters")
         check_memory(4 * 4 * P, f"{what}, their gradients and Adam moments need",
                      ArchitectureError)
         self.config = config
-        self.vocab = vocab
-        _build_layers(self, config, vocab.size)
+        self.tokenizer = tokenizer
+        _build_layers(self, config, V)
         self.embeddings: Embeddings = self._children["embeddings"]
         self.blocks: list[TransformerBlock] = [self._children[f"blocks.{i}"]
                                                for i in range(config.num_layers)]
@@ -234,7 +236,7 @@ class LLM(Module):
         """arr as C-contiguous int32 and how many of its ids are not `ignore`, after
         checking that every other id lies in [0, V)."""
         _integers(arr, name)
-        V = self.vocab.size
+        V = self.tokenizer.size
         if arr.dtype != np.intc:  # checked before narrowing: 2**32 + 5 must not pass as 5
             ids = arr if ignore is None else arr[arr != ignore]
             if ids.size and (ids.min() < 0 or ids.max() >= V):
@@ -275,7 +277,7 @@ class LLM(Module):
         """Around a pass over (B, T) tokens: refuse it up front when its activations need
         more memory than is available (besides what the training workspace holds already,
         for a training step), and turn a failed allocation into a ValidationError too."""
-        need = activation_bytes(self.config, self.vocab.size, B, T)
+        need = activation_bytes(self.config, self.tokenizer.size, B, T)
         held = self._activations if training else 0  # the workspace only grows
         what = f"LLM: the activations of a batch of {B} x {T} tokens"
         check_memory(need - held, f"{what} need")
@@ -455,7 +457,7 @@ class LLM(Module):
         KV cache (2 L B T_max D float32) and the prompt's activations."""
         c = self.config
         cache = 2 * 4 * c.num_layers * batch * c.max_seq_len * c.embedding_dim
-        return cache + activation_bytes(c, self.vocab.size, batch, prompt_len)
+        return cache + activation_bytes(c, self.tokenizer.size, batch, prompt_len)
 
     def prefill(self, cache: KVCache, ids) -> np.ndarray:
         """Run the prompt ids (B, T) through the model, filling cache rows 0..T-1.
@@ -541,7 +543,7 @@ class LLM(Module):
         options += ["attention projection"] * c.attention_projection
         options += ["tied embeddings"] * c.tie_embeddings + ["no biases"] * (not c.bias)
         options += [f"dropout {c.dropout:g}"] * (c.dropout > 0)
-        lines = [f"LLM: vocab {self.vocab.size}, embedding_dim {c.embedding_dim}, hidden_dim "
+        lines = [f"LLM: vocab {self.tokenizer.size}, embedding_dim {c.embedding_dim}, hidden_dim "
                  f"{c.hidden_dim}, {c.num_layers} layers, {c.num_heads} heads, max_seq_len "
                  f"{c.max_seq_len}, arch {c.arch} ({', '.join(options)})"]
         for name, module in self._children.items():
