@@ -407,6 +407,13 @@ def test_format_1_checkpoints_still_load_and_resume():
     assert model.tokenizer.encode(expected["text"]) == expected["ids"]
     logits = model.forward(np.array([expected["ids"]], np.intc))[0]
     np.testing.assert_allclose(logits, expected["logits"], atol=1e-5)
+    # its training state (optimizer, position, RNG) goes into a trainer of its config
+    texts = ["the sun rises in the east </s>",
+             "User: where does the sun rise ? Assistant: in the east </s>"]
+    trainer = Trainer(model, old.config.training, rustgpt_phases(
+        old.config.training, old.tokenizer, 16, Dataset(texts[:1]), Dataset(texts[1:])))
+    old.restore(trainer)
+    assert trainer.optimizer.t == old.optimizer["t"] and trainer.position.step == old.step
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe"])
