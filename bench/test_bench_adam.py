@@ -1,6 +1,7 @@
 """The fused Adam update (gradient norm, clipping to 5, update) vs the same math in float32
-numpy, over the default model's size; and the update followed by the next forward vs the
-update beside it (AdamStep, Plan.run). `pytest --benchmark-only bench/test_bench_adam.py`."""
+numpy, over the default model's size, and as AdamW (weight decay on the matrices' ranges);
+and the update followed by the next forward vs the update beside it (AdamStep, Plan.run).
+`pytest --benchmark-only bench/test_bench_adam.py`."""
 
 import numpy as np
 import pytest
@@ -16,10 +17,30 @@ def state(rng):
     return p, m, np.abs(rng.standard_normal(N)).astype(np.float32), g
 
 
-def test_bench_adam_rustgpt(benchmark, state, bench_threads):
+@pytest.fixture(scope="module")
+def decay():
+    """The default model's decay ranges (its matrices and embeddings), as Adam passes them."""
+    from bench.compare import bundled_data
+    from rustgpt.config import ModelConfig
+    from rustgpt.model import parameter_specs
+    from rustgpt.optim import decay_ranges
+
+    return decay_ranges(parameter_specs(ModelConfig(), bundled_data()[2].size))
+
+
+def test_bench_adam_rustgpt(benchmark, state, decay, bench_threads):
+    """RustGPT's Adam as the optimizer calls it: the decay ranges given, weight decay 0."""
     p, m, v, g = state
     benchmark.group = f"adam {N} parameters"
-    benchmark(K.adam_update, p, m, v, g, 1e-4, t=10, max_norm=5.0)
+    benchmark(K.adam_update, p, m, v, g, 1e-4, t=10, max_norm=5.0, decay=decay)
+
+
+def test_bench_adamw_rustgpt(benchmark, state, decay, bench_threads):
+    """AdamW, weight decay 0.1 on the default model's matrices and embeddings."""
+    p, m, v, g = state
+    benchmark.group = f"adam {N} parameters"
+    benchmark(K.adam_update, p, m, v, g, 1e-4, weight_decay=0.1, t=10, max_norm=5.0,
+              decay=decay)
 
 
 def numpy_adam(p, m, v, g, lr=1e-4, t=1, max_norm=5.0) -> None:
@@ -57,7 +78,7 @@ def forward_plan():
 def _adam_step(model, optimizer):
     norm = float(np.sqrt(K.sum_squares(model.params.grad)))
     return K.AdamStep(model.params.data, optimizer.m, optimizer.v, model.params.grad, 1e-9,
-                      0.9, 0.999, 1e-8, 0.0, 10, 5.0, norm)
+                      0.9, 0.999, 1e-8, 0.0, 10, 5.0, norm, optimizer.decay)
 
 
 def test_bench_adam_then_forward(benchmark, forward_plan, bench_threads):

@@ -118,6 +118,27 @@ def test_training_steps_match(max_grad_norm, arch, rng):
         ref.assert_close(model.params.values[name], value.numpy(), 0, 1e-2 * lr, name)
 
 
+@pytest.mark.parametrize("arch", ["rustgpt", "gpt"])
+def test_adamw_steps_match(arch, rng):
+    """nanoGPT's optimizer on both sides: AdamW with weight decay 0.1 on the parameters of
+    two or more dimensions only (rustgpt's decay ranges, the port's two param groups),
+    beta2 0.99, clipping to 1.0: same losses, nearly the same weights after ten steps."""
+    model = small_model(**({"arch": "gpt"} if arch == "gpt" else {}))
+    port = from_rustgpt(model)
+    lr, weight_decay = 1e-2, 0.1
+    optimizer = Adam(model.params, beta2=0.99, weight_decay=weight_decay)
+    port.make_optimizer(lr, weight_decay=weight_decay, betas=(0.9, 0.99))
+    inputs, targets = small_batch(rng)
+    for step in range(10):
+        loss, norm = model.train_step(inputs, targets, optimizer, lr, 1.0)
+        t_loss, t_norm = port.train_step(inputs, targets, lr, 1.0)
+        assert t_loss == pytest.approx(loss, rel=1e-4), f"step {step}"
+        assert t_norm == pytest.approx(norm, rel=1e-3), f"step {step}"
+    for name, value in port.state_dict().items():
+        # a wrong decay rule would be off by ~ steps * lr * weight_decay * |w| = 1e-2 |w|
+        ref.assert_close(model.params.values[name], value.numpy(), 0, 1e-2 * lr, name)
+
+
 def test_generate_no_cache_is_rustgpts_greedy(default_model):
     from rustgpt.generation import generate
 

@@ -158,7 +158,7 @@ class TorchGPT(nn.Module):
                     if p.dim() == 2:
                         residual = name.endswith(("attn.wo", "ffn.w2"))
                         p.normal_(0.0, 0.02 / (2 * num_layers) ** 0.5 if residual else 0.02)
-        self.optimizer: torch.optim.Adam | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
 
     def forward(self, ids) -> torch.Tensor:
         """Logits (B, T, V) of token ids (B, T)."""
@@ -175,11 +175,24 @@ class TorchGPT(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), _long(targets).flatten(),
                                ignore_index=IGNORE_INDEX)
 
-    def make_optimizer(self, lr: float = 5e-4) -> torch.optim.Adam:
-        """Adam as rustgpt trains (beta1 0.9, beta2 0.999, eps 1e-8, no weight decay); the
-        fused CPU kernel, PyTorch's fastest Adam."""
-        self.optimizer = torch.optim.Adam(self.parameters(), lr=lr, betas=(0.9, 0.999),
-                                          eps=1e-8, fused=True)
+    def make_optimizer(self, lr: float = 5e-4, weight_decay: float = 0.0,
+                       betas: tuple[float, float] = (0.9, 0.999),
+                       eps: float = 1e-8) -> torch.optim.Optimizer:
+        """Adam as rustgpt trains (defaults: RustGPT's, no weight decay), in the fused CPU
+        kernel, PyTorch's fastest. With weight decay, nanoGPT's AdamW: two parameter
+        groups, the decay on the parameters of two or more dimensions only (matrices and
+        embeddings, not biases or layer norms), as rustgpt's decay ranges. Without it one
+        group of Adam, as before: a second group adds about 0.2 ms (10-15%) to each
+        optimizer step of the default model."""
+        if weight_decay == 0.0:
+            self.optimizer = torch.optim.Adam(self.parameters(), lr=lr, betas=betas, eps=eps,
+                                              fused=True)
+            return self.optimizer
+        params = list(self.parameters())
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr,
+                                           betas=betas, eps=eps, fused=True)
         return self.optimizer
 
     def train_step(self, inputs, targets, lr: float, max_grad_norm: float = 5.0) -> tuple[float, float]:

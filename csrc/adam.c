@@ -15,14 +15,17 @@ typedef struct {
     float b1, b2, a1, a2;             /* beta1, beta2, 1 - beta1, 1 - beta2 */
     float c1, c2;                     /* bias corrections 1 / (1 - beta^t) */
     float lr, eps, decay, grad_scale; /* decay = lr * weight_decay */
+    const size_t *ranges;             /* (nranges, 2): [start, end) that decay, ascending */
+    size_t nranges;
 } adam_consts;
 
-/* Elements [i0, i1) of the update. */
+/* Elements [i0, i1) of the update, each with weight decay `decay` (k->decay or 0). */
 RG_INLINE void update(int wide, float *restrict params, float *restrict m, float *restrict v,
-                      const float *restrict grads, size_t i0, size_t i1, const adam_consts *k) {
+                      const float *restrict grads, size_t i0, size_t i1, const adam_consts *k,
+                      float decay) {
     (void)wide;
     const float b1 = k->b1, b2 = k->b2, a1 = k->a1, a2 = k->a2, c1 = k->c1, c2 = k->c2;
-    const float lr = k->lr, eps = k->eps, decay = k->decay, grad_scale = k->grad_scale;
+    const float lr = k->lr, eps = k->eps, grad_scale = k->grad_scale;
     #pragma omp simd
     for (size_t i = i0; i < i1; i++) {
         float g = grads[i] * grad_scale;
@@ -34,8 +37,39 @@ RG_INLINE void update(int wide, float *restrict params, float *restrict m, float
     }
 }
 RG_VARIANTS(update, (float *restrict params, float *restrict m, float *restrict v,
-                     const float *restrict grads, size_t i0, size_t i1, const adam_consts *k),
-            (params, m, v, grads, i0, i1, k))
+                     const float *restrict grads, size_t i0, size_t i1, const adam_consts *k,
+                     float decay),
+            (params, m, v, grads, i0, i1, k, decay))
+
+typedef void (*update_fn)(float *restrict, float *restrict, float *restrict,
+                          const float *restrict, size_t, size_t, const adam_consts *, float);
+
+/* Elements [i0, i1) of the update: the parts inside k's decay ranges with weight decay,
+ * the rest without. An element's arithmetic does not depend on where a part starts or
+ * ends (the vector loop and its scalar tail compute alike), so any split into pieces
+ * gives the same bits. */
+static void update_span(update_fn f, float *params, float *m, float *v, const float *grads,
+                        size_t i0, size_t i1, const adam_consts *k) {
+    if (k->decay == 0.0f) {
+        f(params, m, v, grads, i0, i1, k, 0.0f);
+        return;
+    }
+    const size_t *r = k->ranges;
+    size_t lo = 0, hi = k->nranges; /* the first range that ends after i0 */
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (r[2 * mid + 1] <= i0) lo = mid + 1; else hi = mid;
+    }
+    size_t at = i0;
+    for (size_t j = lo; j < k->nranges && r[2 * j] < i1 && at < i1; j++) {
+        size_t start = r[2 * j] > at ? r[2 * j] : at;
+        size_t end = r[2 * j + 1] < i1 ? r[2 * j + 1] : i1;
+        if (start > at) f(params, m, v, grads, at, start, k, 0.0f);
+        f(params, m, v, grads, start, end, k, k->decay);
+        at = end;
+    }
+    if (at < i1) f(params, m, v, grads, at, i1, k, 0.0f);
+}
 
 typedef float f32x4 __attribute__((vector_size(16), aligned(4), may_alias));
 typedef double f64x4 __attribute__((vector_size(32)));
@@ -140,22 +174,22 @@ double rg_sum_squares_total(const double *parts, int count) { return total_of(pa
 /* The update's constants in double, then rounded once (1 - beta2 in float32 would be
  * 1.3e-5 off), with the gradient's scale for clipping to max_norm given its norm. */
 static adam_consts constants(double lr, double beta1, double beta2, double eps,
-                             double weight_decay, int t, double max_norm, double norm) {
+                             double weight_decay, const size_t *decay, size_t ndecay, int t,
+                             double max_norm, double norm) {
     adam_consts k = {(float)beta1, (float)beta2, (float)(1.0 - beta1), (float)(1.0 - beta2),
                      (float)(1.0 / (1.0 - pow(beta1, t))), (float)(1.0 / (1.0 - pow(beta2, t))),
-                     (float)lr, (float)eps, (float)(lr * weight_decay), 1.0f};
+                     (float)lr, (float)eps, (float)(lr * weight_decay), 1.0f, decay, ndecay};
     if (max_norm > 0.0 && norm > max_norm) k.grad_scale = (float)(max_norm / norm);
     return k;
 }
 
 double rg_adam_update(float *params, float *m, float *v, const float *grads, size_t n,
-                      double lr, double beta1, double beta2, double eps,
-                      double weight_decay, int t, double max_norm) {
+                      double lr, double beta1, double beta2, double eps, double weight_decay,
+                      const size_t *decay, size_t ndecay, int t, double max_norm) {
     /* One parallel region, two loops with the same static schedule: each thread updates
      * the chunks whose squares it summed, while that part of grads is still in its cache. */
     void (*sq)(double *, const float *, size_t, size_t) = sum_squares_range_pick();
-    void (*f)(float *restrict, float *restrict, float *restrict, const float *restrict, size_t,
-              size_t, const adam_consts *) = update_pick();
+    update_fn f = update_pick();
     size_t chunk = chunk_size(n);
     int count = (int)((n + chunk - 1) / chunk), nt = n >= PAR_MIN ? rg_num_threads() : 1;
     double parts[MAX_CHUNKS], norm = 0.0;
@@ -168,12 +202,12 @@ double rg_adam_update(float *params, float *m, float *v, const float *grads, siz
         #pragma omp single
         {
             norm = sqrt(total_of(parts, count));
-            k = constants(lr, beta1, beta2, eps, weight_decay, t, max_norm, norm);
+            k = constants(lr, beta1, beta2, eps, weight_decay, decay, ndecay, t, max_norm, norm);
         }
         if (isfinite(norm)) {
             #pragma omp for schedule(static)
             for (int c = 0; c < count; c++)
-                f(params, m, v, grads, c * chunk, chunk_end(c, chunk, n), &k);
+                update_span(f, params, m, v, grads, c * chunk, chunk_end(c, chunk, n), &k);
         }
     }
     return norm;
@@ -189,8 +223,7 @@ struct rg_update {
     size_t n;
     int count; /* pieces of STEP_CHUNK elements (the last may be shorter) */
     adam_consts k;
-    void (*f)(float *restrict, float *restrict, float *restrict, const float *restrict, size_t,
-              size_t, const adam_consts *);
+    update_fn f;
     int next;            /* the next piece to take, for every thread (atomic) */
     int ready;           /* pieces [0, ready) are known done, by the thread doing the work */
     unsigned char *done; /* done[c]: piece c is updated (atomic, release / acquire) */
@@ -200,8 +233,8 @@ struct rg_update {
 static int take(rg_update *u) {
     int c = __atomic_fetch_add(&u->next, 1, __ATOMIC_RELAXED);
     if (c >= u->count) return 0;
-    u->f(u->params, u->m, u->v, u->grads, (size_t)c * STEP_CHUNK,
-         chunk_end(c, STEP_CHUNK, u->n), &u->k);
+    update_span(u->f, u->params, u->m, u->v, u->grads, (size_t)c * STEP_CHUNK,
+                chunk_end(c, STEP_CHUNK, u->n), &u->k);
     __atomic_store_n(&u->done[c], 1, __ATOMIC_RELEASE);
     return 1;
 }
@@ -223,11 +256,12 @@ void rg_update_wait(rg_update *u, size_t end) {
 
 void rg_adam_apply(float *params, float *m, float *v, const float *grads, size_t n,
                    double lr, double beta1, double beta2, double eps, double weight_decay,
-                   int t, double max_norm, double norm, void (*work)(void *, rg_update *),
-                   void *ctx) {
+                   const size_t *decay, size_t ndecay, int t, double max_norm, double norm,
+                   void (*work)(void *, rg_update *), void *ctx) {
     int count = (int)((n + STEP_CHUNK - 1) / STEP_CHUNK);
     rg_update u = {params, m, v, grads, n, count,
-                   constants(lr, beta1, beta2, eps, weight_decay, t, max_norm, norm),
+                   constants(lr, beta1, beta2, eps, weight_decay, decay, ndecay, t, max_norm,
+                             norm),
                    update_pick(), 0, count, NULL};
     int nt = rg_num_threads();
     if (work != NULL && nt > 1) u.done = calloc((size_t)count, 1);
@@ -235,7 +269,8 @@ void rg_adam_apply(float *params, float *m, float *v, const float *grads, size_t
         nt = n >= PAR_MIN ? nt : 1;
         #pragma omp parallel for num_threads(nt) schedule(static)
         for (int c = 0; c < count; c++)
-            u.f(params, m, v, grads, (size_t)c * STEP_CHUNK, chunk_end(c, STEP_CHUNK, n), &u.k);
+            update_span(u.f, params, m, v, grads, (size_t)c * STEP_CHUNK,
+                        chunk_end(c, STEP_CHUNK, n), &u.k);
         if (work != NULL) work(ctx, &u); /* ready = count: its waits return at once */
         return;
     }

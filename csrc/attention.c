@@ -11,18 +11,29 @@
  * vector lanes: scores_block reads the keys transposed (transpose_keys, once per task), so
  * its inner loop is a broadcast-multiply-add, like mix_block's.
  * They are compiled three times (generic, AVX2, AVX-512) and rg_simd_level() picks one at
- * run time. Scratch: each task keeps on its stack its head's keys (or values) transposed,
- * hs * (T + 32) floats, and a block of its head's rows packed (pack_rows), hs * T floats;
- * the key rows' pass two blocks of rows instead: at most hs * (2 T + 32) floats (272 KB at
- * T = 256, hs = 128). The backward's score gradients go to the caller's ds.
+ * run time.
+ *
+ * Scratch: the caller's, one area of rg_attention_scratch_size floats per thread, which the
+ * thread reuses for every task it takes (so it stays in cache). A task keeps there its
+ * head's keys (or values) transposed, up to hs * (T + 32) floats, and, when hs < D, its
+ * head's rows packed (pack_rows), up to hs * T floats; the key rows' pass two blocks of rows
+ * instead. Nothing lives on the stack, so T is bounded only by the caller's arrays. The
+ * backward's score gradients go to the caller's ds.
  *
  * Threads: a task is (batch row b, head h, a range of rows). Each task writes only its own
- * rows of out / att / ds / dq / dk / dv, so there are no atomics. When B * NH alone cannot
- * keep every thread busy, each head's rows are cut into ranges of equal triangular cost.
- * The backward runs in two passes: over query rows (the score gradients ds, row by row,
- * and dq), then over key rows (dk, dv), which read the columns of ds and att.
+ * rows of out / att / ds / dq / dk / dv and its thread's area, so there are no atomics. When
+ * B * NH alone cannot keep every thread busy, each head's rows are cut into ranges of equal
+ * triangular cost; each range's task fills its area with the rows it reads (the pieces of a
+ * head repeat a little of that work, which costs less than a barrier and reading another
+ * core's copy). The backward runs in two passes: over query rows (the score gradients ds,
+ * row by row, and dq), then over key rows (dk, dv), which read the columns of ds and att.
  */
+#include <stdint.h>
 #include "simd.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define RT 4  /* rows per block */
 #define KW 16 /* keys per transposed tile in scores_block */
@@ -39,8 +50,16 @@ void transpose_keys(float *kt, int ldt, const float *k, int n, int D, int hs) {
     rg_transpose(kt, k, (size_t)D, n, ldt, hs, 1);
 }
 
-/* Size of transpose_keys' scratch for n keys. */
+/* Row stride of transpose_keys' copy of n keys. */
 static int kt_stride(int n) { return (n + KW - 1) / KW * KW + KW; }
+
+/* An area of scratch: keys transposed for T keys and, when hs < D, T rows packed (the key
+ * rows' pass needs at most 2 hs T, which is less), in whole cache lines, and one more that
+ * lets the first area start on a line (see area). */
+size_t rg_attention_scratch_size(int T, int D, int NH) {
+    size_t hs = (size_t)(D / NH), need = hs * kt_stride(T) + (hs < (size_t)D ? hs * T : 0);
+    return (need + 15) / 16 * 16 + 16;
+}
 
 /* The head's n rows of x (hs floats each, at a row stride of D) as mix_block reads them:
  * copied to xp, contiguous, when other heads' columns lie between them (hs < D); else x
@@ -157,13 +176,13 @@ void softmax_row(float *s, int n) {
 /* Pointers arrive seeked to the head: q, k, v, out, dq, ... at [b, 0, h*hs] (row stride D),
  * att and ds at [b, h, 0, 0] (T, T). */
 
-/* Forward for query rows [t0, t1): att rows and out rows. */
+/* Forward for query rows [t0, t1): att rows and out rows. sc: the thread's area. */
 static inline __attribute__((always_inline))
-void forward_rows(int wide, float *out, float *att, const float *q, const float *k,
-                  const float *v, int T, int D, int hs, int t0, int t1) {
+void forward_rows(int wide, float *out, float *att, float *sc, const float *q,
+                  const float *k, const float *v, int T, int D, int hs, int t0, int t1) {
     float scale = 1.0f / sqrtf((float)hs);
     int ldt = kt_stride(t1);
-    float kt[hs * ldt], vp[hs == D ? 1 : hs * t1];
+    float *kt = sc, *vp = sc + (size_t)hs * ldt;
     const float *vh;
     int ldv = pack_rows(&vh, vp, v, t1, D, hs);
     transpose_keys(kt, ldt, k, t1, D, hs);
@@ -189,11 +208,12 @@ void forward_rows(int wide, float *out, float *att, const float *q, const float 
  *   ds[t, j] = att[t, j] (datt[t, j] - sum_i att[t, i] datt[t, i]) * scale,
  *   dq_t = sum_j ds[t, j] k_j. */
 static inline __attribute__((always_inline))
-void backward_query_rows(int wide, float *dq, float *ds, const float *dout, const float *att,
-                         const float *k, const float *v, int T, int D, int hs, int t0, int t1) {
+void backward_query_rows(int wide, float *dq, float *ds, float *sc, const float *dout,
+                         const float *att, const float *k, const float *v, int T, int D,
+                         int hs, int t0, int t1) {
     float scale = 1.0f / sqrtf((float)hs);
     int ldt = kt_stride(t1);
-    float vt[hs * ldt], kp[hs == D ? 1 : hs * t1];
+    float *vt = sc, *kp = sc + (size_t)hs * ldt;
     const float *kh;
     int ldk = pack_rows(&kh, kp, k, t1, D, hs);
     transpose_keys(vt, ldt, v, t1, D, hs);
@@ -220,10 +240,10 @@ void backward_query_rows(int wide, float *dq, float *ds, const float *dout, cons
  * Each block of key rows reads its columns of ds and att from the diagonal down; the
  * entries above the diagonal in its first rows are zero in both. */
 static inline __attribute__((always_inline))
-void backward_key_rows(int wide, float *dk, float *dv, const float *ds, const float *dout,
-                       const float *att, const float *q, int T, int D, int hs, int j0,
-                       int j1) {
-    float qp[hs == D ? 1 : hs * (T - j0)], dp[hs == D ? 1 : hs * (T - j0)];
+void backward_key_rows(int wide, float *dk, float *dv, float *sc, const float *ds,
+                       const float *dout, const float *att, const float *q, int T, int D,
+                       int hs, int j0, int j1) {
+    float *qp = sc, *dp = sc + (size_t)hs * (T - j0);
     const float *qh, *dh; /* q and dout rows j0..T-1 */
     int ldq = pack_rows(&qh, qp, q + (size_t)j0 * D, T - j0, D, hs);
     int ldd = pack_rows(&dh, dp, dout + (size_t)j0 * D, T - j0, D, hs);
@@ -238,12 +258,12 @@ void backward_key_rows(int wide, float *dk, float *dv, const float *ds, const fl
     }
 }
 
-/* One query against n cached keys; out, q: hs floats; kc, vc: n rows (stride D). */
+/* One query against n cached keys; out, q: hs floats; kc, vc: n rows (stride D); s: n
+ * floats of scratch, the scores. */
 static inline __attribute__((always_inline))
-void step_head(int wide, float *out, const float *q, const float *kc, const float *vc,
-               int n, int D, int hs) {
+void step_head(int wide, float *out, float *s, const float *q, const float *kc,
+               const float *vc, int n, int D, int hs) {
     float scale = 1.0f / sqrtf((float)hs);
-    float s[n];
     for (int j = 0; j < n; j++) { /* one query: plain dot products, no transposed tile */
         const float *k_j = kc + (size_t)j * D;
         float d = 0.0f;
@@ -266,37 +286,49 @@ void step_head(int wide, float *out, const float *q, const float *kc, const floa
 /* AVX-512 runs the explicit 16-lane loops (wide = 1); AVX2 and generic the float loops,
  * as GCC keeps 64-byte vectors it must split into halves in memory. */
 RG_VARIANTS(forward_rows,
-         (float *out, float *att, const float *q, const float *k, const float *v, int T,
-          int D, int hs, int t0, int t1),
-         (out, att, q, k, v, T, D, hs, t0, t1))
+         (float *out, float *att, float *sc, const float *q, const float *k, const float *v,
+          int T, int D, int hs, int t0, int t1),
+         (out, att, sc, q, k, v, T, D, hs, t0, t1))
 RG_VARIANTS(backward_query_rows,
-         (float *dq, float *ds, const float *dout, const float *att, const float *k,
-          const float *v, int T, int D, int hs, int t0, int t1),
-         (dq, ds, dout, att, k, v, T, D, hs, t0, t1))
+         (float *dq, float *ds, float *sc, const float *dout, const float *att,
+          const float *k, const float *v, int T, int D, int hs, int t0, int t1),
+         (dq, ds, sc, dout, att, k, v, T, D, hs, t0, t1))
 RG_VARIANTS(backward_key_rows,
-         (float *dk, float *dv, const float *ds, const float *dout, const float *att,
-          const float *q, int T, int D, int hs, int j0, int j1),
-         (dk, dv, ds, dout, att, q, T, D, hs, j0, j1))
+         (float *dk, float *dv, float *sc, const float *ds, const float *dout,
+          const float *att, const float *q, int T, int D, int hs, int j0, int j1),
+         (dk, dv, sc, ds, dout, att, q, T, D, hs, j0, j1))
 RG_VARIANTS(step_head,
-         (float *out, const float *q, const float *kc, const float *vc, int n, int D,
-          int hs),
-         (out, q, kc, vc, n, D, hs))
+         (float *out, float *s, const float *q, const float *kc, const float *vc, int n,
+          int D, int hs),
+         (out, s, q, kc, vc, n, D, hs))
 
 /* ---- splitting the work over threads -------------------------------------------------- */
 
 /* Threads worth waking: one for small problems (B * NH * T^2 * hs / 2 multiply-adds
  * under 2^14, a few microseconds), where a parallel region costs more than it saves. A
- * batch-1 training step at T = 17 already gains from two threads. */
-static int threads_for(int BNH, int T, int hs) {
-    return (double)BNH * T * T * hs < 32768.0 ? 1 : rg_num_threads();
+ * batch-1 training step at T = 17 already gains from two threads. At most one per area of
+ * scratch. */
+static int threads_for(int BNH, int T, int hs, int areas) {
+    int nt = (double)BNH * T * T * hs < 32768.0 ? 1 : rg_num_threads();
+    return nt < areas ? nt : areas;
 }
 
-/* Pieces each head's rows are cut into: 1 when the B * NH heads spread evenly over the
- * threads (or are many), else one piece per thread. */
-static int pieces_per_head(int BNH, int T, int hs) {
-    int nt = threads_for(BNH, T, hs);
+/* Pieces each head's rows are cut into for nt threads: 1 when the B * NH heads spread
+ * evenly over the threads (or are many), else one piece per thread. */
+static int pieces_per_head(int BNH, int T, int nt) {
     if (BNH % nt == 0 || BNH >= 8 * nt) return 1;
     return nt < T ? nt : T;
+}
+
+/* The calling thread's area of scratch (S floats each), on a cache line: the areas start
+ * at scratch rounded up to 64 bytes (the keys' tiles are read 64 bytes at a time). */
+static float *area(float *scratch, size_t S) {
+    float *first = (float *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+#ifdef _OPENMP
+    return first + (size_t)omp_get_thread_num() * S;
+#else
+    return first;
+#endif
 }
 
 /* First row of piece c of P when row t costs t + 1 (query rows, a lower triangle). */
@@ -311,69 +343,75 @@ static int key_split(int T, int c, int P) {
 
 /* ---- public kernels --------------------------------------------------------------------- */
 
-void rg_attention_forward(float *out, float *att, const float *q, const float *k,
-                          const float *v, int B, int T, int D, int NH) {
-    int hs = D / NH, BNH = B * NH, P = pieces_per_head(BNH, T, hs);
-    int nt = threads_for(BNH, T, hs);
-    void (*fwd)(float *, float *, const float *, const float *, const float *, int, int,
-                int, int, int) = forward_rows_pick();
+void rg_attention_forward(float *out, float *att, float *scratch, const float *q,
+                          const float *k, const float *v, int B, int T, int D, int NH,
+                          int areas) {
+    int hs = D / NH, BNH = B * NH, nt = threads_for(BNH, T, hs, areas);
+    int P = pieces_per_head(BNH, T, nt);
+    size_t S = rg_attention_scratch_size(T, D, NH);
+    void (*fwd)(float *, float *, float *, const float *, const float *, const float *, int,
+                int, int, int, int) = forward_rows_pick();
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int task = 0; task < BNH * P; task++) {
         int b = task / P / NH, h = task / P % NH, c = task % P;
         size_t x = (size_t)b * T * D + h * hs; /* seek to [b, 0, h*hs] */
-        fwd(out + x, att + (size_t)(b * NH + h) * T * T, q + x, k + x, v + x, T, D, hs,
-            query_split(T, c, P), query_split(T, c + 1, P));
+        fwd(out + x, att + (size_t)(b * NH + h) * T * T, area(scratch, S), q + x, k + x, v + x,
+            T, D, hs, query_split(T, c, P), query_split(T, c + 1, P));
     }
 }
 
-void rg_attention_backward(float *dq, float *dk, float *dv, float *ds, const float *dout,
-                           const float *att, const float *q, const float *k, const float *v,
-                           int B, int T, int D, int NH) {
-    int hs = D / NH, BNH = B * NH, P = pieces_per_head(BNH, T, hs);
-    int nt = threads_for(BNH, T, hs);
-    void (*query_rows)(float *, float *, const float *, const float *, const float *,
+void rg_attention_backward(float *dq, float *dk, float *dv, float *ds, float *scratch,
+                           const float *dout, const float *att, const float *q,
+                           const float *k, const float *v, int B, int T, int D, int NH,
+                           int areas) {
+    int hs = D / NH, BNH = B * NH, nt = threads_for(BNH, T, hs, areas);
+    int P = pieces_per_head(BNH, T, nt);
+    size_t S = rg_attention_scratch_size(T, D, NH);
+    void (*query_rows)(float *, float *, float *, const float *, const float *, const float *,
                        const float *, int, int, int, int, int) = backward_query_rows_pick();
-    void (*key_rows)(float *, float *, const float *, const float *, const float *,
+    void (*key_rows)(float *, float *, float *, const float *, const float *, const float *,
                      const float *, int, int, int, int, int) = backward_key_rows_pick();
     if (P == 1) { /* one task per head: both passes */
         #pragma omp parallel for num_threads(nt) schedule(static)
         for (int bh = 0; bh < BNH; bh++) {
             size_t x = (size_t)(bh / NH) * T * D + (bh % NH) * hs; /* [b, 0, h*hs] */
             size_t y = (size_t)bh * T * T;                          /* [b, h, 0, 0] */
-            query_rows(dq + x, ds + y, dout + x, att + y, k + x, v + x, T, D, hs, 0, T);
-            key_rows(dk + x, dv + x, ds + y, dout + x, att + y, q + x, T, D, hs, 0, T);
+            float *sc = area(scratch, S);
+            query_rows(dq + x, ds + y, sc, dout + x, att + y, k + x, v + x, T, D, hs, 0, T);
+            key_rows(dk + x, dv + x, sc, ds + y, dout + x, att + y, q + x, T, D, hs, 0, T);
         }
         return;
     }
     #pragma omp parallel num_threads(nt)
     {
+        float *sc = area(scratch, S);
         #pragma omp for schedule(static)
         for (int task = 0; task < BNH * P; task++) {
             int bh = task / P, c = task % P;
             size_t x = (size_t)(bh / NH) * T * D + (bh % NH) * hs, y = (size_t)bh * T * T;
-            query_rows(dq + x, ds + y, dout + x, att + y, k + x, v + x, T, D, hs,
+            query_rows(dq + x, ds + y, sc, dout + x, att + y, k + x, v + x, T, D, hs,
                        query_split(T, c, P), query_split(T, c + 1, P));
         }
         #pragma omp for schedule(static)
         for (int task = 0; task < BNH * P; task++) {
             int bh = task / P, c = task % P;
             size_t x = (size_t)(bh / NH) * T * D + (bh % NH) * hs, y = (size_t)bh * T * T;
-            key_rows(dk + x, dv + x, ds + y, dout + x, att + y, q + x, T, D, hs,
+            key_rows(dk + x, dv + x, sc, ds + y, dout + x, att + y, q + x, T, D, hs,
                      key_split(T, c, P), key_split(T, c + 1, P));
         }
     }
 }
 
-void rg_attention_step(float *out, const float *q, const float *kcache, const float *vcache,
-                       int B, int n, int Tmax, int D, int NH) {
+void rg_attention_step(float *out, float *scratch, const float *q, const float *kcache,
+                       const float *vcache, int B, int n, int Tmax, int D, int NH) {
     int hs = D / NH;
-    void (*head)(float *, const float *, const float *, const float *, int, int, int) =
-        step_head_pick();
+    void (*head)(float *, float *, const float *, const float *, const float *, int, int,
+                 int) = step_head_pick();
     #pragma omp parallel for num_threads(rg_num_threads()) schedule(static) \
         if ((size_t)B * NH * n * hs > 65536)
     for (int bh = 0; bh < B * NH; bh++) {
         int b = bh / NH, h = bh % NH;
         size_t x = (size_t)b * D + h * hs, xc = (size_t)b * Tmax * D + h * hs;
-        head(out + x, q + x, kcache + xc, vcache + xc, n, D, hs);
+        head(out + x, scratch + (size_t)bh * Tmax, q + x, kcache + xc, vcache + xc, n, D, hs);
     }
 }

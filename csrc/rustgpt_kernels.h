@@ -69,25 +69,35 @@ void rg_sgemm_many(int count, float *const C[], const float *const A[], const fl
 
 /* ---- causal multi-head attention (attention.c) ---------------------------------------- */
 
+/* Floats of scratch rg_attention_forward and rg_attention_backward need per thread, for
+ * sequences of T: about hs (2 T + 32) with hs = D / NH, hs (T + 32) when NH = 1. */
+size_t rg_attention_scratch_size(int T, int D, int NH);
+
 /* out = softmax(q k^T / sqrt(hs) + causal mask) v, per batch row and head.
  * q, k, v, out: (B, T, D), head h owns columns [h*hs, (h+1)*hs).
  * att: (B, NH, T, T), the softmax probabilities saved for backward (entries above the
- * diagonal are written as 0). Overwrites out and att. */
-void rg_attention_forward(float *out, float *att, const float *q, const float *k,
-                          const float *v, int B, int T, int D, int NH);
+ * diagonal are written as 0). scratch: (areas, rg_attention_scratch_size(T, D, NH)), one
+ * area per thread: the kernel runs on at most `areas` threads. Overwrites out, att and
+ * scratch. */
+void rg_attention_forward(float *out, float *att, float *scratch, const float *q,
+                          const float *k, const float *v, int B, int T, int D, int NH,
+                          int areas);
 
 /* Backward of rg_attention_forward. dout, q, k, v: (B, T, D); att: (B, NH, T, T) from the
- * forward. Overwrites dq, dk, dv: (B, T, D), and ds: (B, NH, T, T), scratch that gets the
- * gradients of the scaled scores (on and below the diagonal; other entries unspecified). */
-void rg_attention_backward(float *dq, float *dk, float *dv, float *ds, const float *dout,
-                           const float *att, const float *q, const float *k, const float *v,
-                           int B, int T, int D, int NH);
+ * forward. Overwrites dq, dk, dv: (B, T, D), ds: (B, NH, T, T), scratch that gets the
+ * gradients of the scaled scores (on and below the diagonal; other entries unspecified),
+ * and scratch: (areas, rg_attention_scratch_size(T, D, NH)), as the forward's. */
+void rg_attention_backward(float *dq, float *dk, float *dv, float *ds, float *scratch,
+                           const float *dout, const float *att, const float *q,
+                           const float *k, const float *v, int B, int T, int D, int NH,
+                           int areas);
 
 /* One decoding step against a KV cache: the query at position n-1 attends to cache rows
  * 0..n-1 (which already hold this position's k and v).
- * q, out: (B, D); kcache, vcache: (B, Tmax, D) with n <= Tmax. Overwrites out. */
-void rg_attention_step(float *out, const float *q, const float *kcache, const float *vcache,
-                       int B, int n, int Tmax, int D, int NH);
+ * q, out: (B, D); kcache, vcache: (B, Tmax, D) with n <= Tmax; scratch: (B, NH, Tmax), left
+ * unspecified. Overwrites out and scratch. */
+void rg_attention_step(float *out, float *scratch, const float *q, const float *kcache,
+                       const float *vcache, int B, int n, int Tmax, int D, int NH);
 
 /* ---- layer norm (layernorm.c) ---------------------------------------------------------- */
 
@@ -130,11 +140,13 @@ void rg_crossentropy_forward_backward(float *losses, float *dlogits, int *hits,
  *   m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2
  *   params -= lr * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
  *             + lr * weight_decay * params      (decoupled, AdamW; 0 gives Adam)
- * Overwrites params, m, v in place and returns norm; when norm is NaN or infinite they are
- * left as they were. */
+ * The weight decay applies only inside the ndecay ranges [decay[2j], decay[2j + 1]) of the
+ * buffer (decay: (ndecay, 2), ascending, disjoint, within n; the model's matrices), the
+ * other elements take none. Overwrites params, m, v in place and returns norm; when norm
+ * is NaN or infinite they are left as they were. */
 double rg_adam_update(float *params, float *m, float *v, const float *grads, size_t n,
-                      double lr, double beta1, double beta2, double eps,
-                      double weight_decay, int t, double max_norm);
+                      double lr, double beta1, double beta2, double eps, double weight_decay,
+                      const size_t *decay, size_t ndecay, int t, double max_norm);
 
 /* rg_adam_update's step with the norm already known (rg_sum_squares' root; it must be
  * finite), overlapped with work(ctx, u): thread 0 runs work on one thread while the others
@@ -147,8 +159,8 @@ double rg_adam_update(float *params, float *m, float *v, const float *grads, siz
 typedef struct rg_update rg_update;
 void rg_adam_apply(float *params, float *m, float *v, const float *grads, size_t n,
                    double lr, double beta1, double beta2, double eps, double weight_decay,
-                   int t, double max_norm, double norm, void (*work)(void *, rg_update *),
-                   void *ctx);
+                   const size_t *decay, size_t ndecay, int t, double max_norm, double norm,
+                   void (*work)(void *, rg_update *), void *ctx);
 void rg_update_wait(rg_update *u, size_t end);
 int rg_update_busy(rg_update *u);
 

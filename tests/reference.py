@@ -156,15 +156,17 @@ def crossentropy(logits, targets, ignore_index=-1, dscale=1.0):
 
 
 def adam_update(params, m, v, grads, lr, beta1=0.9, beta2=0.999, eps=1e-8,
-                weight_decay=0.0, t=1, grad_scale=1.0):
-    """New params, m, v after one Adam/AdamW step."""
+                weight_decay=0.0, t=1, grad_scale=1.0, decay_mask=None):
+    """New params, m, v after one Adam/AdamW step; the weight decay only where decay_mask
+    (bool, params' shape) is true, everywhere when it is None."""
     p, m, v, g = (np.asarray(a, np.float64) for a in (params, m, v, grads))
+    wd = weight_decay if decay_mask is None else np.where(decay_mask, weight_decay, 0.0)
     g = g * grad_scale
     m = beta1 * m + (1 - beta1) * g
     v = beta2 * v + (1 - beta2) * g * g
     mhat = m / (1 - beta1**t)
     vhat = v / (1 - beta2**t)
-    p = p - lr * (mhat / (np.sqrt(vhat) + eps) + weight_decay * p)
+    p = p - lr * (mhat / (np.sqrt(vhat) + eps) + wd * p)
     return p, m, v
 
 

@@ -345,3 +345,84 @@ def test_train_the_gpt_architecture(tmp_path):
     assert "[model] arch ('gpt' -> 'rustgpt'), [model] bias (True -> False)" in refused.output
     bad = tiny_run(tmp_path, "--arch", "llama")
     assert bad.exit_code == 2 and "'llama' is not one of 'rustgpt', 'gpt'" in bad.output
+
+
+def test_eval_on_a_text_corpus_reports_bits_per_byte(tmp_path):
+    from rustgpt.checkpoint import Checkpoint
+    from rustgpt.config import Config, ModelConfig
+    from rustgpt.model import LLM
+    from rustgpt.tokenizer import train_tokenizer
+
+    text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(60))
+    (tmp_path / "corpus.txt").write_text(text)
+    config = Config(model=ModelConfig(embedding_dim=16, hidden_dim=32, num_layers=1,
+                                      max_seq_len=32, arch="gpt"))
+    model = LLM(config.model, train_tokenizer("char", [text]), seed=0)
+    Checkpoint.from_model(model, config).save(tmp_path / "char.safetensors")
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    result = run("eval", "--checkpoint", str(tmp_path / "char.safetensors"), "--text",
+                 str(tmp_path / "corpus.txt"), "--split", "val", "--json", env=env)
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout)
+    assert set(scores) >= {"loss", "perplexity", "bits_per_byte", "tokens", "split"}
+    assert scores["tokens"] == len(text) - int(len(text) * 0.9) - 1  # the last 10%, less one
+    assert scores["bits_per_byte"] == pytest.approx(scores["loss"] / np.log(2))  # ASCII chars
+    assert list((tmp_path / "cache" / "rustgpt").glob("tokens-*.bin"))  # for the next run
+    both = run("eval", "x.json", "--checkpoint", str(tmp_path / "char.safetensors"), "--text",
+               str(tmp_path / "corpus.txt"), env=env)
+    assert both.exit_code == 1 and "one of them" in both.output
+
+
+@pytest.fixture(scope="module")
+def char_checkpoint(tmp_path_factory):
+    """A small GPT-block model with a char tokenizer (trained on text: no template, no
+    end-of-text token), saved as a checkpoint."""
+    from rustgpt.checkpoint import Checkpoint
+    from rustgpt.config import Config, ModelConfig
+    from rustgpt.model import LLM
+    from rustgpt.tokenizer import train_tokenizer
+
+    play = "ROMEO:\nBut soft, what light through yonder window breaks?\nJULIET:\nAy me!\n"
+    config = Config(model=ModelConfig(arch="gpt", embedding_dim=32, hidden_dim=64,
+                                      num_layers=2, num_heads=4, max_seq_len=32))
+    model = LLM(config.model, train_tokenizer("char", [play]), seed=1)
+    path = tmp_path_factory.mktemp("char") / "char.safetensors"
+    Checkpoint.from_model(model, config).save(path)
+    return str(path)
+
+
+def test_generate_continues_raw_text_on_a_text_model(char_checkpoint):
+    """The issue's command: PROMPT and its continuation, 200 characters past max_seq_len;
+    the same seed gives the same text, streamed or not, under either option name."""
+    args = ["generate", "--checkpoint", char_checkpoint, "ROMEO:", "--max-new-tokens", "200",
+            "--temperature", "0.8", "--top-k", "40", "--seed", "1"]
+    first = run(*args)
+    assert first.exit_code == 0, first.output
+    text = first.stdout[:-1]  # less echo's newline
+    assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 200
+    assert run(*args).stdout == first.stdout
+    assert run(*args, "--stream").stdout == first.stdout
+    alias = [a if a != "--max-new-tokens" else "--max-tokens" for a in args]
+    assert run(*alias).stdout == first.stdout
+    assert run(*args[:-1], "2").stdout != first.stdout
+    default = run("generate", "--checkpoint", char_checkpoint, "ROMEO:")
+    assert default.exit_code == 0 and len(default.stdout) == len("ROMEO:") + 256 + 1
+    beam = run("generate", "--checkpoint", char_checkpoint, "ROMEO:", "--beam-width", "2",
+               "--max-new-tokens", "40")
+    assert beam.exit_code == 0 and len(beam.stdout) == len("ROMEO:") + 40 + 1
+
+
+def test_chat_on_a_text_model_continues_each_line(char_checkpoint):
+    result = CliRunner().invoke(main, ["chat", "--checkpoint", char_checkpoint,
+                                       "--max-new-tokens", "5"], input="ROMEO:\nexit\n")
+    assert result.exit_code == 0, result.output
+    answer = result.stdout.split("Model: ", 1)[1]
+    assert answer.startswith("ROMEO:") and answer[len("ROMEO:") + 5:] == "\nYou: "
+
+
+def test_max_new_tokens_is_max_tokens_on_a_chat_model(trained):
+    ckpt = str(trained / "ckpt")
+    new = run("generate", "How do mountains form?", "--checkpoint", ckpt, "--max-new-tokens", "4")
+    old = run("generate", "How do mountains form?", "--checkpoint", ckpt, "--max-tokens", "4")
+    assert new.exit_code == 0 and new.stdout == old.stdout
+    assert "--max-new-tokens, --max-tokens" in run("generate", "--help").output

@@ -1,4 +1,5 @@
-"""Decoding: samplers, cache vs full recompute, streaming, beam search, bad options."""
+"""Decoding: samplers, cache vs full recompute, streaming, beam search, bad options; raw
+text on models trained on text and the window past max_seq_len."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ from rustgpt import generation as G
 from rustgpt.config import ModelConfig
 from rustgpt.errors import ValidationError
 from rustgpt.model import LLM
-from rustgpt.tokenizer import Vocab
+from rustgpt.tokenizer import Vocab, train_tokenizer
 
 WORDS = "the sun rises in east and sets west User Assistant : ? How do mountains form".split()
 CFG = ModelConfig(embedding_dim=16, hidden_dim=32, num_layers=2, num_heads=2, max_seq_len=24)
@@ -70,11 +71,9 @@ def test_beam_search_scores_at_least_as_well_as_greedy(model):
         ids = model.tokenizer.encode("User: the sun")
         logp, seq = 0.0, list(ids)
         for t in tokens + [model.tokenizer.eos_id]:
-            z = model.forward([seq])[0, -1].astype(np.float64)
+            z = model.forward([seq[-CFG.max_seq_len:]])[0, -1].astype(np.float64)
             logp += z[t] - np.log(np.exp(z - z.max()).sum()) - z.max()
             seq.append(t)
-            if len(seq) >= CFG.max_seq_len:
-                break
         return logp / (len(tokens) + 1)
 
     greedy = model.tokenizer.encode(G.generate(model, "the sun"))
@@ -170,7 +169,7 @@ def test_beams_too_big_for_the_memory_are_refused(model, monkeypatch):
 
     monkeypatch.setattr(resources, "available_memory", lambda: 64 * 2**20)
     with pytest.raises(ValidationError, match=r"^generate: beam_width = 20000 needs about "
-                                              r"[\d.]+ MB of memory, 64.0 MB is available$"):
+                                              r"[\d.]+ [MG]B of memory, 64.0 MB is available$"):
         G.generate(model, "the sun", beam_width=20_000)
     assert G.generate(model, "the sun", beam_width=4) == G.generate(model, "the sun",
                                                                    beam_width=4)
@@ -187,3 +186,115 @@ def test_failed_allocations_in_decoding_become_one_line_errors(model, monkeypatc
         G.generate(model, "the sun", beam_width=3)
     with pytest.raises(ValidationError, match=r"^generate: decoding: out of memory"):
         G.generate(model, "the sun")
+
+
+# ---- models trained on text: raw continuation, the sliding window, streaming ---------------
+
+PLAY = ("ROMEO:\nBut soft, what light through yonder window breaks?\n"
+        "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n")
+GPT = ModelConfig(arch="gpt", embedding_dim=16, hidden_dim=32, num_layers=2, num_heads=2,
+                  max_seq_len=16)
+
+
+@pytest.fixture(scope="module")
+def char_model():
+    return LLM(GPT, train_tokenizer("char", [PLAY]), seed=3)
+
+
+@pytest.fixture(scope="module")
+def word_model():
+    """RustGPT's block, a word vocabulary, and weights whose answers run past max_seq_len
+    before any </s>."""
+    return LLM(CFG, Vocab(sorted(set(WORDS)) + ["</s>", "<unk>"]), seed=0)
+
+
+def crop_reference(model, ids, n, temperature=0.0, top_k=0, seed=None):
+    """nanoGPT's loop: every token from the full forward over the last max_seq_len tokens
+    (no cache); stops at the end-of-text token."""
+    rng = np.random.default_rng(seed)
+    T, seq, out = model.config.max_seq_len, list(ids), []
+    for _ in range(n):
+        token = G.sample(model.forward([seq[-T:]])[0, -1], rng, temperature, top_k)
+        if token == model.tokenizer.eos_id:
+            break
+        seq.append(token)
+        out.append(token)
+    return out
+
+
+def test_chat_tuned_by_tokenizer_kind_and_default_max_tokens(word_model, char_model):
+    assert G.chat_tuned(word_model) and G.default_max_tokens(word_model) == 80
+    assert not G.chat_tuned(char_model) and G.default_max_tokens(char_model) == 256
+    # no end-of-text id (char): the default budget, one character per token
+    assert len(G.generate(char_model, "ROMEO:")) == 256
+    answer = G.generate(word_model, "the sun")  # runs to the budget, no </s> on the way
+    assert len(word_model.tokenizer.encode(answer)) == 80
+    assert G.generate(char_model, "ROMEO:", max_tokens=7) == G.generate(char_model, "ROMEO:")[:7]
+
+
+def test_text_models_continue_the_prompt_as_raw_text(char_model):
+    tok = char_model.tokenizer
+    raw = tok.decode(crop_reference(char_model, tok.encode("ROMEO:"), 12))
+    assert G.generate(char_model, "ROMEO:", max_tokens=12) == raw
+    assert G.generate(char_model, "ROMEO:", max_tokens=12, raw=True) == raw
+    templated = tok.decode(crop_reference(char_model, tok.encode("User: ROMEO:"), 12))
+    assert G.generate(char_model, "ROMEO:", max_tokens=12, raw=False) == templated
+    assert len(G.generate(char_model, "\n", max_tokens=3)) == 3  # whitespace is text here
+    with pytest.raises(ValidationError, match="prompt '' is empty"):
+        G.generate(char_model, "")
+
+
+@pytest.mark.parametrize("which", ["word_model", "char_model"])
+@pytest.mark.parametrize("options", [{}, {"temperature": 0.9, "top_k": 5, "seed": 4}])
+def test_decoding_beyond_max_seq_len_keeps_the_last_window(which, options, request):
+    """Past max_seq_len the cache is refilled from the last max_seq_len tokens: the tokens
+    of nanoGPT's crop, recomputed in full at every step (RustGPT's block and the GPT one)."""
+    model = request.getfixturevalue(which)
+    T = model.config.max_seq_len
+    prompt = "the sun" if which == "word_model" else "ROMEO:"
+    ids = model.tokenizer.encode(("User: " if which == "word_model" else "") + prompt)
+    expected = crop_reference(model, ids, 3 * T, **options)
+    assert len(ids) + len(expected) > 2 * T
+    for use_cache in (True, False):
+        assert G.generate(model, prompt, max_tokens=3 * T, use_cache=use_cache,
+                          **options) == model.tokenizer.decode(expected)
+
+
+def test_a_long_prompt_keeps_its_last_max_seq_len_tokens(char_model, caplog):
+    ids = char_model.tokenizer.encode(PLAY)
+    expected = crop_reference(char_model, ids[-GPT.max_seq_len:], 20)
+    assert G.generate(char_model, PLAY, max_tokens=20) == char_model.tokenizer.decode(expected)
+    assert f"keeps its last {GPT.max_seq_len}" in caplog.text
+
+
+def test_beam_search_beyond_max_seq_len(word_model, char_model):
+    """Beams read the last max_seq_len tokens too: one beam is greedy decoding, and beams
+    of a model without an end-of-text token run to max_tokens."""
+    T = GPT.max_seq_len
+    greedy = char_model.tokenizer.decode(crop_reference(
+        char_model, char_model.tokenizer.encode("ROMEO:"), 3 * T))
+    one = G.beam_search(char_model, "ROMEO:", beam_width=1, max_tokens=3 * T)
+    assert char_model.tokenizer.decode(one) == greedy
+    assert len(G.beam_search(char_model, "ROMEO:", beam_width=3, max_tokens=3 * T)) == 3 * T
+    beams = G.beam_search(word_model, "the sun", beam_width=3, max_tokens=3 * T)
+    assert 0 < len(beams) <= 3 * T
+
+
+def test_stream_decodes_incrementally_and_never_splits_a_character(monkeypatch):
+    """Each piece is decoded from the last few tokens (linear work, not a decode of the whole
+    answer per token) and no piece ends inside a character whose bytes BPE split; the pieces
+    join to generate()'s text."""
+    texts = ["héllo wörld ✓ 日本語 ünïcödé\n", "the sun rises in the east\n"] * 10
+    tokenizer = train_tokenizer("bpe", texts, vocab_size=300)
+    model = LLM(GPT, tokenizer, seed=2)
+    options = dict(temperature=1.5, seed=9, max_tokens=200)
+    decoded, sampled = [], []  # ids decoded per call; tokens sampled
+    decode, sample = tokenizer.decode, G.sample
+    monkeypatch.setattr(tokenizer, "decode", lambda ids: decoded.append(len(ids)) or decode(ids))
+    monkeypatch.setattr(G, "sample", lambda *args: sampled.append(1) or sample(*args))
+    pieces = list(G.stream(model, "héllo", **options))
+    assert len(sampled) > 100 and sum(decoded) <= 2 * (G._STREAM_CONTEXT + 2) * len(sampled)
+    assert len(pieces) < len(sampled)  # some characters took more than one token
+    assert "".join(pieces) == G.generate(model, "héllo", **options)
+    assert all(p and not p.endswith("\ufffd") for p in pieces[:-1])
+    assert any(ord(ch) > 127 for ch in "".join(pieces))  # multi-byte characters came out

@@ -1,7 +1,8 @@
 """Causal attention kernels (forward, backward, KV-cache step) vs tests/reference.py.
 
 Every numeric test runs once per SIMD path (the `simd` fixture) and with the thread count
-the machine gives, so the vectorized and the row-split paths are both exercised.
+the machine gives, so the vectorized and the row-split paths are both exercised; long
+sequences too, and the scratch each kernel takes.
 """
 
 import numpy as np
@@ -185,16 +186,95 @@ def test_attention_any_thread_count(rng, set_threads, threads, B, T, D, NH):
         ref.assert_close(g, e, 1e-3, 1e-4, name)
 
 
-def test_attention_refuses_a_head_too_big_for_its_scratch():
-    """hs * (2 T + 32) + T floats of per-task stack scratch: 1,024 x 128 fits, 2,048 x 128
-    is refused with a message instead of overflowing a thread's stack."""
-    rng = np.random.default_rng(0)
-    for T, ok in ((1024, True), (2048, False)):
-        q = rng.standard_normal((1, T, 128)).astype(np.float32)
-        out, att = np.empty_like(q), np.empty((1, 1, T, T), np.float32)
-        if ok:
-            K.attention_forward(out, att, q, q, q, 1)
-            assert np.isfinite(out).all()
-        else:
-            with pytest.raises(ValidationError, match="bytes of scratch"):
-                K.attention_forward(out, att, q, q, q, 1)
+# (B, T, D, NH) far past the 2,036 positions at head size 128 that the kernels' stack
+# scratch once allowed: one head (its rows read in place), and two whose rows are packed
+LONG = [(1, 4096, 128, 1), (1, 2100, 256, 2)]
+
+
+@pytest.fixture(scope="module", params=LONG, ids=lambda s: "B{}-T{}-D{}-NH{}".format(*s))
+def long_case(request):
+    """NH, the inputs (q, k, v, dout) and their float64 results (out, dq, dk, dv), computed
+    once per shape for every SIMD path."""
+    B, T, D, NH = request.param
+    rng = np.random.default_rng(7)
+    q, k, v, dout = (rng.standard_normal((B, T, D)).astype(np.float32) for _ in range(4))
+    return NH, (q, k, v, dout), (ref.attention_forward(q, k, v, NH)[0],
+                                 *ref.attention_backward(dout, q, k, v, NH))
+
+
+def test_attention_long_sequences(long_case, simd):
+    """Forward, backward and the KV-cache step at the last of T positions, against float64."""
+    NH, (q, k, v, dout), (e_out, e_dq, e_dk, e_dv) = long_case
+    out, att = _forward(q, k, v, NH)
+    ref.assert_close(out, e_out, 1e-4, 1e-5, "out")
+    dq, dk, dv = _backward(dout, att, q, k, v, NH)
+    for name, g, e in (("dq", dq, e_dq), ("dk", dk, e_dk), ("dv", dv, e_dv)):
+        ref.assert_close(g, e, 1e-3, 1e-4, name)
+    B, T, D = q.shape
+    step = np.full((B, D), np.nan, np.float32)
+    K.attention_step(step, np.ascontiguousarray(q[:, -1]), k, v, T, NH)
+    ref.assert_close(step, e_out[:, -1], 1e-4, 1e-5, "step")
+
+
+@pytest.mark.parametrize("B,T,D,NH", [(1, 300, 128, 1), (3, 90, 96, 2), (2, 33, 64, 4)])
+def test_attention_scratch_areas_set_the_threads_not_the_results(rng, set_threads, B, T, D,
+                                                                 NH):
+    """Scratch holds one area per thread and the kernels run on at most that many threads:
+    one area, or more than there are threads, gives the same bits as one per thread. Its
+    contents on entry and where it starts (the areas are aligned inside it) do not matter."""
+    set_threads(3)
+    q, k, v = _qkv(rng, B, T, D)
+    dout = rng.standard_normal((B, T, D)).astype(np.float32)
+    areas, S = K.attention_scratch_shape(T, D, NH)
+    assert areas == max(3, K.physical_cores()) and S <= (D // NH) * (2 * T + 32) + 32
+    flat = np.full(areas * S + 16, np.nan, np.float32)
+    skew = (4 - flat.ctypes.data) % 64 // 4  # floats to a start 4 bytes past a cache line
+    results = []
+    for scratch in (np.full((areas, S), np.nan, np.float32), np.zeros((1, S), np.float32),
+                    np.full((areas + 2, S), np.inf, np.float32),
+                    flat[skew:skew + areas * S].reshape(areas, S)):
+        out, att = np.empty_like(q), np.empty((B, NH, T, T), np.float32)
+        K.attention_forward(out, att, q, k, v, NH, scratch)
+        grads = [np.empty_like(q) for _ in range(3)]
+        K.attention_backward(*grads, dout, att, q, k, v, NH, None, scratch)
+        results.append((out, att, *grads))
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_attention_rejects_bad_scratch(rng):
+    B, T, D, NH = 2, 5, 8, 2
+    q, k, v = _qkv(rng, B, T, D)
+    out, att = np.empty_like(q), np.empty((B, NH, T, T), np.float32)
+    areas, S = K.attention_scratch_shape(T, D, NH)
+    g = [np.empty_like(q) for _ in range(3)]
+    with pytest.raises(ShapeMismatch, match=rf"attention_forward: scratch has shape "
+                                            rf"\(2, {S + 1}\), expected \(2, {S}\)"):
+        K.attention_forward(out, att, q, k, v, NH, np.empty((2, S + 1), np.float32))
+    with pytest.raises(ValidationError, match="attention_backward: scratch has 1 dimensions"):
+        K.attention_backward(*g, q, att, q, k, v, NH, None, np.empty(S, np.float32))
+    with pytest.raises(ValidationError, match="attention_forward: scratch is empty"):
+        K.attention_forward(out, att, q, k, v, NH, np.empty((0, S), np.float32))
+    with pytest.raises(ValidationError, match="attention_forward: scratch has dtype float64"):
+        K.attention_forward(out, att, q, k, v, NH, np.empty((1, S), np.float64))
+    flat = np.empty(att.size + S, np.float32)  # att's last 8 floats are scratch's first 8
+    shared_att = flat[:att.size].reshape(att.shape)
+    with pytest.raises(ValidationError, match="attention_forward: scratch overlaps att"):
+        K.attention_forward(out, shared_att, q, k, v, NH, flat[att.size - 8:-8].reshape(1, S))
+    flat = np.empty(q.size + S, np.float32)  # dq's last 8 floats are scratch's first 8
+    dq, scratch = flat[:q.size].reshape(q.shape), flat[q.size - 8:-8].reshape(1, S)
+    with pytest.raises(ValidationError, match="attention_backward: scratch overlaps dq"):
+        K.attention_backward(dq, *g[1:], q, att, q, k, v, NH, None, scratch)
+    with pytest.raises(ValidationError, match="attention_scratch_shape: num_heads = 3 must"):
+        K.attention_scratch_shape(T, D, 3)
+    with pytest.raises(ValidationError, match="attention_scratch_shape: T = 0, expected >= 1"):
+        K.attention_scratch_shape(0, D, NH)
+
+    kc, vc = np.zeros((B, 8, D), np.float32), np.zeros((B, 8, D), np.float32)
+    qs, os_ = np.zeros((B, D), np.float32), np.empty((B, D), np.float32)
+    with pytest.raises(ShapeMismatch, match=r"attention_step: scratch has shape \(2, 2, 7\), "
+                                            r"expected \(2, 2, 8\)"):
+        K.attention_step(os_, qs, kc, vc, 3, NH, np.empty((B, NH, 7), np.float32))
+    with pytest.raises(ValidationError, match="attention_step: scratch overlaps kcache"):
+        K.attention_step(os_, qs, kc, vc, 3, NH, kc.reshape(-1)[:B * NH * 8].reshape(B, NH, 8))

@@ -159,6 +159,65 @@ def test_adam(rng, simd, n, weight_decay, clip):
     ref.assert_close(v, e_v, 1e-5, 1e-8, "v")
 
 
+def decay_table(*bounds):
+    """An adam_update decay argument: (R, 2) intp ranges [start, end)."""
+    return np.array(bounds, np.intp).reshape(-1, 2)
+
+
+# range boundaries inside 4-, 8- and 16-float vectors, at a piece's end (4096), past a
+# sum-of-squares chunk (16384), a one-element range, and ranges to the buffer's end
+DECAY_CASES = [(7, [(1, 3)]), (129, [(0, 5), (6, 7), (37, 129)]),
+               (100_003, [(3, 4101), (4103, 16385), (16400, 16401), (20_000, 100_003)])]
+
+
+@pytest.mark.parametrize("n,bounds", DECAY_CASES, ids=["n7", "n129", "n100003"])
+def test_adam_decays_only_inside_its_ranges(rng, simd, n, bounds):
+    """Weight decay inside the decay ranges, none outside; against the float64 reference
+    with its mask, and bit for bit: each element as a run of the whole buffer with decay
+    (inside) or without (outside) computes it, wherever a range starts or ends."""
+    decay = decay_table(*bounds)
+    mask = np.zeros(n, bool)
+    for start, end in bounds:
+        mask[start:end] = True
+    state = adam_state(rng, n)
+    p, m, v, g = (a.copy() for a in state)
+    max_norm = 0.5 * float(np.sqrt((g.astype(np.float64) ** 2).sum()))  # clipped to half
+    e_p, e_m, e_v = ref.adam_update(p, m, v, g, 1e-2, weight_decay=0.1, t=7, grad_scale=0.5,
+                                    decay_mask=mask)
+    K.adam_update(p, m, v, g, 1e-2, weight_decay=0.1, t=7, max_norm=max_norm, decay=decay)
+    ref.assert_close(p, e_p, 1e-5, 1e-6, "params")
+    ref.assert_close(m, e_m, 1e-5, 1e-7, "m")
+    ref.assert_close(v, e_v, 1e-5, 1e-8, "v")
+    for weight_decay, where in ((0.1, mask), (0.0, ~mask)):
+        whole = [a.copy() for a in state]
+        K.adam_update(*whole, 1e-2, weight_decay=weight_decay, t=7, max_norm=max_norm)
+        np.testing.assert_array_equal(p[where], whole[0][where])
+    np.testing.assert_array_equal(m, whole[1])  # the moments never see the decay
+    np.testing.assert_array_equal(v, whole[2])
+
+
+def test_adam_refuses_bad_decay_ranges():
+    p = np.zeros(10, np.float32)
+    args = (p, p.copy(), p.copy(), p.copy(), 1e-3)
+    for bad, match in ((np.array([[0, 3]], np.int32), "decay has dtype int32"),
+                       (np.arange(4, dtype=np.intp), "decay has 1 dimensions"),
+                       (np.zeros((2, 3), np.intp), r"shape \(2, 3\), expected"),
+                       (np.zeros((4, 2), np.intp)[::2], "expected a C-contiguous"),
+                       (decay_table((0, 4), (3, 6)), r"range 1 is \[3, 6\), expected 4 <="),
+                       (decay_table((5, 6), (0, 2)), r"range 1 is \[0, 2\)"),
+                       (decay_table((2, 2)), r"range 0 is \[2, 2\)"),
+                       (decay_table((4, 11)), "start < end <= 10"),
+                       (decay_table((-1, 3)), r"range 0 is \[-1, 3\)"),
+                       ([[0, 3]], "decay is a list")):
+        with pytest.raises(ValidationError, match=match):
+            K.adam_update(*args, weight_decay=0.1, decay=bad)
+        with pytest.raises(ValidationError, match=match):
+            K.AdamStep(*args, 0.9, 0.999, 1e-8, 0.1, 1, 0.0, 1.0, bad)
+    before = p.copy()
+    K.adam_update(*args, weight_decay=0.1, decay=np.zeros((0, 2), np.intp))  # nothing decays
+    np.testing.assert_array_equal(p, before)
+
+
 def test_column_sums_do_not_depend_on_the_thread_count(rng, set_threads):
     """colsum and layernorm_backward's dg, db give bit-identical results on 1 to 4 threads:
     threads split the columns, and each column adds its rows in order."""
@@ -181,16 +240,19 @@ def test_column_sums_do_not_depend_on_the_thread_count(rng, set_threads):
 
 
 def test_norm_and_adam_do_not_depend_on_the_thread_count(rng, set_threads):
-    """sum_squares and adam_update (its clipping included) give bit-identical results on
-    1 to 4 threads: the squares are summed over fixed chunks, added in order."""
+    """sum_squares and adam_update (its clipping and ranged weight decay included) give
+    bit-identical results on 1 to 4 threads: the squares are summed over fixed chunks,
+    added in order."""
     n = 1_000_003
     p0, m0, g = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
     v0 = np.abs(rng.standard_normal(n)).astype(np.float32)
+    decay = decay_table((5, 300_001), (300_013, 700_000), (999_999, n))
     results = []
     for threads in (1, 2, 3, 4):
         set_threads(threads)
         p, m, v = p0.copy(), m0.copy(), v0.copy()
-        norm = K.adam_update(p, m, v, g, 1e-3, t=3, max_norm=1.0)
+        norm = K.adam_update(p, m, v, g, 1e-3, weight_decay=0.1, t=3, max_norm=1.0,
+                             decay=decay)
         results.append((K.sum_squares(g), norm, p, m, v))
     for other in results[1:]:
         assert other[:2] == results[0][:2]
@@ -216,14 +278,21 @@ def adam_state(rng, n):
 
 @pytest.mark.parametrize("n", [1, 4095, 4097, 100_003])
 @pytest.mark.parametrize("max_norm", [0.0, 1.0])
-def test_adam_step_applied_later_equals_adam_update(rng, simd, n, max_norm):
+@pytest.mark.parametrize("ranged", [False, True], ids=["decay-all", "decay-ranges"])
+def test_adam_step_applied_later_equals_adam_update(rng, simd, n, max_norm, ranged):
     """AdamStep with the norm from sum_squares gives adam_update's parameters and
-    moments, bit for bit; it applies once."""
+    moments, bit for bit (its pieces of 4096 split the decay ranges elsewhere than
+    adam_update's chunks do); it applies once, with the decay ranges it was given."""
     p, m, v, g = adam_state(rng, n)
+    decay = decay_table(*((i, min(i + 4093, n)) for i in range(n // 3, n, 4099))) \
+        if ranged else None
     e_p, e_m, e_v = p.copy(), m.copy(), v.copy()
-    K.adam_update(e_p, e_m, e_v, g, 1e-3, weight_decay=0.01, t=4, max_norm=max_norm)
+    K.adam_update(e_p, e_m, e_v, g, 1e-3, weight_decay=0.01, t=4, max_norm=max_norm,
+                  decay=decay)
     step = K.AdamStep(p, m, v, g, 1e-3, 0.9, 0.999, 1e-8, 0.01, 4, max_norm,
-                      np.sqrt(K.sum_squares(g)))
+                      np.sqrt(K.sum_squares(g)), decay)
+    if ranged:
+        decay[...] = 0  # the step checked and copied its ranges: later changes do not reach it
     assert not step.applied
     step.apply()
     assert step.applied
@@ -250,12 +319,16 @@ def chain_plan(params, x, widths):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("overlap", [0, 1, 5, 8])
-def test_plan_run_beside_an_update_equals_update_then_run(rng, set_threads, threads, overlap):
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_plan_run_beside_an_update_equals_update_then_run(rng, set_threads, threads, overlap,
+                                                          weight_decay):
     """Plan.run(step, overlap) applies the step while replaying the first `overlap`
     calls, each after the part of the parameters it reads: the same parameters, moments
-    and outputs as step.apply() then plan.run(), bit for bit."""
+    and outputs as step.apply() then plan.run(), bit for bit (with weight decay on the
+    matrices' ranges, as the optimizer gives them)."""
     widths = [(16, 300), (300, 200), (200, 64), (64, 64)]  # 4 matmuls and 4 relus
     n = sum(r * c for r, c in widths) + 1000  # parameters the plan never reads, at the end
+    decay = decay_table((0, 16 * 300), (16 * 300 + 60_000, 16 * 300 + 60_000 + 12_800 - 3))
     x = rng.standard_normal((5, 16)).astype(np.float32)
     results = []
     set_threads(threads)
@@ -263,8 +336,8 @@ def test_plan_run_beside_an_update_equals_update_then_run(rng, set_threads, thre
         p, m, v, g = adam_state(np.random.default_rng(7), n)
         plan, outs = chain_plan(p, x, widths)
         for t in (1, 2, 3):  # three steps, the recorded grads each time
-            step = K.AdamStep(p, m, v, g, 1e-2, 0.9, 0.999, 1e-8, 0.0, t, 5.0,
-                              np.sqrt(K.sum_squares(g)))
+            step = K.AdamStep(p, m, v, g, 1e-2, 0.9, 0.999, 1e-8, weight_decay, t, 5.0,
+                              np.sqrt(K.sum_squares(g)), decay)
             if overlapped:
                 plan.run(step, overlap)
             else:

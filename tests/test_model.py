@@ -655,3 +655,47 @@ def test_batches_too_big_for_the_memory_are_refused(model, memory, rng):
     model.loss_and_backward(ids, ids)
     memory(need // 2)  # the workspace holds the larger step's activations already
     model.loss_and_backward(ids[:2], ids[:2])
+
+
+def test_long_context_trains_and_decodes(rng):
+    """max_seq_len 4,096 at head size 128, past the 2,036 positions the attention kernels'
+    stack scratch once allowed. A training step's loss is the float64 model's; with targets
+    in the first 48 positions only, its gradient is the 48-token step's (causal: the later
+    positions add nothing); its recorded plan replays it (the attention scratch is part of
+    it), also as an Adam step; the activation estimate covers its workspace; and decoding
+    through the KV cache gives the full forward's logits."""
+    from rustgpt.model import IGNORE_INDEX, activation_bytes
+
+    config = ModelConfig(embedding_dim=128, hidden_dim=32, num_layers=1, num_heads=1,
+                         max_seq_len=4096)
+    V, T = 29, 4096
+    model = LLM(config, tiny_vocab(V), seed=2)
+    ids = rng.integers(0, V, (1, T + 1))
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    loss = model.loss_and_backward(inputs, targets)
+    grad = model.params.grad.copy()
+    assert loss == pytest.approx(ref.model_loss(params64(model), inputs, targets, 1, 1),
+                                 rel=1e-5)
+    held = 4 * sum(buf.size for buf in model.workspace._buffers.values())
+    assert held <= activation_bytes(config, V, 1, T) <= 1.25 * held
+
+    early = np.full_like(targets, IGNORE_INDEX)
+    early[:, :48] = targets[:, :48]
+    model.loss_and_backward(inputs, early)
+    long_grad = model.params.grad.copy()
+    model.loss_and_backward(inputs[:, :48], targets[:, :48])
+    ref.assert_close(long_grad, model.params.grad, 1e-5, 1e-7, "grad, targets in 0..47")
+
+    assert model.loss_and_backward(inputs, targets) == loss  # a replay
+    assert model.plans_recorded == 3
+    np.testing.assert_array_equal(model.params.grad, grad)
+    before = model.params.data.copy()
+    assert model.train_step(inputs, targets, Adam(model.params), 1e-3)[0] == loss
+    assert not np.array_equal(model.params.data, before)
+
+    full = model.forward(inputs)[0]  # (T, V)
+    cache = model.new_cache()
+    ref.assert_close(model.prefill(cache, inputs[:, :T - 4])[0], full[T - 5], 1e-5, 1e-5,
+                     "prefill")
+    for t in range(T - 4, T):
+        ref.assert_close(model.step(cache, inputs[:, t])[0], full[t], 1e-4, 1e-5, f"step {t}")

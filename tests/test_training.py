@@ -168,3 +168,75 @@ def test_default_schedule_lowers_the_loss_by_a_large_factor(rustgpt_run):
     chat = [e["loss"] for e in rec.epochs if e["phase"] == "instruction"]
     assert pre[0] > math.log(model.tokenizer.size) * 0.7  # starts near chance
     assert pre[-1] < pre[0] / 10 and chat[-1] < chat[0] / 5
+
+
+def test_evaluate_text_predicts_every_token_once_and_counts_bytes():
+    from rustgpt.tokenizer import train_tokenizer
+    from rustgpt.training import evaluate_text
+
+    text = "the sun rises in the east and sets in the west. " * 4
+    tokenizer = train_tokenizer("char", [text])
+    model = LLM(CFG, tokenizer, seed=2)  # max_seq_len 12: windows of 13 overlapping by one
+    tokens = np.array(tokenizer.encode(text), np.uint16)
+    result = evaluate_text(model, tokens, batch_size=3)
+    # the reference: each window's logits from a full forward, log-softmax in float64
+    nats, right = 0.0, 0
+    for s in range(0, len(tokens) - 1, 12):
+        window = tokens[s:s + 13].astype(np.intc)
+        logits = model.forward(window[None, :-1])[0].astype(np.float64)
+        logp = logits - logits.max(1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+        nats -= logp[np.arange(len(window) - 1), window[1:]].sum()
+        right += int((logits.argmax(1) == window[1:]).sum())
+    assert result["tokens"] == len(tokens) - 1
+    assert result["loss"] == pytest.approx(nats / (len(tokens) - 1), rel=1e-5)
+    assert result["accuracy"] == pytest.approx(right / (len(tokens) - 1))
+    # ASCII and one character a token: a byte per predicted token
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] / math.log(2), rel=1e-9)
+
+
+def test_trainer_builds_adamw_from_the_config():
+    """[training]'s Adam settings reach the optimizer; its weight decay is on the matrices
+    and embeddings only (rustgpt.optim.decay_ranges)."""
+    cfg = TrainingConfig(pretraining_epochs=1, instruction_epochs=0, weight_decay=0.1,
+                         beta1=0.8, beta2=0.99, eps=1e-6, max_grad_norm=1.0)
+    rec = Recorder()
+    trainer = make(cfg, rec)
+    opt = trainer.optimizer
+    assert (opt.weight_decay, opt.beta1, opt.beta2, opt.eps) == (0.1, 0.8, 0.99, 1e-6)
+    assert opt.decay.shape[0] > 0
+    assert trainer.run() is True
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rec.steps)
+
+
+def test_optimizer_options_on_the_command_line_and_on_resume(tmp_path):
+    """train's --weight-decay, --beta1, --beta2, --eps and --max-grad-norm set [training];
+    --resume may change them (they are not fixed by the checkpoint)."""
+    from click.testing import CliRunner
+
+    from rustgpt.checkpoint import Checkpoint
+    from rustgpt.cli import main
+
+    (tmp_path / "tiny.toml").write_text("[model]\nembedding_dim = 16\nhidden_dim = 32\n"
+                                        "num_layers = 1\nmax_seq_len = 40\n[training]\n"
+                                        "pretraining_epochs = 1\ninstruction_epochs = 1\n"
+                                        "batch_size = 16\n")
+
+    def train(*args):
+        result = CliRunner().invoke(main, ["train", "--config", str(tmp_path / "tiny.toml"),
+                                           "--output", str(tmp_path / "run"), *args])
+        assert result.exit_code == 0, result.output
+        latest = max((tmp_path / "run").glob("ckpt-*.safetensors"))
+        return Checkpoint.load(latest).config.training
+
+    first = train("--weight-decay", "0.1", "--beta1", "0.85", "--beta2", "0.99", "--eps",
+                  "1e-6", "--max-grad-norm", "1.0")
+    assert (first.weight_decay, first.beta1, first.beta2, first.eps, first.max_grad_norm) == (
+        0.1, 0.85, 0.99, 1e-6, 1.0)
+    resumed = train("--resume", "--instruction-epochs", "2", "--weight-decay", "0.05",
+                    "--beta2", "0.95", "--max-grad-norm", "2.5")
+    assert (resumed.weight_decay, resumed.beta1, resumed.beta2, resumed.eps,
+            resumed.max_grad_norm) == (0.05, 0.85, 0.95, 1e-6, 2.5)
+    bad = CliRunner().invoke(main, ["train", "--output", str(tmp_path / "other"), "--beta2",
+                                    "1.0"])
+    assert bad.exit_code != 0 and "beta2" in bad.output

@@ -20,6 +20,7 @@ from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_WRITABLE,
                              PyBuffer_Release, PyObject_GetBuffer)
 from cpython.pythread cimport PyThread_get_thread_ident
 from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy
 
 from rustgpt.errors import ShapeMismatch, TokenError, ValidationError
 from rustgpt.resources import max_threads, threads_bound_text
@@ -42,12 +43,15 @@ cdef extern from "rustgpt_kernels.h" nogil:
                   float *pre) noexcept
     void rg_sgemm_many(int count, float **C, const float **A, const float **B, int M, int N,
                        int K, int trans_a, int trans_b, const int *accumulate) noexcept
-    void rg_attention_forward(float *out, float *att, const float *q, const float *k,
-                              const float *v, int B, int T, int D, int NH) noexcept
-    void rg_attention_backward(float *dq, float *dk, float *dv, float *ds, const float *dout,
-                               const float *att, const float *q, const float *k,
-                               const float *v, int B, int T, int D, int NH) noexcept
-    void rg_attention_step(float *out, const float *q, const float *kcache,
+    size_t rg_attention_scratch_size(int T, int D, int NH) noexcept
+    void rg_attention_forward(float *out, float *att, float *scratch, const float *q,
+                              const float *k, const float *v, int B, int T, int D, int NH,
+                              int areas) noexcept
+    void rg_attention_backward(float *dq, float *dk, float *dv, float *ds, float *scratch,
+                               const float *dout, const float *att, const float *q,
+                               const float *k, const float *v, int B, int T, int D, int NH,
+                               int areas) noexcept
+    void rg_attention_step(float *out, float *scratch, const float *q, const float *kcache,
                            const float *vcache, int B, int n, int Tmax, int D, int NH) noexcept
     void rg_layernorm_forward(float *out, float *mean, float *rstd, const float *x,
                               const float *g, const float *b, int N, int D, float eps) noexcept
@@ -61,7 +65,8 @@ cdef extern from "rustgpt_kernels.h" nogil:
                                           int V, int ignore_index, float dscale) noexcept
     double rg_adam_update(float *params, float *m, float *v, const float *grads, size_t n,
                           double lr, double beta1, double beta2, double eps,
-                          double weight_decay, int t, double max_norm) noexcept
+                          double weight_decay, const size_t *decay, size_t ndecay, int t,
+                          double max_norm) noexcept
     void rg_relu_forward(float *out, const float *x, size_t n) noexcept
     void rg_relu_backward(float *dx, const float *dout, const float *out, size_t n) noexcept
     void rg_gelu_forward(float *out, const float *x, size_t n) noexcept
@@ -84,7 +89,7 @@ cdef extern from "rustgpt_kernels.h" nogil:
         pass
     void rg_adam_apply(float *params, float *m, float *v, const float *grads, size_t n,
                        double lr, double beta1, double beta2, double eps, double weight_decay,
-                       int t, double max_norm, double norm,
+                       const size_t *decay, size_t ndecay, int t, double max_norm, double norm,
                        void (*work)(void *, rg_update *) noexcept nogil, void *ctx) noexcept
     void rg_update_wait(rg_update *u, size_t end) noexcept
     int rg_update_busy(rg_update *u) noexcept
@@ -213,22 +218,23 @@ cdef int *_ids(object a, str fn, str name, tuple shape, int V) except NULL:
     return p
 
 
-# attention.c keeps per-task scratch on the thread's stack: at most hs * (2 T + 32) floats
-# (keys transposed and a block of rows packed, or two blocks of rows), and a row of T.
-# Capped well below the usual 8 MB thread stacks so no size can overflow one.
-_ATTENTION_STACK_FLOATS = 512 * 1024
-
-
-cdef int _heads(str fn, int D, int NH, int T) except -1:
+cdef int _heads(str fn, int D, int NH) except -1:
+    """The head size D / NH, after checking that NH heads divide D."""
     if NH < 1 or D % NH != 0:
         raise ValidationError(f"{fn}: num_heads = {NH} must be >= 1 and divide D = {D}")
-    cdef long hs = D // NH
-    cdef long need = hs * (2 * <long>T + 32) + <long>T
-    if need > _ATTENTION_STACK_FLOATS:
-        raise ValidationError(f"{fn}: head size {hs} x sequence {T} needs {need * 4:,} bytes "
-                              f"of scratch, more than the kernel's {_ATTENTION_STACK_FLOATS * 4:,}; "
-                              f"use more heads or a shorter sequence")
-    return hs
+    return D // NH
+
+
+cdef int _apart(str fn, str name, const float *p, Py_ssize_t n, const float **others,
+                const Py_ssize_t *sizes, int count, tuple names) except -1:
+    """Scratch p[0, n) shares no memory with the arrays others[j] (sizes[j] floats, named
+    names[j]), j < count."""
+    cdef int j
+    for j in range(count):
+        if _overlap(p, n, others[j], sizes[j]):
+            raise ValidationError(f"{fn}: {name} overlaps {names[j]}, expected separate "
+                                  f"scratch")
+    return 0
 
 
 # ---- one kernel call as data: run now, and recorded into a Plan -------------------------
@@ -265,10 +271,10 @@ cdef void _run(const Op *o) noexcept nogil:
         rg_sgemm_many(i[5], p, <const float **>(p + MANY), <const float **>(p + 2 * MANY), i[0],
                       i[1], i[2], i[3], i[4], acc)
     elif o.kind == OP_ATTENTION_FORWARD:
-        rg_attention_forward(p[0], p[1], p[2], p[3], p[4], i[0], i[1], i[2], i[3])
+        rg_attention_forward(p[0], p[1], p[2], p[3], p[4], p[5], i[0], i[1], i[2], i[3], i[4])
     elif o.kind == OP_ATTENTION_BACKWARD:
-        rg_attention_backward(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], i[0],
-                              i[1], i[2], i[3])
+        rg_attention_backward(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9],
+                              i[0], i[1], i[2], i[3], i[4])
     elif o.kind == OP_LAYERNORM_FORWARD:
         rg_layernorm_forward(p[0], p[1], p[2], p[3], p[4], p[5], i[0], i[1], o.f)
     elif o.kind == OP_LAYERNORM_BACKWARD:
@@ -628,12 +634,13 @@ cdef Py_ssize_t _outputs(const Op *o) noexcept:
     if o.kind == OP_SGEMM:
         return 1 + (o.p[4] != NULL)  # C, and pre when given
     if o.kind == OP_ATTENTION_BACKWARD:
-        return 4
+        return 5
     if o.kind == OP_LAYERNORM_BACKWARD:
         return 2 + (o.p[2] != NULL)  # dx, dg, and db when given
-    if o.kind in (OP_LAYERNORM_FORWARD, OP_CROSSENTROPY_FORWARD_BACKWARD):
+    if o.kind in (OP_ATTENTION_FORWARD, OP_LAYERNORM_FORWARD,
+                  OP_CROSSENTROPY_FORWARD_BACKWARD):
         return 3
-    if o.kind in (OP_ATTENTION_FORWARD, OP_EMBEDDING_BACKWARD):
+    if o.kind == OP_EMBEDDING_BACKWARD:
         return 2
     return 1
 
@@ -679,11 +686,11 @@ cdef class AdamStep:
     (one thread replays those calls while the others update the parameters, in buffer
     order; each call waits for the part of the parameters it reads). Either way the
     parameters and moments come out as ``adam_update`` leaves them, bit for bit, given
-    the same grads; the step applies once.
+    the same grads (and decay ranges); the step applies once.
 
         norm = math.sqrt(sum_squares(grads))        # finite
         step = AdamStep(params, m, v, grads, lr, beta1, beta2, eps, weight_decay, t,
-                        max_norm, norm)
+                        max_norm, norm, decay)
     """
 
     cdef readonly object params, m, v, grads
@@ -694,10 +701,14 @@ cdef class AdamStep:
     cdef size_t n
     cdef double lr, beta1, beta2, eps, weight_decay, max_norm, norm
     cdef int t
+    cdef size_t whole[2]
+    cdef size_t *decay_ptr  # a copy of the decay ranges: the caller's array may change
+    cdef size_t ndecay
     cdef readonly bint applied
 
     def __init__(self, params, m, v, grads, double lr, double beta1, double beta2,
-                 double eps, double weight_decay, int t, double max_norm, double norm):
+                 double eps, double weight_decay, int t, double max_norm, double norm,
+                 decay=None):
         fn = "AdamStep"
         s = _shape(params, fn, "params", 1)
         _check_adam(fn, t, beta1, beta2)
@@ -707,11 +718,20 @@ cdef class AdamStep:
         self.m_ptr = _f(m, fn, "m", s, True)
         self.v_ptr = _f(v, fn, "v", s, True)
         self.grads_ptr = _f(grads, fn, "grads", s)
+        cdef const size_t *ranges = _decay_ranges(fn, decay, s[0], self.whole, &self.ndecay)
+        free(self.decay_ptr)
+        self.decay_ptr = <size_t *>malloc(2 * self.ndecay * sizeof(size_t) + 1)
+        if self.decay_ptr == NULL:
+            raise MemoryError(f"{fn}: out of memory")
+        memcpy(self.decay_ptr, ranges, 2 * self.ndecay * sizeof(size_t))
         self.params, self.m, self.v, self.grads = params, m, v, grads
         self.n = s[0]
         self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
         self.weight_decay, self.t, self.max_norm, self.norm = weight_decay, t, max_norm, norm
         self.applied = False
+
+    def __dealloc__(self):
+        free(self.decay_ptr)
 
     cdef int _check_unapplied(self, str fn) except -1:
         if self.applied:
@@ -721,8 +741,8 @@ cdef class AdamStep:
     cdef void _apply(self, void (*work)(void *, rg_update *) noexcept nogil,
                      void *ctx) noexcept nogil:
         rg_adam_apply(self.params_ptr, self.m_ptr, self.v_ptr, self.grads_ptr, self.n,
-                      self.lr, self.beta1, self.beta2, self.eps, self.weight_decay, self.t,
-                      self.max_norm, self.norm, work, ctx)
+                      self.lr, self.beta1, self.beta2, self.eps, self.weight_decay,
+                      self.decay_ptr, self.ndecay, self.t, self.max_norm, self.norm, work, ctx)
         self.applied = True
 
     def apply(self):
@@ -916,32 +936,72 @@ def sgemm_many(Cs, As, Bs, bint trans_a=False, bint trans_b=False, accumulate=Fa
 
 # ---- attention --------------------------------------------------------------------------------
 
-def attention_forward(out, att, q, k, v, int num_heads):
-    """Causal softmax attention. q, k, v, out: (B, T, D); att: (B, NH, T, T) saved probabilities."""
+_CORES = physical_cores()  # attention_scratch_shape's least number of areas
+
+
+def attention_scratch_shape(int T, int D, int num_heads):
+    """Shape of the scratch attention_forward and attention_backward take for sequences of
+    T: (areas, S), one area of S floats (about hs (2 T + 32), hs = D / NH) per thread the
+    kernels may run on: as many as this thread's kernels use now or the physical cores,
+    whichever is more (the kernels run on at most `areas` threads). A model keeps one for
+    every layer and batch size."""
+    fn = "attention_scratch_shape"
+    _heads(fn, D, num_heads)
+    if T < 1:
+        raise ValidationError(f"{fn}: T = {T}, expected >= 1")
+    return (max(rg_num_threads(), _CORES),
+            <Py_ssize_t>rg_attention_scratch_size(T, D, num_heads))
+
+
+cdef float *_scratch(object scratch, str fn, int T, int D, int NH, int *areas,
+                    Py_ssize_t *n) except NULL:
+    """scratch's data after checking it is (areas, S) for T; sets areas and n (its floats)."""
+    cdef Py_ssize_t a = _shape(scratch, fn, "scratch", 2)[0]
+    cdef Py_ssize_t S = rg_attention_scratch_size(T, D, NH)
+    cdef float *p = _f(scratch, fn, "scratch", (a, S), True)
+    areas[0], n[0] = <int>a, a * S  # a * S <= _INT_MAX, as _f checked
+    return p
+
+
+def attention_forward(out, att, q, k, v, int num_heads, scratch=None):
+    """Causal softmax attention. q, k, v, out: (B, T, D); att: (B, NH, T, T) saved
+    probabilities. scratch (areas, S), attention_scratch_shape's or with fewer areas (then
+    fewer threads), is overwritten; without it, a new array is used (a model passes one it
+    keeps)."""
     fn = "attention_forward"
     s = _shape(q, fn, "q", 3)
-    cdef int B = s[0], T = s[1], D = s[2], NH = num_heads
-    _heads(fn, D, NH, T)
+    cdef int B = s[0], T = s[1], D = s[2], NH = num_heads, areas
+    _heads(fn, D, NH)
     cdef const float *qp = _f(q, fn, "q", s)
     cdef const float *kp = _f(k, fn, "k", s)
     cdef const float *vp = _f(v, fn, "v", s)
     cdef float *op = _f(out, fn, "out", s, True)
     cdef float *ap = _f(att, fn, "att", (B, NH, T, T), True)
+    if scratch is None:
+        scratch = np.empty(attention_scratch_shape(T, D, NH), np.float32)
+    cdef Py_ssize_t n = <Py_ssize_t>B * T * D, ns
+    cdef float *sp = _scratch(scratch, fn, T, D, NH, &areas, &ns)
+    cdef const float *others[5]
+    cdef Py_ssize_t sizes[5]
+    others[:] = [op, ap, qp, kp, vp]
+    sizes[:] = [n, <Py_ssize_t>B * NH * T * T, n, n, n]
+    _apart(fn, "scratch", sp, ns, others, sizes, 5, ("out", "att", "q", "k", "v"))
     cdef Op o
-    o.kind, o.p[0], o.p[1], o.p[2], o.p[3], o.p[4] = (OP_ATTENTION_FORWARD, op, ap, <void *>qp,
-                                                      <void *>kp, <void *>vp)
-    o.i[0], o.i[1], o.i[2], o.i[3] = B, T, D, NH
-    _submit(&o, (out, att, q, k, v))
+    o.kind, o.p[0], o.p[1], o.p[2] = OP_ATTENTION_FORWARD, op, ap, sp
+    o.p[3], o.p[4], o.p[5] = <void *>qp, <void *>kp, <void *>vp
+    o.i[0], o.i[1], o.i[2], o.i[3], o.i[4] = B, T, D, NH, areas
+    _submit(&o, (out, att, scratch, q, k, v))
 
 
-def attention_backward(dq, dk, dv, dout, att, q, k, v, int num_heads, ds=None):
+def attention_backward(dq, dk, dv, dout, att, q, k, v, int num_heads, ds=None, scratch=None):
     """Backward of attention_forward: overwrites dq, dk, dv (B, T, D). ds, scratch of att's
     shape (B, NH, T, T), gets the gradients of the scaled scores on and below the diagonal
-    (the rest unspecified); without it, a new array is used (a model passes one it keeps)."""
+    (the rest unspecified); scratch is overwritten, as attention_forward's. Without them,
+    new arrays are used (a model passes ones it keeps)."""
     fn = "attention_backward"
     s = _shape(q, fn, "q", 3)
-    cdef int B = s[0], T = s[1], D = s[2], NH = num_heads
-    _heads(fn, D, NH, T)
+    cdef int B = s[0], T = s[1], D = s[2], NH = num_heads, areas
+    _heads(fn, D, NH)
     if ds is None:
         ds = np.empty((B, NH, T, T), np.float32)
     cdef const float *qp = _f(q, fn, "q", s)
@@ -953,35 +1013,51 @@ def attention_backward(dq, dk, dv, dout, att, q, k, v, int num_heads, ds=None):
     cdef float *dkp = _f(dk, fn, "dk", s, True)
     cdef float *dvp = _f(dv, fn, "dv", s, True)
     cdef float *dsp = _f(ds, fn, "ds", (B, NH, T, T), True)
-    cdef Py_ssize_t n = <Py_ssize_t>B * T * D, nds = <Py_ssize_t>B * NH * T * T
-    cdef const float *others[8]
-    others[:] = [ap, dop, qp, kp, vp, dqp, dkp, dvp]
-    for j, name in enumerate(("att", "dout", "q", "k", "v", "dq", "dk", "dv")):
-        if _overlap(dsp, nds, others[j], nds if j == 0 else n):
-            raise ValidationError(f"{fn}: ds overlaps {name}, expected separate scratch")
+    if scratch is None:
+        scratch = np.empty(attention_scratch_shape(T, D, NH), np.float32)
+    cdef Py_ssize_t n = <Py_ssize_t>B * T * D, nds = <Py_ssize_t>B * NH * T * T, ns
+    cdef float *sp = _scratch(scratch, fn, T, D, NH, &areas, &ns)
+    cdef const float *others[9]
+    cdef Py_ssize_t sizes[9]
+    others[:] = [ap, dop, qp, kp, vp, dqp, dkp, dvp, dsp]
+    sizes[:] = [nds, n, n, n, n, n, n, n, nds]
+    names = ("att", "dout", "q", "k", "v", "dq", "dk", "dv", "ds")
+    _apart(fn, "ds", dsp, nds, others, sizes, 8, names)
+    _apart(fn, "scratch", sp, ns, others, sizes, 9, names)
     cdef Op o
-    o.kind, o.p[0], o.p[1], o.p[2], o.p[3] = OP_ATTENTION_BACKWARD, dqp, dkp, dvp, dsp
-    o.p[4], o.p[5], o.p[6], o.p[7], o.p[8] = (<void *>dop, <void *>ap, <void *>qp, <void *>kp,
+    o.kind, o.p[0], o.p[1], o.p[2], o.p[3], o.p[4] = OP_ATTENTION_BACKWARD, dqp, dkp, dvp, dsp, sp
+    o.p[5], o.p[6], o.p[7], o.p[8], o.p[9] = (<void *>dop, <void *>ap, <void *>qp, <void *>kp,
                                               <void *>vp)
-    o.i[0], o.i[1], o.i[2], o.i[3] = B, T, D, NH
-    _submit(&o, (dq, dk, dv, ds, dout, att, q, k, v))
+    o.i[0], o.i[1], o.i[2], o.i[3], o.i[4] = B, T, D, NH, areas
+    _submit(&o, (dq, dk, dv, ds, scratch, dout, att, q, k, v))
 
 
-def attention_step(out, q, kcache, vcache, int n, int num_heads):
-    """One decoding step: q (B, D) attends to cache rows 0..n-1 of kcache, vcache (B, Tmax, D)."""
+def attention_step(out, q, kcache, vcache, int n, int num_heads, scratch=None):
+    """One decoding step: q (B, D) attends to cache rows 0..n-1 of kcache, vcache
+    (B, Tmax, D). scratch: (B, NH, Tmax), overwritten (without it, a new array)."""
     fn = "attention_step"
     s = _shape(kcache, fn, "kcache", 3)
     cdef int B = s[0], Tmax = s[1], D = s[2], NH = num_heads
-    _heads(fn, D, NH, Tmax)
+    _heads(fn, D, NH)
     if n < 1 or n > Tmax:
         raise ValidationError(f"{fn}: n = {n}, expected 1 <= n <= Tmax = {Tmax}")
+    if scratch is None:
+        scratch = np.empty((B, NH, Tmax), np.float32)
     cdef const float *kp = _f(kcache, fn, "kcache", s)
     cdef const float *vp = _f(vcache, fn, "vcache", s)
     cdef const float *qp = _f(q, fn, "q", (B, D))
     cdef float *op = _f(out, fn, "out", (B, D), True)
+    cdef float *sp = _f(scratch, fn, "scratch", (B, NH, Tmax), True)
+    cdef Py_ssize_t nc = <Py_ssize_t>B * Tmax * D
+    cdef const float *others[4]
+    cdef Py_ssize_t sizes[4]
+    others[:] = [op, qp, kp, vp]
+    sizes[:] = [<Py_ssize_t>B * D, <Py_ssize_t>B * D, nc, nc]
+    _apart(fn, "scratch", sp, <Py_ssize_t>B * NH * Tmax, others, sizes, 4,
+           ("out", "q", "kcache", "vcache"))
     _not_recorded(fn)
     with nogil:
-        rg_attention_step(op, qp, kp, vp, B, n, Tmax, D, NH)
+        rg_attention_step(op, sp, qp, kp, vp, B, n, Tmax, D, NH)
 
 
 # ---- layer norm -----------------------------------------------------------------------------
@@ -1086,11 +1162,49 @@ cdef int _check_adam(str fn, int t, double beta1, double beta2) except -1:
     return 0
 
 
+cdef const size_t *_decay_ranges(str fn, object decay, size_t n, size_t *whole,
+                                 size_t *count) except NULL:
+    """The C's table of the ranges that take weight decay, and their count in *count:
+    `decay`'s data, an (R, 2) intp array of [start, end) ranges, ascending, disjoint,
+    non-empty and within n (checked; the caller holds decay); None: the whole buffer,
+    written to `whole`."""
+    cdef Py_buffer buf
+    cdef const Py_ssize_t *r
+    cdef Py_ssize_t j, R, at = 0
+    cdef bint ok = False
+    if decay is None:
+        whole[0], whole[1], count[0] = 0, n, 1
+        return whole
+    s = _shape(decay, fn, "decay", 2)
+    try:
+        PyObject_GetBuffer(decay, &buf, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
+        ok = ((buf.format[0] == b"l" or buf.format[0] == b"q") and buf.format[1] == 0
+              and buf.itemsize == sizeof(Py_ssize_t) and buf.shape[1] == 2)
+        r, R = <const Py_ssize_t *>buf.buf, buf.shape[0]
+        PyBuffer_Release(&buf)
+    except (BufferError, ValueError):  # numpy says ValueError for a wrong layout
+        pass
+    if not ok:
+        raise ValidationError(f"{fn}: decay has dtype {decay.dtype} and shape {s}, expected "
+                              f"a C-contiguous intp array (R, 2) of [start, end) ranges")
+    for j in range(R):
+        if not at <= r[2 * j] < r[2 * j + 1] <= <Py_ssize_t>n:
+            raise ValidationError(f"{fn}: decay range {j} is [{r[2 * j]}, {r[2 * j + 1]}), "
+                                  f"expected {at} <= start < end <= {n} (ranges ascending, "
+                                  f"disjoint, non-empty)")
+        at = r[2 * j + 1]
+    count[0] = R
+    return <const size_t *>r if R else whole
+
+
 def adam_update(params, m, v, grads, double lr, double beta1=0.9, double beta2=0.999,
-                double eps=1e-8, double weight_decay=0.0, int t=1, double max_norm=0.0):
+                double eps=1e-8, double weight_decay=0.0, int t=1, double max_norm=0.0,
+                decay=None):
     """One fused Adam/AdamW step over flat float32 buffers of equal length, grads clipped
-    to global L2 norm max_norm (0: no clipping) (see the header). Returns the gradient norm
-    before clipping; a NaN or infinite norm leaves params, m and v unchanged."""
+    to global L2 norm max_norm (0: no clipping) (see the header). `decay`: the ranges of
+    the buffer that take the weight decay, an (R, 2) intp array of [start, end), ascending
+    and disjoint (None: all of it). Returns the gradient norm before clipping; a NaN or
+    infinite norm leaves params, m and v unchanged."""
     fn = "adam_update"
     s = _shape(params, fn, "params", 1)
     cdef size_t n = s[0]
@@ -1099,11 +1213,14 @@ def adam_update(params, m, v, grads, double lr, double beta1=0.9, double beta2=0
     cdef float *mp = _f(m, fn, "m", s, True)
     cdef float *vp = _f(v, fn, "v", s, True)
     cdef const float *gp = _f(grads, fn, "grads", s)
+    cdef size_t whole[2]
+    cdef size_t ndecay
+    cdef const size_t *dp = _decay_ranges(fn, decay, n, whole, &ndecay)
     cdef double norm
     _not_recorded(fn)
     with nogil:
-        norm = rg_adam_update(pp, mp, vp, gp, n, lr, beta1, beta2, eps, weight_decay, t,
-                              max_norm)
+        norm = rg_adam_update(pp, mp, vp, gp, n, lr, beta1, beta2, eps, weight_decay, dp,
+                              ndecay, t, max_norm)
     return norm
 
 

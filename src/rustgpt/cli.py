@@ -23,7 +23,8 @@ MODEL_OPTIONS = ("embedding_dim", "hidden_dim", "num_layers", "num_heads", "max_
                  "norm", "activation", "attention_projection", "tie_embeddings", "bias",
                  "dropout")
 TRAIN_OPTIONS = ("pretraining_epochs", "instruction_epochs", "pretraining_lr", "instruction_lr",
-                 "batch_size", "seed", "threads", "schedule", "warmup_steps", "shuffle")
+                 "batch_size", "seed", "threads", "schedule", "warmup_steps", "shuffle",
+                 "weight_decay", "beta1", "beta2", "eps", "max_grad_norm")
 
 
 class State:
@@ -146,8 +147,9 @@ def main(ctx, config_file, log_level, log_format):
               help="Checkpoint and metrics directory (default ./checkpoints).")
 @click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[CKPT]",
               help="Continue a run: from CKPT, or from the latest checkpoint in --output. "
-                   "Epochs, learning rates, schedule, cadence, threads and logging may change; "
-                   "model sizes, data, batch size, seed and shuffling may not.")
+                   "Epochs, learning rates, schedule, Adam settings, clipping, cadence, threads "
+                   "and logging may change; model sizes, data, batch size, seed and shuffling "
+                   "may not.")
 @click.option("--init-from", type=click.Path(exists=True), metavar="CKPT",
               help="Start a new run from the weights of CKPT (file, or a run directory's best) "
                    "with a fresh optimizer and schedule: fine-tuning on other data.")
@@ -162,6 +164,14 @@ def main(ctx, config_file, log_level, log_format):
 @click.option("--schedule", type=click.Choice(["constant", "cosine"]),
               help="Learning-rate schedule (default constant).")
 @click.option("--warmup-steps", type=int, help="Warmup steps of the cosine schedule.")
+@click.option("--weight-decay", type=float,
+              help="AdamW's decoupled weight decay, on the weight matrices and embeddings only "
+                   "(not biases or layer norms), as nanoGPT (default 0: Adam, as RustGPT).")
+@click.option("--beta1", type=float, help="Adam beta1, in [0, 1) (default 0.9).")
+@click.option("--beta2", type=float, help="Adam beta2, in [0, 1) (default 0.999).")
+@click.option("--eps", type=float, help="Adam epsilon (default 1e-8).")
+@click.option("--max-grad-norm", type=float,
+              help="Clip gradients to this global L2 norm (default 5.0).")
 @click.option("--shuffle/--no-shuffle", default=None, help="Shuffle examples each epoch.")
 @click.option("--seed", type=int, help="Seed of the initial weights and shuffling (default 42).")
 @click.option("--threads", type=int, help="Kernel threads (default: physical cores).")
@@ -451,7 +461,9 @@ def _generation_options(f):
     options = [
         click.option("--checkpoint", default=None, type=click.Path(),
                      help="Checkpoint file, or a directory (its best). Default ./checkpoints."),
-        click.option("--max-tokens", type=int, help="New tokens at most (default 80)."),
+        click.option("--max-new-tokens", "--max-tokens", "max_tokens", type=int,
+                     help="New tokens at most (default: 80 for a chat-tuned model, 256 for a "
+                          "model trained on text). --max-tokens is the same option."),
         click.option("--temperature", type=float, help="0 = greedy (default); > 0 samples."),
         click.option("--top-k", type=int, help="Sample among the k likeliest tokens (0 = off)."),
         click.option("--top-p", type=float, help="Nucleus sampling mass in (0, 1]."),
@@ -478,21 +490,35 @@ def _decoding(state: State, checkpoint, options):
 @main.command()
 @click.argument("prompt")
 @_generation_options
-@click.option("--raw", is_flag=True, help="Send PROMPT as is, without the 'User: ' prefix.")
+@click.option("--raw", is_flag=True,
+              help="Chat-tuned models: send PROMPT as is, without the 'User: ' prefix (a model "
+                   "trained on text always continues PROMPT as is).")
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
 @group_options
 @click.pass_obj
 def generate(state: State, prompt, checkpoint, raw, stream, **options):
-    """Answer PROMPT with a trained model (greedy by default, as RustGPT)."""
+    """Answer PROMPT with a chat-tuned model, or continue PROMPT with a model trained on text.
+
+    A chat-tuned model (RustGPT's, with a word vocabulary) answers 'User: PROMPT' and
+    stops at </s>; the answer is printed. A model trained on text (char or bpe tokenizer)
+    continues PROMPT as raw text (a bpe model stops at its end-of-text token); PROMPT and
+    its continuation are printed. Greedy by default, as RustGPT. Past the model's
+    max_seq_len, it reads the last max_seq_len tokens.
+    """
     from rustgpt import generation
 
     model, kwargs, beam_width = _decoding(state, checkpoint, options)
+    raw = raw or None  # not given: as the model's kind says
+    head = "" if generation.chat_tuned(model) else prompt  # a continuation follows its prompt
     if stream and beam_width == 1:
-        for piece in generation.stream(model, prompt, raw=raw, **kwargs):
+        pieces = generation.stream(model, prompt, raw=raw, **kwargs)
+        click.echo(head + next(pieces, ""), nl=False)  # once the options and prompt passed
+        for piece in pieces:
             click.echo(piece, nl=False)
         click.echo()
     else:
-        click.echo(generation.generate(model, prompt, raw=raw, beam_width=beam_width, **kwargs))
+        click.echo(head + generation.generate(model, prompt, raw=raw, beam_width=beam_width,
+                                              **kwargs))
 
 
 @main.command()
@@ -500,10 +526,16 @@ def generate(state: State, prompt, checkpoint, raw, stream, **options):
 @group_options
 @click.pass_obj
 def chat(state: State, checkpoint, **options):
-    """Talk with a trained model (RustGPT's interactive mode); 'exit' or Ctrl-D quits."""
+    """Talk with a trained model (RustGPT's interactive mode); 'exit' or Ctrl-D quits.
+
+    A chat-tuned model answers each line; a model trained on text continues each line as
+    raw text and prints the line with its continuation. Each line stands alone: earlier
+    lines are not part of the next one's context.
+    """
     from rustgpt import generation
 
     model, kwargs, beam_width = _decoding(state, checkpoint, options)
+    echo = not generation.chat_tuned(model)  # a continuation reads after its line
     click.echo("rustgpt chat: type a message; 'exit' or Ctrl-D to quit.")
     while True:
         try:
@@ -520,7 +552,7 @@ def chat(state: State, checkpoint, **options):
         except LlmError as err:
             click.echo(f"error: {err}", err=True)
             continue
-        click.echo(f"Model: {answer}")
+        click.echo(f"Model: {line if echo else ''}{answer}")
 
 
 # ---- info / eval / plot --------------------------------------------------------------------
@@ -549,25 +581,65 @@ def info(state: State, checkpoint):
 
 
 @main.command(name="eval")
-@click.argument("data", type=click.Path(dir_okay=False))
+@click.argument("data", required=False, type=click.Path(dir_okay=False))
 @click.option("--checkpoint", default=None, type=click.Path(),
               help="Checkpoint file or directory (default: [checkpoint] directory, ./checkpoints).")
+@click.option("--text", "texts", multiple=True, metavar="PATH",
+              help="Evaluate on a text corpus instead of DATA: a .txt/.md file, a directory, "
+                   "a glob or a .jsonl with a 'text' field (repeatable).")
+@click.option("--split", type=click.Choice(["val", "train", "all"]), default="val",
+              show_default=True, help="With --text: the corpus's validation split (its last "
+                                      "[data] val_fraction of tokens), the rest, or all.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @group_options
 @click.pass_obj
-def evaluate(state: State, data, checkpoint, batch_size):
-    """Loss, perplexity and next-token accuracy of a checkpoint on DATA (.json or .csv)."""
-    config, _ = state.config()
-    from rustgpt.data import Dataset
-    from rustgpt.training import evaluate as evaluate_model
+def evaluate(state: State, data, checkpoint, texts, split, batch_size, as_json):
+    """Loss, perplexity and next-token accuracy of a checkpoint on DATA (.json or .csv
+    examples) or on a text corpus (--text; also bits per byte, which compare models with
+    different tokenizers)."""
+    import json
 
+    from rustgpt.errors import ConfigError
+
+    config, _ = state.config()
+    if (data is None) == (not texts):
+        raise ConfigError("eval: give DATA (examples) or --text PATH (a corpus), one of them")
     ckpt = _load_checkpoint(checkpoint or config.checkpoint.directory)
     model = ckpt.build_model()
-    dataset = Dataset.load(data, config.data.max_file_mb * 2**20)
-    result = evaluate_model(model, dataset.encode(model.tokenizer, model.config.max_seq_len),
-                            batch_size)
+    if texts:
+        from rustgpt.corpus import TokenFile
+        from rustgpt.training import evaluate_text
+
+        corpus = TokenFile.build(texts, model.tokenizer, _token_cache(config))
+        if split == "all":
+            tokens = corpus.tokens
+        else:
+            train, val = corpus.split(model.config.max_seq_len, config.data.val_fraction)
+            tokens = val if split == "val" else train
+        result = {"split": split, **evaluate_text(model, tokens, batch_size)}
+    else:
+        from rustgpt.data import Dataset
+        from rustgpt.training import evaluate as evaluate_model
+
+        dataset = Dataset.load(data, config.data.max_file_mb * 2**20)
+        result = evaluate_model(model, dataset.encode(model.tokenizer, model.config.max_seq_len),
+                                batch_size)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
     for key, value in result.items():
         click.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+
+
+def _token_cache(config) -> Path:
+    """Where token files of text corpora are cached: [data] token_cache, else
+    $XDG_CACHE_HOME/rustgpt, else ~/.cache/rustgpt."""
+    import os
+
+    if config.data.token_cache:
+        return Path(config.data.token_cache)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rustgpt"
 
 
 @main.command()

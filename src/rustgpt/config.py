@@ -117,7 +117,8 @@ class TrainingConfig:
     beta1: float = _help("Adam beta1", default=0.9, validator=_fraction)
     beta2: float = _help("Adam beta2", default=0.999, validator=_fraction)
     eps: float = _help("Adam epsilon", default=1e-8, validator=_positive)
-    weight_decay: float = _help("AdamW decoupled weight decay (0 = Adam)", default=0.0,
+    weight_decay: float = _help("AdamW decoupled weight decay of the weight matrices and "
+                                "embeddings, not biases or norms (0 = Adam)", default=0.0,
                                 validator=_non_negative)
     schedule: str = _help("learning-rate schedule: constant, or cosine (warmup then decay "
                           "to 10%)", default="constant",
@@ -138,7 +139,8 @@ class TrainingConfig:
 
 @attrs.frozen
 class DataConfig:
-    """[data]: the example files of the two phases, the size limit, long examples."""
+    """[data]: the example files of the two phases, the size limit, long examples; for
+    text corpora, the validation share and where token files are cached."""
 
     pretraining_data: str = _help("pretraining examples, .json or .csv; empty = bundled",
                                   default="")
@@ -150,13 +152,20 @@ class DataConfig:
                                "windows", default="truncate",
                                validator=_check("truncate or split",
                                                 lambda v: v in ("truncate", "split")))
+    val_fraction: float = _help("text corpora: the last share of the tokens kept for "
+                                "validation", default=0.1, validator=_fraction)
+    token_cache: str = _help("text corpora: directory of the token files (reused while "
+                             "corpus and tokenizer are unchanged); empty = "
+                             "$XDG_CACHE_HOME/rustgpt or ~/.cache/rustgpt", default="")
 
 
 @attrs.frozen
 class GenerationConfig:
     """[generation]: decoding settings (greedy by default, as RustGPT)."""
 
-    max_tokens: int = _help("new tokens at most", default=80, validator=_positive)
+    max_tokens: Optional[int] = _help("new tokens at most (--max-new-tokens); unset = 80 for "
+                                      "a chat-tuned model (word tokenizer), 256 for a model "
+                                      "trained on text", default=None, validator=_positive)
     temperature: float = _help("0 = greedy (RustGPT), > 0 samples", default=0.0,
                                validator=_non_negative)
     top_k: int = _help("sample among the k likeliest tokens; 0 = off", default=0,

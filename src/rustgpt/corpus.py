@@ -367,7 +367,8 @@ def _write_tokens(path: Path, sources: Sequence[Source], tokenizer, total: int) 
     dtype = np.dtype(np.uint16 if size <= 1 << 16 else np.uint32)
     eos = _eos(tokenizer)
     separator = np.asarray([eos] if eos is not None else tokenizer.encode("\n"), dtype)
-    log.info("tokenizing %d files (%s) into %s", len(sources), size_text(total), path)
+    log.info("tokenizing %d file%s (%s) into %s", len(sources), "s"[:len(sources) != 1],
+             size_text(total), path)
     n_tokens = text_bytes = 0
     started = reported = time.monotonic()
     tmp = None

@@ -1,5 +1,6 @@
 """Decoding: greedy (RustGPT's), temperature, top-k, top-p, min-p, repetition penalty,
-beam search, and a streaming iterator, all over the model's KV cache.
+beam search, and a streaming iterator, all over the model's KV cache; a chat-tuned model
+answers in RustGPT's template, a model trained on text continues its prompt (chat_tuned).
 
 Randomness comes from a ``numpy.random.Generator`` passed in (or seeded here), never global;
 decoding state (cache, generator) belongs to the call, never to the model.
@@ -18,11 +19,36 @@ from rustgpt.model import check_seed
 from rustgpt.resources import allocating, check_memory
 
 if TYPE_CHECKING:
-    from rustgpt.model import LLM
+    from rustgpt.model import KVCache, LLM
 
 log = logging.getLogger(__name__)
 
 PROMPT_PREFIX = "User: "  # RustGPT's chat format
+CHAT_MAX_TOKENS = 80  # RustGPT decodes up to its max_seq_len, 80
+TEXT_MAX_TOKENS = 256
+# tokens already out that stream() decodes again before each new piece: a token's text can
+# depend on the tokens before it (a word's space, a tokenizer.json decoder's first-token rule)
+_STREAM_CONTEXT = 4
+
+
+# ---- chat-tuned or trained on text ----------------------------------------------------------
+
+def chat_tuned(model: LLM) -> bool:
+    """True when `model` is chat-tuned in RustGPT's format, False when it was trained on raw
+    text; the one place that tells them apart (for now: by the tokenizer's kind).
+
+    A chat-tuned model (a `word` tokenizer, RustGPT's vocabulary) answers a prompt sent as
+    "User: PROMPT", stops at </s>, and decodes CHAT_MAX_TOKENS new tokens at most unless
+    told otherwise. A model trained on text (`char`, `bpe`) continues the prompt as raw text
+    (stopping at the tokenizer's end-of-text token, if it has one), TEXT_MAX_TOKENS by
+    default."""
+    return model.tokenizer.kind == "word"
+
+
+def default_max_tokens(model: LLM) -> int:
+    """New tokens at most when none is given: CHAT_MAX_TOKENS or TEXT_MAX_TOKENS, as
+    chat_tuned(model) says."""
+    return CHAT_MAX_TOKENS if chat_tuned(model) else TEXT_MAX_TOKENS
 
 
 # ---- samplers: logits (V,) -> token id ------------------------------------------------------
@@ -123,17 +149,25 @@ def _check_options(max_tokens, temperature, top_k, top_p, min_p, repetition_pena
                               "with beam_width > 1")
 
 
-def _check_memory(model: LLM, batch: int, prompt_len: int, extra: int, what: str) -> None:
+def _check_memory(model: LLM, batch: int, prompt_len: int, budget: int, extra: int,
+                  what: str) -> None:
     """Refuse decoding that needs more memory than is available: the KV cache and the
-    prompt's activations (model.decoding_bytes), plus `extra` bytes."""
-    check_memory(model.decoding_bytes(batch, prompt_len) + extra, f"generate: {what} needs")
+    activations of the longest prefill (model.decoding_bytes: the prompt, or the whole
+    window once decoding slides), plus `extra` bytes."""
+    T = model.config.max_seq_len
+    longest = prompt_len if prompt_len + budget <= T else T
+    check_memory(model.decoding_bytes(batch, longest) + extra, f"generate: {what} needs")
 
 
-def _prompt_ids(model: LLM, prompt: str, raw: bool) -> list[int]:
-    if not isinstance(prompt, str) or not prompt.strip():
+def _prompt_ids(model: LLM, prompt: str, raw: bool | None) -> list[int]:
+    """The prompt's token ids, "User: " first unless raw (None: as chat_tuned says), its
+    last max_seq_len kept. A chat prompt needs some text; a raw one, any character
+    (whitespace is text to continue)."""
+    templated = chat_tuned(model) if raw is None else not raw
+    if not isinstance(prompt, str) or not (prompt.strip() if templated else prompt):
         raise ValidationError(f"generate: prompt {prompt!r} is empty, expected some text")
-    ids = model.tokenizer.encode(prompt if raw else PROMPT_PREFIX + prompt)
-    limit = model.config.max_seq_len - 1  # leave room for at least one new token
+    ids = model.tokenizer.encode(PROMPT_PREFIX + prompt if templated else prompt)
+    limit = model.config.max_seq_len
     if len(ids) > limit:
         log.warning("prompt of %d tokens keeps its last %d (max_seq_len %d)", len(ids), limit,
                     model.config.max_seq_len, extra={"prompt_tokens": len(ids)})
@@ -141,61 +175,96 @@ def _prompt_ids(model: LLM, prompt: str, raw: bool) -> list[int]:
     return ids
 
 
+def _next_logits(model: LLM, cache: KVCache | None, rows: list[list[int]]) -> np.ndarray:
+    """Logits (B, V) of the token after each of the B `rows` (token ids, all of one length),
+    read from the rows' last max_seq_len tokens: nanoGPT's crop, for every model and
+    strategy. `cache` holds all of each row but its last token, or is empty: one step while
+    it has room, a prefill of the window once it is full (positions are absolute, so cached
+    keys cannot slide: beyond max_seq_len each token costs a forward over the window).
+    Without a cache (None), the forward over the window: the reference the cache is
+    tested against."""
+    T = model.config.max_seq_len
+    if cache is None:
+        return model.forward([row[-T:] for row in rows])[:, -1]
+    if 0 < cache.length < T:
+        return model.step(cache, [row[-1] for row in rows])
+    return model.prefill(cache, [row[-T:] for row in rows])
+
+
 def stream(model: LLM, prompt: str, *, max_tokens: int | None = None, temperature: float = 0.0,
            top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
            repetition_penalty: float = 1.0, seed: int | None = None,
-           rng: np.random.Generator | None = None, raw: bool = False,
+           rng: np.random.Generator | None = None, raw: bool | None = None,
            use_cache: bool = True) -> Iterator[str]:
-    """Yield the answer's text piece by piece as tokens are decoded; stops at </s>, after
-    `max_tokens` new tokens or at max_seq_len. ``use_cache=False`` recomputes the whole
-    prefix each step (the reference the cache is tested against)."""
-    budget = model.config.max_seq_len if max_tokens is None else max_tokens
+    """Yield the text of generate()'s tokens piece by piece as they are decoded: each piece
+    is decoded after the few tokens before it, not the whole answer again, and a piece
+    ending in U+FFFD (a character whose bytes byte-level BPE split across tokens) waits for
+    the next token. The pieces join to generate()'s text with every kind of tokenizer
+    rustgpt trains (any whose decoding of a prefix of the ids is a prefix of the text)."""
+    yield from _pieces(model.tokenizer, _tokens(
+        model, prompt, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
+        rng, raw, use_cache))
+
+
+def _pieces(tokenizer, tokens: Iterator[int]) -> Iterator[str]:
+    """stream()'s pieces of the text of `tokens`."""
+    head: list[int] = []  # the last _STREAM_CONTEXT tokens whose text is out
+    head_text = ""
+    pending: list[int] = []  # tokens whose text is not out yet
+    for token in tokens:
+        pending.append(token)
+        text = tokenizer.decode(head + pending)
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > len(head_text):
+            yield text[len(head_text):]
+        head = (head + pending)[-_STREAM_CONTEXT:]
+        head_text = tokenizer.decode(head)
+        pending = []
+    if pending:
+        yield tokenizer.decode(head + pending)[len(head_text):]
+
+
+def _tokens(model: LLM, prompt: str, max_tokens: int | None, temperature: float, top_k: int,
+            top_p: float, min_p: float, repetition_penalty: float, seed: int | None,
+            rng: np.random.Generator | None, raw: bool | None,
+            use_cache: bool) -> Iterator[int]:
+    """The new token ids, sampled one by one; stops at the end-of-text token (not
+    yielded) or after max_tokens (None: default_max_tokens)."""
+    budget = default_max_tokens(model) if max_tokens is None else max_tokens
     _check_options(budget, temperature, top_k, top_p, min_p, repetition_penalty, 1, seed, rng)
     rng = rng if rng is not None else np.random.default_rng(seed)
     ids = _prompt_ids(model, prompt, raw)
-    budget = min(budget, model.config.max_seq_len - len(ids))
     if use_cache:
-        _check_memory(model, 1, len(ids), 0, "decoding")
+        _check_memory(model, 1, len(ids), budget, 0, "decoding")
+    eos = model.tokenizer.eos_id
     with allocating("generate: decoding"):
-        yield from _stream(model, ids, budget, rng, temperature, top_k, top_p, min_p,
-                           repetition_penalty, use_cache)
-
-
-def _stream(model: LLM, ids: list[int], budget: int, rng: np.random.Generator,
-            temperature: float, top_k: int, top_p: float, min_p: float,
-            repetition_penalty: float, use_cache: bool) -> Iterator[str]:
-    cache = model.new_cache(1) if use_cache else None
-    logits = model.prefill(cache, [ids])[0] if use_cache else model.forward([ids])[0, -1]
-    new: list[int] = []
-    text = ""
-    while len(new) < budget:
-        penalised = apply_repetition_penalty(logits, ids + new, repetition_penalty)
-        token = sample(penalised, rng, temperature, top_k, top_p, min_p)
-        if token == model.tokenizer.eos_id:
-            return
-        new.append(token)
-        full = model.tokenizer.decode(new)
-        yield full[len(text):]
-        text = full
-        if len(new) < budget:
-            logits = (model.step(cache, [token])[0] if use_cache
-                      else model.forward([ids + new])[0, -1])
+        cache = model.new_cache(1) if use_cache else None
+        context = list(ids)  # the prompt and the tokens decoded so far
+        for _ in range(budget):
+            logits = _next_logits(model, cache, [context])[0]
+            penalised = apply_repetition_penalty(logits, context, repetition_penalty)
+            token = sample(penalised, rng, temperature, top_k, top_p, min_p)
+            if token == eos:
+                return
+            context.append(token)
+            yield token
 
 
 def beam_search(model: LLM, prompt: str, *, beam_width: int = 4, max_tokens: int | None = None,
-                raw: bool = False, length_penalty: float = 1.0) -> list[int]:
+                raw: bool | None = None, length_penalty: float = 1.0) -> list[int]:
     """Token ids of the best of `beam_width` beams, scored by summed log-probability divided
-    by length**length_penalty (finished beams include their </s>)."""
-    budget = model.config.max_seq_len if max_tokens is None else max_tokens
+    by length**length_penalty (finished beams include their end-of-text token). Beyond
+    max_seq_len every beam reads its last max_seq_len tokens, as sampling does."""
+    budget = default_max_tokens(model) if max_tokens is None else max_tokens
     _check_options(budget, 0.0, 0, 1.0, 0.0, 1.0, beam_width, length_penalty=length_penalty)
     ids = _prompt_ids(model, prompt, raw)
-    budget = min(budget, model.config.max_seq_len - len(ids))
     # besides the cache: a copy of its keys or values while beams are reordered, and each
     # step's scores, (W, V) float64: log-probabilities, candidates, their order and sort
     W = beam_width
     c = model.config
     reorder = 4 * c.num_layers * W * c.max_seq_len * c.embedding_dim
-    _check_memory(model, W, len(ids), reorder + 5 * 8 * W * model.tokenizer.size,
+    _check_memory(model, W, len(ids), budget, reorder + 5 * 8 * W * model.tokenizer.size,
                   f"beam_width = {W}")
     with allocating(f"generate: beam_width = {W}"):
         return _beam_search(model, ids, W, budget, length_penalty)
@@ -205,7 +274,7 @@ def _beam_search(model: LLM, ids: list[int], W: int, budget: int,
                  length_penalty: float) -> list[int]:
     eos = model.tokenizer.eos_id
     cache = model.new_cache(W)
-    logits = model.prefill(cache, [ids] * W)
+    logits = _next_logits(model, cache, [ids] * W)
     beams: list[list[int]] = [[] for _ in range(W)]
     scores = np.full(W, -np.inf)
     scores[0] = 0.0  # the W copies of the prompt are one beam until the first expansion
@@ -240,7 +309,7 @@ def _beam_search(model: LLM, ids: list[int], W: int, budget: int,
         scores = np.array(new_scores)
         cache.reorder(np.array(parents))
         if step + 1 < budget:
-            logits = model.step(cache, tokens)
+            logits = _next_logits(model, cache, [ids + beam for beam in beams])
     alive = [(norm(s, len(b)), b) for s, b in zip(scores, beams) if np.isfinite(s) and b]
     return max(finished + alive, key=lambda item: item[0], default=(0.0, []))[1]
 
@@ -248,22 +317,26 @@ def _beam_search(model: LLM, ids: list[int], W: int, budget: int,
 def generate(model: LLM, prompt: str, *, max_tokens: int | None = None, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              repetition_penalty: float = 1.0, beam_width: int = 1, seed: int | None = None,
-             rng: np.random.Generator | None = None, raw: bool = False,
+             rng: np.random.Generator | None = None, raw: bool | None = None,
              use_cache: bool = True) -> str:
-    """The model's answer to `prompt` (prefixed with "User: " unless `raw`), without </s>.
+    """The model's new text after `prompt`, without the end-of-text token.
 
-    Greedy by default (RustGPT); temperature > 0 samples, filtered by top_k / top_p / min_p;
-    beam_width > 1 runs beam search. Raises ValidationError for options of the wrong type or
-    out of range, and for decoding that needs more memory than is available."""
+    A chat-tuned model answers "User: " + prompt; a model trained on text continues the
+    prompt itself (see chat_tuned; `raw` True / False sends the prompt without / with the
+    template whatever the model). At most `max_tokens` new tokens (None: 80 for a
+    chat-tuned model, 256 for one trained on text); beyond max_seq_len the model reads the
+    last max_seq_len tokens. Greedy by default (RustGPT); temperature > 0 samples, filtered
+    by top_k / top_p / min_p; beam_width > 1 runs beam search. Raises ValidationError for
+    options of the wrong type or out of range, and for decoding that needs more memory than
+    is available."""
     _check_options(1 if max_tokens is None else max_tokens, temperature, top_k, top_p, min_p,
                    repetition_penalty, beam_width, seed, rng)
     if beam_width > 1:
-        return model.tokenizer.decode(beam_search(model, prompt, beam_width=beam_width,
-                                              max_tokens=max_tokens, raw=raw))
-    return "".join(stream(model, prompt, max_tokens=max_tokens, temperature=temperature,
-                          top_k=top_k, top_p=top_p, min_p=min_p,
-                          repetition_penalty=repetition_penalty, seed=seed, rng=rng, raw=raw,
-                          use_cache=use_cache))
+        ids = beam_search(model, prompt, beam_width=beam_width, max_tokens=max_tokens, raw=raw)
+    else:
+        ids = list(_tokens(model, prompt, max_tokens, temperature, top_k, top_p, min_p,
+                           repetition_penalty, seed, rng, raw, use_cache))
+    return model.tokenizer.decode(ids)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

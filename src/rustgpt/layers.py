@@ -248,8 +248,12 @@ class SelfAttention(Module):
         K.sgemm_many((_rows(q), _rows(k), _rows(v)), (x2, x2, x2), (self.wq, self.wk, self.wv))
         att = ws.get(self.key("att"), (B, self.num_heads, T, T))
         a = ws.get(self.key("a" if self.projection else "out"), (B, T, D))
-        K.attention_forward(a, att, q, k, v, self.num_heads)
+        K.attention_forward(a, att, q, k, v, self.num_heads, self._scratch(ws, T, D))
         return self._project(ws, a, "out")
+
+    def _scratch(self, ws: Workspace, T: int, D: int) -> np.ndarray:
+        """The attention kernels' scratch (areas, S), one for every layer."""
+        return ws.get("attention.scratch", K.attention_scratch_shape(T, D, self.num_heads))
 
     def _project(self, ws: Workspace, a: np.ndarray, name: str) -> np.ndarray:
         """a (B, T, D) through the output projection into ws's `name` buffer; a itself
@@ -271,7 +275,8 @@ class SelfAttention(Module):
         K.sgemm_many((q, k, v), (x2, x2, x2), (self.wq, self.wk, self.wv))
         kcache[:, n] = k
         vcache[:, n] = v
-        K.attention_step(a[:, 0], q, kcache, vcache, n + 1, self.num_heads)
+        scores = ws.get("attention.step_scores", (B, self.num_heads, kcache.shape[1]))
+        K.attention_step(a[:, 0], q, kcache, vcache, n + 1, self.num_heads, scores)
         return self._project(ws, a, "step.out")
 
     def backward(self, ws: Workspace, x: np.ndarray, dout: np.ndarray,
@@ -291,7 +296,8 @@ class SelfAttention(Module):
             K.sgemm(_rows(da), dout2, self.wo, trans_b=True)  # da = dout Wo^T
         dq, dk, dv = (ws.get(self.key(n), (B, T, D)) for n in ("dq", "dk", "dv"))
         ds = ws.get("attention.ds", att.shape)  # scratch, one for every layer
-        K.attention_backward(dq, dk, dv, da, att, q, k, v, self.num_heads, ds)
+        K.attention_backward(dq, dk, dv, da, att, q, k, v, self.num_heads, ds,
+                             self._scratch(ws, T, D))
         x2 = _rows(x)
         grads = (_rows(dq), _rows(dk), _rows(dv))
         # dWq += x^T dq, dWk += x^T dk, dWv += x^T dv

@@ -134,14 +134,14 @@ def activation_bytes(config: ModelConfig, vocab_size: int, B: int, T: int) -> in
     outputs and gradients after it (4 D); the weights' gradient scratch (NH T), the
     embeddings' output and the last input gradient (2 D, with dropout 4 D), the final
     norm's output, gradient and statistics (pre-norm: 2 D + 2), the logits (V), loss and
-    hit (2)."""
+    hit (2). Besides, the attention kernels' scratch (K.attention_scratch_shape)."""
     c, D, H, NH = config, config.embedding_dim, config.hidden_dim, config.num_heads
     drop = c.dropout > 0
     block = (16 * D + 2 * H + 4 + NH * T + 2 * D * c.attention_projection
              + H * (c.activation == "gelu") + 4 * D * drop)
     per_token = (c.num_layers * block + NH * T + 2 * D * (1 + drop)
                  + (2 * D + 2) * (c.norm == "pre") + vocab_size + 2)
-    return 4 * B * T * per_token
+    return 4 * (B * T * per_token + math.prod(K.attention_scratch_shape(T, D, NH)))
 
 
 class KVCache:
@@ -454,9 +454,10 @@ class LLM(Module):
 
     def decoding_bytes(self, batch: int, prompt_len: int) -> int:
         """Bytes that decoding `batch` rows of a `prompt_len`-token prompt needs, about: the
-        KV cache (2 L B T_max D float32) and the prompt's activations."""
+        KV cache (2 L B T_max D float32), the decoding step's attention scores (B NH T_max)
+        and the prompt's activations."""
         c = self.config
-        cache = 2 * 4 * c.num_layers * batch * c.max_seq_len * c.embedding_dim
+        cache = 4 * batch * c.max_seq_len * (2 * c.num_layers * c.embedding_dim + c.num_heads)
         return cache + activation_bytes(c, self.tokenizer.size, batch, prompt_len)
 
     def prefill(self, cache: KVCache, ids) -> np.ndarray:
@@ -499,8 +500,9 @@ class LLM(Module):
         return self._head(ws, x)[:, 0]
 
     def generate(self, prompt: str, **options) -> str:
-        """Answer `prompt` (RustGPT: prefixed with "User: ", greedy, stop at </s>).
-        Options are those of ``rustgpt.generation.generate``."""
+        """Answer `prompt` (a chat-tuned model, word tokenizer: prefixed with "User: ",
+        greedy, stop at </s>, as RustGPT) or continue it (a text model). Options are those
+        of ``rustgpt.generation.generate``."""
         from rustgpt.generation import generate  # generation builds on the model
 
         return generate(self, prompt, **options)

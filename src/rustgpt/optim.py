@@ -12,8 +12,28 @@ from rustgpt.errors import ValidationError
 from rustgpt.layers import FlatParameters, zeros_hugepage
 
 
+def decay_ranges(specs: list[tuple[str, tuple[int, ...], str, float]]) -> np.ndarray:
+    """The parts of the flat buffer that AdamW's weight decay applies to: the parameters
+    of two or more dimensions (weight matrices and the embeddings), as nanoGPT's
+    configure_optimizers; biases and layer-norm gains and shifts are not decayed.
+    specs: FlatParameters' table. Returns (R, 2) intp, the [start, end) of each run of
+    such parameters, adjacent ones merged, in buffer order."""
+    ranges: list[list[int]] = []
+    offset = 0
+    for _, shape, _, _ in specs:
+        n = math.prod(shape)
+        if len(shape) >= 2:
+            if ranges and ranges[-1][1] == offset:
+                ranges[-1][1] += n
+            else:
+                ranges.append([offset, offset + n])
+        offset += n
+    return np.array(ranges, np.intp).reshape(-1, 2)
+
+
 class Adam:
-    """Adam (weight_decay = 0, as RustGPT) or AdamW (decoupled weight decay).
+    """Adam (weight_decay = 0, as RustGPT) or AdamW: decoupled weight decay on the
+    parameters of two or more dimensions only (``decay_ranges``).
 
     State: first and second moments m, v (P,) and the step count t, all exposed for
     checkpoints via ``state_dict`` / ``load_state_dict``; ``pending``, a step that
@@ -23,6 +43,7 @@ class Adam:
                  eps: float = 1e-8, weight_decay: float = 0.0) -> None:
         self.params = params
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
+        self.decay = decay_ranges(params.specs)  # (R, 2)
         self.m = zeros_hugepage(params.data.size)
         self.v = zeros_hugepage(params.data.size)
         self.t = 0
@@ -55,11 +76,11 @@ class Adam:
                 self.pending = K.AdamStep(self.params.data, self.m, self.v, self.params.grad,
                                           lr, self.beta1, self.beta2, self.eps,
                                           self.weight_decay, self.t + 1, max_grad_norm or 0.0,
-                                          norm)
+                                          norm, self.decay)
         else:
             norm = K.adam_update(self.params.data, self.m, self.v, self.params.grad, lr,
                                  self.beta1, self.beta2, self.eps, self.weight_decay,
-                                 self.t + 1, max_grad_norm or 0.0)
+                                 self.t + 1, max_grad_norm or 0.0, self.decay)
         if math.isfinite(norm):
             self.t += 1
         return norm

@@ -16,6 +16,7 @@ import attrs
 import numpy as np
 
 from rustgpt.data import Dataset, make_batch
+from rustgpt.errors import ValidationError
 from rustgpt.optim import Adam
 
 if TYPE_CHECKING:
@@ -274,6 +275,31 @@ class Trainer:
         self.epoch_loss = state["epoch_loss"]
         self._epoch_losses = list(state.get("epoch_losses", []))
         self._epoch_tokens, self._epoch_start = 0, time.perf_counter()
+
+
+def evaluate_text(model: LLM, tokens: np.ndarray, batch_size: int = 16) -> dict:
+    """Next-token loss (nats), perplexity, accuracy and bits per byte of `model` over a run
+    of `tokens` (a split of a corpus.TokenFile): consecutive windows of max_seq_len + 1
+    tokens overlapping by one, so every token after the first is predicted once, from the
+    tokens before it in its window. Bits per byte divide by the UTF-8 bytes of the
+    predicted tokens (corpus.count_bytes), so models with different tokenizers compare.
+    Raises ValidationError for fewer than two tokens."""
+    from rustgpt.corpus import count_bytes
+
+    n, T = len(tokens), model.config.max_seq_len
+    if n < 2:
+        raise ValidationError(f"evaluate_text: {n} tokens, expected at least 2")
+    starts = range(0, n - 1, T)
+    total, count, correct = 0.0, 0, 0
+    for first in range(0, len(starts), batch_size):
+        windows = [np.asarray(tokens[s:s + T + 1], np.intc)
+                   for s in starts[first:first + batch_size]]
+        loss, k, right = model.loss(*make_batch(windows))
+        total, count, correct = total + loss, count + k, correct + right
+    mean = total / count
+    nbytes = max(count_bytes(tokens[1:], model.tokenizer), 1)
+    return {"tokens": count, "loss": mean, "perplexity": math.exp(min(mean, 700.0)),
+            "bits_per_byte": total / math.log(2) / nbytes, "accuracy": correct / count}
 
 
 def evaluate(model: LLM, sequences: Sequence[np.ndarray], batch_size: int = 16) -> dict:
