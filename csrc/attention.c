@@ -259,26 +259,39 @@ void backward_key_rows(int wide, float *dk, float *dv, float *sc, const float *d
 }
 
 /* One query against n cached keys; out, q: hs floats; kc, vc: n rows (stride D); s: n
- * floats of scratch, the scores. */
+ * floats of scratch, the scores. One pass over the keys, then one over the values: a
+ * single row gains nothing from scores_block's and mix_block's tiles, and mix_block would
+ * read the values hs / 16 times. */
 static inline __attribute__((always_inline))
 void step_head(int wide, float *out, float *s, const float *q, const float *kc,
                const float *vc, int n, int D, int hs) {
     float scale = 1.0f / sqrtf((float)hs);
-    for (int j = 0; j < n; j++) { /* one query: plain dot products, no transposed tile */
+    for (int j = 0; j < n; j++) { /* 16 running sums per dot product, then their total */
         const float *k_j = kc + (size_t)j * D;
         float d = 0.0f;
         int i = 0;
-        if (hs >= 16) {
+        if (hs >= 16 && wide) {
             f32x16 acc = *(const f32x16 *)q * *(const f32x16 *)k_j;
             for (i = 16; i + 16 <= hs; i += 16)
                 acc += *(const f32x16 *)(q + i) * *(const f32x16 *)(k_j + i);
+            for (int l = 0; l < 16; l++) d += acc[l];
+        } else if (hs >= 16) { /* the same on floats, left to the auto-vectorizer */
+            float acc[16];
+            for (int l = 0; l < 16; l++) acc[l] = q[l] * k_j[l];
+            for (i = 16; i + 16 <= hs; i += 16)
+                for (int l = 0; l < 16; l++) acc[l] += q[i + l] * k_j[i + l];
             for (int l = 0; l < 16; l++) d += acc[l];
         }
         for (; i < hs; i++) d += q[i] * k_j[i];
         s[j] = d * scale;
     }
     softmax_row(s, n);
-    mix_block(wide, out, s, n, 1, 1, vc, D, n, D, hs);
+    for (int c = 0; c < hs; c++) out[c] = 0.0f;
+    for (int j = 0; j < n; j++) { /* out = sum_j s_j v_j */
+        const float *v_j = vc + (size_t)j * D;
+        float s_j = s[j];
+        for (int c = 0; c < hs; c++) out[c] += s_j * v_j[c];
+    }
 }
 
 /* ---- the three SIMD variants of each task ----------------------------------------------- */
