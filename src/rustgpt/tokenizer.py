@@ -113,6 +113,20 @@ def _checked(ids: Iterable[int], size: int | None = None) -> list[int]:
 
 # ---- word: RustGPT's tokenizer ---------------------------------------------------------------
 
+def _index(entries: list, what: str, ok, expected: str, show) -> dict[str, int]:
+    """entry -> its position, for a tokenizer's table; VocabularyError naming an entry that
+    fails `ok` (shown by `show`) or appears twice."""
+    index: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        if not ok(entry):
+            raise VocabularyError(f"{what}: entry {i} = {show(entry)}, expected {expected}")
+        if entry in index:
+            raise VocabularyError(f"{what}: {entry!r} appears twice (entries {index[entry]} "
+                                  f"and {i})")
+        index[entry] = i
+    return index
+
+
 def tokenize(text: str) -> list[str]:
     """Split `text` into RustGPT's tokens: words, single punctuation characters, ``</s>``.
     Raises ValidationError when `text` is not a string."""
@@ -146,15 +160,8 @@ class Vocab(Tokenizer):
 
     def __init__(self, words: Sequence[str], counts: dict[str, int] | None = None) -> None:
         words = list(words)
-        index: dict[str, int] = {}
-        for i, word in enumerate(words):
-            if not isinstance(word, str) or not word or any(c.isspace() for c in word):
-                raise VocabularyError(f"vocabulary: entry {i} = {word!r}, expected a non-empty "
-                                      f"string without whitespace")
-            if word in index:
-                raise VocabularyError(f"vocabulary: {word!r} appears twice (entries "
-                                      f"{index[word]} and {i})")
-            index[word] = i
+        index = _index(words, "vocabulary", lambda w: isinstance(w, str) and bool(w) and not
+                       any(c.isspace() for c in w), "a non-empty string without whitespace", repr)
         for special in SPECIAL_TOKENS:
             if special not in index:
                 raise VocabularyError(f"vocabulary: special token {special!r} is missing")
@@ -279,15 +286,8 @@ class CharTokenizer(Tokenizer):
 
     def __init__(self, chars: Sequence[str]) -> None:
         chars = list(chars)
-        index: dict[str, int] = {}
-        for i, ch in enumerate(chars):
-            if not isinstance(ch, str) or len(ch) != 1:
-                raise VocabularyError(f"char tokenizer: entry {i} = {reprlib.repr(ch)}, "
-                                      f"expected one character")
-            if ch in index:
-                raise VocabularyError(f"char tokenizer: {ch!r} appears twice (entries "
-                                      f"{index[ch]} and {i})")
-            index[ch] = i
+        index = _index(chars, "char tokenizer", lambda c: isinstance(c, str) and len(c) == 1,
+                       "one character", reprlib.repr)
         self.chars = chars
         self._index = index
         self._pieces = chars + [CHAR_UNK_TEXT]  # decode's table, by id
