@@ -7,7 +7,9 @@ numpy (bench/numpy_model.py): every workload of the performance targets, one mar
 Workloads: (a) RustGPT's schedule step (batch 1, bundled data), (b)-(d) training steps of
 larger shapes, (e) generating 64 tokens, (f) sgemm vs numpy's BLAS, (g) thread scaling;
 then peak memory of `rustgpt-cli train`, import and CLI start-up times. `--full` adds
-(a-full), the whole RustGPT schedule: rustgpt's Trainer vs the same loop on the PyTorch port.
+(a-full), the whole RustGPT schedule: rustgpt's Trainer vs the same loop on the PyTorch port,
+and (own-text) nanoGPT's CPU shakespeare_char recipe on about 1 MB of Shakespeare
+(bench/corpus.py): `rustgpt-cli train --text` vs the port's nanoGPT loop, whole processes.
 Rows of one workload are timed round-robin (best of the rounds), each round once the CPU
 is free of other processes (see Settle), so such load hits every column alike. A training
 row that misses its target gets a footnote: the time the target allows a step, against
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import platform
@@ -45,7 +48,8 @@ from rustgpt import _kernels as K  # noqa: E402
 from rustgpt.config import Config, ModelConfig, TrainingConfig  # noqa: E402
 from rustgpt.data import BUNDLED_CHAT, BUNDLED_PRETRAINING, Dataset, make_batch  # noqa: E402
 from rustgpt.generation import stream  # noqa: E402
-from rustgpt.model import LLM, SMALL_STEP_TOKENS  # noqa: E402
+from rustgpt.model import LLM  # noqa: E402
+from rustgpt.step import SMALL_STEP_TOKENS  # noqa: E402
 from rustgpt.optim import Adam  # noqa: E402
 from rustgpt.tokenizer import Vocab  # noqa: E402
 from rustgpt.training import Trainer, rustgpt_phases  # noqa: E402
@@ -61,7 +65,9 @@ except ImportError:
     torch = None
 
 FRAMEWORKS = ("rustgpt", "torch", "numpy")
-WORKLOADS = ("a", "b", "c", "d", "e", "f", "k", "g", "a-full", "footprint")  # in table order
+WORKLOADS = ("a", "b", "c", "d", "e", "f", "k", "g", "a-full", "own-text",
+             "footprint")  # in table order
+LONG_WORKLOADS = ("a-full", "own-text")  # minutes each: only with --full (or --only)
 DEFAULT_THREADS = 2  # every side-by-side row runs at this many threads unless told otherwise
 VOCAB_SIZE = 763  # the bundled data's vocabulary
 FLOOR_ROUNDS = 15  # kernel_floor's repeats of each call
@@ -95,7 +101,16 @@ GEMM_SHAPES = [(1024, 1024, 1024, False), (80, 128, 128, False), (80, 128, 256, 
                (1024, 128, 512, False), (1024, 512, 2048, False), (1024, 512, 2048, True)]
 GEN_TOKENS = 64
 GEN_PROMPT = "How do mountains form?"  # "User: " + 5 words + "?" = 7 tokens; + 64 < 80
-TARGETS = {"a": 5.0, "b": 2.0, "c": 1.5, "d": 1.0, "e": 3.0, "f": 0.85, "f-model": 1.0, "g": 1.8}
+TARGETS = {"a": 5.0, "b": 2.0, "c": 1.5, "d": 1.0, "e": 3.0, "f": 0.85, "f-model": 1.0, "g": 1.8,
+           "own-text": 1.5}
+# nanoGPT's CPU shakespeare_char recipe (issue 18) as options of `rustgpt-cli train --text
+# CORPUS --tokenizer char --arch gpt --schedule cosine`; the PyTorch port's loop (python -m
+# bench.torch_port own-text) takes them by the same names
+OWN_TEXT = {"num-layers": 4, "num-heads": 4, "embedding-dim": 128, "hidden-dim": 512,
+            "max-seq-len": 64, "batch-size": 12, "max-iters": 2000, "pretraining-lr": 1e-3,
+            "warmup-steps": 100, "weight-decay": 0.1, "beta2": 0.99, "max-grad-norm": 1.0,
+            "eval-interval": 250, "eval-iters": 20}
+OWN_TEXT_LOSS_MARGIN = 0.02  # rustgpt's final val loss may exceed the port's by this much
 
 
 # ---- threads ---------------------------------------------------------------------------------
@@ -166,15 +181,17 @@ def count_tokens(steps) -> int:
 def training_flops(config: ModelConfig, vocab_size: int, steps) -> float:
     """FLOPs (two per multiply-add) of the model's training steps on `steps`: every
     position of each (B, T) batch, padding included, through each weight matrix three times
-    (forward, input gradient, weight gradient: the queries, keys and values, the
-    feed-forward's two and the output layer) and through causal attention's six products
+    (forward, input gradient, weight gradient: the queries, keys and values, attention's
+    output projection when the model has one, the feed-forward's two and the output layer,
+    tied or not) and through causal attention's six products
     of T (T + 1) / 2 pairs (scores and mix forward; their four gradients backward). Layer
     norms, softmax, biases and Adam are left out: they move memory more than they compute,
     and every framework does them alike. PyTorch's step does the same arithmetic, so
     GFLOP/s = this / seconds compares the frameworks and shows how near a target lies to
     what the machine's matmuls reach (row f)."""
     D, H, L = config.embedding_dim, config.hidden_dim, config.num_layers
-    weights = L * (3 * D * D + 2 * D * H) + D * vocab_size
+    projections = 4 if config.attention_projection else 3  # q, k, v (and attention's output)
+    weights = L * (projections * D * D + 2 * D * H) + D * vocab_size
     total = 0.0
     for inputs, _, _ in steps:
         B, T = inputs.shape
@@ -631,6 +648,69 @@ class Report:
         row.cells, row.busy = _cells(cells), not quiet
         self.rows.append(row)
 
+    def workload_own_text(self) -> None:
+        """nanoGPT's CPU shakespeare_char recipe (OWN_TEXT) on bench.corpus's text, each side
+        a whole process, one after the other: `rustgpt-cli train --text`, then `rustgpt-cli
+        eval --split val` (timed apart), and the PyTorch port's loop, which ends with the
+        same evaluation of the val split (rustgpt.training.evaluate_text over the port).
+        Three rows: the training's wall time (the port's process less that evaluation), the
+        final val loss, the training steps' GFLOP/s against the machine's FMA peak."""
+        from bench.corpus import corpus_path
+        from rustgpt.corpus import find_sources, pieces
+        from rustgpt.tokenizer import train_tokenizer
+
+        _log("[own-text] nanoGPT's shakespeare_char recipe, whole processes (minutes)")
+        corpus = corpus_path()
+        vocab_size = train_tokenizer("char", pieces(find_sources([corpus]))).size
+        B, T, iters = OWN_TEXT["batch-size"], OWN_TEXT["max-seq-len"], OWN_TEXT["max-iters"]
+        config = ModelConfig(embedding_dim=OWN_TEXT["embedding-dim"],
+                             hidden_dim=OWN_TEXT["hidden-dim"], num_layers=OWN_TEXT["num-layers"],
+                             num_heads=OWN_TEXT["num-heads"], max_seq_len=T, arch="gpt")
+        step_flops = training_flops(config, vocab_size, [(np.zeros((B, T)), None, None)])
+        options = [f"--{key}={value}" for key, value in OWN_TEXT.items()]
+        options.append(f"--threads={self.threads}")
+        runs: dict[str, OwnTextRun] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            quiet = self.settle()
+            runs["rustgpt"] = OwnTextRun.of_rustgpt(corpus, options, Path(tmp), B * T)
+            if torch is not None:
+                quiet = self.settle() and quiet
+                runs["torch"] = OwnTextRun.of_torch_port(corpus, options, Path(tmp))
+        quiet = self.settle() and quiet
+        peak = fma_peak(self.threads)
+        label = (f"own-text. nanoGPT's shakespeare_char recipe (gpt d{config.embedding_dim}/"
+                 f"h{config.hidden_dim}/L{config.num_layers}/T{T}/B{B}, {config.num_heads} "
+                 f"heads, {iters:,} iterations)")
+        done = {f: r for f, r in runs.items() if r.error is None}
+        failed = {f: f"failed: {r.error}" for f, r in runs.items() if r.error is not None}
+        rows = [Row(f"{label}: training, whole process, wall time",
+                    _cells({**{f: f"{r.seconds:,.1f} s ({_rate(iters * B * T / r.seconds, 'tok/s')})"
+                               for f, r in done.items()}, **failed}),
+                    target=f">= {TARGETS['own-text']:g}x PyTorch", busy=not quiet,
+                    note=f"own-text: the text is {corpus} ({corpus.stat().st_size:,} bytes, "
+                         f"{vocab_size} char tokens); wall times are of the training process "
+                         f"(the port's less its final evaluation, which rustgpt runs in "
+                         f"`rustgpt-cli eval`); val losses are over the whole val split, "
+                         f"estimates over {OWN_TEXT['eval-iters']} random batches."),
+                Row(f"{label}: final val loss",
+                    _cells({**{f: f"{r.val_loss:.4f} (estimate {r.val_estimate:.4f})"
+                               for f, r in done.items()}, **failed}),
+                    target=f"<= PyTorch + {OWN_TEXT_LOSS_MARGIN:g}"),
+                Row(f"{label}: training steps alone, GFLOP/s (fp32 FMA peak: "
+                    f"{f'{peak:.0f} GFLOP/s' if peak else 'unknown, no C compiler'})",
+                    _cells({**{f: f"{iters * step_flops / r.step_seconds / 1e9:.0f} GFLOP/s"
+                               + (f" ({iters * step_flops / r.step_seconds / 1e9 / peak:.0%} "
+                                  f"of peak)" if peak else "")
+                               for f, r in done.items()}, **failed}))]
+        if len(done) == 2:
+            ratio = done["torch"].seconds / done["rustgpt"].seconds
+            rows[0].ratio = f"{ratio:.2f}x"
+            rows[0].target = _verdict(ratio, TARGETS["own-text"], "PyTorch")
+            gap = done["rustgpt"].val_loss - done["torch"].val_loss
+            rows[1].ratio = f"{gap:+.4f}"
+            rows[1].target += f": {gap:+.4f}, {'met' if gap <= OWN_TEXT_LOSS_MARGIN else 'MISSED'}"
+        self.rows += rows
+
     def footprint(self) -> None:
         """Peak RSS of a short `rustgpt-cli train`, import and CLI start-up times."""
         _log("[footprint] rustgpt-cli train, imports, CLI start-up")
@@ -692,6 +772,125 @@ def torch_schedule(vocab, pre, chat, weights, config) -> tuple[float, float]:
             losses = [port.train_step(*make_batch([seq]), phase.lr, config.training.max_grad_norm)[0]
                       for seq in phase.sequences]
     return time.perf_counter() - start, float(np.mean(losses))
+
+
+@dataclass
+class OwnTextRun:
+    """One side of the own-text workload, run as whole processes: `seconds` of training
+    (wall clock), `step_seconds` of its training steps alone, `val_loss` over the whole val
+    split and `val_estimate`, the last estimate from random batches; or `error`, the last
+    line a failed process wrote."""
+
+    seconds: float = math.nan
+    step_seconds: float = math.nan
+    val_loss: float = math.nan
+    val_estimate: float = math.nan
+    error: str | None = None
+
+    @classmethod
+    def of_rustgpt(cls, corpus: Path, options: list[str], tmp: Path,
+                   step_tokens: int) -> OwnTextRun:
+        """`rustgpt-cli train --text` with `options`, then `rustgpt-cli eval --split val`
+        (token files cached in `tmp`); the steps' seconds from metrics.json's tokens_per_s,
+        `step_tokens` tokens a step."""
+        env = {**os.environ, "LLM_DATA_TOKEN_CACHE": str(tmp / "rustgpt-tokens")}
+        out = tmp / "run"
+        seconds, train = _timed_process([*_cli(), "train", "--text", str(corpus), "--tokenizer",
+                                         "char", "--arch", "gpt", "--schedule", "cosine",
+                                         *options, "--output", str(out)], env)
+        if train.returncode:
+            return cls(error=_last_line(train.stderr))
+        _, evaluated = _timed_process([*_cli(), "eval", "--checkpoint", str(out), "--text",
+                                       str(corpus), "--split", "val", "--json"], env)
+        if evaluated.returncode:
+            return cls(error=_last_line(evaluated.stderr))
+        steps = json.loads((out / "metrics.json").read_text())["steps"]
+        return cls(seconds, sum(step_tokens / r["tokens_per_s"] for r in steps
+                                if r.get("tokens_per_s")),
+                   json.loads(evaluated.stdout)["loss"],
+                   next(r["val_loss"] for r in reversed(steps) if r.get("val_loss") is not None))
+
+    @classmethod
+    def of_torch_port(cls, corpus: Path, options: list[str], tmp: Path) -> OwnTextRun:
+        """`python -m bench.torch_port own-text` with `options` (its token file in `tmp`);
+        its training time is its process's less its final evaluation of the val split."""
+        seconds, done = _timed_process([sys.executable, "-m", "bench.torch_port", "own-text",
+                                        "--text", str(corpus), "--cache-dir",
+                                        str(tmp / "port-tokens"), *options])
+        if done.returncode:
+            return cls(error=_last_line(done.stderr))
+        result = json.loads(done.stdout.splitlines()[-1])
+        return cls(seconds - result["val_seconds"], result["step_seconds"],
+                   result["val"]["loss"], result["estimates"][-1][2])
+
+
+def _timed_process(cmd: list[str], env: dict | None = None
+                   ) -> tuple[float, subprocess.CompletedProcess]:
+    """Wall seconds and the finished process of `cmd`, run in the repository (stdout and
+    stderr captured)."""
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    return time.perf_counter() - start, done
+
+
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else "no message"
+
+
+# 12 independent chains of FMAs per thread, vectors WIDTH bytes wide: no chain waits for
+# another, so the FMA units never idle (the chains outnumber their latency times their count)
+_FMA_PEAK_C = r"""
+#include <omp.h>
+#include <stdio.h>
+typedef float vf __attribute__((vector_size(WIDTH)));
+#define CHAINS 12
+int main(void) {
+    const long iters = 20000000L;
+    double best = 0;
+    float sink = 0;
+    for (int rep = 0; rep < 5; rep++) {
+        double start = omp_get_wtime();
+#pragma omp parallel reduction(+ : sink)
+        {
+            vf a[CHAINS], b = {0}, c = {0};
+            b += 0.999999f;
+            c += 1e-7f;
+            for (int i = 0; i < CHAINS; i++) a[i] = b * (float)i;
+            for (long it = 0; it < iters; it++)
+#pragma GCC unroll 12
+                for (int i = 0; i < CHAINS; i++) a[i] = a[i] * b + c;
+            for (int i = 0; i < CHAINS; i++) sink += a[i][0];
+        }
+        double rate = 2.0 * omp_get_max_threads() * iters * CHAINS * (WIDTH / 4)
+                      / (omp_get_wtime() - start);
+        if (rate > best) best = rate;
+    }
+    printf("%.3f %g\n", best / 1e9, sink);
+    return 0;
+}
+"""
+
+
+def fma_peak(threads: int) -> float | None:
+    """The machine's fp32 FMA peak in GFLOP/s at `threads` threads, measured: _FMA_PEAK_C
+    with vectors as wide as rustgpt's SIMD path (kernels_info()), built by the system's C
+    compiler (-O2 -march=native -fopenmp), best of 5 runs of 0.5-1 s. None when there is
+    no C compiler or the build fails."""
+    width = {"avx512": 64, "avx2": 32}.get(rustgpt.kernels_info()["simd"], 16)
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        source, program = Path(tmp) / "fma_peak.c", Path(tmp) / "fma_peak"
+        source.write_text(_FMA_PEAK_C)
+        built = subprocess.run([cc, "-O2", "-march=native", "-fopenmp", f"-DWIDTH={width}",
+                                str(source), "-o", str(program)], capture_output=True)
+        if built.returncode:
+            return None
+        out = subprocess.run([str(program)], env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                             check=True, capture_output=True, text=True).stdout
+    return float(out.split()[0])
 
 
 def _cli() -> list[str]:
@@ -780,15 +979,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a shorter time budget per workload (a few minutes in all)")
     parser.add_argument("--full", action="store_true",
-                        help="also time the whole RustGPT schedule (a-full; many minutes)")
+                        help="also time the whole RustGPT schedule and the own-text recipe "
+                             "(a-full, own-text; minutes each)")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                         help="threads of every framework (default %(default)s)")
     parser.add_argument("--only", metavar="LIST",
                         help=f"comma-separated workloads to run, of {','.join(WORKLOADS)} "
-                             f"(default: all of them, a-full only with --full)")
+                             f"(default: all of them, {' and '.join(LONG_WORKLOADS)} only with "
+                             f"--full)")
     parser.add_argument("--torch-train-epochs", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    run = set(WORKLOADS) - ({"a-full"} if not args.full else set())
+    run = set(WORKLOADS) - (set() if args.full else set(LONG_WORKLOADS))
     if args.only:
         run = set(args.only.split(","))
         if run - set(WORKLOADS):
@@ -819,6 +1020,7 @@ def main() -> None:
     for key, workload in (("e", lambda: report.workload_e(vocab)), ("f", report.workload_f),
                           ("k", report.workload_k), ("g", lambda: report.workload_g(synthetic)),
                           ("a-full", lambda: report.workload_a_full(pre, chat, vocab)),
+                          ("own-text", report.workload_own_text),
                           ("footprint", report.footprint)):
         if key in run:
             workload()

@@ -1,21 +1,30 @@
 """compare.py's arithmetic: the FLOP count its GFLOP/s figures divide, and the floor its
-missed targets are set against."""
+missed targets are set against; the own-text workload's corpus (bench/corpus.py)."""
+
+import importlib.metadata
 
 import numpy as np
+import pytest
 
+from bench import corpus
 from bench.compare import kernel_floor, synthetic_vocab, training_flops
 from rustgpt import _kernels as K
 from rustgpt.config import ModelConfig
 from rustgpt.model import LLM
+from rustgpt.optim import Adam
+from rustgpt.step import TrainStep
 
-SMALL = ModelConfig(embedding_dim=24, hidden_dim=40, num_layers=2, num_heads=2, max_seq_len=16)
+SIZES = dict(embedding_dim=24, hidden_dim=40, num_layers=2, num_heads=2, max_seq_len=16)
+SMALL = ModelConfig(**SIZES)
 
 
-def test_training_flops_counts_the_models_matmuls_and_attention(monkeypatch, rng):
-    """A recorded step (which runs layer by layer) multiplies exactly what training_flops
+@pytest.mark.parametrize("arch", ["rustgpt", "gpt"])
+def test_training_flops_counts_the_models_matmuls_and_attention(arch, monkeypatch, rng):
+    """A step of the model (layer by layer) multiplies exactly what training_flops
     counts: its sgemm calls' 2 M N K, and causal attention's six T (T + 1) / 2 products
-    per layer and sequence."""
-    config, vocab = SMALL, synthetic_vocab()
+    per layer and sequence; with gpt's block, the attention projection and the tied output
+    layer too."""
+    config, vocab = ModelConfig(**SIZES, arch=arch), synthetic_vocab()
     model = LLM(config, vocab, seed=0)
     counted = {"matmul": 0.0, "attention": 0.0}
 
@@ -47,7 +56,6 @@ def test_training_flops_counts_the_models_matmuls_and_attention(monkeypatch, rng
     monkeypatch.setattr(K, "attention_backward", attention(4, K.attention_backward))
     ids = rng.integers(0, vocab.size, (3, 13)).astype(np.intc)
     model.loss_and_backward(ids, ids)
-    assert model.plans_recorded == 1  # the step ran layer by layer, through the wrappers
     assert counted["attention"] > 0
     assert sum(counted.values()) == training_flops(config, vocab.size, [(ids, ids, 1e-3)])
 
@@ -63,7 +71,33 @@ def test_kernel_floor_times_every_call_of_a_step(rng):
                          rounds=2)
     assert dict(vars(K)) == kernels
     model = LLM(config, vocab, seed=0)
-    model.loss_and_backward(ids, ids)
-    (plan, *_), = model._plans.values()
+    step = TrainStep(model, Adam(model.params))
+    step.loss_and_backward(ids, ids)
+    (plan, *_), = step._plans.values()
     assert floor["calls"] == 2 * (len(plan) + 2)  # and scan_ids on inputs and targets
     assert all(floor[kind] > 0 for kind in ("matmul", "attention", "other"))
+
+
+def test_plain_gives_iambics_markdown_the_form_of_tinyshakespeare():
+    markdown = ("# Hamlet\n\n## ACT I\n\n### SCENE I. Elsinore.\n\n_FRANCISCO at his post_\n\n"
+                "**BERNARDO**  \nWho's there?\n\n**MARCELLUS & HORATIO**  \n_\\[Aside]_  \n"
+                "\\--Is't possible?\n\n")
+    assert corpus.plain(markdown) == (
+        "Hamlet\n\nACT I\n\nSCENE I. Elsinore.\n\nFRANCISCO at his post\n\nBERNARDO:\n"
+        "Who's there?\n\nMARCELLUS & HORATIO:\n[Aside]\n--Is't possible?\n")
+
+
+def test_corpus_path_writes_whole_plays_up_to_the_target_once(tmp_path):
+    try:
+        version = importlib.metadata.version(corpus.PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    if version != corpus.VERSION:
+        pytest.skip(f"needs {corpus.PACKAGE} {corpus.VERSION}")
+    path = corpus.corpus_path(tmp_path)
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("A Midsummer Night's Dream\n\nACT I\n")
+    assert corpus.TARGET_BYTES <= len(text.encode()) < corpus.TARGET_BYTES + 200_000
+    assert "**" not in text and "\\" not in text
+    stamp = path.stat().st_mtime_ns
+    assert corpus.corpus_path(tmp_path) == path and path.stat().st_mtime_ns == stamp

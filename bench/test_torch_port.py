@@ -1,7 +1,11 @@
 """The PyTorch port computes what rustgpt computes (as llm.c's test_gpt2.c): logits, loss,
 every gradient, and a few Adam steps with clipping, on a small random model of every
 architecture option and on the default and gpt architectures loaded from a checkpoint
-file. Skipped without torch."""
+file; its nanoGPT loop on a text has rustgpt's schedule, split, decay rule and val loss.
+Skipped without torch."""
+
+import json
+import math
 
 import numpy as np
 import pytest
@@ -9,13 +13,15 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from rustgpt.checkpoint import Checkpoint  # noqa: E402
-from rustgpt.config import Config, ModelConfig  # noqa: E402
+from rustgpt.config import Config, ModelConfig, TrainingConfig  # noqa: E402
 from rustgpt.data import BUNDLED_CHAT, BUNDLED_PRETRAINING, Dataset, make_batch  # noqa: E402
 from rustgpt.model import LLM  # noqa: E402
 from rustgpt.optim import Adam  # noqa: E402
 from rustgpt.tokenizer import Vocab  # noqa: E402
+from rustgpt.training import Phase, TextPhase, Trainer, evaluate_text  # noqa: E402
 
-from bench.torch_port import from_rustgpt  # noqa: E402
+from bench import torch_port  # noqa: E402
+from bench.torch_port import AsRustgpt, cosine_lr, from_rustgpt, get_batch, text_splits  # noqa: E402
 from tests import reference as ref  # noqa: E402
 
 SIZES = dict(embedding_dim=12, hidden_dim=33, num_layers=2, num_heads=3, max_seq_len=9)
@@ -150,3 +156,110 @@ def test_generate_no_cache_is_rustgpts_greedy(default_model):
     new = port.generate_no_cache(ids, 8)
     eos = new.index(model.tokenizer.eos_id) if model.tokenizer.eos_id in new else len(new)
     assert model.tokenizer.decode(new[:eos]) == expected
+
+
+# ---- nanoGPT's loop on a text ----------------------------------------------------------------
+
+@pytest.mark.parametrize("lr, warmup, sequences, epochs, batch_size", [
+    (1e-3, 100, 2000, 1, 1),  # 2,000 steps of examples
+    (0.5, 3, 7, 3, 2),  # 12 steps, in epochs of 4 batches
+    (1e-2, 0, 9, 1, 1),  # no warmup
+    (1e-3, 6, 4, 1, 1),  # warmup longer than the run
+    (1e-3, 100, None, None, 12),  # the own-text recipe's text phase: 2,000 iterations
+])
+def test_cosine_lr_is_the_trainers_schedule(lr, warmup, sequences, epochs, batch_size):
+    tokens = np.zeros(100, np.uint16)
+    phase = (Phase("pretraining", [np.zeros(2, np.intc)] * sequences, epochs, lr) if sequences
+             else TextPhase("text", tokens, tokens, 2000, lr, 64, 250, 20))
+    trainer = Trainer(small_model(), TrainingConfig(schedule="cosine", warmup_steps=warmup,
+                                                    batch_size=batch_size), [phase])
+    steps = range(trainer.total_steps)
+    assert [cosine_lr(step, lr, warmup, len(steps)) for step in steps] == \
+        [trainer.lr_at(phase, step) for step in steps]
+
+
+@pytest.mark.parametrize("arch", ["rustgpt", "gpt"])
+def test_weight_decay_only_on_two_dimensional_parameters(arch):
+    """AdamW's groups: decay 0.1 on every parameter of two dimensions, none on the others
+    (biases, layer norms); with zero gradients a step only decays, so exactly the 2-D
+    parameters shrink, by lr * weight_decay."""
+    port = from_rustgpt(small_model(**({"arch": "gpt"} if arch == "gpt" else {})))
+    lr, weight_decay = 0.5, 0.1
+    optimizer = port.make_optimizer(lr, weight_decay=weight_decay, betas=(0.9, 0.99))
+    assert isinstance(optimizer, torch.optim.AdamW)
+    named = dict(port.named_parameters())
+    groups = {group["weight_decay"]: {id(p) for p in group["params"]}
+              for group in optimizer.param_groups}
+    assert groups[weight_decay] == {id(p) for p in named.values() if p.dim() == 2}
+    assert groups.get(0.0, set()) == {id(p) for p in named.values() if p.dim() != 2}
+    assert all(group["betas"] == (0.9, 0.99) for group in optimizer.param_groups)
+    before = {name: p.detach().clone() for name, p in named.items()}
+    for p in named.values():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in named.items():
+        scale = 1 - lr * weight_decay if p.dim() == 2 else 1.0
+        torch.testing.assert_close(p.detach(), before[name] * scale, msg=name)
+
+
+def write_text(path, repeats=40):
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * repeats
+    path.write_text(text, encoding="utf-8")
+    return text
+
+
+def test_text_splits_val_is_the_last_tenth(tmp_path):
+    """rustgpt's char tokenizer (the sorted characters and <unk>) over the whole text; val is
+    the last 10% of the tokens, train the rest."""
+    text = write_text(tmp_path / "play.txt")
+    tokenizer, train, val = text_splits(tmp_path / "play.txt", 8, 0.1, tmp_path / "cache")
+    assert tokenizer.size == len(set(text)) + 1
+    ids = tokenizer.encode(text)
+    assert len(val) == len(ids) - int(len(ids) * 0.9)
+    assert torch.cat([train, val]).tolist() == ids
+
+
+def test_get_batch_draws_windows_of_seq_len_plus_one_tokens_in_range():
+    """Every window is T + 1 consecutive tokens of the data (targets = inputs shifted by
+    one); starts cover [0, n - T - 1], so the last token is reached and none beyond."""
+    data = torch.arange(50) * 3  # (n,): each value tells its position
+    generator = torch.Generator().manual_seed(0)
+    inputs, targets = get_batch(data, 2000, 8, generator)
+    assert inputs.shape == targets.shape == (2000, 8)
+    windows = torch.cat([inputs, targets[:, -1:]], dim=1) // 3  # positions (B, T + 1)
+    assert torch.equal(windows, windows[:, :1] + torch.arange(9))
+    assert windows.min() == 0 and windows.max() == 49
+    assert torch.equal(targets, data[windows[:, 1:]])
+    again = get_batch(data, 2000, 8, torch.Generator().manual_seed(0))[0]
+    assert torch.equal(again, inputs)  # seeded
+
+
+def test_as_rustgpt_evaluates_a_split_as_rustgpt_does(rng):
+    """evaluate_text over the port (AsRustgpt) gives rustgpt's loss, accuracy and bits per
+    byte for the same weights."""
+    model = small_model(arch="gpt")
+    tokens = rng.integers(0, model.tokenizer.size, 40).astype(np.uint16)
+    expected = evaluate_text(model, tokens, batch_size=3)
+    got = evaluate_text(AsRustgpt(from_rustgpt(model), model.tokenizer), tokens, batch_size=3)
+    assert got["tokens"] == expected["tokens"] == 39
+    assert got["accuracy"] == expected["accuracy"]
+    for key in ("loss", "bits_per_byte"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-5), key
+
+
+def test_own_text_trains_and_reports(tmp_path, capsys):
+    """`python -m bench.torch_port own-text` on a tiny model: estimates after every
+    eval_interval steps and after the last; the loss falls from ln(V), where the init puts
+    it; the val split evaluated whole; one JSON line."""
+    write_text(tmp_path / "play.txt")
+    torch_port.main(["own-text", "--text", str(tmp_path / "play.txt"), "--cache-dir",
+                     str(tmp_path / "cache"), "--num-layers", "1", "--num-heads", "2",
+                     "--embedding-dim", "16", "--hidden-dim", "32", "--max-seq-len", "8",
+                     "--batch-size", "4", "--max-iters", "30", "--warmup-steps", "5",
+                     "--pretraining-lr", "1e-2", "--eval-interval", "12", "--eval-iters", "2",
+                     "--threads", str(torch.get_num_threads())])
+    result = json.loads(capsys.readouterr().out)
+    assert [step for step, _, _ in result["estimates"]] == [12, 24, 30]
+    assert result["estimates"][-1][1] < math.log(result["vocab_size"]) - 0.5
+    assert result["val"]["tokens"] == result["val_tokens"] - 1
+    assert 0 < result["step_seconds"] < result["loop_seconds"]

@@ -4,13 +4,23 @@ rustgpt against (as llm.c's test_gpt2.c checks against PyTorch).
 Same architecture and parameter names as rustgpt (``blocks.0.attn.wq`` ...), weights stored
 (in, out) and used as ``x @ W``, so a rustgpt state dict or checkpoint loads as it is.
 Needs torch (``pip install torch==2.13.0``); nothing else in rustgpt imports this module.
+
+Also nanoGPT's training loop on a text corpus (its CPU shakespeare_char recipe) with
+rustgpt's schedule, run as a process of its own by bench/compare.py's own-text workload:
+
+    python -m bench.torch_port own-text --text CORPUS [the options of `rustgpt-cli train`]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
+import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -256,3 +266,164 @@ def from_rustgpt(source) -> TorchGPT:
     port = TorchGPT(weights["embeddings.token"].shape[0], **model_cfg)
     port.load_rustgpt_state(weights)
     return port
+
+
+# ---- nanoGPT's training loop on a text corpus ------------------------------------------------
+
+def text_splits(text: str | os.PathLike, seq_len: int, val_fraction: float,
+                cache_dir: str | os.PathLike) -> tuple:
+    """(tokenizer, train, val) of the corpus at `text` under a char tokenizer (the sorted
+    characters of the corpus and <unk>), learnt and applied by rustgpt itself, as
+    `rustgpt-cli train --text` does, so that both see the same ids (the token file goes to
+    `cache_dir`). train is the first int(n (1 - val_fraction)) tokens (nanoGPT's split),
+    val the rest; int64 tensors."""
+    from rustgpt.corpus import TokenFile, find_sources, pieces
+    from rustgpt.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer("char", pieces(find_sources([text])))
+    train, val = TokenFile.build([text], tokenizer, cache_dir).split(seq_len, val_fraction)
+    return tokenizer, *(torch.from_numpy(np.asarray(s, np.int64)) for s in (train, val))
+
+
+def get_batch(data: torch.Tensor, batch_size: int, seq_len: int,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """nanoGPT's get_batch: `batch_size` (B) windows of `seq_len` (T) + 1 consecutive tokens
+    of `data` (n,) at offsets drawn from `generator`: (inputs, targets), each (B, T)."""
+    starts = torch.randint(len(data) - seq_len, (batch_size,), generator=generator)  # (B,)
+    windows = data[starts[:, None] + torch.arange(seq_len + 1)]  # (B, T + 1)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def cosine_lr(step: int, lr: float, warmup: int, total_steps: int) -> float:
+    """rustgpt's cosine schedule (Trainer.lr_at) at `step` of `total_steps`: linear warmup
+    to `lr` over `warmup` steps, then cosine decay to 10% of it at the last step (nanoGPT's
+    get_lr, whose warmup divides by warmup + 1)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+    return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def estimate_loss(port: TorchGPT, splits: dict, eval_iters: int, batch_size: int,
+                  generator: torch.Generator) -> dict:
+    """nanoGPT's estimate_loss: each split's mean loss over `eval_iters` random batches,
+    the model in eval mode (no dropout), then back in train mode."""
+    port.eval()
+    losses = {name: float(np.mean([port.loss(*get_batch(data, batch_size, port.max_seq_len,
+                                                         generator)).item()
+                                   for _ in range(eval_iters)]))
+              for name, data in splits.items()}
+    port.train()
+    return losses
+
+
+class AsRustgpt:
+    """The port as rustgpt.training.evaluate_text reads a model (config.max_seq_len,
+    tokenizer, loss), so the port's loss over a whole split is computed exactly as
+    `rustgpt-cli eval --text` computes rustgpt's."""
+
+    def __init__(self, port: TorchGPT, tokenizer) -> None:
+        self.port, self.tokenizer = port, tokenizer
+        self.config = SimpleNamespace(max_seq_len=port.max_seq_len)
+
+    @torch.no_grad()
+    def loss(self, inputs, targets) -> tuple[float, int, int]:
+        """(summed loss, number of targets, number predicted right) over targets != -1,
+        as rustgpt's LLM.loss."""
+        logits = self.port.eval()(inputs).flatten(0, 1)  # (B T, V)
+        targets = _long(targets).flatten()
+        kept = targets != IGNORE_INDEX
+        summed = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        right = (logits.argmax(-1) == targets) & kept
+        return summed.item(), int(kept.sum()), int(right.sum())
+
+
+def train_text(port: TorchGPT, train: torch.Tensor, val: torch.Tensor, *, batch_size: int,
+               max_iters: int, lr: float, warmup_steps: int, weight_decay: float, beta2: float,
+               max_grad_norm: float, eval_interval: int, eval_iters: int, seed: int,
+               log=None) -> dict:
+    """nanoGPT's loop: `max_iters` steps, each on a batch of random windows of `train`
+    (loss, backward, clip to `max_grad_norm`, AdamW with decay on the 2-D parameters at
+    cosine_lr), the train and val losses estimated after every `eval_interval` steps and
+    after the last, as rustgpt's trainer does (nanoGPT estimates before the first step
+    too). Batches and estimates draw from one generator seeded with `seed`. Returns
+    {"estimates": [(steps done, train, val)], "step_seconds" (the steps alone),
+    "loop_seconds"}; `log(message)`, when given, hears each estimate."""
+    generator = torch.Generator().manual_seed(seed)
+    port.make_optimizer(lr, weight_decay=weight_decay, betas=(0.9, beta2))
+    port.train()
+    estimates, step_seconds = [], 0.0
+    began = time.perf_counter()
+    for step in range(max_iters):
+        inputs, targets = get_batch(train, batch_size, port.max_seq_len, generator)
+        start = time.perf_counter()
+        port.train_step(inputs, targets, cosine_lr(step, lr, warmup_steps, max_iters),
+                        max_grad_norm)
+        step_seconds += time.perf_counter() - start
+        done = step + 1
+        if done % eval_interval == 0 or done == max_iters:
+            losses = estimate_loss(port, {"train": train, "val": val}, eval_iters, batch_size,
+                                   generator)
+            estimates.append((done, losses["train"], losses["val"]))
+            if log:
+                log(f"step {done}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    return {"estimates": estimates, "step_seconds": step_seconds,
+            "loop_seconds": time.perf_counter() - began}
+
+
+def own_text(args: argparse.Namespace) -> dict:
+    """The own-text workload's PyTorch side (see main): the corpus, the model (rustgpt's
+    ModelConfig of `--arch`, torch seeded with `--seed`), train_text, then the loss over the
+    whole val split as `rustgpt-cli eval --text ... --split val` computes it."""
+    import attrs
+
+    from rustgpt.config import ModelConfig
+    from rustgpt.training import evaluate_text
+
+    torch.set_num_threads(args.threads)
+    tokenizer, train, val = text_splits(args.text, args.max_seq_len, args.val_fraction,
+                                        args.cache_dir)
+    config = ModelConfig(embedding_dim=args.embedding_dim, hidden_dim=args.hidden_dim,
+                         num_layers=args.num_layers, num_heads=args.num_heads,
+                         max_seq_len=args.max_seq_len, arch=args.arch)
+    torch.manual_seed(args.seed)
+    port = TorchGPT(tokenizer.size, **attrs.asdict(config))
+    result = train_text(port, train, val, batch_size=args.batch_size, max_iters=args.max_iters,
+                        lr=args.pretraining_lr, warmup_steps=args.warmup_steps,
+                        weight_decay=args.weight_decay, beta2=args.beta2,
+                        max_grad_norm=args.max_grad_norm, eval_interval=args.eval_interval,
+                        eval_iters=args.eval_iters, seed=args.seed,
+                        log=lambda message: print(message, file=sys.stderr, flush=True))
+    start = time.perf_counter()
+    result["val"] = evaluate_text(AsRustgpt(port, tokenizer), val.numpy())
+    result["val_seconds"] = time.perf_counter() - start
+    result.update(vocab_size=tokenizer.size, train_tokens=len(train), val_tokens=len(val),
+                  parameters=sum(p.numel() for p in port.parameters()))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m bench.torch_port own-text --text CORPUS ...`: own_text with the options
+    of `rustgpt-cli train` that the recipe sets (the same names; the lr is
+    --pretraining-lr, the schedule always cosine); prints its result as one JSON line."""
+    parser = argparse.ArgumentParser(prog="python -m bench.torch_port",
+                                     description=main.__doc__.split(";")[0])
+    parser.add_argument("workload", choices=["own-text"])
+    parser.add_argument("--text", required=True, help="the corpus file")
+    parser.add_argument("--cache-dir", required=True, help="where the token file goes")
+    parser.add_argument("--arch", default="gpt", choices=["rustgpt", "gpt"])
+    for name, kind, default in (
+            ("num-layers", int, 4), ("num-heads", int, 4), ("embedding-dim", int, 128),
+            ("hidden-dim", int, 512), ("max-seq-len", int, 64), ("batch-size", int, 12),
+            ("max-iters", int, 2000), ("pretraining-lr", float, 1e-3), ("warmup-steps", int, 100),
+            ("weight-decay", float, 0.1), ("beta2", float, 0.99), ("max-grad-norm", float, 1.0),
+            ("eval-interval", int, 250), ("eval-iters", int, 20), ("val-fraction", float, 0.1),
+            ("threads", int, 2), ("seed", int, 42)):
+        parser.add_argument(f"--{name}", type=kind, default=default,
+                            help="default %(default)s")
+    print(json.dumps(own_text(parser.parse_args(argv))))
+
+
+if __name__ == "__main__":
+    main()

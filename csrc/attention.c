@@ -416,15 +416,18 @@ void rg_attention_backward(float *dq, float *dk, float *dv, float *ds, float *sc
 }
 
 void rg_attention_step(float *out, float *scratch, const float *q, const float *kcache,
-                       const float *vcache, int B, int n, int Tmax, int D, int NH) {
+                       const float *vcache, const int *n, int B, int Tmax, int D, int NH) {
     int hs = D / NH;
+    size_t keys = 0; /* multiply-adds / (2 NH hs): the keys all rows read */
+    for (int b = 0; b < B; b++) keys += (size_t)n[b];
     void (*head)(float *, float *, const float *, const float *, const float *, int, int,
                  int) = step_head_pick();
     #pragma omp parallel for num_threads(rg_num_threads()) schedule(static) \
-        if ((size_t)B * NH * n * hs > 65536)
+        if (keys * NH * hs > 65536)
     for (int bh = 0; bh < B * NH; bh++) {
         int b = bh / NH, h = bh % NH;
         size_t x = (size_t)b * D + h * hs, xc = (size_t)b * Tmax * D + h * hs;
-        head(out + x, scratch + (size_t)bh * Tmax, q + x, kcache + xc, vcache + xc, n, D, hs);
+        head(out + x, scratch + (size_t)bh * Tmax, q + x, kcache + xc, vcache + xc, n[b], D,
+             hs);
     }
 }

@@ -92,12 +92,13 @@ void rg_attention_backward(float *dq, float *dk, float *dv, float *ds, float *sc
                            const float *k, const float *v, int B, int T, int D, int NH,
                            int areas);
 
-/* One decoding step against a KV cache: the query at position n-1 attends to cache rows
- * 0..n-1 (which already hold this position's k and v).
- * q, out: (B, D); kcache, vcache: (B, Tmax, D) with n <= Tmax; scratch: (B, NH, Tmax), left
- * unspecified. Overwrites out and scratch. */
+/* One decoding step against a KV cache, each batch row at its own position: row b's query
+ * (position n[b]-1) attends to its cache rows 0..n[b]-1 (which already hold that position's
+ * k and v); rows of different lengths share the call (a server's requests).
+ * q, out: (B, D); kcache, vcache: (B, Tmax, D); n: (B), 1 <= n[b] <= Tmax; scratch:
+ * (B, NH, Tmax), left unspecified. Overwrites out and scratch. */
 void rg_attention_step(float *out, float *scratch, const float *q, const float *kcache,
-                       const float *vcache, int B, int n, int Tmax, int D, int NH);
+                       const float *vcache, const int *n, int B, int Tmax, int D, int NH);
 
 /* ---- layer norm (layernorm.c) ---------------------------------------------------------- */
 

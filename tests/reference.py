@@ -61,6 +61,24 @@ def attention_backward(dout, q, k, v, num_heads):
     return merge(dqh), merge(dkh), merge(dvh)
 
 
+def attention_step(q, kcache, vcache, lengths, num_heads):
+    """out (B, D) of one decoding step: row b's query q[b] attends to rows 0..lengths[b]-1
+    of kcache[b], vcache[b] (B, Tmax, D)."""
+    q, kcache, vcache = (np.asarray(a, np.float64) for a in (q, kcache, vcache))
+    B, D = q.shape
+    hs = D // num_heads
+    out = np.empty((B, D))
+    for b, n in enumerate(lengths):
+        qh = q[b].reshape(num_heads, 1, hs)
+        kh, vh = (c[b, :n].reshape(n, num_heads, hs).transpose(1, 0, 2)
+                  for c in (kcache, vcache))  # (NH, n, hs)
+        scores = qh @ kh.transpose(0, 2, 1) / np.sqrt(hs)  # (NH, 1, n)
+        att = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        att /= att.sum(axis=-1, keepdims=True)
+        out[b] = (att @ vh).reshape(D)
+    return out
+
+
 def layernorm_forward(x, g, b, eps=1e-5):
     """out, mean, rstd of row-wise layer norm (b None: without the bias)."""
     x = np.asarray(x, np.float64)
@@ -213,7 +231,7 @@ def assert_close(actual, expected, rtol, atol, name=""):
 # ---- the model, layer by layer (params: dict of float64 arrays keyed like LLM's) --------------
 # The architecture options follow the parameters p holds, as the LLM names them (attention's
 # wo, bo; biases; output.w, absent when tied; ln_f), and the keywords norm and activation;
-# dropout with a training step's seed (LLM._dropout_seed), at the LLM's sites: the
+# dropout with a training step's seed (layers.dropout_seed), at the LLM's sites: the
 # embeddings 0, block i's attention 2i+1 and feed-forward 2i+2.
 
 def options(config):

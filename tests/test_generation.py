@@ -298,3 +298,24 @@ def test_stream_decodes_incrementally_and_never_splits_a_character(monkeypatch):
     assert "".join(pieces) == G.generate(model, "héllo", **options)
     assert all(p and not p.endswith("\ufffd") for p in pieces[:-1])
     assert any(ord(ch) > 127 for ch in "".join(pieces))  # multi-byte characters came out
+
+
+def test_chat_prompt_in_rustgpts_format(model):
+    """A chat-tuned model reads the last question alone; a model trained on text the
+    conversation, each earlier answer closed by the end-of-text token if there is one."""
+    talk = [("system", "be brief"), ("user", "How do mountains form?"),
+            ("assistant", "the sun rises"), ("user", "How do?")]
+    assert G.chat_prompt(model, talk) == "User: How do? Assistant:"
+    text_model = LLM(CFG, train_tokenizer("char", ["abcdefghijklmnopqrstuvwxyz ?:AHSU"]))
+    assert G.chat_prompt(text_model, talk) == (
+        "be brief User: How do mountains form? Assistant: the sun rises User: How do? "
+        "Assistant:")
+
+
+def test_text_stream_holds_back_an_incomplete_character():
+    tokenizer = train_tokenizer("bpe", ["héllo wörld " * 20], vocab_size=257)  # bytes
+    ids = tokenizer.encode("né ö")
+    text = G.TextStream(tokenizer)
+    pieces = [text.push(i) for i in ids]
+    assert "" in pieces and not any("\ufffd" in p for p in pieces)
+    assert "".join(pieces) + text.finish() == "né ö"

@@ -99,6 +99,41 @@ def test_attention_step_matches_forward(rng, simd, B, T, D, NH):
         ref.assert_close(out, e_out[:, n - 1], 1e-4, 1e-5, f"out at n={n}")
 
 
+@pytest.mark.parametrize("B,Tmax,D,NH", [(5, 9, 24, 3), (7, 33, 64, 4), (3, 80, 128, 1),
+                                         (16, 129, 33, 1)])
+def test_attention_step_length_per_row(rng, simd, B, Tmax, D, NH):
+    """Rows at different positions in one call (a server's batch) against float64; each row
+    equals the same row decoded alone, bit for bit, and reads no cache row past its length."""
+    q = rng.standard_normal((B, D)).astype(np.float32)
+    lengths = rng.integers(1, Tmax + 1, B).astype(np.intc)
+    lengths[0], lengths[-1] = 1, Tmax  # the shortest and the longest
+    kcache, vcache = (np.full((B, Tmax, D), np.nan, np.float32) for _ in range(2))
+    for b, n in enumerate(lengths):
+        kcache[b, :n], vcache[b, :n] = rng.standard_normal((2, n, D))
+    out = np.full((B, D), np.nan, np.float32)
+    K.attention_step(out, q, kcache, vcache, lengths, NH)
+    ref.assert_close(out, ref.attention_step(q, kcache, vcache, lengths, NH), 1e-4, 1e-5, "out")
+    for b, n in enumerate(lengths):
+        alone = np.empty((1, D), np.float32)
+        K.attention_step(alone, q[b:b + 1], kcache[b:b + 1], vcache[b:b + 1], int(n), NH)
+        np.testing.assert_array_equal(alone[0], out[b], err_msg=f"row {b} of length {n}")
+
+
+def test_attention_step_rejects_bad_lengths():
+    B, Tmax, D = 3, 8, 6
+    kc = np.zeros((B, Tmax, D), np.float32)
+    qs, os_ = np.zeros((B, D), np.float32), np.empty((B, D), np.float32)
+    for bad in (0, 9):
+        lengths = np.array([3, bad, 2], np.intc)
+        with pytest.raises(ValidationError, match=rf"attention_step: n\[1\] = {bad}, expected "
+                                                  rf"1 <= n <= Tmax = 8"):
+            K.attention_step(os_, qs, kc, kc, lengths, 2)
+    with pytest.raises(ShapeMismatch, match=r"attention_step: n has shape \(2,\), expected \(3,\)"):
+        K.attention_step(os_, qs, kc, kc, np.array([1, 2], np.intc), 2)
+    with pytest.raises(ValidationError, match="attention_step: n has dtype int64, expected int32"):
+        K.attention_step(os_, qs, kc, kc, np.array([1, 2, 3]), 2)
+
+
 @pytest.mark.parametrize("B,T,D,NH", [(2, 20, 32, 2), (1, 80, 128, 1)])
 def test_attention_large_scores_are_stable(rng, simd, B, T, D, NH):
     q, k, v = _qkv(rng, B, T, D)

@@ -31,17 +31,24 @@ def test_record_and_summaries():
     rows = m.rows()
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # a loss opens a step, the rest attach
     assert rows[3] == {"step": 4, "phase": "pretraining", "loss": 1.0, "grad_norm": 4.0,
-                       "lr": None, "tokens_per_s": None, "accuracy": 0.25}
+                       "lr": None, "tokens_per_s": None, "accuracy": 0.25,
+                       "train_loss": None, "val_loss": None}
     s = m.summary()
     assert s == {"steps": 4, "latest_loss": 1.0, "avg_loss": 2.5, "loss_trend": "decreasing",
-                 "avg_gradient_norm": 2.5, "avg_tokens_per_s": None, "latest_accuracy": 0.25}
+                 "avg_gradient_norm": 2.5, "avg_tokens_per_s": None, "latest_accuracy": 0.25,
+                 "latest_val_loss": None, "best_val_loss": None}
+    m.record_evaluation(1.5, 2.5, step=2)
+    m.record_evaluation(1.25, 2.75, step=4)
+    assert (m.rows()[1]["val_loss"], m.rows()[3]["train_loss"]) == (2.5, 1.25)
+    assert (m.summary()["latest_val_loss"], m.summary()["best_val_loss"]) == (2.75, 2.5)
 
 
 def test_record_step_takes_trainer_fields():
     m = Metrics()
     m.record_step(trainer_record(12, 3.2, grad_norm=1.5))
     assert m.rows() == [{"step": 12, "phase": "pretraining", "loss": 3.2, "grad_norm": 1.5,
-                         "lr": 5e-4, "tokens_per_s": 15000.0, "accuracy": None}]
+                         "lr": 5e-4, "tokens_per_s": 15000.0, "accuracy": None,
+                         "train_loss": None, "val_loss": None}]
 
 
 def test_empty_summaries():
@@ -127,7 +134,8 @@ def test_to_csv_parses_back(tmp_path):
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == list(FIELDS)
     assert rows[0] == {"step": "1", "phase": "pretraining", "loss": "3.5", "grad_norm": "2.0",
-                       "lr": "0.0005", "tokens_per_s": "15000.0", "accuracy": ""}
+                       "lr": "0.0005", "tokens_per_s": "15000.0", "accuracy": "",
+                       "train_loss": "", "val_loss": ""}
     assert (rows[1]["phase"], float(rows[1]["loss"]), float(rows[1]["accuracy"])) == \
         ("instruction", 3.25, 0.125)
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]  # no temporary left

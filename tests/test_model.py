@@ -13,8 +13,10 @@ from rustgpt import _kernels as K
 from rustgpt.config import ModelConfig
 from rustgpt.data import make_batch
 from rustgpt.errors import ShapeMismatch, TokenError, TrainingError, ValidationError
+from rustgpt.layers import dropout_seed
 from rustgpt.model import LLM
 from rustgpt.optim import Adam
+from rustgpt.step import TrainStep
 from rustgpt.tokenizer import Vocab
 from tests import reference as ref
 
@@ -110,6 +112,40 @@ def test_kv_cache_steps_match_full_forward(rng, options):
         model.step(cache, ids[:, 0])
 
 
+@arch_options
+def test_kv_cache_rows_of_different_lengths_step_together(rng, options):
+    """A server's batch: rows prefilled apart (cache.rows) to different lengths, then
+    stepped together, each at its own position. Every row's logits equal the full forward
+    over its own sequence, and those of the same row decoded alone, bit for bit; a row
+    that leaves is replaced by the last (move_row) and decodes on unchanged."""
+    model = tiny_model(options, rng)
+    B, T = 4, 9
+    ids = rng.integers(0, 13, (B, T))
+    prompt = [1, 5, 3, 2]  # row b's prompt is ids[b, :prompt[b]]
+    full = model.forward(ids)
+    cache, alone = model.new_cache(B), [model.new_cache(1) for _ in range(B)]
+    for b, n in enumerate(prompt):
+        np.testing.assert_array_equal(model.prefill(cache.rows(b, b + 1), ids[b:b + 1, :n]),
+                                      model.prefill(alone[b], ids[b:b + 1, :n]))
+    assert list(cache.lengths) == prompt
+    for _ in range(3):
+        t = cache.lengths.copy()
+        logits = model.step(cache, ids[np.arange(B), t]).copy()
+        for b in range(B):
+            ref.assert_close(logits[b], full[b, t[b]], 1e-5, 1e-5, f"row {b} at {t[b]}")
+            np.testing.assert_array_equal(logits[b], model.step(alone[b], ids[b, t[b]])[0])
+    cache.move_row(3, 1)  # row 1 leaves; the last row takes its place
+    rows = cache.rows(0, 3)
+    t = rows.lengths.copy()
+    assert list(t) == [4, 5, 6]
+    logits = model.step(rows, ids[[0, 3, 2], t])
+    for b, row in enumerate((0, 3, 2)):
+        ref.assert_close(logits[b], full[row, t[b]], 1e-5, 1e-5, f"moved row {row}")
+    assert list(cache.lengths[:3]) == [5, 6, 7]
+    with pytest.raises(ValidationError, match="rows of lengths 5 to 7 have no common length"):
+        rows.length
+
+
 def test_same_seed_same_loss_curve(rng):
     seqs = [rng.integers(0, 13, 8).astype(np.intc) for _ in range(4)]
 
@@ -197,14 +233,15 @@ def test_backward_as_two_streams_equals_in_order(rng, set_threads, threads, opti
     results = []
     set_threads(threads)
     for limit in (0, 64):
-        monkeypatch.setattr("rustgpt.model.SMALL_STEP_TOKENS", limit)
+        monkeypatch.setattr("rustgpt.step.SMALL_STEP_TOKENS", limit)
         m = LLM(config, tiny_vocab(), seed=4)
+        step = TrainStep(m, Adam(m.params))
         out, replays = [], 0
         for x, y in batches * 3:  # the first of each shape records, the rest replay
-            recorded = m.plans_recorded
-            loss, sum_squares = m._loss_and_backward_norm(x, y, True)
+            recorded = step.plans_recorded
+            loss, sum_squares = step.loss_and_backward(x, y, norm=True)
             # a replay's sum of squares, taken on the way, is sum_squares' bits
-            replayed = m.plans_recorded == recorded
+            replayed = step.plans_recorded == recorded
             assert sum_squares == (K.sum_squares(m.params.grad) if replayed else None)
             replays += replayed
             out.extend([loss, m.params.grad.copy()])
@@ -221,13 +258,14 @@ def test_small_steps_given_one_thread_run_every_call():
     code = (
         "import numpy as np\n"
         "import rustgpt.model as M\n"
+        "import rustgpt.step as S\n"
         "from rustgpt import _kernels as K\n"
         "from rustgpt.config import ModelConfig\n"
         "from rustgpt.optim import Adam\n"
         "from rustgpt.tokenizer import Vocab\n"
         "K.set_num_threads(2)\n"
         "def train(small):\n"
-        "    M.SMALL_STEP_TOKENS = small\n"
+        "    S.SMALL_STEP_TOKENS = small\n"
         "    m = M.LLM(ModelConfig(embedding_dim=8, hidden_dim=12, num_layers=2, num_heads=2,"
         " max_seq_len=9), Vocab([f'w{i}' for i in range(11)] + ['</s>', '<unk>']), seed=3)\n"
         "    opt, ids = Adam(m.params), np.arange(1, 7, dtype=np.intc)[None]\n"
@@ -323,7 +361,7 @@ def test_dropout_gradient_matches_finite_differences(rng, options):
     model = tiny_model(options, rng)
     inputs, targets = make_batch([rng.integers(0, 13, n).astype(np.intc) for n in (7, 4)])
     loss = model.loss_and_backward(inputs, targets, dropout_step=5)
-    p, seed = params64(model), model._dropout_seed.copy()
+    p, seed = params64(model), dropout_seed(model.seed, 5)
     f = lambda: ref.model_loss(p, inputs, targets, TINY.num_layers, TINY.num_heads,
                                **ref.options(model.config), drop=0.3, seed=seed)
     assert loss == pytest.approx(f(), rel=1e-5)
@@ -346,13 +384,14 @@ def test_dropout_only_in_training_steps(rng):
     np.testing.assert_array_equal(m.prefill(cache, ids[:, :4]),
                                   plain.prefill(plain_cache, ids[:, :4]))
     np.testing.assert_array_equal(m.step(cache, ids[:, 4]), plain.step(plain_cache, ids[:, 4]))
-    losses = [m.loss_and_backward(ids, ids, step) for step in (1, 2, 3, 2)]
+    train = TrainStep(m, Adam(m.params))
+    losses = [train.loss_and_backward(ids, ids, step)[0] for step in (1, 2, 3, 2)]
     assert len(set(losses)) == 3 and losses[1] == losses[3]  # a step's masks are its own
-    assert m.plans_recorded == 1  # the later steps replayed the plan with their seeds
-    for step in (2, 3):  # = a fresh model recording that step
+    assert train.plans_recorded == 1  # the later steps replayed the plan with their seeds
+    for step in (2, 3):  # = a fresh model running that step layer by layer
         fresh = tiny_model(options, seed=5)
         assert fresh.loss_and_backward(ids, ids, step) == losses[step - 1]
-        m.loss_and_backward(ids, ids, step)
+        train.loss_and_backward(ids, ids, step)
         np.testing.assert_array_equal(m.params.grad, fresh.params.grad)
     with pytest.raises(ValidationError, match="dropout_step = -1, expected an integer >= 0"):
         m.loss_and_backward(ids, ids, -1)
@@ -504,10 +543,10 @@ def test_replayed_step_equals_a_recorded_one(rng, options):
     first, second = (rng.integers(0, 13, (2, 6)).astype(np.intc) for _ in range(2))
     targets = rng.integers(0, 13, (2, 6)).astype(np.intc)
     replaying, fresh = tiny_model(options, seed=5), tiny_model(options, seed=5)
-    replaying.loss_and_backward(first, targets)
-    assert len(replaying._plans) == 1
-    loss = replaying.loss_and_backward(second, targets)
-    assert len(replaying._plans) == 1
+    step = TrainStep(replaying, Adam(replaying.params))
+    step.loss_and_backward(first, targets)
+    loss = step.loss_and_backward(second, targets)[0]
+    assert step.plans_recorded == 1 and len(step._plans) == 1
     assert loss == fresh.loss_and_backward(second, targets)
     np.testing.assert_array_equal(replaying.params.grad, fresh.params.grad)
 
@@ -515,29 +554,32 @@ def test_replayed_step_equals_a_recorded_one(rng, options):
 def test_steps_that_record_a_plan_are_not_timed(model, rng, set_threads):
     """StepThreads times only replayed steps: a recording runs layer by layer in Python."""
     ids = rng.integers(0, 13, (1, 5)).astype(np.intc)
-    optimizer = Adam(model.params)
+    step = TrainStep(model, Adam(model.params))
     set_threads(2)  # StepThreads times nothing on one thread
-    model.train_step(ids, ids, optimizer, 1e-3)
-    assert model.plans_recorded == 1 and model.step_threads._steps == 0
-    model.train_step(ids, ids, optimizer, 1e-3)
-    assert model.plans_recorded == 1 and model.step_threads._steps == 1
+    step.run([(ids, ids)], 1e-3)
+    assert step.plans_recorded == 1 and step.threads._steps == 0
+    step.run([(ids, ids)], 1e-3)
+    assert step.plans_recorded == 1 and step.threads._steps == 1
 
 
 def test_replay_after_new_weights_and_bad_targets(model, rng):
     ids = rng.integers(0, 13, (1, 5)).astype(np.intc)
-    model.loss_and_backward(ids, ids)
+    step = TrainStep(model, Adam(model.params))
+    step.loss_and_backward(ids, ids)
     other = LLM(TINY, tiny_vocab(), seed=9)
     model.load_state_dict(other.state_dict())  # in place: the plan sees the new weights
-    assert model.loss_and_backward(ids, ids) == other.loss_and_backward(ids, ids)
+    assert step.loss_and_backward(ids, ids)[0] == other.loss_and_backward(ids, ids)
+    assert step.plans_recorded == 1
     np.testing.assert_array_equal(model.params.grad, other.params.grad)
     with pytest.raises(TokenError, match="targets holds token id 13"):
-        model.loss_and_backward(ids, np.array([[0, 1, 2, 3, 13]]))
+        step.loss_and_backward(ids, np.array([[0, 1, 2, 3, 13]]))
 
 
 def test_plans_are_dropped_when_the_workspace_grows(model, rng):
+    step = TrainStep(model, Adam(model.params))
     for T in (2, 3, 9, 4):  # T = 9 needs bigger buffers than the plans of 2 and 3 hold
-        model.loss_and_backward(*(rng.integers(0, 13, (1, T)) for _ in range(2)))
-    assert sorted(key[1] for key in model._plans) == [4, 9]
+        step.loss_and_backward(*(rng.integers(0, 13, (1, T)) for _ in range(2)))
+    assert sorted(key[1] for key in step._plans) == [4, 9]
 
 
 # ---- sizes the machine cannot hold, and seeds -------------------------------------------------
@@ -633,9 +675,10 @@ def test_activation_estimate_covers_the_workspace(rng, B, T, config):
     from rustgpt.model import activation_bytes
 
     model = LLM(config, tiny_vocab(29))
+    step = TrainStep(model, Adam(model.params))
     ids = rng.integers(0, 29, (B, T))
-    model.loss_and_backward(ids, ids)
-    held = 4 * sum(buf.size for buf in model.workspace._buffers.values())
+    step.loss_and_backward(ids, ids)
+    held = 4 * sum(buf.size for buf in step.workspace._buffers.values())
     estimate = activation_bytes(config, 29, B, T)
     assert held <= estimate <= 1.25 * held, (held, estimate)
 
@@ -652,9 +695,10 @@ def test_batches_too_big_for_the_memory_are_refused(model, memory, rng):
                                                   r"tokens need about .* of memory"):
             run(ids)
     memory(need)
-    model.loss_and_backward(ids, ids)
+    step = TrainStep(model, Adam(model.params))
+    step.loss_and_backward(ids, ids)
     memory(need // 2)  # the workspace holds the larger step's activations already
-    model.loss_and_backward(ids[:2], ids[:2])
+    step.loss_and_backward(ids[:2], ids[:2])
 
 
 def test_long_context_trains_and_decodes(rng):
@@ -670,27 +714,28 @@ def test_long_context_trains_and_decodes(rng):
                          max_seq_len=4096)
     V, T = 29, 4096
     model = LLM(config, tiny_vocab(V), seed=2)
+    step = TrainStep(model, Adam(model.params))
     ids = rng.integers(0, V, (1, T + 1))
     inputs, targets = ids[:, :-1], ids[:, 1:]
-    loss = model.loss_and_backward(inputs, targets)
+    loss = step.loss_and_backward(inputs, targets)[0]
     grad = model.params.grad.copy()
     assert loss == pytest.approx(ref.model_loss(params64(model), inputs, targets, 1, 1),
                                  rel=1e-5)
-    held = 4 * sum(buf.size for buf in model.workspace._buffers.values())
+    held = 4 * sum(buf.size for buf in step.workspace._buffers.values())
     assert held <= activation_bytes(config, V, 1, T) <= 1.25 * held
 
     early = np.full_like(targets, IGNORE_INDEX)
     early[:, :48] = targets[:, :48]
-    model.loss_and_backward(inputs, early)
+    step.loss_and_backward(inputs, early)
     long_grad = model.params.grad.copy()
-    model.loss_and_backward(inputs[:, :48], targets[:, :48])
+    step.loss_and_backward(inputs[:, :48], targets[:, :48])
     ref.assert_close(long_grad, model.params.grad, 1e-5, 1e-7, "grad, targets in 0..47")
 
-    assert model.loss_and_backward(inputs, targets) == loss  # a replay
-    assert model.plans_recorded == 3
+    assert step.loss_and_backward(inputs, targets)[0] == loss  # a replay
+    assert step.plans_recorded == 3
     np.testing.assert_array_equal(model.params.grad, grad)
     before = model.params.data.copy()
-    assert model.train_step(inputs, targets, Adam(model.params), 1e-3)[0] == loss
+    assert step.run([(inputs, targets)], 1e-3)[0] == loss
     assert not np.array_equal(model.params.data, before)
 
     full = model.forward(inputs)[0]  # (T, V)

@@ -138,8 +138,8 @@ def test_cosine_schedule():
 @pytest.mark.parametrize("adaptive", [True, False])
 def test_trainer_applies_adaptive_threads(adaptive):
     model = LLM(CFG, Vocab.from_texts(TEXTS))
-    Trainer(model, TrainingConfig(adaptive_threads=adaptive), [])
-    assert model.step_threads.enabled is adaptive
+    trainer = Trainer(model, TrainingConfig(adaptive_threads=adaptive), [])
+    assert trainer.step.threads.enabled is adaptive
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,8 @@ cdef extern from "rustgpt_kernels.h" nogil:
                                const float *k, const float *v, int B, int T, int D, int NH,
                                int areas) noexcept
     void rg_attention_step(float *out, float *scratch, const float *q, const float *kcache,
-                           const float *vcache, int B, int n, int Tmax, int D, int NH) noexcept
+                           const float *vcache, const int *n, int B, int Tmax, int D,
+                           int NH) noexcept
     void rg_layernorm_forward(float *out, float *mean, float *rstd, const float *x,
                               const float *g, const float *b, int N, int D, float eps) noexcept
     void rg_layernorm_backward(float *dx, float *dg, float *db, const float *dout,
@@ -320,14 +321,21 @@ cdef int _check_ids(const Op *o) except -1:
     return 0
 
 
-cdef Plan _recording = None  # the plan being recorded, by the thread in _recording_thread
-cdef unsigned long _recording_thread = 0
+cdef dict _recording = {}  # thread id -> the plan that thread is recording
+
+
+cdef inline Plan _recorder():
+    """The plan the calling thread is recording, or None."""
+    if not _recording:
+        return None
+    return _recording.get(PyThread_get_thread_ident())
 
 
 cdef int _submit(Op *op, tuple arrays) except -1:
     """Run one checked kernel call; record it too if this thread is recording a plan."""
-    if _recording is not None and PyThread_get_thread_ident() == _recording_thread:
-        _recording._append(op, arrays)
+    cdef Plan plan = _recorder()
+    if plan is not None:
+        plan._append(op, arrays)
     with nogil:
         _run(op)
     return 0
@@ -335,7 +343,7 @@ cdef int _submit(Op *op, tuple arrays) except -1:
 
 cdef int _not_recorded(str fn) except -1:
     """Refuse a kernel whose result Python reads back (a plan could not replay it)."""
-    if _recording is not None and PyThread_get_thread_ident() == _recording_thread:
+    if _recorder() is not None:
         raise ValidationError(f"{fn} cannot be recorded in a Plan: a replay would not "
                               f"return its result")
     return 0
@@ -352,7 +360,8 @@ cdef class Plan:
     valid; a replay reads whatever those arrays hold by then (new token ids copied into
     the recorded ids array, updated parameters). Token ids and targets are checked again
     before each replay. Kernels whose result Python reads (sum_squares, adam_update, ...)
-    refuse to be recorded. One plan records at a time, on the thread that entered it."""
+    refuse to be recorded. A plan records the calls of the thread that entered it; each
+    thread records one plan at a time."""
 
     cdef Op *ops
     cdef Py_ssize_t n, cap
@@ -405,18 +414,18 @@ cdef class Plan:
         return 0
 
     def __enter__(self):
-        global _recording, _recording_thread
-        if _recording is not None:
-            raise ValidationError("Plan: another plan is being recorded, expected one at a time")
+        thread = PyThread_get_thread_ident()
+        if thread in _recording:
+            raise ValidationError("Plan: this thread is recording another plan, expected "
+                                  "one at a time")
         if self.entered:
             raise ValidationError("Plan: already recorded, expected a new Plan()")
         self.entered = True
-        _recording, _recording_thread = self, PyThread_get_thread_ident()
+        _recording[thread] = self
         return self
 
     def __exit__(self, *exc):
-        global _recording
-        _recording = None
+        _recording.pop(PyThread_get_thread_ident(), None)
         return False
 
     def __len__(self):
@@ -446,7 +455,7 @@ cdef class Plan:
         cdef const float *g = NULL
         cdef size_t n = 0
         cdef double total = 0.0
-        if _recording is self:
+        if self in _recording.values():
             raise ValidationError("Plan.run: the plan is still being recorded")
         if not 0 <= forward <= self.n:
             raise ValidationError(f"Plan.run: forward = {forward}, expected 0 to {self.n} "
@@ -1032,15 +1041,22 @@ def attention_backward(dq, dk, dv, dout, att, q, k, v, int num_heads, ds=None, s
     _submit(&o, (dq, dk, dv, ds, scratch, dout, att, q, k, v))
 
 
-def attention_step(out, q, kcache, vcache, int n, int num_heads, scratch=None):
-    """One decoding step: q (B, D) attends to cache rows 0..n-1 of kcache, vcache
-    (B, Tmax, D). scratch: (B, NH, Tmax), overwritten (without it, a new array)."""
+def attention_step(out, q, kcache, vcache, n, int num_heads, scratch=None):
+    """One decoding step: row b of q (B, D) attends to rows 0..n[b]-1 of its kcache, vcache
+    (B, Tmax, D) rows. n: the rows' lengths, int32 (B,), or one int for every row.
+    scratch: (B, NH, Tmax), overwritten (without it, a new array)."""
     fn = "attention_step"
     s = _shape(kcache, fn, "kcache", 3)
     cdef int B = s[0], Tmax = s[1], D = s[2], NH = num_heads
+    cdef int b
     _heads(fn, D, NH)
-    if n < 1 or n > Tmax:
-        raise ValidationError(f"{fn}: n = {n}, expected 1 <= n <= Tmax = {Tmax}")
+    one = isinstance(n, (int, np.integer))
+    lengths = np.full(B, n, np.intc) if one else n
+    cdef const int *lp = <const int *>_data(lengths, fn, "n", _I32, (B,), False)
+    for b in range(B):
+        if lp[b] < 1 or lp[b] > Tmax:
+            raise ValidationError(f"{fn}: n{'' if one else f'[{b}]'} = {lp[b]}, expected "
+                                  f"1 <= n <= Tmax = {Tmax}")
     if scratch is None:
         scratch = np.empty((B, NH, Tmax), np.float32)
     cdef const float *kp = _f(kcache, fn, "kcache", s)
@@ -1057,7 +1073,7 @@ def attention_step(out, q, kcache, vcache, int n, int num_heads, scratch=None):
            ("out", "q", "kcache", "vcache"))
     _not_recorded(fn)
     with nogil:
-        rg_attention_step(op, sp, qp, kp, vp, B, n, Tmax, D, NH)
+        rg_attention_step(op, sp, qp, kp, vp, lp, B, Tmax, D, NH)
 
 
 # ---- layer norm -----------------------------------------------------------------------------

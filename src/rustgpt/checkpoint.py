@@ -77,7 +77,9 @@ class Checkpoint:
         position, RNG and losses (the pending update applied first)."""
         state = trainer.state_dict()
         optimizer = state.pop("optimizer")
-        loss = trainer.epoch_loss if math.isfinite(trainer.epoch_loss) else trainer.last_loss
+        # what "best" compares: the val loss of a text run, else the epoch's mean loss
+        loss = next((x for x in (trainer.val_loss, trainer.epoch_loss) if math.isfinite(x)),
+                    trainer.last_loss)
         return cls(trainer.model.state_dict(), config, trainer.model.tokenizer, optimizer=optimizer,
                    trainer=state, loss=loss)
 
@@ -113,7 +115,8 @@ class Checkpoint:
         if phase > len(trainer.phases):
             raise SerializationError(f"checkpoint position: phase {phase}, the trainer has "
                                      f"{len(trainer.phases)} phases")
-        n = len(trainer.phases[phase].sequences) if phase < len(trainer.phases) else 0
+        n = len(getattr(trainer.phases[phase], "sequences", ())) \
+            if phase < len(trainer.phases) else 0
         if order is not None and any(i >= n for i in order):
             raise SerializationError(f"checkpoint position: the epoch's order holds example "
                                      f"{max(order)}, the phase has {n} examples")

@@ -24,7 +24,10 @@ MODEL_OPTIONS = ("embedding_dim", "hidden_dim", "num_layers", "num_heads", "max_
                  "dropout")
 TRAIN_OPTIONS = ("pretraining_epochs", "instruction_epochs", "pretraining_lr", "instruction_lr",
                  "batch_size", "seed", "threads", "schedule", "warmup_steps", "shuffle",
-                 "weight_decay", "beta1", "beta2", "eps", "max_grad_norm")
+                 "weight_decay", "beta1", "beta2", "eps", "max_grad_norm", "max_iters",
+                 "grad_accum", "eval_interval", "eval_iters")
+DATA_OPTIONS = ("pretraining_data", "chat_training_data", "tokenizer", "vocab_size",
+                "val_fraction")
 
 
 class State:
@@ -143,6 +146,24 @@ def main(ctx, config_file, log_level, log_format):
               help="Pretraining examples (.json array of strings or .csv). Default: bundled.")
 @click.option("--chat-training-data", type=click.Path(dir_okay=False),
               help="Instruction-tuning examples, 'User: ... Assistant: ... </s>'. Default: bundled.")
+@click.option("--text", "texts", multiple=True, metavar="PATH",
+              help="Train on text instead of examples (repeatable): a .txt/.md file, a "
+                   "directory, a glob, or .jsonl with a \"text\" field.")
+@click.option("--tokenizer", metavar="char|bpe|FILE",
+              help="With --text: char (default), bpe (trained on the corpus) or a "
+                   "tokenizer file (a Hugging Face tokenizer.json).")
+@click.option("--vocab-size", type=int,
+              help="With --text --tokenizer bpe: the vocabulary to train (default 1024).")
+@click.option("--val-fraction", type=float,
+              help="With --text: the last share of the tokens kept for validation (default 0.1).")
+@click.option("--max-iters", type=int, help="With --text: training steps (default 5000).")
+@click.option("--grad-accum", type=int,
+              help="With --text: batches of --batch-size windows per step (default 1).")
+@click.option("--eval-interval", type=int,
+              help="With --text: estimate train and val loss and save a checkpoint every N "
+                   "steps (default 250).")
+@click.option("--eval-iters", type=int,
+              help="With --text: batches per loss estimate (default 20).")
 @click.option("--output", type=click.Path(file_okay=False),
               help="Checkpoint and metrics directory (default ./checkpoints).")
 @click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[CKPT]",
@@ -207,9 +228,12 @@ def main(ctx, config_file, log_level, log_format):
               help="Show a progress bar (default: only when stderr is a terminal).")
 @group_options
 @click.pass_obj
-def train(state: State, pretraining_data, chat_training_data, output, resume, init_from,
-          overwrite, tensorboard, progress, **options):
-    """Train a model: pretraining, then instruction tuning (RustGPT's two phases).
+def train(state: State, texts, output, resume, init_from, overwrite, tensorboard, progress,
+          **options):
+    """Train a model: by default RustGPT's two phases (pretraining, then instruction
+    tuning) on example files; with --text, on text corpora for --max-iters steps of random
+    windows, estimating train and val loss every --eval-interval steps (the best checkpoint
+    is the one of the lowest val loss).
 
     Writes checkpoints (ckpt-<step>.safetensors, best.safetensors) and metrics
     (metrics.csv, metrics.json) to --output, which the run locks while it trains. A new
@@ -217,12 +241,10 @@ def train(state: State, pretraining_data, chat_training_data, output, resume, in
     or replace it with --overwrite. Ctrl-C or SIGTERM saves a final checkpoint and exits
     (130 / 143); `--resume` continues exactly where it stopped.
     """
-    if resume is not None and init_from is not None:
-        _fail("--resume continues a run and --init-from starts a new one: pass one of them")
     overrides = {
         "model": {k: options[k] for k in MODEL_OPTIONS},
         "training": {k: options[k] for k in TRAIN_OPTIONS},
-        "data": {"pretraining_data": pretraining_data, "chat_training_data": chat_training_data},
+        "data": {**{k: options[k] for k in DATA_OPTIONS}, "text": texts or None},
         "checkpoint": {"directory": output},
         "logging": {"tensorboard": tensorboard},
     }
@@ -234,8 +256,8 @@ def train(state: State, pretraining_data, chat_training_data, output, resume, in
 def run_training(config, resume: str | None = None, *, sources: dict | None = None,
                  init_from: str | None = None, overwrite: bool = False,
                  progress: bool | None = None) -> int:
-    """Train as `config` says; returns the exit code: 0 done, 130 / 143 stopped by SIGINT /
-    SIGTERM.
+    """Train as `config` says (rustgpt.run.build_run), holding the output directory's
+    lock; returns the exit code: 0 done, 130 / 143 stopped by SIGINT / SIGTERM.
 
     `resume` ("latest" or a checkpoint path) continues a run, taking from `config` only the
     settings that may change (those named in `sources`, as load_config returns them);
@@ -246,98 +268,40 @@ def run_training(config, resume: str | None = None, *, sources: dict | None = No
     from rustgpt.errors import SerializationError
     from rustgpt.fileio import DirectoryLock
 
+    if resume is not None and init_from is not None:
+        _fail("--resume continues a run and --init-from starts a new one: pass one of them")
     out = Path(config.checkpoint.directory)
-    manager = CheckpointManager(out, config.checkpoint.keep_best, config.checkpoint.max_to_keep)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise SerializationError(f"{out}: cannot write checkpoints here "
                                  f"({err.strerror or err})") from err
     with DirectoryLock(out):
-        manager.remove_stale()  # temporary files of writers killed mid-save
-        return _train_locked(config, manager, resume, sources or {}, init_from, overwrite,
+        CheckpointManager(out).remove_stale()  # temporary files of writers killed mid-save
+        return _train_locked(config, resume, sources or {}, init_from, overwrite,
                              sys.stderr.isatty() if progress is None else progress)
 
 
-def _train_locked(config, manager, resume, sources, init_from, overwrite, show_progress) -> int:
+def _train_locked(config, resume, sources, init_from, overwrite, show_progress) -> int:
     import time
 
     import rustgpt
-    from rustgpt.checkpoint import Checkpoint, CheckpointCallback, CheckpointManager
-    from rustgpt.data import BUNDLED_CHAT, BUNDLED_PRETRAINING, Dataset
-    from rustgpt.errors import SerializationError, TrainingError
-    from rustgpt.metrics import JSON_NAME, Metrics, MetricsCallback
-    from rustgpt.model import LLM
-    from rustgpt.tokenizer import Vocab
-    from rustgpt.training import ProgressBar, Trainer, rustgpt_phases
+    from rustgpt.errors import TrainingError
+    from rustgpt.run import build_run
+    from rustgpt.training import ProgressBar
 
-    out = manager.directory
-    checkpoint = start = None  # the checkpoint resumed from / whose weights start the run
-    previous = []  # another run's files, deleted (--overwrite) once this run can start
-    if resume is not None:
-        path = manager.latest() if resume == "latest" else CheckpointManager.resolve(resume)
-        if path is None:
-            raise SerializationError(f"{out}: no checkpoint to resume from")
-        checkpoint = Checkpoint.load(path)
-        config = resumed_config(checkpoint.config, config, sources, path)
-        log.info("resuming from %s at step %d", path, checkpoint.step)
-    else:
-        previous = manager.run_files()
-        if previous and not overwrite:
-            raise SerializationError(
-                f"{out}: holds another run's files ({', '.join(p.name for p in previous[:3])}"
-                f"{', ...' if len(previous) > 3 else ''}); continue that run with --resume, or "
-                f"pass --overwrite to delete its checkpoints and metrics and start afresh")
-        if init_from is not None:
-            path = CheckpointManager.resolve(init_from)
-            start = Checkpoint.load(path)
-            config = initialized_config(start.config, config, sources, path)
-            log.info("starting from the weights of %s", path)
-    if config.training.threads:
-        rustgpt.set_num_threads(config.training.threads)
-    limit = config.data.max_file_mb * 2**20
-    pre = Dataset.load(config.data.pretraining_data or BUNDLED_PRETRAINING, limit)
-    chat = Dataset.load(config.data.chat_training_data or BUNDLED_CHAT, limit)
-    saved = checkpoint or start
-    tokenizer = saved.tokenizer if saved else Vocab.from_texts(pre.examples + chat.examples)
-    model = LLM(config.model, tokenizer, seed=config.training.seed)
-    if start is not None:
-        model.load_state_dict(start.weights)
-    # an unwritable or full output fails now, not after an hour of training
-    manager.prepare(checkpoint_bytes=3 * 4 * model.total_parameters())  # weights, m, v
-    if previous:
-        manager.clear()
-        log.info("removed %d files of the previous run in %s", len(previous), out)
-    metrics_file = out / JSON_NAME
-    metrics = Metrics.from_json(metrics_file) if checkpoint and metrics_file.exists() else None
-    # metrics are written when checkpoints are: a resumed run's metrics match its checkpoint
-    every = config.checkpoint.every_epochs
-    recorder = MetricsCallback(out, metrics, every)
-    saver = CheckpointCallback(manager, config, every)
-    callbacks = [recorder, saver]
+    run = build_run(config, resume=resume, init_from=init_from, sources=sources,
+                    overwrite=overwrite)
+    config, trainer, out = run.config, run.trainer, run.manager.directory
     if config.logging.tensorboard:
-        from rustgpt import generation
         from rustgpt.tensorboard import TensorBoardCallback
 
-        prompt = _sample_prompt(chat)
-        callbacks.append(TensorBoardCallback(
-            config.logging.tensorboard, every,
-            sample=lambda: prompt + " " + generation.generate(model, prompt, raw=True,
-                                                              max_tokens=40),
-            purge_step=checkpoint.step + 1 if checkpoint else None))
+        trainer.callbacks.append(TensorBoardCallback(
+            config.logging.tensorboard, config.checkpoint.every_epochs,
+            sample=_sampler(run), purge_step=run.resumed.step + 1 if run.resumed else None))
     if show_progress:
-        callbacks.append(ProgressBar())
-    trainer = Trainer(model, config.training,
-                      rustgpt_phases(config.training, tokenizer, config.model.max_seq_len, pre, chat,
-                                     config.data.long_examples),
-                      callbacks)
-    if checkpoint:
-        checkpoint.restore(trainer)
-        saved_training = checkpoint.config.training  # the epochs the run had
-        trainer.reopen_phases([saved_training.pretraining_epochs,
-                               saved_training.instruction_epochs])
-    log.info("model: %s parameters, vocabulary %d, %s", f"{model.total_parameters():,}",
-             tokenizer.size, rustgpt.kernels_info())
+        trainer.callbacks.append(ProgressBar())
+    log.info("kernels: %s", rustgpt.kernels_info())
     first_step = trainer.position.step
     seen = install_stop_handlers(trainer)
     began = time.perf_counter()
@@ -350,97 +314,49 @@ def _train_locked(config, manager, resume, sources, init_from, overwrite, show_p
         else:
             done = trainer.run()
     except TrainingError:
-        recorder.write()  # the numbers up to a divergence are the ones that matter now
+        run.recorder.write()  # the numbers up to a divergence are the ones that matter now
         raise
     finally:
-        for callback in callbacks:
+        for callback in trainer.callbacks:
             close = getattr(callback, "close", None)
             if close is not None:
                 close()
     elapsed = time.perf_counter() - began
     steps = trainer.position.step - first_step
     if not done:
-        recorder.write()
-        path = saver.save(trainer)
+        run.recorder.write()
+        path = run.saver.save(trainer)
         tell(f"stopped at step {trainer.position.step}; saved {path}. Continue with "
              f"`rustgpt-cli train --output {out} --resume`", logging.WARNING)
         return 128 + seen.get("signal", signal.SIGINT)
     if steps == 0:
-        click.echo(f"nothing to train: the run in {out}/ had done all its epochs (step "
-                   f"{first_step:,}); raise --pretraining-epochs or --instruction-epochs to "
-                   f"train on")
+        more = "--max-iters" if config.data.text else "--pretraining-epochs or --instruction-epochs"
+        click.echo(f"nothing to train: the run in {out}/ had done all its steps (step "
+                   f"{first_step:,}); raise {more} to train on")
         return 0
-    best = manager.best()
+    best = run.manager.best()
+    loss = (f"val loss {trainer.val_loss:.4f}" if config.data.text else
+            f"final epoch loss {trainer.epoch_loss:.4f}")
     click.echo(f"trained {steps:,} steps (to step {trainer.position.step:,}) in {elapsed:.1f} s; "
-               f"final epoch loss {trainer.epoch_loss:.4f}; checkpoints in {out}/ "
-               f"(best: {best.name if best else '-'})")
+               f"{loss}; checkpoints in {out}/ (best: {best.name if best else '-'})")
     return 0
 
 
-# settings a resumed run takes from the command line; the rest are the checkpoint's
-_FIXED_ON_RESUME = {"model": None, "data": ("pretraining_data", "chat_training_data",
-                                            "long_examples"),
-                    "training": ("batch_size", "seed", "shuffle")}
+def _sampler(run):
+    """A function returning a sample of the model's writing for TensorBoard: a chat model's
+    answer to the first chat example's question, a text model's continuation of the
+    validation split's first tokens."""
+    from rustgpt import generation
 
-
-def _changes(saved, given, sources: dict, fixed: dict) -> tuple[dict, list[str]]:
-    """`saved`'s settings as a dict with the ones `sources` names taken from `given`, and
-    the refused changes ("[section] key (saved -> given)") of the settings in `fixed`
-    (section -> keys, None for all of them)."""
-    from rustgpt.config import to_dict
-
-    values, new = to_dict(saved), to_dict(given)
-    refused = []
-    for key in sources:
-        section, name = key.split(".", 1)
-        if new[section][name] == values[section][name]:
-            continue
-        if section in fixed and (fixed[section] is None or name in fixed[section]):
-            refused.append(f"[{section}] {name} ({values[section][name]!r} -> "
-                           f"{new[section][name]!r})")
-        else:
-            values[section][name] = new[section][name]
-    for section in ("logging", "generation"):
-        values[section] = new[section]  # how this invocation logs, not the run's
-    values["checkpoint"]["directory"] = new["checkpoint"]["directory"]
-    return values, refused
-
-
-def resumed_config(saved, given, sources: dict, path):
-    """The config a resumed run continues with: the checkpoint's, with the settings given
-    now (`sources`) that may change. Raises ConfigError naming each one that may not."""
-    from rustgpt.config import from_dict
-    from rustgpt.errors import ConfigError
-
-    values, refused = _changes(saved, given, sources, _FIXED_ON_RESUME)
-    if refused:
-        raise ConfigError(f"{path}: --resume cannot change {', '.join(refused)}; the "
-                          f"checkpoint fixes them (a new run with --init-from {path} starts "
-                          f"from its weights)")
-    return from_dict(values, f"{path}: config")
-
-
-def initialized_config(saved, given, sources: dict, path):
-    """The config of a run started from a checkpoint's weights: the given one, with the
-    checkpoint's model sizes. Raises ConfigError naming a model size given otherwise."""
-    import attrs
-
-    from rustgpt.errors import ConfigError
-
-    _, refused = _changes(saved, given, sources, {"model": None})
-    refused = [r for r in refused if r.startswith("[model]")]
-    if refused:
-        raise ConfigError(f"{path}: --init-from cannot change {', '.join(refused)}; the "
-                          f"weights fix the model's sizes")
-    return attrs.evolve(given, model=saved.model)
-
-
-def _sample_prompt(chat) -> str:
-    """A prompt from the data for samples written during training: the first chat
-    example's text up to its answer."""
-    first = chat.examples[0]
-    cut = first.find("Assistant:")
-    return first[:cut + len("Assistant:")] if cut >= 0 else " ".join(first.split()[:5])
+    model = run.model
+    if run.corpus is not None:
+        prompt = model.tokenizer.decode(run.trainer.phases[0].val[:16].tolist())
+        return lambda: prompt + generation.generate(model, prompt, max_tokens=64)
+    first = run.trainer.phases[-1].sequences[0].tolist()
+    text = model.tokenizer.decode(first)
+    cut = text.find("Assistant:")
+    prompt = text[:cut + len("Assistant:")] if cut >= 0 else " ".join(text.split()[:5])
+    return lambda: prompt + " " + generation.generate(model, prompt, raw=True, max_tokens=40)
 
 
 # ---- generate / chat -------------------------------------------------------------------------
@@ -608,10 +524,10 @@ def evaluate(state: State, data, checkpoint, texts, split, batch_size, as_json):
     ckpt = _load_checkpoint(checkpoint or config.checkpoint.directory)
     model = ckpt.build_model()
     if texts:
-        from rustgpt.corpus import TokenFile
+        from rustgpt.corpus import TokenFile, cache_dir
         from rustgpt.training import evaluate_text
 
-        corpus = TokenFile.build(texts, model.tokenizer, _token_cache(config))
+        corpus = TokenFile.build(texts, model.tokenizer, cache_dir(config.data.token_cache))
         if split == "all":
             tokens = corpus.tokens
         else:
@@ -630,16 +546,6 @@ def evaluate(state: State, data, checkpoint, texts, split, batch_size, as_json):
         return
     for key, value in result.items():
         click.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
-
-
-def _token_cache(config) -> Path:
-    """Where token files of text corpora are cached: [data] token_cache, else
-    $XDG_CACHE_HOME/rustgpt, else ~/.cache/rustgpt."""
-    import os
-
-    if config.data.token_cache:
-        return Path(config.data.token_cache)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rustgpt"
 
 
 @main.command()
@@ -720,14 +626,6 @@ def _load_tokenizer(spec: str):
                           + Dataset.load(BUNDLED_CHAT).examples)
 
 
-def _pieces(sources, kind: str, progress=None):
-    """corpus.pieces(sources) as a `kind` tokenizer takes the text: byte-level bpe any bytes
-    (those that are not UTF-8 as U+FFFD, with a warning), word and char only UTF-8."""
-    from rustgpt.corpus import pieces
-
-    return pieces(sources, "replace" if kind == "bpe" else "strict", progress)
-
-
 @tokenizer_group.command(name="train")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--kind", type=click.Choice(["word", "char", "bpe"]), default="bpe",
@@ -751,7 +649,7 @@ def tokenizer_train(state: State, paths, kind, vocab_size, output, progress):
     import contextlib
     import time
 
-    from rustgpt.corpus import find_sources
+    from rustgpt.corpus import find_sources, pieces, read_errors
     from rustgpt.tokenizer import BPE_VOCAB_SIZE, train_tokenizer
 
     state.config()
@@ -770,7 +668,7 @@ def tokenizer_train(state: State, paths, kind, vocab_size, output, progress):
             update = stack.enter_context(tqdm(total=total, unit="B", unit_scale=True,
                                               desc=f"{kind} tokenizer")).update
             stack.enter_context(logging_redirect_tqdm([logging.getLogger("rustgpt")]))
-        tokenizer = train_tokenizer(kind, _pieces(sources, kind, update),
+        tokenizer = train_tokenizer(kind, pieces(sources, read_errors(kind), update),
                                     vocab_size or BPE_VOCAB_SIZE)
     tokenizer.save(output)
     click.echo(f"wrote {output}: {kind} tokenizer, {tokenizer.size:,} tokens, from "
@@ -819,7 +717,7 @@ def tokenizer_decode(state: State, spec, ids):
 @click.pass_obj
 def tokenizer_info(state: State, spec, texts):
     """Kind, vocabulary size and special ids of TOKENIZER; tokens per byte on --text."""
-    from rustgpt.corpus import find_sources
+    from rustgpt.corpus import find_sources, pieces, read_errors
     from rustgpt.tokenizer import tokens_per_byte
 
     state.config()
@@ -830,7 +728,7 @@ def tokenizer_info(state: State, spec, texts):
         i = getattr(tokenizer, name)
         click.echo(f"{name}: " + ("none" if i is None else f"{i} {tokenizer.decode([i])!r}"))
     if texts:
-        ratio = tokens_per_byte(tokenizer, _pieces(find_sources(texts), tokenizer.kind))
+        ratio = tokens_per_byte(tokenizer, pieces(find_sources(texts), read_errors(tokenizer.kind)))
         click.echo(f"tokens per byte: {ratio:.4f} ({1 / ratio:.2f} bytes per token) on "
                    f"{', '.join(texts)}")
 
@@ -846,6 +744,61 @@ def install_stop_handlers(trainer) -> dict:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handler)
     return seen
+
+
+# ---- serve ----------------------------------------------------------------------------------
+
+SERVE_PACKAGES = ("starlette", "uvicorn", "prometheus_client")  # the serve extra's
+
+
+@main.command()
+@click.option("--checkpoint", default=None, type=click.Path(),
+              help="Checkpoint file, or a directory (its best). Default ./checkpoints.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (elsewhere than loopback, set an API key).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", envvar="RUSTGPT_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on every route but /health and the "
+                   "chat page (default: $RUSTGPT_API_KEY, else no key).")
+@click.option("--max-batch", default=16, show_default=True, type=click.IntRange(1, 1024),
+              help="Requests decoded together, one token each per step.")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(0),
+              help="Requests waiting beyond --max-batch; more are answered 429.")
+@click.option("--threads", type=click.IntRange(1), help="Kernel threads (default: physical cores).")
+@click.option("--drain-timeout", default=30.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds in-flight requests may take to finish after SIGTERM.")
+@group_options
+@click.pass_obj
+def serve(state: State, checkpoint, host, port, api_key, max_batch, max_queue, threads,
+          drain_timeout):
+    """Serve a checkpoint over HTTP: OpenAI's /v1/chat/completions and /v1/completions
+    (streaming or not, continuous batching), /v1/models, /health, /metrics, and a chat
+    page at /. Parameters a request leaves out take the [generation] settings.
+
+    SIGTERM stops taking requests, lets the in-flight ones finish (--drain-timeout) and
+    exits 0. Needs the serve extra: pip install 'rustgpt[serve]'.
+    """
+    config, _ = state.config()
+    try:
+        from rustgpt.serve.server import run_server
+    except ImportError as err:
+        missing = (err.name or "").split(".")[0]
+        if missing not in SERVE_PACKAGES:
+            raise
+        _fail(f"serve needs {missing}, from the serve extra: pip install 'rustgpt[serve]'")
+    from rustgpt.checkpoint import CheckpointManager
+    from rustgpt.resources import max_threads, threads_bound_text
+
+    if threads is not None and threads > max_threads():
+        _fail(f"--threads {threads}: expected at most {threads_bound_text()}")
+    if config.generation.beam_width > 1:
+        tell(f"serve: [generation] beam_width = {config.generation.beam_width} is not used: "
+             f"the server samples each request (no beam search)", logging.WARNING,
+             "warning: ")
+    path = CheckpointManager.resolve(checkpoint or config.checkpoint.directory)
+    run_server(lambda: _load_checkpoint(path).build_model(), host=host, port=port,
+               api_key=api_key, generation=config.generation, max_batch=max_batch,
+               max_queue=max_queue, threads=threads, drain_timeout=drain_timeout)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,14 @@ class TrainingConfig:
                               validator=_non_negative)
     shuffle: bool = _help("shuffle examples every epoch (RustGPT keeps file order)",
                           default=False)
+    max_iters: int = _help("text corpora: training steps (each of grad_accum batches of "
+                           "random windows)", default=5000, validator=_positive)
+    grad_accum: int = _help("text corpora: batches whose gradients make one step",
+                            default=1, validator=_positive)
+    eval_interval: int = _help("text corpora: estimate train and val loss (and save a "
+                               "checkpoint) every N steps", default=250, validator=_positive)
+    eval_iters: int = _help("text corpora: batches per loss estimate", default=20,
+                            validator=_positive)
     seed: int = _help("seed of the weights and the shuffling", default=42,
                       validator=_non_negative)
     threads: int = _help("kernel threads; 0 = OMP_NUM_THREADS or the physical cores",
@@ -139,9 +147,16 @@ class TrainingConfig:
 
 @attrs.frozen
 class DataConfig:
-    """[data]: the example files of the two phases, the size limit, long examples; for
-    text corpora, the validation share and where token files are cached."""
+    """[data]: the example files of the two phases, the size limit, long examples; or text
+    corpora, their tokenizer, the validation share and where token files are cached."""
 
+    text: tuple[str, ...] = _help("text corpora to train on instead of the example files: "
+                                  ".txt/.md files, directories, globs, .jsonl with a \"text\" "
+                                  "field", default=())
+    tokenizer: str = _help("text corpora: char, bpe (trained on the corpus) or the path of "
+                           "a tokenizer file (a Hugging Face tokenizer.json)", default="char")
+    vocab_size: int = _help("text corpora, bpe: the vocabulary size to train", default=1024,
+                            validator=_check(">= 257", lambda v: v >= 257))
     pretraining_data: str = _help("pretraining examples, .json or .csv; empty = bundled",
                                   default="")
     chat_training_data: str = _help("instruction-tuning examples, .json or .csv; empty = "
@@ -225,7 +240,9 @@ SECTIONS_BY_CLASS = {cls: name for name, cls in SECTIONS.items()}
 # the annotations are strings (from __future__; cattrs may resolve them in place later);
 # their types without typing.get_type_hints, which costs more start-up time than the rest
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str, "Optional[int]": Optional[int],
-          "Optional[str]": Optional[str], "Optional[bool]": Optional[bool]}
+          "Optional[str]": Optional[str], "Optional[bool]": Optional[bool],
+          "tuple[str, ...]": tuple[str, ...]}
+_PATHS = tuple[str, ...]  # a list of paths: in the environment, separated by os.pathsep
 _OPTIONAL = {Optional[int]: int, Optional[str]: str, Optional[bool]: bool}  # -> the base type
 
 
@@ -248,11 +265,19 @@ def from_dict(data: Mapping, source: str = "config") -> Config:
 def _type_name(tp) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
             Optional[int]: "an integer or nothing", Optional[str]: "a string or nothing",
-            Optional[bool]: "true, false or nothing"}[tp]
+            Optional[bool]: "true, false or nothing", _PATHS: "a list of strings"}[tp]
 
 
 def _coerce(value: Any, tp, where: str, from_text: bool) -> Any:
     """`value` as type `tp`; strings are parsed when they come from the environment."""
+    if tp == _PATHS:
+        if from_text:
+            return tuple(p for p in value.split(os.pathsep) if p)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} = {value!r}, expected {_type_name(tp)}")
+        return tuple(value)
     optional = tp in _OPTIONAL
     base = _OPTIONAL.get(tp, tp)
     if from_text:
@@ -388,6 +413,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(map(_toml_value, value)) + "]"
     return repr(value)
 
 
@@ -422,7 +449,8 @@ def render_env() -> str:
         for f in attrs.fields(cls):
             name = f"{ENV_PREFIX}{section}_{f.name}".upper()
             value = f.default
-            text = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+            text = ("" if value is None else str(value).lower() if isinstance(value, bool) else
+                    os.pathsep.join(value) if isinstance(value, tuple) else str(value))
             lines.append(f"# {f.metadata['help']}")
             lines.append(f"{name}={text}")
     return "\n".join(lines) + "\n"

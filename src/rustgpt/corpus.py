@@ -142,6 +142,21 @@ def pieces(sources: Sequence[Source], errors: str = "strict",
                             f"expected some text")
 
 
+def read_errors(kind: str) -> str:
+    """How a tokenizer of `kind` takes text that is not UTF-8 (`documents`' errors): byte-
+    level bpe any bytes (those that are not UTF-8 as U+FFFD, with a warning), word and char
+    only UTF-8 (a DataLoadError names the file and byte)."""
+    return "replace" if kind == "bpe" else "strict"
+
+
+def cache_dir(setting: str = "") -> Path:
+    """Where token files are cached: `setting` ([data] token_cache) if given, else
+    $XDG_CACHE_HOME/rustgpt, else ~/.cache/rustgpt."""
+    if setting:
+        return Path(setting)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rustgpt"
+
+
 def _cut(buf: bytes | str, start: int, stop: int) -> int:
     """Where the piece of `buf` from `start` ends, at most at `stop`: before the last newline,
     else the last space, that follows a non-whitespace character; else at `stop`, moved back
@@ -376,7 +391,8 @@ def _write_tokens(path: Path, sources: Sequence[Source], tokenizer, total: int) 
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as out:
-            for source, document in documents(sources):
+            for source, document in documents(sources,
+                                              read_errors(getattr(tokenizer, "kind", ""))):
                 last = ""
                 for piece in document:
                     ids = np.asarray(tokenizer.encode(piece), dtype=np.int64)

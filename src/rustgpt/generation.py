@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROMPT_PREFIX = "User: "  # RustGPT's chat format
+ANSWER_PREFIX = "Assistant:"
 CHAT_MAX_TOKENS = 80  # RustGPT decodes up to its max_seq_len, 80
 TEXT_MAX_TOKENS = 256
 # tokens already out that stream() decodes again before each new piece: a token's text can
@@ -43,6 +44,23 @@ def chat_tuned(model: LLM) -> bool:
     (stopping at the tokenizer's end-of-text token, if it has one), TEXT_MAX_TOKENS by
     default."""
     return model.tokenizer.kind == "word"
+
+
+def chat_prompt(model: LLM, messages: list[tuple[str, str]]) -> str:
+    """The text a conversation is sent to `model` as, in RustGPT's chat format, ending with
+    "Assistant:" for the model to answer: messages are (role, text) pairs, role "system"
+    (its text as is), "user" ("User: text") or "assistant" ("Assistant: text", then the
+    end-of-text token, as chat examples end). A chat-tuned model (RustGPT's: trained on
+    single exchanges, each at position 0) reads the last user message alone, as
+    ``rustgpt-cli chat`` answers each line on its own; a model trained on text reads the
+    whole conversation."""
+    if chat_tuned(model):
+        messages = [message for message in messages if message[0] == "user"][-1:]
+    tokenizer = model.tokenizer
+    end = "" if tokenizer.eos_id is None else " " + tokenizer.decode([tokenizer.eos_id])
+    turns = {"system": "{}", "user": PROMPT_PREFIX + "{}",
+             "assistant": ANSWER_PREFIX + " {}" + end}
+    return " ".join([turns[role].format(text) for role, text in messages] + [ANSWER_PREFIX])
 
 
 def default_max_tokens(model: LLM) -> int:
@@ -109,6 +127,15 @@ def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.
     cdf = np.cumsum(probs)
     cdf /= cdf[-1]
     return int(cdf.searchsorted(rng.random(), side="right"))
+
+
+def sample_next(logits: np.ndarray, history: list[int], rng: np.random.Generator,
+                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                min_p: float = 0.0, repetition_penalty: float = 1.0) -> int:
+    """The token after `history` (the prompt and the tokens so far) from its logits (V,):
+    the repetition penalty over history, then sample(). Every decoding loop's choice."""
+    penalised = apply_repetition_penalty(logits, history, repetition_penalty)
+    return sample(penalised, rng, temperature, top_k, top_p, min_p)
 
 
 # ---- the decoding loops ---------------------------------------------------------------------
@@ -208,21 +235,44 @@ def stream(model: LLM, prompt: str, *, max_tokens: int | None = None, temperatur
 
 def _pieces(tokenizer, tokens: Iterator[int]) -> Iterator[str]:
     """stream()'s pieces of the text of `tokens`."""
-    head: list[int] = []  # the last _STREAM_CONTEXT tokens whose text is out
-    head_text = ""
-    pending: list[int] = []  # tokens whose text is not out yet
+    text = TextStream(tokenizer)
     for token in tokens:
-        pending.append(token)
-        text = tokenizer.decode(head + pending)
+        piece = text.push(token)
+        if piece:
+            yield piece
+    rest = text.finish()
+    if rest:
+        yield rest
+
+
+class TextStream:
+    """Incremental decoding, as stream() does it, for loops that get one token at a time
+    (a server's batch): ``push(token)`` returns the new text (maybe ""), ``finish()`` the
+    text of tokens still held back (an incomplete character)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._head: list[int] = []  # the last _STREAM_CONTEXT tokens whose text is out
+        self._head_text = ""
+        self._pending: list[int] = []  # tokens whose text is not out yet
+
+    def push(self, token: int) -> str:
+        """The text `token` adds after the tokens pushed before it."""
+        self._pending.append(token)
+        text = self.tokenizer.decode(self._head + self._pending)
         if text.endswith("\ufffd"):
-            continue
-        if len(text) > len(head_text):
-            yield text[len(head_text):]
-        head = (head + pending)[-_STREAM_CONTEXT:]
-        head_text = tokenizer.decode(head)
-        pending = []
-    if pending:
-        yield tokenizer.decode(head + pending)[len(head_text):]
+            return ""
+        self._head = (self._head + self._pending)[-_STREAM_CONTEXT:]
+        piece = text[len(self._head_text):]
+        self._head_text = self.tokenizer.decode(self._head)
+        self._pending = []
+        return piece
+
+    def finish(self) -> str:
+        """The text of the tokens held back, if any."""
+        if not self._pending:
+            return ""
+        return self.tokenizer.decode(self._head + self._pending)[len(self._head_text):]
 
 
 def _tokens(model: LLM, prompt: str, max_tokens: int | None, temperature: float, top_k: int,
@@ -243,8 +293,8 @@ def _tokens(model: LLM, prompt: str, max_tokens: int | None, temperature: float,
         context = list(ids)  # the prompt and the tokens decoded so far
         for _ in range(budget):
             logits = _next_logits(model, cache, [context])[0]
-            penalised = apply_repetition_penalty(logits, context, repetition_penalty)
-            token = sample(penalised, rng, temperature, top_k, top_p, min_p)
+            token = sample_next(logits, context, rng, temperature, top_k, top_p, min_p,
+                                repetition_penalty)
             if token == eos:
                 return
             context.append(token)

@@ -185,6 +185,15 @@ def _rows(x: np.ndarray) -> np.ndarray:
     return x.reshape(-1, x.shape[-1])
 
 
+def dropout_seed(seed: int, step: int) -> np.ndarray:
+    """The dropout seed of a training step, int32 (2,): 32 bits of the model's `seed` (its
+    halves mixed) and of the `step`'s number (the masks of step n are those of step n
+    whenever it runs, so a resumed run draws the same ones)."""
+    seed, step = int(seed), int(step)
+    return np.array([(seed ^ (seed >> 32)) & 0xFFFFFFFF, step & 0xFFFFFFFF],
+                    np.uint32).view(np.intc)
+
+
 def _dropout(ws: Workspace, x: np.ndarray, p: float, site: int, name: str) -> np.ndarray:
     """x with dropout p (the mask of `site` and ws's step seed) in ws's buffer `name`; x
     itself when p = 0 or ws has no seed (inference). On a gradient: dropout's backward."""
@@ -265,16 +274,18 @@ class SelfAttention(Module):
         return out
 
     def step(self, ws: Workspace, x: np.ndarray, kcache: np.ndarray, vcache: np.ndarray,
-             n: int) -> np.ndarray:
-        """Attention of one new position n: x (B, 1, D) -> (B, 1, D). Its k and v go to row n
-        of kcache, vcache (B, T_max, D), and its query attends to rows 0..n."""
+             n: np.ndarray) -> np.ndarray:
+        """Attention of one new position per batch row, row b's at n[b] (n: (B,) int32):
+        x (B, 1, D) -> (B, 1, D). Row b's k and v go to row n[b] of its kcache, vcache
+        (B, T_max, D) rows, and its query attends to rows 0..n[b]."""
         B, _, D = x.shape
         x2 = x[:, 0]
         q, k, v = (ws.get(self.key(f"step.{name}"), (B, D)) for name in ("q", "k", "v"))
         a = ws.get(self.key("step.a"), (B, 1, D))
         K.sgemm_many((q, k, v), (x2, x2, x2), (self.wq, self.wk, self.wv))
-        kcache[:, n] = k
-        vcache[:, n] = v
+        rows = np.arange(B)
+        kcache[rows, n] = k
+        vcache[rows, n] = v
         scores = ws.get("attention.step_scores", (B, self.num_heads, kcache.shape[1]))
         K.attention_step(a[:, 0], q, kcache, vcache, n + 1, self.num_heads, scores)
         return self._project(ws, a, "step.out")
@@ -427,9 +438,9 @@ class TransformerBlock(Module):
         return self._forward(ws, x, self.attn.forward)
 
     def step(self, ws: Workspace, x: np.ndarray, kcache: np.ndarray, vcache: np.ndarray,
-             n: int) -> np.ndarray:
-        """The block at one new position n, x (B, 1, D) -> (B, 1, D), attending through the
-        cache (SelfAttention.step)."""
+             n: np.ndarray) -> np.ndarray:
+        """The block at one new position per batch row (n: (B,) int32), x (B, 1, D) ->
+        (B, 1, D), attending through the cache (SelfAttention.step)."""
         return self._forward(ws, x, lambda ws, h: self.attn.step(ws, h, kcache, vcache, n))
 
     def _drop(self, ws: Workspace, y: np.ndarray, which: int, name: str) -> np.ndarray:

@@ -18,7 +18,9 @@ from rustgpt.training import Callback, Trainer
 
 log = logging.getLogger(__name__)
 
-FIELDS = ("step", "phase", "loss", "grad_norm", "lr", "tokens_per_s", "accuracy")
+# train_loss and val_loss: a text run's estimates, at the steps that end with an evaluation
+FIELDS = ("step", "phase", "loss", "grad_norm", "lr", "tokens_per_s", "accuracy",
+          "train_loss", "val_loss")
 CSV_NAME, JSON_NAME = "metrics.csv", "metrics.json"  # MetricsCallback's files in a run's directory
 _SPIKE_RATIO = 10.0  # a norm this many times the running average is a spike ...
 _SPIKE_AFTER = 10    # ... once this many norms make the average meaningful
@@ -95,6 +97,13 @@ class Metrics:
         """Record throughput in target tokens per second."""
         self._row(step)["tokens_per_s"] = float(tps)
 
+    def record_evaluation(self, train_loss: float, val_loss: float,
+                          step: int | None = None) -> None:
+        """Record the estimated train and val losses (no dropout, no gradients) after a
+        step."""
+        row = self._row(step)
+        row["train_loss"], row["val_loss"] = float(train_loss), float(val_loss)
+
     def record_step(self, record: dict) -> None:
         """Record the known fields of a trainer step record (phase, step, loss, grad_norm, lr,
         tokens_per_s, accuracy); other keys are ignored."""
@@ -148,10 +157,13 @@ class Metrics:
         return _mean(_tail(self._series("grad_norm"), last_n))
 
     def summary(self) -> dict:
-        """Steps recorded, latest and mean loss, loss trend, mean gradient norm and
-        throughput, latest accuracy (None where nothing was recorded)."""
-        accuracy = self._series("accuracy")
+        """Steps recorded, latest and mean loss, latest and best val loss (text runs), loss
+        trend, mean gradient norm and throughput, latest accuracy (None where nothing was
+        recorded)."""
+        accuracy, val = self._series("accuracy"), self._series("val_loss")
         return {"steps": len(self._rows), "latest_loss": self.latest_loss(),
+                "latest_val_loss": val[-1] if val else None,
+                "best_val_loss": min(val) if val else None,
                 "avg_loss": self.avg_loss(), "loss_trend": self.loss_trend(),
                 "avg_gradient_norm": self.avg_gradient_norm(),
                 "avg_tokens_per_s": _mean(self._series("tokens_per_s")),
@@ -222,7 +234,11 @@ class MetricsCallback(Callback):
         self.metrics.record_step(record)
 
     def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
-        """Write the files when the epoch is due (see the class docstring)."""
+        """Record an evaluation's losses, if the epoch ended with one; write the files when
+        the epoch is due (see the class docstring)."""
+        if record.get("val_loss") is not None:
+            self.metrics.record_evaluation(record["train_loss"], record["val_loss"],
+                                           record["step"])
         if trainer.epochs_due(self.every_epochs):
             self.write()
 

@@ -7,7 +7,9 @@ for generation; the parameter table, the init, named state and description.
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
 
@@ -32,22 +34,17 @@ from rustgpt.layers import (
     TransformerBlock,
     Workspace,
     _rows,
+    dropout_seed,
 )
 from rustgpt.resources import allocating, check_memory
-from rustgpt.threads import StepThreads
 
 if TYPE_CHECKING:
     from rustgpt.config import ModelConfig
     from rustgpt.optim import Adam
+    from rustgpt.step import TrainStep
     from rustgpt.tokenizer import Tokenizer
 
 IGNORE_INDEX = -1  # target id of padded positions: no loss, no gradient
-MAX_PLANS = 256  # recorded training steps kept per model, one per batch shape and target count
-# Replays of steps of at most this many tokens apply a deferred update beside their forward
-# and run their backward as two streams, one thread each (Plan.run): too few rows to split
-# each matmul between threads well. Longer steps would leave a thread idle: the update ends
-# in the middle of a long forward call, which started on one thread.
-SMALL_STEP_TOKENS = 64
 
 
 def _array(ids, name: str) -> np.ndarray:
@@ -68,6 +65,15 @@ def _integers(arr: np.ndarray, name: str) -> np.ndarray:
 
 def _out_of_vocab(name: str, bad, V: int) -> TokenError:
     return TokenError(f"{name} holds token id {bad}, expected ids in [0, {V})")
+
+
+def _reads(method):
+    """A method of LLM that reads the parameters runs inside ``LLM.reading()``."""
+    @functools.wraps(method)
+    def read(self, *args, **kwargs):
+        with self.reading():
+            return method(self, *args, **kwargs)
+    return read
 
 
 def check_seed(seed, where: str) -> None:
@@ -147,12 +153,13 @@ def activation_bytes(config: ModelConfig, vocab_size: int, B: int, T: int) -> in
 class KVCache:
     """Per-request decoding state: keys and values of every layer, and scratch.
 
-    k, v: (L, B, T_max, D); ``length`` positions are filled."""
+    k, v: (L, B, T_max, D); row b has ``lengths[b]`` positions filled, (B,) int32: rows
+    of different lengths decode together (a server's requests, see LLM.step)."""
 
     def __init__(self, num_layers: int, batch: int, max_seq_len: int, dim: int) -> None:
         self.k = np.zeros((num_layers, batch, max_seq_len, dim), np.float32)
         self.v = np.zeros_like(self.k)
-        self.length = 0
+        self.lengths = np.zeros(batch, np.intc)
         self.workspace = Workspace()
 
     @property
@@ -160,10 +167,37 @@ class KVCache:
         """Rows (sequences) the cache holds."""
         return self.k.shape[1]
 
+    @property
+    def length(self) -> int:
+        """Positions filled in every row, when the rows are of one length (as prefill
+        leaves them); a ValidationError otherwise."""
+        if self.lengths.min() != self.lengths.max():
+            raise ValidationError(f"KVCache: rows of lengths {self.lengths.min()} to "
+                                  f"{self.lengths.max()} have no common length")
+        return int(self.lengths[0])
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows start..stop-1 as a cache of their own that shares this one's arrays (k, v,
+        lengths are views) and workspace: prefill and step one request's row, or the
+        first B of a server's batch."""
+        view = object.__new__(KVCache)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.lengths, view.workspace = self.lengths[start:stop], self.workspace
+        return view
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row src (its keys, values and length) over row dst: a batch closing the gap
+        a finished row leaves."""
+        n = self.lengths[src]
+        self.k[:, dst, :n] = self.k[:, src, :n]
+        self.v[:, dst, :n] = self.v[:, src, :n]
+        self.lengths[dst] = n
+
     def reorder(self, rows: np.ndarray) -> None:
         """Keep batch rows `rows` (in that order): beam search's reshuffle."""
         self.k = np.ascontiguousarray(self.k[:, rows])
         self.v = np.ascontiguousarray(self.v[:, rows])
+        self.lengths = self.lengths[rows]
 
 
 class LLM(Module):
@@ -202,19 +236,15 @@ class LLM(Module):
             self.params = FlatParameters(list(self.named_specs()))
         self.bind(self.params)
         self.params.initialize(np.random.default_rng(seed))
-        # a training step's dropout seed, (the model's seed, the step's) as int32: the
-        # training workspace carries it, so its layers (and plans) draw their masks from it
-        self.seed = seed
-        self._dropout_seed = np.zeros(2, np.intc) if config.dropout > 0 else None
-        self.workspace = Workspace(self._dropout_seed)  # training activations
-        self._activations = 0  # bytes of the largest step checked: the workspace holds them
-        # recorded training steps: (B, T, targets) -> (plan, its ids, its targets, losses)
-        self._plans: dict[tuple[int, int, int], tuple] = {}
-        self._plans_generation = -1  # the workspace generation the plans were recorded in
-        self.plans_recorded = 0  # training steps run layer by layer and recorded so far
-        self.last_correct = 0  # targets the latest loss_and_backward predicted right
-        self.step_threads = StepThreads()  # train_step's choice of 1 or all threads
-        self._deferred: Adam | None = None  # whose pending step the next forward applies
+        self.seed = seed  # with a step's number, the seed of its dropout masks
+        # held while the parameters change (a training step) and while they are read, so
+        # readers in other threads see one set of weights
+        self.lock = threading.RLock()
+        # the optimizer whose pending update (a TrainStep's, deferred) the next step
+        # applies, and the thread whose step left it: the only one that may apply it
+        self._deferred: Adam | None = None
+        self._deferred_owner = 0
+        self._train_step: TrainStep | None = None  # train_step's, for its optimizer
 
     # ---- shapes and checks ----------------------------------------------------------------
 
@@ -247,6 +277,21 @@ class LLM(Module):
             raise _out_of_vocab(name, arr.flat[first], V)
         return arr, count
 
+    def _checked_batch(self, inputs, targets) -> tuple[np.ndarray, np.ndarray, int]:
+        """(ids, targets, number of targets): inputs and targets (B, T) (or (T,)) as
+        C-contiguous int32 after checking them (targets IGNORE_INDEX at padding, at least
+        one target)."""
+        ids = self._ids(inputs, "inputs")
+        tgt = _integers(_array(targets, "targets"), "targets")
+        if tgt.ndim == 1:
+            tgt = tgt[None, :]
+        if tgt.shape != ids.shape:
+            raise ShapeMismatch("targets", ids.shape, tgt.shape)
+        tgt, count = self._in_vocab(tgt, "targets", IGNORE_INDEX)
+        if count == 0:
+            raise ValidationError("targets are all padding, expected at least one target")
+        return ids, tgt, count
+
     # ---- training -----------------------------------------------------------------------
 
     def _forward(self, ws: Workspace, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -267,126 +312,90 @@ class LLM(Module):
 
     def forward(self, ids) -> np.ndarray:
         """Logits (B, T, V) for token ids (B, T) (or (T,), giving (1, T, V)); a new array."""
-        self.settle()
         ids = self._ids(ids)
-        with self._activations_of(*ids.shape, training=False):
+        with self.reading(), self._activations_of(*ids.shape):
             return self._forward(Workspace(), ids)[0].copy()
 
     @contextmanager
-    def _activations_of(self, B: int, T: int, training: bool) -> Iterator[None]:
+    def _activations_of(self, B: int, T: int, held: int = 0) -> Iterator[None]:
         """Around a pass over (B, T) tokens: refuse it up front when its activations need
-        more memory than is available (besides what the training workspace holds already,
-        for a training step), and turn a failed allocation into a ValidationError too."""
+        more memory than is available (besides the `held` bytes its workspace holds
+        already), and turn a failed allocation into a ValidationError too."""
         need = activation_bytes(self.config, self.tokenizer.size, B, T)
-        held = self._activations if training else 0  # the workspace only grows
         what = f"LLM: the activations of a batch of {B} x {T} tokens"
         check_memory(need - held, f"{what} need")
-        if training:
-            self._activations = max(held, need)
         with allocating(what):
             yield
 
     def settle(self) -> None:
-        """Apply the Adam step ``train_step(..., defer=True)`` left pending, if any. Every
-        method here that reads the parameters calls it first."""
-        if self._deferred is not None:
-            self._deferred.settle()
-            self._deferred = None
+        """Apply the Adam update a training step left pending (``defer=True``), if any and
+        if this thread's step left it; every method here that reads the parameters calls
+        it first. A reader in another thread leaves it alone: it sees the weights before
+        that update (the training thread applies it beside its next forward)."""
+        if self._deferred is not None and threading.get_ident() == self._deferred_owner:
+            with self.lock:
+                if self._deferred is not None:
+                    self._deferred.settle()
+                    self._deferred = None
+
+    def _defer(self, optimizer: Adam) -> None:
+        """Note that `optimizer` holds a pending update made by this thread's step."""
+        self._deferred, self._deferred_owner = optimizer, threading.get_ident()
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Around a read of the parameters: this thread's pending update applied, and no
+        training step changing them meanwhile (``lock``)."""
+        self.settle()
+        with self.lock:
+            yield
 
     def loss_and_backward(self, inputs, targets, dropout_step: int = 0) -> float:
-        """Mean cross-entropy of next-token prediction and its gradient.
+        """Mean cross-entropy of next-token prediction and its gradient, layer by layer.
 
         inputs, targets: (B, T); targets equal to IGNORE_INDEX (-1) are padding. Overwrites
         ``params.grad`` with d(loss)/d(params) (every layer writes its gradients over the old
-        ones, so no zeroing pass is needed). Returns the loss; ``last_correct`` is then the
-        number of targets whose logit was the largest (next-token accuracy's numerator).
-        With config.dropout > 0 this is a training step: its dropout masks come from the
-        model's seed and `dropout_step` (an integer >= 0; train_step passes the optimizer's
-        step number, which checkpoints keep, so a resumed run draws the same masks).
-
-        The first step of each (B, T, number of targets) runs layer by layer and is recorded
-        as a kernel plan (``_kernels.Plan``); later steps of that shape copy their ids into
-        the plan's arrays and replay it in C, without the Python in between. A step that
-        ``train_step(..., defer=True)`` left pending is applied first: during a replay,
-        beside the forward if the step has at most SMALL_STEP_TOKENS tokens (``Plan.run``:
-        one thread updating while another runs it), and such a step's backward runs as two
-        streams, the weight gradients on a thread of their own."""
-        return self._loss_and_backward_norm(inputs, targets, False, dropout_step)[0]
-
-    def _loss_and_backward_norm(self, inputs, targets, norm: bool,
-                                dropout_step: int = 0) -> tuple[float, float | None]:
-        """loss_and_backward's loss; with `norm`, and the gradients' sum of squares when a
-        replay took it on the way (as K.sum_squares would; None when the step was
-        recorded)."""
-        if self._dropout_seed is not None:
-            step = dropout_step
-            if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-                raise ValidationError(f"loss_and_backward: dropout_step = {step!r}, expected "
-                                      f"an integer >= 0")
-            # 32 bits of each, the seed's halves mixed; the calls read them when they run
-            seed, step = int(self.seed), int(step)
-            self._dropout_seed[...] = np.array(
-                [(seed ^ (seed >> 32)) & 0xFFFFFFFF, step & 0xFFFFFFFF], np.uint32).view(np.intc)
-        ids = self._ids(inputs, "inputs")
-        tgt = _integers(_array(targets, "targets"), "targets")
-        if tgt.ndim == 1:
-            tgt = tgt[None, :]
-        if tgt.shape != ids.shape:
-            raise ShapeMismatch("targets", ids.shape, tgt.shape)
-        tgt, count = self._in_vocab(tgt, "targets", IGNORE_INDEX)
-        if count == 0:
-            raise ValidationError("targets are all padding, expected at least one target")
-        key = (*ids.shape, count)
-        entry = self._plans.get(key)
-        if entry is None:
-            self.settle()
-            plan, ids, tgt = K.Plan(), ids.copy(), tgt.copy()  # the plan's own inputs
-            with self._activations_of(*ids.shape, training=True), plan:
-                losses, hits, forward = self._loss_and_backward(self.workspace, ids, tgt,
-                                                                count, plan)
-            ws = self.workspace
-            if ws.generation != self._plans_generation or len(self._plans) >= MAX_PLANS:
-                self._plans.clear()  # plans over replaced buffers would keep those alive
-                self._plans_generation = ws.generation
-            self._plans[key] = plan, ids, tgt, losses, hits, forward
-            self.plans_recorded += 1
-            sum_squares = None
-        else:
-            plan, plan_ids, plan_tgt, losses, hits, forward = entry
-            plan_ids[...] = ids
-            plan_tgt[...] = tgt
-            small = ids.size <= SMALL_STEP_TOKENS
-            if not small:
-                self.settle()
-            deferred = self._deferred
-            sum_squares = plan.run(deferred and deferred.pending, forward, small,
-                                   self.params.grad if norm else None)
-            if deferred is not None:
-                deferred.pending = self._deferred = None
-        self.last_correct = int(np.count_nonzero(hits))
-        return float(losses.sum(dtype=np.float64) / count), sum_squares
+        ones, so no zeroing pass is needed). Returns the loss. With config.dropout > 0 this
+        is a training step: its dropout masks come from the model's seed and `dropout_step`
+        (an integer >= 0; rustgpt.step.TrainStep passes the optimizer's step number, which
+        checkpoints keep, so a resumed run draws the same masks). Training loops use a
+        TrainStep (or ``train_step``), which records and replays the kernel calls."""
+        if isinstance(dropout_step, bool) or not isinstance(dropout_step, (int, np.integer)) \
+                or dropout_step < 0:
+            raise ValidationError(f"loss_and_backward: dropout_step = {dropout_step!r}, "
+                                  f"expected an integer >= 0")
+        ids, tgt, count = self._checked_batch(inputs, targets)
+        ws = Workspace(dropout_seed(self.seed, dropout_step) if self.config.dropout > 0
+                       else None)
+        with self.reading(), self._activations_of(*ids.shape):
+            losses = self._loss_and_backward(ws, ids, tgt, 1.0 / count, False)[0]
+        return float(losses.sum(dtype=np.float64) / count)
 
     def _loss_and_backward(self, ws: Workspace, ids: np.ndarray, tgt: np.ndarray,
-                           count: int, plan: K.Plan) -> tuple[np.ndarray, np.ndarray, int]:
-        """Forward, loss and backward as kernel calls, recorded into `plan`; the
+                           scale: float, accumulate: bool, plan: K.Plan | None = None
+                           ) -> tuple[np.ndarray, np.ndarray, int]:
+        """Forward, loss and backward as kernel calls (recorded into `plan` if given): the
         per-position losses (B*T,) and hits (B*T,) (1 where the prediction was right), and
-        the number of calls the forward made."""
+        the number of calls the forward made. The loss's gradient is scaled by `scale` (1 /
+        the step's number of targets); `accumulate` adds the gradients to params.grad
+        instead of overwriting them."""
         logits, xs = self._forward(ws, ids)
-        forward = len(plan)
+        forward = len(plan) if plan is not None else 0
         B, T, V = logits.shape
         losses = ws.get("losses", (B * T,))
         hits = ws.get("hits", (B * T,)).view(np.intc)  # the float32 scratch, as int32
         # dlogits overwrite the logits in place: (softmax - onehot) / count
         K.crossentropy_forward_backward(losses, _rows(logits), hits, _rows(logits),
-                                        tgt.reshape(-1), IGNORE_INDEX, 1.0 / count)
-        dx = self.output.backward(ws, xs[-1], logits, accumulate=False)
+                                        tgt.reshape(-1), IGNORE_INDEX, scale)
+        dx = self.output.backward(ws, xs[-1], logits, accumulate=accumulate)
         if self.ln_f is not None:
-            dx = self.ln_f.backward(ws, xs[-2], dx, accumulate=False)
+            dx = self.ln_f.backward(ws, xs[-2], dx, accumulate=accumulate)
         L = len(self.blocks)
         for block, x in zip(reversed(self.blocks), reversed(xs[:L])):
-            dx = block.backward(ws, x, dx, accumulate=False)
+            dx = block.backward(ws, x, dx, accumulate=accumulate)
         # a tied output projection has written its part of the token gradient: add to it
-        self.embeddings.backward(ws, ids, dx, accumulate=(self.output.tied is not None, False))
+        self.embeddings.backward(ws, ids, dx, accumulate=(
+            accumulate or self.output.tied is not None, accumulate))
         return losses, hits, forward
 
     def loss(self, inputs, targets) -> tuple[float, int, int]:
@@ -396,8 +405,7 @@ class LLM(Module):
         if tgt.size != ids.size:
             raise ShapeMismatch("targets", ids.shape, tgt.shape)
         tgt = self._in_vocab(tgt.reshape(ids.shape), "targets", IGNORE_INDEX)[0]
-        self.settle()
-        with self._activations_of(*ids.shape, training=False):
+        with self.reading(), self._activations_of(*ids.shape):
             logits = self._forward(Workspace(), ids)[0]
         losses = np.empty(tgt.size, np.float32)
         hits = np.empty(tgt.size, np.intc)
@@ -411,37 +419,17 @@ class LLM(Module):
 
     def train_step(self, inputs, targets, optimizer: Adam, lr: float,
                    max_grad_norm: float | None = 5.0, defer: bool = False) -> tuple[float, float]:
-        """One step: loss and backward, clip to ``max_grad_norm`` (global L2), Adam update.
-        Returns (loss, gradient norm before clipping). Raises TrainingError on a NaN/inf
-        loss or gradient, before the parameters change. The step runs on one thread or on
-        all, whichever measures faster (``step_threads``, see rustgpt.threads); the results
-        are the same either way.
+        """One step on one batch: ``TrainStep(self, optimizer, max_grad_norm).run([(inputs,
+        targets)], lr, defer)`` (see rustgpt.step), the TrainStep kept while the same
+        optimizer is passed, so its recorded plans are replayed. Returns (loss, gradient
+        norm before clipping)."""
+        from rustgpt.step import TrainStep  # the training step builds on the model
 
-        ``defer=True`` leaves the update pending (``optimizer.step(defer=True)``) and the
-        next step applies it beside its forward, which saves time on two or more threads;
-        the results are the same, bit for bit. Until then ``params.data`` lags one update
-        behind: the methods here that read parameters, and the optimizer's state_dict,
-        call ``settle()`` first; code reading ``params`` directly should too."""
-        recorded = self.plans_recorded  # a step that records a plan is not timed
-        return self.step_threads.run(
-            lambda: self._train_step(inputs, targets, optimizer, lr, max_grad_norm, defer),
-            _array(inputs, "inputs").size, lambda: self.plans_recorded != recorded)
-
-    def _train_step(self, inputs, targets, optimizer: Adam, lr: float,
-                    max_grad_norm: float | None, defer: bool) -> tuple[float, float]:
-        # dropout's masks: those of the step about to be taken (t counts a pending one)
-        loss, sum_squares = self._loss_and_backward_norm(inputs, targets, defer,
-                                                         optimizer.t + 1)
-        # the update checks the norm itself and leaves everything as it was if not finite
-        norm = optimizer.step(lr, max_grad_norm, defer, sum_squares) if math.isfinite(loss) \
-            else self.grad_norm()
-        if optimizer.pending is not None:
-            self._deferred = optimizer
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            raise TrainingError(f"loss = {loss}, gradient norm = {norm} at optimizer step "
-                                f"{optimizer.t + 1}: training diverged (parameters left as "
-                                f"they were before this step)")
-        return loss, norm
+        step = self._train_step
+        if step is None or step.optimizer is not optimizer:
+            step = self._train_step = TrainStep(self, optimizer)
+        step.max_grad_norm = max_grad_norm
+        return step.run([(inputs, targets)], lr, defer)
 
     # ---- generation (KV cache) --------------------------------------------------------------
 
@@ -460,12 +448,12 @@ class LLM(Module):
         cache = 4 * batch * c.max_seq_len * (2 * c.num_layers * c.embedding_dim + c.num_heads)
         return cache + activation_bytes(c, self.tokenizer.size, batch, prompt_len)
 
+    @_reads
     def prefill(self, cache: KVCache, ids) -> np.ndarray:
         """Run the prompt ids (B, T) through the model, filling cache rows 0..T-1.
         Returns the last position's logits (B, V), a view into the cache's workspace."""
         ids = self._ids(ids)
         B, T = ids.shape
-        self.settle()
         if B != cache.batch:
             raise ShapeMismatch("prompt ids", (cache.batch, T), ids.shape)
         ws = cache.workspace
@@ -474,29 +462,31 @@ class LLM(Module):
             x = block.forward(ws, x)
             cache.k[layer, :, :T] = ws.get(block.attn.key("k"), (B, T, x.shape[2]))
             cache.v[layer, :, :T] = ws.get(block.attn.key("v"), (B, T, x.shape[2]))
-        cache.length = T
+        cache.lengths[:] = T
         last = ws.get("prefill.last", (B, 1, x.shape[2]))
         last[...] = x[:, T - 1:T]
         return self._head(ws, last)[:, 0]
 
+    @_reads
     def step(self, cache: KVCache, ids) -> np.ndarray:
-        """Append one token per batch row (ids: (B,)) at position cache.length.
-        Returns its logits (B, V), a view into the cache's workspace."""
-        n = cache.length
-        if n >= self.config.max_seq_len:
-            raise ValidationError(f"cannot decode position {n}: max_seq_len is "
+        """Append one token per batch row (ids: (B,)), row b's at its own position
+        cache.lengths[b] (rows of different lengths decode together; each row's logits are
+        those it would get alone). Returns their logits (B, V), a view into the cache's
+        workspace."""
+        n = cache.lengths
+        if n.max() >= self.config.max_seq_len:
+            raise ValidationError(f"cannot decode position {n.max()}: max_seq_len is "
                                   f"{self.config.max_seq_len}")
         ids = self._in_vocab(np.asarray(ids).reshape(-1), "step ids")[0]
         if ids.shape[0] != cache.batch:
             raise ShapeMismatch("step ids", (cache.batch,), ids.shape)
-        self.settle()
         ws, B, D = cache.workspace, cache.batch, self.config.embedding_dim
         x = ws.get("step.x", (B, 1, D))
-        # embedding of token ids at position n: token[id] + position[n]
+        # embedding of token ids at positions n: token[id] + position[n]
         np.add(self.embeddings.token[ids], self.embeddings.position[n], out=x[:, 0])
         for layer, block in enumerate(self.blocks):
             x = block.step(ws, x, cache.k[layer], cache.v[layer], n)
-        cache.length = n + 1
+        n += 1
         return self._head(ws, x)[:, 0]
 
     def generate(self, prompt: str, **options) -> str:
@@ -518,14 +508,14 @@ class LLM(Module):
         self.settle()
         yield from self.params.values.items()
 
+    @_reads
     def state_dict(self) -> dict[str, np.ndarray]:
         """Copies of every parameter by name (``blocks.0.attn.wq`` ...)."""
-        self.settle()
         return {name: value.copy() for name, value in self.params.values.items()}
 
+    @_reads  # a pending step applied later would change the loaded values
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Copy named arrays into the parameters; every name must be present with its shape."""
-        self.settle()  # a pending step applied later would change the loaded values
         expected = self.params.values
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))

@@ -1,0 +1,176 @@
+"""Serving benchmark: aggregate tokens/s and time to first token (p50, p99) of
+`rustgpt-cli serve` at 1, 4, 16 and 64 concurrent streams, for the default model and a
+d512/L6 one (random weights, end-of-text suppressed, so every request decodes its
+max_tokens).
+
+    python bench/serve.py                  # both models, the table in markdown
+    python bench/serve.py --model default --streams 1 16
+
+The server runs as its own process (the real CLI, default --max-batch 16 and --max-queue
+64, logging at WARNING); the clients are asyncio streams over httpx in this process, each
+sending its requests one after another (POST /v1/completions, stream: true). TTFT is from
+sending a request to its first token's chunk; tokens/s counts every completion token over
+the wall time of the level. Both share the machine's cores with the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rustgpt.checkpoint import Checkpoint
+from rustgpt.config import Config, ModelConfig
+from rustgpt.data import BUNDLED_CHAT, BUNDLED_PRETRAINING, Dataset
+from rustgpt.model import LLM
+from rustgpt.tokenizer import Vocab
+
+MODELS = {  # name -> (ModelConfig, prompt words, max_tokens)
+    "default": (ModelConfig(), 10, 64),
+    "d512/L6": (ModelConfig(embedding_dim=512, hidden_dim=2048, num_layers=6, num_heads=8,
+                            max_seq_len=256), 10, 64),
+}
+STREAMS = (1, 4, 16, 64)
+PROMPT = "the sun rises in the east and sets in the west"
+
+
+def checkpoint(name: str, directory: Path) -> Path:
+    """A checkpoint of model `name` with the bundled data's vocabulary and random weights,
+    its end-of-text token never chosen."""
+    config = MODELS[name][0]
+    vocab = Vocab.from_texts(Dataset.load(BUNDLED_PRETRAINING).examples
+                             + Dataset.load(BUNDLED_CHAT).examples)
+    model = LLM(config, vocab, seed=0)
+    model.output.b[vocab.eos_id] = -1e4
+    path = directory / f"{name.replace('/', '-')}.safetensors"
+    Checkpoint.from_model(model, Config(model=config)).save(path)
+    return path
+
+
+class Server:
+    """`rustgpt-cli serve` on a free port, as a process."""
+
+    def __init__(self, path: Path, threads: int, max_batch: int) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rustgpt.cli", "serve", "--checkpoint", str(path),
+             "--port", str(port), "--threads", str(threads), "--max-batch", str(max_batch),
+             "--log-level", "WARNING"])
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(self.url + "/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+async def _stream(client, max_tokens: int) -> tuple[float, int]:
+    """One request: (seconds to its first token, completion tokens)."""
+    began, first, tokens = time.perf_counter(), None, 0
+    body = {"model": "rustgpt", "prompt": PROMPT, "max_tokens": max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}}
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if first is None and event["choices"] and event["choices"][0]["text"]:
+                first = time.perf_counter() - began
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return first, tokens
+
+
+async def _level(url: str, streams: int, requests: int, max_tokens: int) -> dict:
+    import httpx
+
+    ttft, tokens = [], 0
+    limits = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as client:
+        await _stream(client, 4)  # warm: the workspaces reach their shapes
+
+        async def worker(n):
+            nonlocal tokens
+            for _ in range(n):
+                first, count = await _stream(client, max_tokens)
+                ttft.append(first)
+                tokens += count
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker(requests // streams) for _ in range(streams)))
+        seconds = time.perf_counter() - began
+    return {"streams": streams, "requests": len(ttft), "tokens": tokens,
+            "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "ttft_p50_ms": 1e3 * float(np.percentile(ttft, 50)),
+            "ttft_p99_ms": 1e3 * float(np.percentile(ttft, 99))}
+
+
+def measure(name: str, streams=STREAMS, threads: int = 2, max_batch: int = 16,
+            rounds: int = 4) -> list[dict]:
+    """One row per concurrency level: each stream sends `rounds` requests (at least 16
+    in all per level)."""
+    max_tokens = MODELS[name][2]
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server(checkpoint(name, Path(tmp)), threads, max_batch)
+        try:
+            return [{"model": name, **asyncio.run(_level(
+                server.url, n, max(rounds * n, 16 // n * n), max_tokens))} for n in streams]
+        finally:
+            server.close()
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as a markdown table, with each level's speed-up over one stream."""
+    one = {r["model"]: r["tokens_per_s"] for r in rows if r["streams"] == 1}
+    lines = ["| model | streams | tokens/s | vs 1 stream | TTFT p50 | TTFT p99 |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        gain = r["tokens_per_s"] / one[r["model"]] if r["model"] in one else float("nan")
+        lines.append(f"| {r['model']} | {r['streams']} | {r['tokens_per_s']:,.0f} | "
+                     f"{gain:.1f}x | {r['ttft_p50_ms']:.1f} ms | {r['ttft_p99_ms']:.1f} ms |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=list(MODELS), action="append")
+    parser.add_argument("--streams", type=int, nargs="+", default=list(STREAMS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=4, help="requests per stream")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = parser.parse_args()
+    rows = []
+    for name in args.model or list(MODELS):
+        rows += measure(name, args.streams, args.threads, args.max_batch, args.rounds)
+    print(json.dumps(rows, indent=1) if args.json else table(rows))
+    print(f"\n{os.cpu_count()} logical CPUs, server --threads {args.threads}, "
+          f"--max-batch {args.max_batch}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    main()

@@ -1,0 +1,192 @@
+"""TrainStep: one optimizer step over an LLM, and everything that makes it fast.
+
+The model (rustgpt.model) is math only: forward, loss and backward as kernel calls. A step
+adds, in this order:
+
+1. loss and backward over one or more micro-batches (gradient accumulation: the first
+   overwrites the gradient buffer, the others add to it; the loss of each is scaled by the
+   step's whole number of targets, so the sum is the step's mean);
+2. ``reduce(grad)``, the one place between backward and update where the gradient buffer
+   may be combined with other processes' (rustgpt.comm's all-reduce; None: one process);
+3. the gradient's global norm, taken after that, clipping and the Adam update, which may be
+   deferred: left pending and applied beside the next step's forward.
+
+Speed comes from recorded plans: the first step of each shape runs layer by layer and is
+recorded (``_kernels.Plan``); later steps of that shape copy their ids into the plan's
+arrays and replay it in C, without the Python in between. The rule that makes this safe
+is written where layers are written (rustgpt.layers): every array operation in a layer's
+forward or backward is a kernel call; numpy work there runs only while recording.
+``replay=False`` turns replay off (every step runs layer by layer), and tests compare the
+two. Recording belongs to the step's thread, so two models train in two threads.
+
+Readers of the model in other threads (generation while training) see consistent weights:
+the step holds ``model.lock`` while it changes them, readers hold it while they read, and
+a pending update is applied only by the thread that made it (``LLM.settle``).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+
+from rustgpt import _kernels as K
+from rustgpt.errors import TrainingError, ValidationError
+from rustgpt.layers import Workspace, dropout_seed
+from rustgpt.model import activation_bytes
+from rustgpt.threads import StepThreads
+
+if TYPE_CHECKING:
+    from rustgpt.model import LLM
+    from rustgpt.optim import Adam
+
+MAX_PLANS = 256  # recorded plans kept per step, one per batch shape and target count
+# Replays of steps of at most this many tokens apply a deferred update beside their forward
+# and run their backward as two streams, one thread each (Plan.run): too few rows to split
+# each matmul between threads well. Longer steps would leave a thread idle: the update ends
+# in the middle of a long forward call, which started on one thread.
+SMALL_STEP_TOKENS = 64
+
+
+class TrainStep:
+    """Steps of `model` with `optimizer` (an Adam over ``model.params``).
+
+    ``run(batches, lr)`` takes one step and returns (loss, gradient norm before clipping).
+    max_grad_norm: clip to this global L2 norm (None: no clipping). replay: replay recorded
+    plans (False: every step layer by layer; the same results, bit for bit). reduce: called
+    with the flat gradient buffer (P,) after backward and before the norm, to combine it in
+    place across processes. ``threads`` chooses between one kernel thread and all for each
+    step (rustgpt.threads); ``last_correct`` is the latest step's number of targets
+    predicted right."""
+
+    def __init__(self, model: LLM, optimizer: Adam, max_grad_norm: float | None = 5.0, *,
+                 replay: bool = True,
+                 reduce: Callable[[np.ndarray], None] | None = None) -> None:
+        if optimizer.params is not model.params:
+            raise ValidationError("TrainStep: the optimizer updates another model's "
+                                  "parameters, expected Adam(model.params)")
+        self.model = model
+        self.optimizer = optimizer
+        self.max_grad_norm = max_grad_norm
+        self.replay = replay
+        self.reduce = reduce
+        self.threads = StepThreads()
+        # a micro-step's dropout seed (layers.dropout_seed): the workspace carries it, so
+        # its layers (and plans) draw their masks from it
+        self._dropout_seed = np.zeros(2, np.intc) if model.config.dropout > 0 else None
+        self.workspace = Workspace(self._dropout_seed)  # the step's activations
+        self._activations = 0  # bytes of the largest step checked: the workspace holds them
+        # (B, T, targets, the step's targets, accumulate) -> (plan, ids, targets, losses,
+        # hits, forward calls)
+        self._plans: dict[tuple, tuple] = {}
+        self._plans_generation = -1  # the workspace generation the plans were recorded in
+        self.plans_recorded = 0  # micro-steps run layer by layer (and recorded) so far
+        self.last_correct = 0
+
+    def run(self, batches: Sequence[tuple], lr: float, defer: bool = False) -> tuple[float, float]:
+        """One step over `batches`, a list of (inputs, targets) micro-batches (each (B, T)
+        token ids, targets IGNORE_INDEX at padding) whose gradients add up. Returns (loss,
+        gradient norm before clipping): the mean cross-entropy over all their targets.
+        Raises TrainingError on a NaN/inf loss or gradient, before the parameters change.
+
+        ``defer=True`` leaves the update pending; the next step applies it beside its
+        forward, which saves time on two or more threads; the results are the same, bit for
+        bit. Until then ``model.params.data`` lags one update behind (``model.settle()``)."""
+        if not batches:
+            raise ValidationError("TrainStep.run: no batches, expected at least one")
+        checked = [self.model._checked_batch(inputs, targets) for inputs, targets in batches]
+        tokens = sum(ids.size for ids, _, _ in checked)
+        recorded = self.plans_recorded  # a step that records a plan is not timed
+        with self.model.lock:
+            return self.threads.run(lambda: self._run(checked, lr, defer), tokens,
+                                    lambda: self.plans_recorded != recorded)
+
+    def loss_and_backward(self, inputs, targets, dropout_step: int = 0,
+                          norm: bool = False) -> tuple[float, float | None]:
+        """LLM.loss_and_backward through this step's plans (a shape's first call is
+        recorded, later ones replay it), without an update: (loss, the gradients' sum of
+        squares when `norm` and a replay took it on the way, else None)."""
+        ids, tgt, count = self.model._checked_batch(inputs, targets)
+        with self.model.lock:
+            loss, right, sum_squares = self._backward(ids, tgt, count, count, False,
+                                                      dropout_step, norm)
+        self.last_correct = right
+        return loss / count, sum_squares
+
+    def _run(self, checked: list, lr: float, defer: bool) -> tuple[float, float]:
+        opt, model = self.optimizer, self.model
+        total = sum(count for _, _, count in checked)
+        n = len(checked)
+        loss_sum, correct, sum_squares = 0.0, 0, None
+        for i, (ids, tgt, count) in enumerate(checked):
+            # the replay of the last micro-step sums the gradient's squares on the way,
+            # unless reduce changes the gradient after it
+            norm = defer and i == n - 1 and self.reduce is None
+            # dropout masks: those of micro-step i of the step about to be taken
+            part, right, sum_squares = self._backward(ids, tgt, count, total, i > 0,
+                                                      opt.t * n + i + 1, norm)
+            loss_sum += part
+            correct += right
+        self.last_correct = correct
+        loss = loss_sum / total
+        if self.reduce is not None:
+            self.reduce(model.params.grad)
+        # the update checks the norm itself and leaves everything as it was if not finite
+        norm = opt.step(lr, self.max_grad_norm, defer, sum_squares) if math.isfinite(loss) \
+            else model.grad_norm()
+        if opt.pending is not None:
+            model._defer(opt)
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            raise TrainingError(f"loss = {loss}, gradient norm = {norm} at optimizer step "
+                                f"{opt.t + 1}: training diverged (parameters left as they "
+                                f"were before this step)")
+        return loss, norm
+
+    def _backward(self, ids: np.ndarray, tgt: np.ndarray, count: int, total: int,
+                  accumulate: bool, dropout_step: int, norm: bool) -> tuple[float, int, float | None]:
+        """One micro-step's loss and backward, its losses scaled by 1 / `total`: (summed
+        loss of its targets, targets predicted right, the gradients' sum of squares when
+        `norm` and a replay took it on the way, else None). A step that train_step left
+        pending is applied first: during a replay, beside the forward if the step has at
+        most SMALL_STEP_TOKENS tokens (``Plan.run``: one thread updating while another runs
+        it), and such a step's backward then runs as two streams, the weight gradients on
+        a thread of their own."""
+        model = self.model
+        if self._dropout_seed is not None:  # the calls read it when they run
+            self._dropout_seed[...] = dropout_seed(model.seed, dropout_step)
+        key = (*ids.shape, count, total, accumulate)
+        entry = self._plans.get(key) if self.replay else None
+        if entry is None:
+            model.settle()
+            ws = self.workspace
+            plan = K.Plan() if self.replay else None
+            ids, tgt = ids.copy(), tgt.copy()  # the plan's own inputs
+            B, T = ids.shape
+            need = activation_bytes(model.config, model.tokenizer.size, B, T)
+            # the workspace only grows: what it holds already is not asked for again
+            with model._activations_of(B, T, self._activations), plan if plan is not None else nullcontext():
+                losses, hits, forward = model._loss_and_backward(ws, ids, tgt, 1.0 / total,
+                                                                 accumulate, plan)
+            self._activations = max(self._activations, need)
+            if plan is not None:
+                if ws.generation != self._plans_generation or len(self._plans) >= MAX_PLANS:
+                    self._plans.clear()  # plans over replaced buffers would keep those alive
+                    self._plans_generation = ws.generation
+                self._plans[key] = plan, ids, tgt, losses, hits, forward
+            self.plans_recorded += 1
+            sum_squares = None
+        else:
+            plan, plan_ids, plan_tgt, losses, hits, forward = entry
+            plan_ids[...] = ids
+            plan_tgt[...] = tgt
+            small = ids.size <= SMALL_STEP_TOKENS
+            if not small:
+                model.settle()
+            deferred = model._deferred
+            sum_squares = plan.run(deferred and deferred.pending, forward, small,
+                                   model.params.grad if norm else None)
+            if deferred is not None:
+                deferred.pending = model._deferred = None
+        return float(losses.sum(dtype=np.float64)), int(np.count_nonzero(hits)), sum_squares

@@ -1,0 +1,177 @@
+"""TrainStep: replay equals layer-by-layer for every architecture option, gradient
+accumulation, the reduce hook's place, and threads: readers of a model that another thread
+trains, and two models trained in two threads."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from rustgpt.config import ModelConfig
+from rustgpt.errors import ValidationError
+from rustgpt.model import LLM
+from rustgpt.optim import Adam
+from rustgpt.step import TrainStep
+from rustgpt.tokenizer import Vocab
+from tests import reference as ref
+
+SIZES = dict(embedding_dim=16, hidden_dim=24, num_layers=2, num_heads=2, max_seq_len=12)
+OPTIONS = {**ref.ARCHS, "gpt-dropout": {"arch": "gpt", "dropout": 0.1}}
+
+
+def vocab(n=17):
+    return Vocab([f"w{i}" for i in range(n - 2)] + ["</s>", "<unk>"])
+
+
+def batches(rng, count, shapes=((2, 12), (1, 7), (3, 5))):
+    """`count` batches cycling through `shapes`, with some padding in the (1, 7) ones."""
+    out = []
+    for i in range(count):
+        B, T = shapes[i % len(shapes)]
+        ids = rng.integers(0, 17, (B, T + 1))
+        inputs, targets = ids[:, :-1].copy(), ids[:, 1:].copy()
+        if B == 1:
+            targets[0, -2:] = -1
+        out.append((inputs, targets))
+    return out
+
+
+def train(options, data, replay=True, defer=True, seed=3):
+    model = LLM(ModelConfig(**SIZES, **options), vocab(), seed=seed)
+    step = TrainStep(model, Adam(model.params, weight_decay=0.1), 1.0, replay=replay)
+    curve = [step.run([b], 1e-2, defer=defer) for b in data]
+    return curve, model.state_dict(), step
+
+
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+def test_replay_off_gives_the_same_training(rng, options):
+    """Every step layer by layer (replay=False) = recorded plans replayed: the same losses,
+    norms and weights, bit for bit, for every architecture option (dropout included)."""
+    data = batches(rng, 9)
+    replayed, weights, step = train(options, data)
+    direct, direct_weights, direct_step = train(options, data, replay=False)
+    assert step.plans_recorded == 3 and direct_step.plans_recorded == 9
+    assert direct == replayed
+    for name in weights:
+        np.testing.assert_array_equal(direct_weights[name], weights[name])
+
+
+def test_gradient_accumulation_equals_one_big_batch(rng):
+    """Two micro-batches in one step = one batch holding both: the mean loss over all
+    their targets and its gradient (to float32 rounding), and the same update."""
+    config = ModelConfig(**SIZES, arch="gpt")
+    (x1, y1), (x2, y2) = batches(rng, 2, shapes=((2, 8), (3, 8)))
+    whole = np.concatenate([x1, x2]), np.concatenate([y1, y2])
+    results = []
+    for parts in ([(x1, y1), (x2, y2)], [whole]):
+        model = LLM(config, vocab(), seed=1)
+        step = TrainStep(model, Adam(model.params), None)
+        loss, norm = step.run(parts, 1e-2)
+        results.append((loss, norm, model.params.data.copy()))
+        again = step.run(parts, 1e-2)  # replayed: the same step on the updated weights
+        results[-1] += again
+    (l1, n1, w1, a1, b1), (l2, n2, w2, a2, b2) = results
+    assert l1 == pytest.approx(l2, rel=1e-6) and n1 == pytest.approx(n2, rel=1e-5)
+    assert a1 == pytest.approx(a2, rel=1e-5) and b1 == pytest.approx(b2, rel=1e-4)
+    ref.assert_close(w1, w2, 1e-5, 1e-6, "weights after one step")
+
+
+def test_reduce_runs_between_backward_and_the_norm(rng):
+    """reduce(grad) sees the step's gradient before the norm is taken and the update made:
+    a reduce that doubles it doubles the norm and matches a step on a doubled loss."""
+    (x, y), = batches(rng, 1)
+    seen = []
+
+    def double(grad):
+        seen.append(grad.copy())
+        grad *= 2
+
+    plain = LLM(ModelConfig(**SIZES), vocab(), seed=2)
+    reduced = LLM(ModelConfig(**SIZES), vocab(), seed=2)
+    loss, norm = TrainStep(plain, Adam(plain.params), None).run([(x, y)], 1e-3)
+    step = TrainStep(reduced, Adam(reduced.params), None, reduce=double)
+    for defer in (False, True):  # the deferred path takes the norm after reduce too
+        r_loss, r_norm = step.run([(x, y)], 1e-3, defer=defer)
+        if not defer:
+            assert r_loss == loss and r_norm == pytest.approx(2 * norm, rel=1e-6)
+    assert len(seen) == 2
+    with pytest.raises(ValidationError, match="no batches"):
+        step.run([], 1e-3)
+
+
+def test_readers_in_other_threads_leave_the_training_alone(rng):
+    """Generating on a model while another thread trains it: the trained weights are those
+    of training alone, bit for bit, and no reader applies the training's pending update
+    (four generating threads, deferred updates)."""
+    data = batches(rng, 30)
+    alone = train({}, data)[1]
+    model = LLM(ModelConfig(**SIZES), vocab(), seed=3)
+    step = TrainStep(model, Adam(model.params, weight_decay=0.1), 1.0)
+    done = threading.Event()
+    errors, settled_by = [], set()
+    settle = step.optimizer.settle
+
+    def settle_noting_the_thread():
+        settled_by.add(threading.get_ident())
+        settle()
+
+    step.optimizer.settle = settle_noting_the_thread
+
+    def read():
+        try:
+            cache_ids = np.arange(4)
+            while not done.is_set():
+                model.forward(cache_ids)
+                cache = model.new_cache()
+                model.prefill(cache, cache_ids)
+                model.step(cache, [1])
+                model.state_dict()
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    readers = [threading.Thread(target=read) for _ in range(4)]
+    for t in readers:
+        t.start()
+    try:
+        for b in data:
+            step.run([b], 1e-2, defer=True)
+    finally:
+        done.set()
+        for t in readers:
+            t.join()
+    assert not errors, errors
+    assert settled_by <= {threading.get_ident()}  # only the training thread applied updates
+    trained = model.state_dict()  # this thread's pending update applied
+    for name in alone:
+        np.testing.assert_array_equal(trained[name], alone[name])
+
+
+def test_two_models_train_in_two_threads(rng):
+    """Plans are recorded per thread: two models recording and replaying at once train as
+    each does alone."""
+    data = batches(rng, 12)
+    alone = [train({}, data, seed=s)[1] for s in (4, 5)]
+    results, errors = [None, None], []
+
+    def work(i, seed):
+        try:
+            results[i] = train({}, data, seed=seed)[1]
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i, s)) for i, s in enumerate((4, 5))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for got, expected in zip(results, alone):
+        for name in expected:
+            np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_an_optimizer_of_another_model_is_refused():
+    a = LLM(ModelConfig(**SIZES), vocab())
+    b = LLM(ModelConfig(**SIZES), vocab())
+    with pytest.raises(ValidationError, match="another model's parameters"):
+        TrainStep(a, Adam(b.params))
