@@ -64,29 +64,34 @@ RG_INLINE unsigned hash32(unsigned x) {
     return x;
 }
 
-/* Elements [i0, i1) of dropout: element i is kept when hash32(hash32(i) ^ key) >= drop. */
+/* Elements [i0, i1) of dropout: element i is kept when hash32(hash32(first + i) ^ key) >=
+ * drop (32-bit counters). */
 RG_INLINE void dropout_span(int wide, float *out, const float *x, size_t i0, size_t i1,
-                            unsigned key, unsigned drop, float scale) {
+                            unsigned first, unsigned key, unsigned drop, float scale) {
     (void)wide;
     #pragma omp simd
     for (size_t i = i0; i < i1; i++)
-        out[i] = rg_select(hash32(hash32((unsigned)i) ^ key) >= drop, x[i] * scale, 0.0f);
+        out[i] = rg_select(hash32(hash32(first + (unsigned)i) ^ key) >= drop, x[i] * scale,
+                           0.0f);
 }
-RG_VARIANTS(dropout_span, (float *out, const float *x, size_t i0, size_t i1, unsigned key,
-                           unsigned drop, float scale),
-            (out, x, i0, i1, key, drop, scale))
+RG_VARIANTS(dropout_span, (float *out, const float *x, size_t i0, size_t i1, unsigned first,
+                           unsigned key, unsigned drop, float scale),
+            (out, x, i0, i1, first, key, drop, scale))
 
-void rg_dropout(float *out, const float *x, size_t n, float p, const int *seed, int site) {
+void rg_dropout(float *out, const float *x, size_t n, size_t row, float p, const int *seed,
+                int site) {
     /* one key per (seed, site); p * 2^32 of the 2^32 hash values drop an element */
     unsigned key = hash32(hash32((unsigned)seed[0] + 0x9e3779b9U * (unsigned)site)
                           ^ (unsigned)seed[1]);
     unsigned drop = (unsigned)((double)p * 4294967296.0);
     float scale = 1.0f / (1.0f - p);
-    void (*f)(float *, const float *, size_t, size_t, unsigned, unsigned, float) =
+    unsigned first = (unsigned)((size_t)(unsigned)seed[2] * row);  /* the row's first element */
+    void (*f)(float *, const float *, size_t, size_t, unsigned, unsigned, unsigned, float) =
         dropout_span_pick();
     int nt = n >= PAR_MIN ? rg_num_threads() : 1;
     #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int c = 0; c < nt; c++) f(out, x, n * c / nt, n * (c + 1) / nt, key, drop, scale);
+    for (int c = 0; c < nt; c++)
+        f(out, x, n * c / nt, n * (c + 1) / nt, first, key, drop, scale);
 }
 
 void rg_add(float *out, const float *a, const float *b, size_t n) {

@@ -190,11 +190,14 @@ void rg_gelu_forward(float *out, const float *x, size_t n);
 void rg_gelu_backward(float *dx, const float *dout, const float *x, size_t n);
 
 /* Dropout: out = x / (1 - p) where element i is kept, 0 where it is dropped (probability p,
- * 0 <= p < 1). The mask is a counter-based hash of (seed[0], seed[1], site, i), never
- * stored: the same seed and site give the same mask, so dropout's backward is this call on
- * the gradient, and a replayed plan draws the mask of the seed its array holds then.
- * x, out: (n), out may alias x; seed: 2 ints. */
-void rg_dropout(float *out, const float *x, size_t n, float p, const int *seed, int site);
+ * 0 <= p < 1). The mask is a counter-based hash of (seed[0], seed[1], site, seed[2] * row
+ * + i), never stored: the same seed and site give the same mask, so dropout's backward is
+ * this call on the gradient, and a replayed plan draws the mask of the seed its array holds
+ * then. seed[2] is the first row's index in the whole batch (a data-parallel process holds
+ * rows seed[2].. of it), so a row's mask does not depend on which process holds it.
+ * x, out: (n), rows of `row` elements, out may alias x; seed: 3 ints. */
+void rg_dropout(float *out, const float *x, size_t n, size_t row, float p, const int *seed,
+                int site);
 
 /* out = a + b. a, b, out: (n); out may alias a or b (residual connections). */
 void rg_add(float *out, const float *a, const float *b, size_t n);

@@ -139,7 +139,8 @@ def dropout_keep(shape, p, seed, site):
     key = _hash32(_hash32([(int(seed[0]) + 0x9E3779B9 * site) & 0xFFFFFFFF])
                   ^ np.uint32(seed[1]))
     drop = np.uint32(int(float(np.float32(p)) * 2.0**32))
-    i = np.arange(math.prod(shape), dtype=np.uint32)
+    first = int(seed[2]) * (math.prod(shape) // shape[0])  # the first row's first element
+    i = ((np.arange(math.prod(shape), dtype=np.int64) + first) & 0xFFFFFFFF).astype(np.uint32)
     return (_hash32(_hash32(i) ^ key) >= drop).reshape(shape)
 
 

@@ -488,7 +488,7 @@ def test_dropout(rng, simd, n, p):
     size that splits it between threads: x / (1 - p) where kept; about p dropped; the same
     mask again for the same seed and site (dropout's backward), another for another."""
     x = rng.standard_normal(n).astype(np.float32)
-    seed = np.array([7, -3], np.intc)
+    seed = np.array([7, -3, 0], np.intc)
     out = np.empty_like(x)
     K.dropout(out, x, p, seed, 5)
     keep = ref.dropout_keep(x.shape, p, seed, 5)
@@ -500,7 +500,7 @@ def test_dropout(rng, simd, n, p):
     K.dropout(again, again, p, seed, 5)  # in place
     np.testing.assert_array_equal(again, out)
     if p > 0 and n > 10_000:
-        for other_seed, site in (([7, -2], 5), ([8, -3], 5), ([7, -3], 6)):
+        for other_seed, site in (([7, -2, 0], 5), ([8, -3, 0], 5), ([7, -3, 0], 6)):
             other = np.empty_like(x)
             K.dropout(other, x, p, np.array(other_seed, np.intc), site)
             assert not np.array_equal(other != 0, out != 0)
@@ -509,20 +509,31 @@ def test_dropout(rng, simd, n, p):
 
 def test_dropout_replays_the_seed_the_array_holds_then(rng):
     x = rng.standard_normal((3, 50)).astype(np.float32)
-    seed, out = np.array([1, 2], np.intc), np.empty_like(x)
+    seed, out = np.array([1, 2, 0], np.intc), np.empty_like(x)
     with K.Plan() as plan:
         K.dropout(out, x, 0.5, seed, 0)
     seed[1] = 3
     plan.run()
-    ref.assert_close(out, ref.dropout(x, 0.5, [1, 3], 0), 1e-7, 1e-7, "replayed")
+    ref.assert_close(out, ref.dropout(x, 0.5, [1, 3, 0], 0), 1e-7, 1e-7, "replayed")
     with pytest.raises(ValidationError, match="dropout: p = 1.0, expected 0 <= p < 1"):
         K.dropout(out, x, 1.0, seed)
     with pytest.raises(ValidationError, match="dropout: seed has dtype int64, expected int32"):
-        K.dropout(out, x, 0.5, np.array([1, 2]))
-    with pytest.raises(ShapeMismatch, match=r"dropout: seed has shape \(3,\), expected \(2,\)"):
-        K.dropout(out, x, 0.5, np.zeros(3, np.intc))
+        K.dropout(out, x, 0.5, np.array([1, 2, 0]))
+    with pytest.raises(ShapeMismatch, match=r"dropout: seed has shape \(2,\), expected \(3,\)"):
+        K.dropout(out, x, 0.5, np.zeros(2, np.intc))
     with pytest.raises(ShapeMismatch, match="dropout: out"):
         K.dropout(out[:2], x, 0.5, seed)
+
+
+def test_dropout_masks_follow_the_row_in_the_whole_batch(rng):
+    """Rows 2..4 of a batch, given as a batch of their own with seed[2] = 2, get the masks
+    they have in the whole batch (a data-parallel process's part)."""
+    x = rng.standard_normal((5, 3, 8)).astype(np.float32)
+    whole, part = np.empty_like(x), np.empty_like(x[2:])
+    K.dropout(whole, x, 0.4, np.array([9, 1, 0], np.intc), 3)
+    K.dropout(part, x[2:].copy(), 0.4, np.array([9, 1, 2], np.intc), 3)
+    np.testing.assert_array_equal(part, whole[2:])
+    ref.assert_close(part, ref.dropout(x[2:], 0.4, [9, 1, 2], 3), 1e-7, 1e-7, "offset")
 
 
 @pytest.mark.parametrize("N,C", SIZES + [(1024, 2048)])

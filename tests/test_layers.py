@@ -114,7 +114,7 @@ def test_transformer_block_with_dropout(rng, norm):
     """In a training workspace (a dropout seed) each sub-layer's output goes through its
     dropout mask (sites 4, 5); the gradient through the same masks."""
     x = rng.standard_normal((B, T, D)).astype(np.float32)
-    seed = np.array([11, 2], np.intc)
+    seed = np.array([11, 2, 0], np.intc)
     check_layer(L.TransformerBlock(D, H, NH, norm=norm, dropout=0.25, site=4),
                 lambda p, x: ref.transformer_block(p, x, NH, norm, drop=0.25, seed=seed,
                                                    site=4),

@@ -32,7 +32,7 @@ def test_record_and_summaries():
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # a loss opens a step, the rest attach
     assert rows[3] == {"step": 4, "phase": "pretraining", "loss": 1.0, "grad_norm": 4.0,
                        "lr": None, "tokens_per_s": None, "accuracy": 0.25,
-                       "train_loss": None, "val_loss": None}
+                       "train_loss": None, "val_loss": None, "allreduce_s": None}
     s = m.summary()
     assert s == {"steps": 4, "latest_loss": 1.0, "avg_loss": 2.5, "loss_trend": "decreasing",
                  "avg_gradient_norm": 2.5, "avg_tokens_per_s": None, "latest_accuracy": 0.25,
@@ -48,7 +48,7 @@ def test_record_step_takes_trainer_fields():
     m.record_step(trainer_record(12, 3.2, grad_norm=1.5))
     assert m.rows() == [{"step": 12, "phase": "pretraining", "loss": 3.2, "grad_norm": 1.5,
                          "lr": 5e-4, "tokens_per_s": 15000.0, "accuracy": None,
-                         "train_loss": None, "val_loss": None}]
+                         "train_loss": None, "val_loss": None, "allreduce_s": None}]
 
 
 def test_empty_summaries():
@@ -135,7 +135,7 @@ def test_to_csv_parses_back(tmp_path):
     assert list(rows[0]) == list(FIELDS)
     assert rows[0] == {"step": "1", "phase": "pretraining", "loss": "3.5", "grad_norm": "2.0",
                        "lr": "0.0005", "tokens_per_s": "15000.0", "accuracy": "",
-                       "train_loss": "", "val_loss": ""}
+                       "train_loss": "", "val_loss": "", "allreduce_s": ""}
     assert (rows[1]["phase"], float(rows[1]["loss"]), float(rows[1]["accuracy"])) == \
         ("instruction", 3.25, 0.125)
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]  # no temporary left

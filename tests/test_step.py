@@ -1,5 +1,5 @@
 """TrainStep: replay equals layer-by-layer for every architecture option, gradient
-accumulation, the reduce hook's place, and threads: readers of a model that another thread
+accumulation, the sum over processes, and threads: readers of a model that another thread
 trains, and two models trained in two threads."""
 
 import threading
@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 
+from rustgpt.comm import SingleProcess
 from rustgpt.config import ModelConfig
 from rustgpt.errors import ValidationError
 from rustgpt.model import LLM
@@ -76,25 +77,40 @@ def test_gradient_accumulation_equals_one_big_batch(rng):
     ref.assert_close(w1, w2, 1e-5, 1e-6, "weights after one step")
 
 
-def test_reduce_runs_between_backward_and_the_norm(rng):
-    """reduce(grad) sees the step's gradient before the norm is taken and the update made:
-    a reduce that doubles it doubles the norm and matches a step on a doubled loss."""
+class Mirror(SingleProcess):
+    """Two processes holding the same batch, as seen from one: every sum doubles."""
+
+    size = 2
+
+    def __init__(self):
+        self.grads = []
+
+    def allreduce(self, buffer):
+        self.grads.append(buffer.copy())
+        buffer *= 2
+
+    def sum(self, values):
+        return 2 * np.asarray(values, np.float64)
+
+
+def test_the_gradient_is_summed_over_processes_before_the_norm(rng):
+    """With a communicator the step scales its loss by every process's targets, sums the
+    gradient over the processes after backward, and takes the norm of the sum: two
+    processes on the same batch make the step of one process on it."""
     (x, y), = batches(rng, 1)
-    seen = []
-
-    def double(grad):
-        seen.append(grad.copy())
-        grad *= 2
-
-    plain = LLM(ModelConfig(**SIZES), vocab(), seed=2)
-    reduced = LLM(ModelConfig(**SIZES), vocab(), seed=2)
-    loss, norm = TrainStep(plain, Adam(plain.params), None).run([(x, y)], 1e-3)
-    step = TrainStep(reduced, Adam(reduced.params), None, reduce=double)
-    for defer in (False, True):  # the deferred path takes the norm after reduce too
-        r_loss, r_norm = step.run([(x, y)], 1e-3, defer=defer)
-        if not defer:
-            assert r_loss == loss and r_norm == pytest.approx(2 * norm, rel=1e-6)
-    assert len(seen) == 2
+    one = LLM(ModelConfig(**SIZES), vocab(), seed=2)
+    two = LLM(ModelConfig(**SIZES), vocab(), seed=2)
+    mirror = Mirror()
+    plain = TrainStep(one, Adam(one.params), 1.0)
+    step = TrainStep(two, Adam(two.params), 1.0, comm=mirror)
+    for defer in (False, True, True):  # the deferred path takes the norm after the sum too
+        loss, norm = plain.run([(x, y)], 1e-2, defer=defer)
+        m_loss, m_norm = step.run([(x, y)], 1e-2, defer=defer)
+        assert m_loss == pytest.approx(loss, rel=1e-6) and m_norm == pytest.approx(norm, rel=1e-6)
+        assert step.last_correct == 2 * plain.last_correct
+    assert len(mirror.grads) == 3
+    ref.assert_close(two.state_dict()["output.w"], one.state_dict()["output.w"], 1e-6, 1e-7,
+                     "weights")
     with pytest.raises(ValidationError, match="no batches"):
         step.run([], 1e-3)
 

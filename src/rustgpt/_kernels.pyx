@@ -72,8 +72,8 @@ cdef extern from "rustgpt_kernels.h" nogil:
     void rg_relu_backward(float *dx, const float *dout, const float *out, size_t n) noexcept
     void rg_gelu_forward(float *out, const float *x, size_t n) noexcept
     void rg_gelu_backward(float *dx, const float *dout, const float *x, size_t n) noexcept
-    void rg_dropout(float *out, const float *x, size_t n, float p, const int *seed,
-                    int site) noexcept
+    void rg_dropout(float *out, const float *x, size_t n, size_t row, float p,
+                    const int *seed, int site) noexcept
     void rg_add(float *out, const float *a, const float *b, size_t n) noexcept
     void rg_bias_add(float *x, const float *b, int N, int C) noexcept
     void rg_colsum(float *db, const float *dy, int N, int C, int accumulate) noexcept
@@ -292,7 +292,7 @@ cdef void _run(const Op *o) noexcept nogil:
     elif o.kind == OP_GELU_BACKWARD:
         rg_gelu_backward(p[0], p[1], p[2], o.n)
     elif o.kind == OP_DROPOUT:
-        rg_dropout(p[0], p[1], o.n, o.f, <int *>o.p[2], i[0])
+        rg_dropout(p[0], p[1], o.n, i[1], o.f, <int *>o.p[2], i[0])
     elif o.kind == OP_ADD:
         rg_add(p[0], p[1], p[2], o.n)
     elif o.kind == OP_BIAS_ADD:
@@ -1279,19 +1279,21 @@ def gelu_backward(dx, dout, x):
 
 def dropout(out, x, float p, seed, int site=0):
     """out = x / (1 - p) where kept, 0 where dropped (probability p, 0 <= p < 1); out may be
-    x. The mask is a hash of (seed, site, index): the same for the same int32 seed (2,) and
-    site, so dropout on the gradient is dropout's backward. A plan's replay reads the seed
-    array as it is then (a step writes its own seed there first)."""
+    x. The mask is a hash of (seed, site, index): the same for the same int32 seed (3,) and
+    site, so dropout on the gradient is dropout's backward. seed[2]: the index of x's first
+    row (x: (B, ...)) in the whole batch, whose rows' masks do not depend on where the
+    batch is cut. A plan's replay reads the seed array as it is then (a step writes its own
+    seed there first)."""
     fn = "dropout"
     if not 0.0 <= p < 1.0:
         raise ValidationError(f"{fn}: p = {p}, expected 0 <= p < 1")
     shape = x.shape if isinstance(x, np.ndarray) else ()
     cdef const float *xp = _f(x, fn, "x", shape)
     cdef float *op = _f(out, fn, "out", shape, True)
-    cdef const int *sp = <const int *>_data(seed, fn, "seed", _I32, (2,), False)
+    cdef const int *sp = <const int *>_data(seed, fn, "seed", _I32, (3,), False)
     cdef Op o
     o.kind, o.p[0], o.p[1], o.p[2] = OP_DROPOUT, op, <void *>xp, <void *>sp
-    o.i[0], o.n, o.f = site, x.size, p
+    o.i[0], o.i[1], o.n, o.f = site, x.size // shape[0] if len(shape) else 1, x.size, p
     _submit(&o, (out, x, seed))
 
 

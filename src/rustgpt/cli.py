@@ -72,6 +72,12 @@ def tell(message: str, level: int = logging.INFO, prefix: str = "") -> None:
 
 
 def _fail(message: str) -> None:
+    from rustgpt.comm import current
+
+    comm = current()
+    if comm is not None and comm.size > 1:  # the others would wait for this process
+        tell(f"rank {comm.rank}: {message}", logging.ERROR, "error: ")
+        comm.abort(1)
     tell(message, logging.ERROR, "error: ")
     sys.exit(1)
 
@@ -248,16 +254,37 @@ def train(state: State, texts, output, resume, init_from, overwrite, tensorboard
         "checkpoint": {"directory": output},
         "logging": {"tensorboard": tensorboard},
     }
+    from rustgpt.comm import world
+
+    comm = world()  # the processes of an MPI launch (mpiexec -n N), else this one
     config, sources = state.config(**overrides)
+    if not comm.is_main:
+        _quiet_rank(comm.rank)
     sys.exit(run_training(config, resume, sources=sources, init_from=init_from,
-                          overwrite=overwrite, progress=progress))
+                          overwrite=overwrite, progress=progress, comm=comm))
+
+
+def _quiet_rank(rank: int) -> None:
+    """A data-parallel run's other processes log warnings and errors only, with their
+    rank (rank 0 logs the run)."""
+    logger = logging.getLogger("rustgpt")
+    logger.setLevel(max(logger.level, logging.WARNING))
+
+    def with_rank(record: logging.LogRecord) -> bool:
+        record.msg = f"rank {rank}: {record.msg}"
+        return True
+
+    for handler in logger.handlers:
+        handler.addFilter(with_rank)
 
 
 def run_training(config, resume: str | None = None, *, sources: dict | None = None,
                  init_from: str | None = None, overwrite: bool = False,
-                 progress: bool | None = None) -> int:
+                 progress: bool | None = None, comm=None) -> int:
     """Train as `config` says (rustgpt.run.build_run), holding the output directory's
-    lock; returns the exit code: 0 done, 130 / 143 stopped by SIGINT / SIGTERM.
+    lock; returns the exit code: 0 done, 130 / 143 stopped by SIGINT / SIGTERM. With
+    `comm`, this is one process of a data-parallel run (rustgpt.comm); rank 0 alone holds
+    the lock and writes.
 
     `resume` ("latest" or a checkpoint path) continues a run, taking from `config` only the
     settings that may change (those named in `sources`, as load_config returns them);
@@ -265,11 +292,16 @@ def run_training(config, resume: str | None = None, *, sources: dict | None = No
     files of another in the output directory; `progress` shows a bar (None: when stderr is
     a terminal)."""
     from rustgpt.checkpoint import CheckpointManager
+    from rustgpt.comm import SingleProcess
     from rustgpt.errors import SerializationError
     from rustgpt.fileio import DirectoryLock
 
     if resume is not None and init_from is not None:
         _fail("--resume continues a run and --init-from starts a new one: pass one of them")
+    comm = comm or SingleProcess()
+    show = (sys.stderr.isatty() if progress is None else progress) and comm.is_main
+    if not comm.is_main:
+        return _train_locked(config, resume, sources or {}, init_from, overwrite, show, comm)
     out = Path(config.checkpoint.directory)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -278,11 +310,10 @@ def run_training(config, resume: str | None = None, *, sources: dict | None = No
                                  f"({err.strerror or err})") from err
     with DirectoryLock(out):
         CheckpointManager(out).remove_stale()  # temporary files of writers killed mid-save
-        return _train_locked(config, resume, sources or {}, init_from, overwrite,
-                             sys.stderr.isatty() if progress is None else progress)
+        return _train_locked(config, resume, sources or {}, init_from, overwrite, show, comm)
 
 
-def _train_locked(config, resume, sources, init_from, overwrite, show_progress) -> int:
+def _train_locked(config, resume, sources, init_from, overwrite, show_progress, comm) -> int:
     import time
 
     import rustgpt
@@ -291,9 +322,9 @@ def _train_locked(config, resume, sources, init_from, overwrite, show_progress) 
     from rustgpt.training import ProgressBar
 
     run = build_run(config, resume=resume, init_from=init_from, sources=sources,
-                    overwrite=overwrite)
+                    overwrite=overwrite, comm=comm)
     config, trainer, out = run.config, run.trainer, run.manager.directory
-    if config.logging.tensorboard:
+    if config.logging.tensorboard and comm.is_main:
         from rustgpt.tensorboard import TensorBoardCallback
 
         trainer.callbacks.append(TensorBoardCallback(
@@ -302,6 +333,13 @@ def _train_locked(config, resume, sources, init_from, overwrite, show_progress) 
     if show_progress:
         trainer.callbacks.append(ProgressBar())
     log.info("kernels: %s", rustgpt.kernels_info())
+    if comm.size > 1:  # which process is which rank: a launcher reports a failure by PID
+        import os
+        import socket
+
+        where = comm.gather(f"PID {os.getpid()} on {socket.gethostname()}")
+        log.info("%d processes: %s", comm.size,
+                 ", ".join(f"rank {rank} = {w}" for rank, w in enumerate(where)))
     first_step = trainer.position.step
     seen = install_stop_handlers(trainer)
     began = time.perf_counter()
@@ -314,7 +352,8 @@ def _train_locked(config, resume, sources, init_from, overwrite, show_progress) 
         else:
             done = trainer.run()
     except TrainingError:
-        run.recorder.write()  # the numbers up to a divergence are the ones that matter now
+        if comm.is_main:
+            run.recorder.write()  # the numbers up to a divergence are the ones that matter now
         raise
     finally:
         for callback in trainer.callbacks:
@@ -323,7 +362,11 @@ def _train_locked(config, resume, sources, init_from, overwrite, show_progress) 
                 close()
     elapsed = time.perf_counter() - began
     steps = trainer.position.step - first_step
+    if not comm.is_main:
+        return 0
     if not done:
+        if not comm.is_main:
+            return 128 + seen.get("signal", signal.SIGINT)
         run.recorder.write()
         path = run.saver.save(trainer)
         tell(f"stopped at step {trainer.position.step}; saved {path}. Continue with "
@@ -764,7 +807,10 @@ SERVE_PACKAGES = ("starlette", "uvicorn", "prometheus_client")  # the serve extr
               help="Requests decoded together, one token each per step.")
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(0),
               help="Requests waiting beyond --max-batch; more are answered 429.")
-@click.option("--threads", type=click.IntRange(1), help="Kernel threads (default: physical cores).")
+@click.option("--threads", type=click.IntRange(1),
+              help="Kernel threads of the decoding engine (default: OMP_NUM_THREADS, else "
+                   "one less than the physical cores, at least 1: one is left to the HTTP "
+                   "side).")
 @click.option("--drain-timeout", default=30.0, show_default=True, type=click.FloatRange(0),
               help="Seconds in-flight requests may take to finish after SIGTERM.")
 @group_options
@@ -786,11 +832,16 @@ def serve(state: State, checkpoint, host, port, api_key, max_batch, max_queue, t
         if missing not in SERVE_PACKAGES:
             raise
         _fail(f"serve needs {missing}, from the serve extra: pip install 'rustgpt[serve]'")
+    import os
+
+    from rustgpt._kernels import physical_cores
     from rustgpt.checkpoint import CheckpointManager
     from rustgpt.resources import max_threads, threads_bound_text
 
     if threads is not None and threads > max_threads():
         _fail(f"--threads {threads}: expected at most {threads_bound_text()}")
+    if threads is None and not os.environ.get("OMP_NUM_THREADS"):
+        threads = max(1, physical_cores() - 1)
     if config.generation.beam_width > 1:
         tell(f"serve: [generation] beam_width = {config.generation.beam_width} is not used: "
              f"the server samples each request (no beam search)", logging.WARNING,

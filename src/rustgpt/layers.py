@@ -63,7 +63,7 @@ class Workspace:
     batch-1 step's) are plain arrays, so small models keep a small footprint."""
 
     def __init__(self, dropout_seed: np.ndarray | None = None) -> None:
-        """dropout_seed: a training step's dropout seed, int32 (2,), which the step writes
+        """dropout_seed: a training step's dropout seed, int32 (3,), which the step writes
         before the layers run; None (inference): the layers apply no dropout."""
         self.dropout_seed = dropout_seed
         self._buffers: dict[str, np.ndarray] = {}
@@ -185,12 +185,13 @@ def _rows(x: np.ndarray) -> np.ndarray:
     return x.reshape(-1, x.shape[-1])
 
 
-def dropout_seed(seed: int, step: int) -> np.ndarray:
-    """The dropout seed of a training step, int32 (2,): 32 bits of the model's `seed` (its
+def dropout_seed(seed: int, step: int, first_row: int = 0) -> np.ndarray:
+    """The dropout seed of a training step, int32 (3,): 32 bits of the model's `seed` (its
     halves mixed) and of the `step`'s number (the masks of step n are those of step n
-    whenever it runs, so a resumed run draws the same ones)."""
+    whenever it runs, so a resumed run draws the same ones), and the index of the batch's
+    first row in the step's whole batch (a data-parallel process's rows, see K.dropout)."""
     seed, step = int(seed), int(step)
-    return np.array([(seed ^ (seed >> 32)) & 0xFFFFFFFF, step & 0xFFFFFFFF],
+    return np.array([(seed ^ (seed >> 32)) & 0xFFFFFFFF, step & 0xFFFFFFFF, first_row],
                     np.uint32).view(np.intc)
 
 

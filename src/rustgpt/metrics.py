@@ -18,9 +18,10 @@ from rustgpt.training import Callback, Trainer
 
 log = logging.getLogger(__name__)
 
-# train_loss and val_loss: a text run's estimates, at the steps that end with an evaluation
+# train_loss and val_loss: a text run's estimates, at the steps that end with an evaluation;
+# allreduce_s: the seconds a data-parallel step spent summing over the processes
 FIELDS = ("step", "phase", "loss", "grad_norm", "lr", "tokens_per_s", "accuracy",
-          "train_loss", "val_loss")
+          "train_loss", "val_loss", "allreduce_s")
 CSV_NAME, JSON_NAME = "metrics.csv", "metrics.json"  # MetricsCallback's files in a run's directory
 _SPIKE_RATIO = 10.0  # a norm this many times the running average is a spike ...
 _SPIKE_AFTER = 10    # ... once this many norms make the average meaningful
@@ -106,10 +107,12 @@ class Metrics:
 
     def record_step(self, record: dict) -> None:
         """Record the known fields of a trainer step record (phase, step, loss, grad_norm, lr,
-        tokens_per_s, accuracy); other keys are ignored."""
+        tokens_per_s, accuracy, allreduce_s); other keys are ignored."""
         step = record.get("step", self._last_step + 1)
         if record.get("phase") is not None:
             self._row(step)["phase"] = str(record["phase"])
+        if record.get("allreduce_s") is not None:
+            self._row(step)["allreduce_s"] = float(record["allreduce_s"])
         for key, record_value in (("loss", self.record_loss),
                                   ("grad_norm", self.record_gradient_norm),
                                   ("lr", self.record_learning_rate),

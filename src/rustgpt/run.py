@@ -13,20 +13,27 @@ a checkpoint, taking from the config only the settings that may change.
 ``build_run`` only reads the output directory's files and writes none of them, except with
 ``overwrite``, which clears another run's files once everything else has been checked.
 Two runs must not write one directory at once: the CLI holds fileio.DirectoryLock.
+
+A data-parallel run (``comm``: rustgpt.comm) is built in every process: the processes
+read the same data and checkpoint; rank 0 tokenizes a corpus first and shares its
+tokenizer; all start from rank 0's weights; only rank 0 writes (its callbacks), and at
+every checkpoint the processes compare their weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import attrs
 import numpy as np
 
 from rustgpt.checkpoint import Checkpoint, CheckpointCallback, CheckpointManager
+from rustgpt.comm import SingleProcess
 from rustgpt.config import Config, from_dict, to_dict
-from rustgpt.errors import ConfigError, SerializationError
+from rustgpt.errors import ConfigError, SerializationError, TrainingError
 from rustgpt.metrics import JSON_NAME, Metrics, MetricsCallback
 from rustgpt.model import LLM
 from rustgpt.training import Callback, Phase, TextPhase, Trainer, rustgpt_phases
@@ -62,10 +69,37 @@ class Run:
     corpus: TokenFile | None = None
 
 
+class WeightsCheck(Callback):
+    """Compares a digest of the weights across the processes of a data-parallel run
+    whenever a checkpoint is due (before it is written): they must not drift apart."""
+
+    def __init__(self, comm: SingleProcess, every_epochs: int) -> None:
+        self.comm = comm
+        self.every_epochs = every_epochs
+
+    def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
+        """Raise TrainingError when another process holds other weights."""
+        if trainer.epochs_due(self.every_epochs):
+            self.check(trainer)
+
+    def check(self, trainer: Trainer) -> None:
+        """Compare now; raise TrainingError naming the processes that differ from rank 0."""
+        trainer.model.settle()
+        digest = hashlib.sha256(trainer.model.params.data.tobytes()).hexdigest()
+        digests = self.comm.gather(digest)
+        differ = [rank for rank, d in enumerate(digests) if d != digests[0]]
+        if differ:
+            raise TrainingError(f"step {trainer.position.step}: the weights of rank"
+                                f"{'s' if len(differ) > 1 else ''} "
+                                f"{', '.join(map(str, differ))} differ from rank 0's "
+                                f"(sha256 {digests[differ[0]][:12]} vs {digests[0][:12]}): "
+                                f"the processes drifted apart")
+
+
 def build_run(config: Config, *, resume: str | Path | None = None,
               init_from: str | Path | None = None, sources: Mapping[str, str] | None = None,
               overwrite: bool = False, callbacks: Sequence[Callback] = (),
-              reduce: Callable[[np.ndarray], None] | None = None) -> Run:
+              comm: SingleProcess | None = None) -> Run:
     """The run `config` describes, writing into config.checkpoint.directory.
 
     resume: "latest" (the directory's newest checkpoint) or a checkpoint path: continue
@@ -73,9 +107,10 @@ def build_run(config: Config, *, resume: str | Path | None = None,
     returns them) that may change; ConfigError names the ones that may not. init_from: a
     new run starting from a checkpoint's weights and tokenizer. overwrite: a new run may
     replace the run files of another in the directory (refused otherwise). callbacks: more
-    Trainer callbacks, after the metrics and checkpoint ones. reduce: the TrainStep's
-    gradient reduction (rustgpt.step). Raises LlmError subclasses for bad data, config,
-    checkpoints or a directory that cannot be written."""
+    Trainer callbacks, after the metrics and checkpoint ones. comm: the processes of a
+    data-parallel run (see the module docstring). Raises LlmError subclasses for bad data,
+    config, checkpoints or a directory that cannot be written."""
+    comm = comm or SingleProcess()
     if resume is not None and init_from is not None:
         raise ConfigError("resume continues a run and init_from starts a new one: pass one "
                           "of them")
@@ -91,7 +126,7 @@ def build_run(config: Config, *, resume: str | Path | None = None,
         config = resumed_config(resumed.config, config, sources or {}, path)
         log.info("resuming from %s at step %d", path, resumed.step)
     else:
-        previous = manager.run_files()
+        previous = manager.run_files() if comm.is_main else []
         if previous and not overwrite:
             raise SerializationError(
                 f"{out}: holds another run's files ({', '.join(p.name for p in previous[:3])}"
@@ -102,21 +137,31 @@ def build_run(config: Config, *, resume: str | Path | None = None,
             start = Checkpoint.load(path)
             config = initialized_config(start.config, config, sources or {}, path)
             log.info("starting from the weights of %s", path)
-    if config.training.threads:
-        from rustgpt import set_num_threads
-
-        set_num_threads(config.training.threads)
+    if config.training.batch_size < comm.size:
+        raise ConfigError(f"[training] batch_size = {config.training.batch_size} is the global "
+                          f"batch, split across {comm.size} processes: expected at least "
+                          f"{comm.size}, a row for each")
+    _set_threads(config, comm)
     saved = resumed or start
     corpus = None
     if config.data.text:
-        tokenizer, corpus, phases = _text_run(config, saved.tokenizer if saved else None)
+        # rank 0 trains the tokenizer and writes the token file; the others take its
+        # tokenizer and find the file in the cache (or, on another host, write their own)
+        tokenizer = saved.tokenizer if saved else None
+        if comm.is_main:
+            tokenizer, corpus, phases = _text_run(config, tokenizer)
+        shared = comm.share(tokenizer.to_dict() if comm.is_main else None)
+        if not comm.is_main:
+            from rustgpt.tokenizer import tokenizer_from_dict
+
+            tokenizer, corpus, phases = _text_run(config, tokenizer_from_dict(shared))
     else:
         tokenizer, phases = _example_run(config, saved.tokenizer if saved else None)
     model = LLM(config.model, tokenizer, seed=config.training.seed)
     if start is not None:
         model.load_state_dict(start.weights)
-    # an unwritable or full output fails now, not after an hour of training
-    manager.prepare(checkpoint_bytes=3 * 4 * model.total_parameters())  # weights, m, v
+    if comm.is_main:  # an unwritable or full output fails now, not after an hour of training
+        manager.prepare(checkpoint_bytes=3 * 4 * model.total_parameters())  # weights, m, v
     if previous:
         manager.clear()
         log.info("removed %d files of the previous run in %s", len(previous), out)
@@ -126,15 +171,32 @@ def build_run(config: Config, *, resume: str | Path | None = None,
     every = config.checkpoint.every_epochs
     recorder = MetricsCallback(out, metrics, every)
     saver = CheckpointCallback(manager, config, every)
-    trainer = Trainer(model, config.training, phases, [recorder, saver, *callbacks], reduce)
+    # rank 0 writes; every process compares weights before a checkpoint is written
+    writers = [recorder, saver] if comm.is_main else []
+    checks = [WeightsCheck(comm, every)] if comm.size > 1 else []
+    trainer = Trainer(model, config.training, phases, [*checks, *writers, *callbacks], comm)
     if resumed is not None:
         resumed.restore(trainer)
         before = resumed.config.training
         trainer.reopen_phases([before.max_iters] if config.data.text else
                               [before.pretraining_epochs, before.instruction_epochs])
+    comm.broadcast(model.params.data)  # every process starts from rank 0's weights
     log.info("model: %s parameters, vocabulary %d (%s)", f"{model.total_parameters():,}",
              tokenizer.size, tokenizer.kind)
     return Run(config, model, trainer, manager, recorder, saver, resumed, corpus)
+
+
+def _set_threads(config: Config, comm: SingleProcess) -> None:
+    """Kernel threads: [training] threads if set; in a data-parallel run, else, the
+    physical cores of this host shared among its processes (never more threads than
+    cores)."""
+    from rustgpt import _kernels as K
+
+    threads = config.training.threads
+    if not threads and comm.size > 1:
+        threads = max(1, K.physical_cores() // comm.local_size)
+    if threads:
+        K.set_num_threads(threads)
 
 
 def _example_run(config: Config, tokenizer: Tokenizer | None) -> tuple[Tokenizer, list[Phase]]:

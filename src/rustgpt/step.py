@@ -5,9 +5,10 @@ adds, in this order:
 
 1. loss and backward over one or more micro-batches (gradient accumulation: the first
    overwrites the gradient buffer, the others add to it; the loss of each is scaled by the
-   step's whole number of targets, so the sum is the step's mean);
-2. ``reduce(grad)``, the one place between backward and update where the gradient buffer
-   may be combined with other processes' (rustgpt.comm's all-reduce; None: one process);
+   step's whole number of targets, over every process, so the sum is the step's mean);
+2. the one place between backward and update where the gradient buffer is summed over the
+   processes of a data-parallel run (``comm.allreduce``, rustgpt.comm; nothing in a run of
+   one process), with the losses and hits;
 3. the gradient's global norm, taken after that, clipping and the Adam update, which may be
    deferred: left pending and applied beside the next step's forward.
 
@@ -27,12 +28,14 @@ a pending update is applied only by the thread that made it (``LLM.settle``).
 from __future__ import annotations
 
 import math
+import time
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from rustgpt import _kernels as K
+from rustgpt.comm import SingleProcess
 from rustgpt.errors import TrainingError, ValidationError
 from rustgpt.layers import Workspace, dropout_seed
 from rustgpt.model import activation_bytes
@@ -55,15 +58,15 @@ class TrainStep:
 
     ``run(batches, lr)`` takes one step and returns (loss, gradient norm before clipping).
     max_grad_norm: clip to this global L2 norm (None: no clipping). replay: replay recorded
-    plans (False: every step layer by layer; the same results, bit for bit). reduce: called
-    with the flat gradient buffer (P,) after backward and before the norm, to combine it in
-    place across processes. ``threads`` chooses between one kernel thread and all for each
-    step (rustgpt.threads); ``last_correct`` is the latest step's number of targets
-    predicted right."""
+    plans (False: every step layer by layer; the same results, bit for bit). comm: the
+    processes of a data-parallel run (rustgpt.comm), each running this step on its part of
+    the batch; None: one process. ``threads`` chooses between one kernel thread and all for
+    each step (rustgpt.threads); ``last_correct`` is the latest step's number of targets
+    predicted right (over every process); ``comm_seconds`` the time its sums over the
+    processes took."""
 
     def __init__(self, model: LLM, optimizer: Adam, max_grad_norm: float | None = 5.0, *,
-                 replay: bool = True,
-                 reduce: Callable[[np.ndarray], None] | None = None) -> None:
+                 replay: bool = True, comm: SingleProcess | None = None) -> None:
         if optimizer.params is not model.params:
             raise ValidationError("TrainStep: the optimizer updates another model's "
                                   "parameters, expected Adam(model.params)")
@@ -71,11 +74,11 @@ class TrainStep:
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
         self.replay = replay
-        self.reduce = reduce
+        self.comm = comm or SingleProcess()
         self.threads = StepThreads()
         # a micro-step's dropout seed (layers.dropout_seed): the workspace carries it, so
         # its layers (and plans) draw their masks from it
-        self._dropout_seed = np.zeros(2, np.intc) if model.config.dropout > 0 else None
+        self._dropout_seed = np.zeros(3, np.intc) if model.config.dropout > 0 else None
         self.workspace = Workspace(self._dropout_seed)  # the step's activations
         self._activations = 0  # bytes of the largest step checked: the workspace holds them
         # (B, T, targets, the step's targets, accumulate) -> (plan, ids, targets, losses,
@@ -83,9 +86,11 @@ class TrainStep:
         self._plans: dict[tuple, tuple] = {}
         self._plans_generation = -1  # the workspace generation the plans were recorded in
         self.plans_recorded = 0  # micro-steps run layer by layer (and recorded) so far
-        self.last_correct = 0
+        self.last_correct = self.last_targets = 0
+        self.comm_seconds = 0.0
 
-    def run(self, batches: Sequence[tuple], lr: float, defer: bool = False) -> tuple[float, float]:
+    def run(self, batches: Sequence[tuple], lr: float, defer: bool = False,
+            first_row: int = 0) -> tuple[float, float]:
         """One step over `batches`, a list of (inputs, targets) micro-batches (each (B, T)
         token ids, targets IGNORE_INDEX at padding) whose gradients add up. Returns (loss,
         gradient norm before clipping): the mean cross-entropy over all their targets.
@@ -93,14 +98,16 @@ class TrainStep:
 
         ``defer=True`` leaves the update pending; the next step applies it beside its
         forward, which saves time on two or more threads; the results are the same, bit for
-        bit. Until then ``model.params.data`` lags one update behind (``model.settle()``)."""
+        bit. Until then ``model.params.data`` lags one update behind (``model.settle()``).
+        first_row: the index of the batches' first row in the step's whole batch, of which
+        this process holds a part (dropout masks follow the row, see K.dropout)."""
         if not batches:
             raise ValidationError("TrainStep.run: no batches, expected at least one")
         checked = [self.model._checked_batch(inputs, targets) for inputs, targets in batches]
         tokens = sum(ids.size for ids, _, _ in checked)
         recorded = self.plans_recorded  # a step that records a plan is not timed
         with self.model.lock:
-            return self.threads.run(lambda: self._run(checked, lr, defer), tokens,
+            return self.threads.run(lambda: self._run(checked, lr, defer, first_row), tokens,
                                     lambda: self.plans_recorded != recorded)
 
     def loss_and_backward(self, inputs, targets, dropout_step: int = 0,
@@ -115,24 +122,32 @@ class TrainStep:
         self.last_correct = right
         return loss / count, sum_squares
 
-    def _run(self, checked: list, lr: float, defer: bool) -> tuple[float, float]:
-        opt, model = self.optimizer, self.model
+    def _run(self, checked: list, lr: float, defer: bool,
+             first_row: int) -> tuple[float, float]:
+        opt, model, comm = self.optimizer, self.model, self.comm
         total = sum(count for _, _, count in checked)
+        if comm.size > 1:  # the loss is the mean over every process's targets
+            began = time.perf_counter()
+            total = int(comm.sum([total])[0])
+            self.comm_seconds = time.perf_counter() - began
         n = len(checked)
         loss_sum, correct, sum_squares = 0.0, 0, None
         for i, (ids, tgt, count) in enumerate(checked):
             # the replay of the last micro-step sums the gradient's squares on the way,
-            # unless reduce changes the gradient after it
-            norm = defer and i == n - 1 and self.reduce is None
+            # unless the sum over the processes changes the gradient after it
+            norm = defer and i == n - 1 and comm.size == 1
             # dropout masks: those of micro-step i of the step about to be taken
             part, right, sum_squares = self._backward(ids, tgt, count, total, i > 0,
-                                                      opt.t * n + i + 1, norm)
+                                                      opt.t * n + i + 1, norm, first_row)
             loss_sum += part
             correct += right
-        self.last_correct = correct
+        if comm.size > 1:
+            began = time.perf_counter()
+            comm.allreduce(model.params.grad)
+            loss_sum, correct = comm.sum([loss_sum, correct])
+            self.comm_seconds += time.perf_counter() - began
+        self.last_correct, self.last_targets = int(correct), total
         loss = loss_sum / total
-        if self.reduce is not None:
-            self.reduce(model.params.grad)
         # the update checks the norm itself and leaves everything as it was if not finite
         norm = opt.step(lr, self.max_grad_norm, defer, sum_squares) if math.isfinite(loss) \
             else model.grad_norm()
@@ -145,7 +160,7 @@ class TrainStep:
         return loss, norm
 
     def _backward(self, ids: np.ndarray, tgt: np.ndarray, count: int, total: int,
-                  accumulate: bool, dropout_step: int, norm: bool) -> tuple[float, int, float | None]:
+                  accumulate: bool, dropout_step: int, norm: bool, first_row: int = 0) -> tuple[float, int, float | None]:
         """One micro-step's loss and backward, its losses scaled by 1 / `total`: (summed
         loss of its targets, targets predicted right, the gradients' sum of squares when
         `norm` and a replay took it on the way, else None). A step that train_step left
@@ -155,7 +170,7 @@ class TrainStep:
         a thread of their own."""
         model = self.model
         if self._dropout_seed is not None:  # the calls read it when they run
-            self._dropout_seed[...] = dropout_seed(model.seed, dropout_step)
+            self._dropout_seed[...] = dropout_seed(model.seed, dropout_step, first_row)
         key = (*ids.shape, count, total, accumulate)
         entry = self._plans.get(key) if self.replay else None
         if entry is None:

@@ -14,11 +14,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import attrs
 import numpy as np
 
+from rustgpt.comm import SingleProcess
 from rustgpt.corpus import random_windows
 from rustgpt.data import Dataset, make_batch
 from rustgpt.errors import ConfigError, ValidationError
@@ -69,14 +70,26 @@ class TextPhase:
 
 
 def estimate_loss(model: LLM, tokens: np.ndarray, batches: int, batch_size: int,
-                  seq_len: int, rng: np.random.Generator) -> float:
+                  seq_len: int, rng: np.random.Generator,
+                  comm: SingleProcess | None = None) -> float:
     """Mean next-token loss of `model` over `batches` batches of random windows of `tokens`
-    (no dropout, no gradients): nanoGPT's estimate_loss."""
+    (no dropout, no gradients): nanoGPT's estimate_loss. With `comm`, each process takes
+    its rows of each batch (rank_rows) and the sums are taken over the processes."""
+    comm = comm or SingleProcess()
+    rows = rank_rows(batch_size, comm)
     total, count = 0.0, 0
     for _ in range(batches):
-        loss, n, _ = model.loss(*random_windows(tokens, batch_size, seq_len, rng))
+        inputs, targets = random_windows(tokens, batch_size, seq_len, rng)
+        loss, n, _ = model.loss(inputs[rows], targets[rows])
         total, count = total + loss, count + n
+    total, count = comm.sum([total, count])
     return total / count
+
+
+def rank_rows(batch_size: int, comm: SingleProcess) -> slice:
+    """The rows of a global batch of `batch_size` that this process of `comm` trains on:
+    consecutive, as even as they come (ranks before the remainder get one row more)."""
+    return slice(comm.rank * batch_size // comm.size, (comm.rank + 1) * batch_size // comm.size)
 
 
 @attrs.define
@@ -166,18 +179,24 @@ class Trainer:
 
     ``run()`` trains to the end or until ``request_stop()``; ``state_dict()`` /
     ``load_state_dict()`` carry the optimizer, the position and the RNG (shuffling and
-    windows). ``step`` is the TrainStep (``reduce``: see rustgpt.step)."""
+    windows). ``step`` is the TrainStep.
+
+    With `comm` (rustgpt.comm) this is one process of a data-parallel run: every process
+    draws the same global batches from the same RNG and trains on its rows of each
+    (rank_rows); the step sums the gradients; evaluations are split and summed the same
+    way; a stop requested in any process stops all of them after the same step. The
+    results do not depend on the number of processes (to float rounding)."""
 
     def __init__(self, model: LLM, config: TrainingConfig, phases: Sequence[Phase | TextPhase],
-                 callbacks: Sequence[Callback] = (),
-                 reduce: Callable[[np.ndarray], None] | None = None) -> None:
+                 callbacks: Sequence[Callback] = (), comm: SingleProcess | None = None) -> None:
         self.model = model
         self.config = config
         self.phases = list(phases)
         self.callbacks = list(callbacks)
         self.optimizer = Adam(model.params, config.beta1, config.beta2, config.eps,
                               config.weight_decay)
-        self.step = TrainStep(model, self.optimizer, config.max_grad_norm, reduce=reduce)
+        self.comm = comm or SingleProcess()
+        self.step = TrainStep(model, self.optimizer, config.max_grad_norm, comm=self.comm)
         self.step.threads.enabled = config.adaptive_threads
         self.rng = np.random.default_rng(config.seed)
         self.position = Position()
@@ -281,7 +300,7 @@ class Trainer:
                     n = len(phase.sequences)
                     pos.order = (self.rng.permutation(n) if cfg.shuffle else np.arange(n)).tolist()
                 while pos.batch < self.steps_in_epoch(phase, pos.epoch):
-                    if self._stop:
+                    if self._stopping():
                         self.model.settle()
                         return False
                     self._train_batch(phase)
@@ -293,13 +312,22 @@ class Trainer:
             cb.on_train_end(self)
         return True
 
+    def _stopping(self) -> bool:
+        """Whether to stop before the next step: requested here, or in any process."""
+        if self.comm.size == 1:
+            return self._stop
+        return bool(self.comm.sum([self._stop])[0])
+
     def _batches(self, phase: Phase | TextPhase) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The (inputs, targets) micro-batches of the next step."""
+        """The (inputs, targets) micro-batches of the next step: this process's rows of
+        the global batch."""
         pos, bs = self.position, self.config.batch_size
+        mine = rank_rows(bs, self.comm)
         if isinstance(phase, TextPhase):
-            return [random_windows(phase.train, bs, phase.seq_len, self.rng)
+            return [tuple(a[mine] for a in random_windows(phase.train, bs, phase.seq_len,
+                                                          self.rng))
                     for _ in range(phase.grad_accum)]
-        rows = pos.order[pos.batch * bs:(pos.batch + 1) * bs]
+        rows = pos.order[pos.batch * bs:(pos.batch + 1) * bs][mine]
         return [make_batch([phase.sequences[i] for i in rows])]
 
     def _train_batch(self, phase: Phase | TextPhase) -> None:
@@ -309,9 +337,10 @@ class Trainer:
         start = time.perf_counter()
         # the update runs beside the next step's forward (TrainStep): on_step callbacks
         # that read model.params directly call model.settle() first
-        loss, norm = self.step.run(batches, lr, defer=True)
+        loss, norm = self.step.run(batches, lr, defer=True,
+                                   first_row=rank_rows(self.config.batch_size, self.comm).start)
         elapsed = time.perf_counter() - start
-        tokens = sum(int(np.count_nonzero(targets >= 0)) for _, targets in batches)
+        tokens = self.step.last_targets
         pos.batch += 1
         pos.step += 1
         self.last_loss = loss
@@ -320,6 +349,8 @@ class Trainer:
         record = {"phase": phase.name, "epoch": pos.epoch + 1, "step": pos.step, "loss": loss,
                   "accuracy": self.step.last_correct / tokens, "grad_norm": norm, "lr": lr,
                   "tokens": tokens, "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0}
+        if self.comm.size > 1:
+            record["allreduce_s"] = self.step.comm_seconds
         for cb in self.callbacks:
             cb.on_step(self, record)
 
@@ -356,7 +387,8 @@ class Trainer:
             rng = np.random.default_rng([self.config.seed, 1 + (split == "val")])
             record[f"{split}_loss"] = (
                 estimate_loss(self.model, tokens, phase.eval_iters, self.config.batch_size,
-                              phase.seq_len, rng) if len(tokens) > phase.seq_len else math.nan)
+                              phase.seq_len, rng, self.comm)
+                if len(tokens) > phase.seq_len else math.nan)
         self.val_loss = record["val_loss"]
 
     # ---- state ------------------------------------------------------------------------------
