@@ -5,7 +5,8 @@ numpy (bench/numpy_model.py): every workload of the performance targets, one mar
         [--only a,b,...]
 
 Workloads: (a) RustGPT's schedule step (batch 1, bundled data), (b)-(d) training steps of
-larger shapes, (e) generating 64 tokens, (f) sgemm vs numpy's BLAS, (g) thread scaling;
+larger shapes, also in bf16 (rustgpt's --precision bf16 beside PyTorch's autocast), (e)
+generating 64 tokens, (f) sgemm vs numpy's BLAS, (g) thread scaling;
 then peak memory of `rustgpt-cli train`, import and CLI start-up times. `--full` adds
 (a-full), the whole RustGPT schedule: rustgpt's Trainer vs the same loop on the PyTorch port,
 and (own-text) nanoGPT's CPU shakespeare_char recipe on about 1 MB of Shakespeare
@@ -28,6 +29,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -49,7 +51,7 @@ from rustgpt.config import Config, ModelConfig, TrainingConfig  # noqa: E402
 from rustgpt.data import BUNDLED_CHAT, BUNDLED_PRETRAINING, Dataset, make_batch  # noqa: E402
 from rustgpt.generation import stream  # noqa: E402
 from rustgpt.model import LLM  # noqa: E402
-from rustgpt.step import SMALL_STEP_TOKENS  # noqa: E402
+from rustgpt.step import SMALL_STEP_TOKENS, TrainStep  # noqa: E402
 from rustgpt.optim import Adam  # noqa: E402
 from rustgpt.tokenizer import Vocab  # noqa: E402
 from rustgpt.training import Trainer, rustgpt_phases  # noqa: E402
@@ -65,6 +67,13 @@ except ImportError:
     torch = None
 
 FRAMEWORKS = ("rustgpt", "torch", "numpy")
+# the bf16 columns: rustgpt with precision bf16, PyTorch under torch.autocast("cpu", bf16);
+# rows BF16_ROWS only
+BF16_FRAMEWORKS = ("rustgpt bf16", "torch bf16")
+BF16_ROWS = ("b", "c", "d")
+# (bf16 path, row) -> (least rustgpt bf16 / rustgpt fp32, least rustgpt bf16 / torch bf16)
+BF16_TARGETS = {("amx", "c"): (2.5, 1.2), ("amx", "d"): (2.5, 1.2),
+                ("avx512bf16", "d"): (1.4, None)}
 WORKLOADS = ("a", "b", "c", "d", "e", "f", "k", "g", "a-full", "own-text",
              "footprint")  # in table order
 LONG_WORKLOADS = ("a-full", "own-text")  # minutes each: only with --full (or --only)
@@ -111,6 +120,7 @@ OWN_TEXT = {"num-layers": 4, "num-heads": 4, "embedding-dim": 128, "hidden-dim":
             "warmup-steps": 100, "weight-decay": 0.1, "beta2": 0.99, "max-grad-norm": 1.0,
             "eval-interval": 250, "eval-iters": 20}
 OWN_TEXT_LOSS_MARGIN = 0.02  # rustgpt's final val loss may exceed the port's by this much
+OWN_TEXT_LOAD = 0.05  # other processes' CPU seconds per second of a run that mark it loaded
 
 
 # ---- threads ---------------------------------------------------------------------------------
@@ -247,20 +257,24 @@ def training_runs(framework: str, config: ModelConfig, vocab: Vocab, chunks) -> 
     """One function per chunk of steps (each step loss, backward, clip 5.0, Adam; rustgpt's
     Adam deferred to the next step's forward as its Trainer does, the chunk's last applied
     at its end), all training `framework`'s copy of one freshly initialised rustgpt model
-    (seed 0)."""
+    (seed 0). Frameworks: FRAMEWORKS, and BF16_FRAMEWORKS (rustgpt's TrainStep in bf16,
+    the PyTorch port under autocast)."""
     model = LLM(config, vocab, seed=0)
     convert = np.ascontiguousarray  # ids as each framework takes them
-    if framework == "rustgpt":
-        optimizer = Adam(model.params)
+    if framework in ("rustgpt", "rustgpt bf16"):
+        train = TrainStep(model, Adam(model.params),
+                          precision="bf16" if framework.endswith("bf16") else "fp32")
 
         def step(inputs, targets, lr):  # as the Trainer: each update beside the next forward
-            model.train_step(inputs, targets, optimizer, lr, defer=True)
-    elif framework == "torch":
+            train.run([(inputs, targets)], lr, defer=True)
+    elif framework in ("torch", "torch bf16"):
         from bench.torch_port import from_rustgpt
 
         port = from_rustgpt(model)
         port.make_optimizer()
-        step = port.train_step
+
+        def step(inputs, targets, lr):
+            port.train_step(inputs, targets, lr, autocast=framework.endswith("bf16"))
 
         def convert(ids):
             return torch.from_numpy(ids).long()
@@ -441,6 +455,22 @@ def _verdict(value: float, target: float, base: str) -> str:
     return f">= {target:g}x {base}: {value:.2f}x, {'met' if value >= target else 'MISSED'}"
 
 
+def _bf16_verdict(key: str, rate: dict) -> str:
+    """A training row's bf16 ratios (rustgpt bf16 against rustgpt fp32 and against
+    PyTorch's autocast) and, where this CPU's bf16 path has them, their targets."""
+    path = K.kernels_info()["bf16"]
+    own = rate["rustgpt bf16"] / rate["rustgpt"]
+    theirs = rate["rustgpt bf16"] / rate["torch bf16"] if "torch bf16" in rate else None
+    text = f"bf16 ({path} path): {own:.2f}x rustgpt fp32" + \
+        (f", {theirs:.2f}x PyTorch autocast" if theirs is not None else "")
+    least_own, least_theirs = BF16_TARGETS.get((path, key), (None, None))
+    verdicts = [_verdict(own, least_own, "rustgpt fp32")] if least_own else []
+    if least_theirs and theirs is not None:
+        verdicts.append(_verdict(theirs, least_theirs, "PyTorch autocast"))
+    return text + (" — " + "; ".join(verdicts) if verdicts else
+                   " (targets are set for AMX and AVX512-BF16)")
+
+
 def _rate(value: float, unit: str) -> str:
     return f"{value:,.0f} {unit}" if value >= 100 else f"{value:,.1f} {unit}"
 
@@ -451,8 +481,8 @@ def _log(message: str) -> None:
 
 def _cells(cells: dict) -> dict:
     """Every column's text; missing ones are "—" (or say that torch is not installed)."""
-    return {f: cells.get(f, "skipped (torch not installed)" if f == "torch" and torch is None
-                         else "—") for f in FRAMEWORKS}
+    return {f: cells.get(f, "skipped (torch not installed)" if f.startswith("torch")
+                         and torch is None else "—") for f in FRAMEWORKS + BF16_FRAMEWORKS}
 
 
 class Report:
@@ -477,10 +507,12 @@ class Report:
         set_threads(self.threads)
         tokens = count_tokens(steps)
         chunks = [steps[i:i + chunk] for i in range(0, len(steps), chunk)] if chunk else [steps]
-        runs = {(f, i): run for f in self.frameworks
+        frameworks = self.frameworks + [f for f in BF16_FRAMEWORKS if key in BF16_ROWS
+                                        and (f != "torch bf16" or torch is not None)]
+        runs = {(f, i): run for f in frameworks
                 for i, run in enumerate(training_runs(f, config, vocab, chunks))}
         best, busy = self._measure(runs, budget)
-        seconds = {f: sum(best[f, i] for i in range(len(chunks))) for f in self.frameworks}
+        seconds = {f: sum(best[f, i] for i in range(len(chunks))) for f in frameworks}
         rate = {f: tokens / s for f, s in seconds.items()}
         flops = training_flops(config, vocab.size, steps)
         gflops = {f: flops / s / 1e9 for f, s in seconds.items()}
@@ -494,6 +526,8 @@ class Report:
                 row.target += f" (needs {TARGETS[key] * gflops['torch']:.0f} GFLOP/s)"
                 if all(inputs.size > SMALL_STEP_TOKENS for inputs, _, _ in steps):
                     row.note = self._floor_note(key, config, vocab, steps, seconds)
+        if "rustgpt bf16" in rate:
+            row.target += "; " + _bf16_verdict(key, rate)
         self.rows.append(row)
 
     def _floor_note(self, key: str, config: ModelConfig, vocab: Vocab, steps,
@@ -678,30 +712,35 @@ class Report:
                 runs["torch"] = OwnTextRun.of_torch_port(corpus, options, Path(tmp))
         quiet = self.settle() and quiet
         peak = fma_peak(self.threads)
-        label = (f"own-text. nanoGPT's shakespeare_char recipe (gpt d{config.embedding_dim}/"
+        label = (f"own-text. shakespeare_char recipe, gpt d{config.embedding_dim}/"
                  f"h{config.hidden_dim}/L{config.num_layers}/T{T}/B{B}, {config.num_heads} "
-                 f"heads, {iters:,} iterations)")
+                 f"heads, {iters:,} steps")
         done = {f: r for f, r in runs.items() if r.error is None}
+        # other processes' CPU time while a side trained: more than 5% of a core is load
+        loaded = any(r.others is not None and r.others > OWN_TEXT_LOAD * r.seconds
+                     for r in done.values())
+        others = ", ".join(f"{r.others:,.1f} CPU-s while {f} trained"
+                           for f, r in done.items() if r.others is not None)
         failed = {f: f"failed: {r.error}" for f, r in runs.items() if r.error is not None}
+        gflops = {f: iters * step_flops / r.step_seconds / 1e9 for f, r in done.items()}
         rows = [Row(f"{label}: training, whole process, wall time",
                     _cells({**{f: f"{r.seconds:,.1f} s ({_rate(iters * B * T / r.seconds, 'tok/s')})"
                                for f, r in done.items()}, **failed}),
-                    target=f">= {TARGETS['own-text']:g}x PyTorch", busy=not quiet,
+                    target=f">= {TARGETS['own-text']:g}x PyTorch", busy=not quiet or loaded,
                     note=f"own-text: the text is {corpus} ({corpus.stat().st_size:,} bytes, "
                          f"{vocab_size} char tokens); wall times are of the training process "
                          f"(the port's less its final evaluation, which rustgpt runs in "
                          f"`rustgpt-cli eval`); val losses are over the whole val split, "
-                         f"estimates over {OWN_TEXT['eval-iters']} random batches."),
+                         f"estimates over {OWN_TEXT['eval-iters']} random batches"
+                         + (f"; other processes used {others}." if others else ".")),
                 Row(f"{label}: final val loss",
                     _cells({**{f: f"{r.val_loss:.4f} (estimate {r.val_estimate:.4f})"
                                for f, r in done.items()}, **failed}),
                     target=f"<= PyTorch + {OWN_TEXT_LOSS_MARGIN:g}"),
                 Row(f"{label}: training steps alone, GFLOP/s (fp32 FMA peak: "
                     f"{f'{peak:.0f} GFLOP/s' if peak else 'unknown, no C compiler'})",
-                    _cells({**{f: f"{iters * step_flops / r.step_seconds / 1e9:.0f} GFLOP/s"
-                               + (f" ({iters * step_flops / r.step_seconds / 1e9 / peak:.0%} "
-                                  f"of peak)" if peak else "")
-                               for f, r in done.items()}, **failed}))]
+                    _cells({**{f: f"{g:.0f} GFLOP/s" + (f" ({g / peak:.0%} of peak)" if peak else "")
+                               for f, g in gflops.items()}, **failed}))]
         if len(done) == 2:
             ratio = done["torch"].seconds / done["rustgpt"].seconds
             rows[0].ratio = f"{ratio:.2f}x"
@@ -740,12 +779,14 @@ class Report:
                                      _cells({"rustgpt": f"{seconds * 1e3:.0f} ms"})))
 
     def table(self) -> str:
-        head = "| workload | rustgpt | PyTorch | numpy | ratio vs PyTorch | target |"
-        lines = [head, "| --- | --- | --- | --- | --- | --- |"]
+        head = ("| workload | rustgpt | PyTorch | numpy | rustgpt bf16 | PyTorch bf16 (autocast) "
+                "| ratio vs PyTorch | target |")
+        lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in self.rows:
             mark = (" †" if r.busy else "") + (" ‡" if r.note else "")
             lines.append(f"| {r.workload}{mark} | {r.cells['rustgpt']} | {r.cells['torch']} | "
-                         f"{r.cells['numpy']} | {r.ratio} | {r.target} |")
+                         f"{r.cells['numpy']} | {r.cells['rustgpt bf16']} | "
+                         f"{r.cells['torch bf16']} | {r.ratio} | {r.target} |")
         lines += [f"\n‡ {r.note}" for r in self.rows if r.note]
         if any(r.busy for r in self.rows):
             lines += ["", f"† other processes held the CPU during some of this row's rounds even "
@@ -778,13 +819,15 @@ def torch_schedule(vocab, pre, chat, weights, config) -> tuple[float, float]:
 class OwnTextRun:
     """One side of the own-text workload, run as whole processes: `seconds` of training
     (wall clock), `step_seconds` of its training steps alone, `val_loss` over the whole val
-    split and `val_estimate`, the last estimate from random batches; or `error`, the last
+    split and `val_estimate`, the last estimate from random batches, `others`, the CPU
+    seconds other processes used while it trained (None: unknown); or `error`, the last
     line a failed process wrote."""
 
     seconds: float = math.nan
     step_seconds: float = math.nan
     val_loss: float = math.nan
     val_estimate: float = math.nan
+    others: float | None = None
     error: str | None = None
 
     @classmethod
@@ -795,42 +838,65 @@ class OwnTextRun:
         `step_tokens` tokens a step."""
         env = {**os.environ, "LLM_DATA_TOKEN_CACHE": str(tmp / "rustgpt-tokens")}
         out = tmp / "run"
-        seconds, train = _timed_process([*_cli(), "train", "--text", str(corpus), "--tokenizer",
-                                         "char", "--arch", "gpt", "--schedule", "cosine",
-                                         *options, "--output", str(out)], env)
+        seconds, train, others = _timed_process(
+            [*_cli(), "train", "--text", str(corpus), "--tokenizer", "char", "--arch", "gpt",
+             "--schedule", "cosine", *options, "--output", str(out)], env)
         if train.returncode:
             return cls(error=_last_line(train.stderr))
-        _, evaluated = _timed_process([*_cli(), "eval", "--checkpoint", str(out), "--text",
-                                       str(corpus), "--split", "val", "--json"], env)
+        _, evaluated, _ = _timed_process([*_cli(), "eval", "--checkpoint", str(out), "--text",
+                                          str(corpus), "--split", "val", "--json"], env)
         if evaluated.returncode:
             return cls(error=_last_line(evaluated.stderr))
         steps = json.loads((out / "metrics.json").read_text())["steps"]
         return cls(seconds, sum(step_tokens / r["tokens_per_s"] for r in steps
                                 if r.get("tokens_per_s")),
                    json.loads(evaluated.stdout)["loss"],
-                   next(r["val_loss"] for r in reversed(steps) if r.get("val_loss") is not None))
+                   next(r["val_loss"] for r in reversed(steps) if r.get("val_loss") is not None),
+                   others)
 
     @classmethod
     def of_torch_port(cls, corpus: Path, options: list[str], tmp: Path) -> OwnTextRun:
         """`python -m bench.torch_port own-text` with `options` (its token file in `tmp`);
         its training time is its process's less its final evaluation of the val split."""
-        seconds, done = _timed_process([sys.executable, "-m", "bench.torch_port", "own-text",
-                                        "--text", str(corpus), "--cache-dir",
-                                        str(tmp / "port-tokens"), *options])
+        seconds, done, others = _timed_process(
+            [sys.executable, "-m", "bench.torch_port", "own-text", "--text", str(corpus),
+             "--cache-dir", str(tmp / "port-tokens"), *options])
         if done.returncode:
             return cls(error=_last_line(done.stderr))
         result = json.loads(done.stdout.splitlines()[-1])
         return cls(seconds - result["val_seconds"], result["step_seconds"],
-                   result["val"]["loss"], result["estimates"][-1][2])
+                   result["val"]["loss"], result["estimates"][-1][2], others)
 
 
 def _timed_process(cmd: list[str], env: dict | None = None
-                   ) -> tuple[float, subprocess.CompletedProcess]:
+                   ) -> tuple[float, subprocess.CompletedProcess, float | None]:
     """Wall seconds and the finished process of `cmd`, run in the repository (stdout and
-    stderr captured)."""
+    stderr captured), and the CPU seconds that other processes used meanwhile: the
+    machine's busy time less the child's (None without /proc/stat)."""
+    busy, children = _busy_cpu_seconds(), _children_cpu_seconds()
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    return time.perf_counter() - start, done
+    seconds = time.perf_counter() - start
+    others = None if busy is None else \
+        (_busy_cpu_seconds() - busy) - (_children_cpu_seconds() - children)
+    return seconds, done, others
+
+
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds of all CPUs together not idle since boot (/proc/stat's first line: all
+    but idle and iowait, steal included: time the hypervisor gave others), or None."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, idle, iowait, irq, softirq, steal = \
+                (int(x) for x in f.readline().split()[1:9])
+    except (OSError, ValueError):
+        return None
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _last_line(text: str) -> str:

@@ -5,12 +5,14 @@ max_tokens).
 
     python bench/serve.py                  # both models, the table in markdown
     python bench/serve.py --model default --streams 1 16
+    python bench/serve.py --engine         # the engine alone, no HTTP
 
-The server runs as its own process (the real CLI, default --max-batch 16 and --max-queue
-64, logging at WARNING); the clients are asyncio streams over httpx in this process, each
-sending its requests one after another (POST /v1/completions, stream: true). TTFT is from
-sending a request to its first token's chunk; tokens/s counts every completion token over
-the wall time of the level. Both share the machine's cores with the server.
+The server runs as its own process (the real CLI with its defaults: --max-batch 16,
+--max-queue 64, --threads; logging at WARNING); the clients are asyncio streams in this
+process, each sending its requests one after another (POST /v1/completions, stream: true,
+a connection each). TTFT is from sending a request to its first token's chunk; tokens/s
+counts every completion token over the wall time of the level. The clients share the
+machine's cores with the server.
 """
 
 from __future__ import annotations
@@ -59,15 +61,15 @@ def checkpoint(name: str, directory: Path) -> Path:
 class Server:
     """`rustgpt-cli serve` on a free port, as a process."""
 
-    def __init__(self, path: Path, threads: int, max_batch: int) -> None:
+    def __init__(self, path: Path, threads: int | None, max_batch: int) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rustgpt.cli", "serve", "--checkpoint", str(path),
-             "--port", str(port), "--threads", str(threads), "--max-batch", str(max_batch),
-             "--log-level", "WARNING"])
+             "--port", str(port), "--max-batch", str(max_batch), "--log-level", "WARNING"]
+            + (["--threads", str(threads)] if threads else []))
         import httpx
 
         deadline = time.monotonic() + 60
@@ -86,49 +88,52 @@ class Server:
         self.proc.wait(30)
 
 
-async def _stream(client, max_tokens: int) -> tuple[float, int]:
-    """One request: (seconds to its first token, completion tokens)."""
+async def _stream(host: str, port: int, max_tokens: int) -> tuple[float, int]:
+    """One request on a connection of its own: (seconds to its first token, completion
+    tokens). A plain asyncio client (HTTP/1.1, chunked SSE read line by line): an HTTP
+    library would take much of the two cores the server runs on."""
+    body = json.dumps({"model": "rustgpt", "prompt": PROMPT, "max_tokens": max_tokens,
+                       "stream": True, "stream_options": {"include_usage": True}}).encode()
     began, first, tokens = time.perf_counter(), None, 0
-    body = {"model": "rustgpt", "prompt": PROMPT, "max_tokens": max_tokens, "stream": True,
-            "stream_options": {"include_usage": True}}
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            event = json.loads(line[6:])
-            if first is None and event["choices"] and event["choices"][0]["text"]:
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: %s\r\ncontent-type: "
+                 b"application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+                 % (host.encode(), len(body), body))
+    status = await reader.readline()
+    if b" 200 " not in status:
+        raise RuntimeError(f"the server answered {status!r}")
+    async for line in reader:  # headers, chunk sizes and the events' lines
+        if line.startswith(b"data: {"):
+            if first is None:
                 first = time.perf_counter() - began
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
+            if b'"usage": {' in line:
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+    writer.close()
     return first, tokens
 
 
 async def _level(url: str, streams: int, requests: int, max_tokens: int) -> dict:
-    import httpx
-
+    host, port = url.removeprefix("http://").split(":")
     ttft, tokens = [], 0
-    limits = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as client:
-        await _stream(client, 4)  # warm: the workspaces reach their shapes
+    await _stream(host, int(port), 4)  # warm: the workspaces reach their shapes
 
-        async def worker(n):
-            nonlocal tokens
-            for _ in range(n):
-                first, count = await _stream(client, max_tokens)
-                ttft.append(first)
-                tokens += count
+    async def worker(n):
+        nonlocal tokens
+        for _ in range(n):
+            first, count = await _stream(host, int(port), max_tokens)
+            ttft.append(first)
+            tokens += count
 
-        began = time.perf_counter()
-        await asyncio.gather(*(worker(requests // streams) for _ in range(streams)))
-        seconds = time.perf_counter() - began
+    began = time.perf_counter()
+    await asyncio.gather(*(worker(requests // streams) for _ in range(streams)))
+    seconds = time.perf_counter() - began
     return {"streams": streams, "requests": len(ttft), "tokens": tokens,
             "seconds": seconds, "tokens_per_s": tokens / seconds,
             "ttft_p50_ms": 1e3 * float(np.percentile(ttft, 50)),
             "ttft_p99_ms": 1e3 * float(np.percentile(ttft, 99))}
 
 
-def measure(name: str, streams=STREAMS, threads: int = 2, max_batch: int = 16,
+def measure(name: str, streams=STREAMS, threads: int | None = None, max_batch: int = 16,
             rounds: int = 4) -> list[dict]:
     """One row per concurrency level: each stream sends `rounds` requests (at least 16
     in all per level)."""
@@ -142,6 +147,53 @@ def measure(name: str, streams=STREAMS, threads: int = 2, max_batch: int = 16,
             server.close()
 
 
+def _engine_level(model: LLM, n: int, jobs: int, max_tokens: int) -> float:
+    """Seconds the engine takes for `jobs` greedy jobs, n at a time."""
+    import threading
+
+    from rustgpt.serve.engine import Engine, Job
+
+    ids = model.tokenizer.encode(PROMPT)
+    greedy = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
+    engine = Engine(lambda: model, max_batch=min(n, 16), max_queue=jobs)  # n at once
+    ended, done = threading.Event(), []
+
+    def sink(updates):
+        done.extend(job for job, _, reason in updates if reason)
+        if len(done) == jobs:
+            ended.set()
+
+    for _ in range(jobs):
+        engine.submit(Job(ids, max_tokens, dict(greedy)))
+    began = time.perf_counter()
+    engine.start(sink)
+    ended.wait()
+    seconds = time.perf_counter() - began
+    engine.stop()
+    return seconds
+
+
+def engine_only(name: str, streams=STREAMS, threads: int = 1) -> list[dict]:
+    """The same workload on the engine alone, in this process, no HTTP: what batching
+    gives before the server's per-token Python (the event loop, JSON) shares the
+    interpreter. TTFT is not measured (a level's jobs are all queued at its start)."""
+    from rustgpt import _kernels as K
+
+    K.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Checkpoint.load(checkpoint(name, Path(tmp))).build_model()
+    max_tokens = MODELS[name][2]
+    _engine_level(model, 16, 16, 4)  # warm: the workspaces reach their shapes
+    rows = []
+    for n in streams:
+        jobs = max(4 * n, 16)
+        seconds = _engine_level(model, n, jobs, max_tokens)
+        rows.append({"model": name, "streams": n, "tokens": jobs * max_tokens,
+                     "seconds": seconds, "tokens_per_s": jobs * max_tokens / seconds,
+                     "ttft_p50_ms": float("nan"), "ttft_p99_ms": float("nan")})
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     """The rows as a markdown table, with each level's speed-up over one stream."""
     one = {r["model"]: r["tokens_per_s"] for r in rows if r["streams"] == 1}
@@ -149,8 +201,10 @@ def table(rows: list[dict]) -> str:
              "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         gain = r["tokens_per_s"] / one[r["model"]] if r["model"] in one else float("nan")
+        ttft = [f"{r[k]:.1f} ms" if r[k] == r[k] else "-" for k in ("ttft_p50_ms",
+                                                                    "ttft_p99_ms")]
         lines.append(f"| {r['model']} | {r['streams']} | {r['tokens_per_s']:,.0f} | "
-                     f"{gain:.1f}x | {r['ttft_p50_ms']:.1f} ms | {r['ttft_p99_ms']:.1f} ms |")
+                     f"{gain:.1f}x | {ttft[0]} | {ttft[1]} |")
     return "\n".join(lines)
 
 
@@ -158,19 +212,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=list(MODELS), action="append")
     parser.add_argument("--streams", type=int, nargs="+", default=list(STREAMS))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, help="server kernel threads (default: "
+                        "rustgpt-cli serve's)")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=4, help="requests per stream")
+    parser.add_argument("--engine", action="store_true",
+                        help="the engine alone, in this process, without HTTP")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
     rows = []
     for name in args.model or list(MODELS):
-        rows += measure(name, args.streams, args.threads, args.max_batch, args.rounds)
+        rows += (engine_only(name, args.streams, args.threads or 1) if args.engine else
+                 measure(name, args.streams, args.threads, args.max_batch, args.rounds))
     print(json.dumps(rows, indent=1) if args.json else table(rows))
-    print(f"\n{os.cpu_count()} logical CPUs, server --threads {args.threads}, "
+    print(f"\n{os.cpu_count()} logical CPUs, server --threads {args.threads or 'default'}, "
           f"--max-batch {args.max_batch}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     main()

@@ -205,12 +205,17 @@ class TorchGPT(nn.Module):
                                            betas=betas, eps=eps, fused=True)
         return self.optimizer
 
-    def train_step(self, inputs, targets, lr: float, max_grad_norm: float = 5.0) -> tuple[float, float]:
+    def train_step(self, inputs, targets, lr: float, max_grad_norm: float = 5.0,
+                   autocast: bool = False) -> tuple[float, float]:
         """Loss, backward, clip to global L2 norm `max_grad_norm`, one Adam step at `lr`.
-        Returns (loss, gradient norm before clipping), like rustgpt's LLM.train_step."""
+        Returns (loss, gradient norm before clipping), like rustgpt's LLM.train_step. With
+        `autocast`, the forward and loss run under torch.autocast("cpu", bfloat16) (mixed
+        precision: bf16 matmuls, float32 weights; the backward follows the forward's
+        dtypes)."""
         opt = self.optimizer or self.make_optimizer(lr)
         opt.zero_grad(set_to_none=True)
-        loss = self.loss(inputs, targets)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = self.loss(inputs, targets)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_grad_norm)
         for group in opt.param_groups:

@@ -12,6 +12,7 @@
 #define RUSTGPT_KERNELS_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 /* ---- runtime: threads and SIMD dispatch (runtime.c) ---------------------------------- */
 
@@ -66,6 +67,45 @@ void rg_sgemm(float *C, const float *A, const float *B, int M, int N, int K,
  * instead of count. No C[i] aliases any A[j] or B[j]. */
 void rg_sgemm_many(int count, float *const C[], const float *const A[], const float *const B[],
                    int M, int N, int K, int trans_a, int trans_b, const int accumulate[]);
+
+/* ---- bf16 matrix multiply (gemm_bf16.c) ------------------------------------------------- */
+
+/* bf16 numbers are stored as uint16_t: the upper half of a float32. The paths of
+ * rg_gemm_bf16: portable C (every CPU), AVX512-BF16 (vdpbf16ps), AMX (tdpbf16ps). */
+enum { RG_BF16_PORTABLE = 0, RG_BF16_AVX512 = 1, RG_BF16_AMX = 2 };
+
+/* Bit 1 << path set for every bf16 path this CPU runs (AMX: when Linux also granted this
+ * process the tile state, asked for on the first call). */
+int rg_bf16_supported(void);
+/* The bf16 path rg_gemm_bf16 uses now; defaults to the best supported (AMX, AVX512-BF16,
+ * portable). */
+int rg_bf16_path(void);
+/* Use bf16 path `path` (RG_BF16_*): 0 when done; -1 when the CPU lacks it, -2 when the OS
+ * refused the AMX state (the path in use is left as it was). */
+int rg_set_bf16_path(int path);
+
+/* out[i] = x[i] rounded to bf16, to nearest, ties to even (NaN stays NaN, overflow gives
+ * infinity). x, out: (n). Overwrites out. */
+void rg_to_bf16(uint16_t *out, const float *x, size_t n);
+
+/* C = op(A) @ op(B), or C += op(A) @ op(B) when accumulate, with every operand rounded to
+ * bf16 and the products summed in float32; then bias, pre and act as rg_sgemm's (the same
+ * bits as rg_bias_add, then rg_relu_forward or rg_gelu_forward). op(B) comes from B
+ * (float32, rounded as it is packed) or from Bh (bf16, its copy: a model's weights),
+ * whichever is not NULL. Shapes and transposes as rg_sgemm's; C and pre alias nothing. */
+void rg_gemm_bf16(float *C, const float *A, const float *B, const uint16_t *Bh, int M, int N,
+                  int K, int trans_a, int trans_b, int accumulate, const float *bias, int act,
+                  float *pre);
+
+/* The packed operands every bf16 path reads (for tests). op(A) (M, K) as bf16 rows of
+ * Kp = K rounded up to 32, zeros past K and in rows M to M rounded up to mr: dst (Mp, Kp).
+ * op(B) (K, N) in panels of 32 columns, panel c holding Kp / 2 rows of 32 pairs:
+ * dst[c][q][j][r] = bf16(op(B)[2q + r, 32c + j]), zeros past K and N (the VNNI pair layout
+ * of vdpbf16ps and of AMX's B tiles): dst (ceil(N / 32), Kp / 2, 32, 2). B or Bh as in
+ * rg_gemm_bf16. */
+void rg_bf16_pack_a(uint16_t *dst, const float *A, int M, int K, int trans_a, int mr);
+void rg_bf16_pack_b(uint16_t *dst, const float *B, const uint16_t *Bh, int N, int K,
+                    int trans_b);
 
 /* ---- causal multi-head attention (attention.c) ---------------------------------------- */
 

@@ -296,3 +296,18 @@ def model_loss(p, ids, targets, num_layers, num_heads, ignore_index=-1, **option
     losses, _, _ = crossentropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                              ignore_index)
     return losses.sum() / np.count_nonzero(targets != ignore_index)
+
+
+def bf16(x):
+    """x rounded to bf16 (to nearest, ties to even; NaN stays NaN), in float64: the operands
+    of the bf16 kernels as they multiply them."""
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint32)
+    nan = (np.abs(np.asarray(x, np.float32)) != np.abs(np.asarray(x, np.float32)))
+    half = np.where(nan, (u >> 16).astype(np.uint32) | 0x40, rounded)
+    return (half.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def matmul_bf16(A, B, trans_a=False, trans_b=False):
+    """op(A) @ op(B) of the operands rounded to bf16, in float64."""
+    return matmul(bf16(A), bf16(B), trans_a, trans_b)

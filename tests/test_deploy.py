@@ -279,8 +279,9 @@ def test_serve_takes_its_key_from_the_secret_and_answers_probes_on_its_port():
     assert args[0] == "serve" and _option(args, "--host") == "0.0.0.0"
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert ports["http"] == int(_option(args, "--port"))
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
+    assert container["livenessProbe"]["tcpSocket"] == {"port": "http"}  # not 503 on drain
     # the image's HEALTHCHECK asks the same port
     assert f"127.0.0.1:{ports['http']}/health" in DOCKERFILE.read_text()
 

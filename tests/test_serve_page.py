@@ -107,9 +107,10 @@ def ask(browser, question, nth):
 
 def test_the_chat_page_streams_answers(tmp_path):
     model = tiny_model(64)
-    running = Running(create_app(model, api_key=KEY))
-    browser = Browser(tmp_path / "profile")
+    browser = Browser(tmp_path / "profile")  # forked before the server's threads start
+    running = None
     try:
+        running = Running(create_app(model, api_key=KEY))
         browser.open(running.url + "/")
         browser.wait_for("document.readyState === 'complete' && "
                          "document.getElementById('send') !== null || null")
@@ -128,4 +129,5 @@ def test_the_chat_page_streams_answers(tmp_path):
             "user,assistant,user,assistant"
     finally:
         browser.close()
-        running.close()
+        if running is not None:
+            running.close()

@@ -53,6 +53,7 @@ _LAZY = {
     "set_local_threads": "rustgpt._kernels",
     "get_num_threads": "rustgpt._kernels",
     "set_simd": "rustgpt._kernels",
+    "set_bf16": "rustgpt._kernels",
 }
 
 __all__ = sorted(_LAZY) + [

@@ -19,6 +19,7 @@ import numpy as np
 from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_WRITABLE,
                              PyBuffer_Release, PyObject_GetBuffer)
 from cpython.pythread cimport PyThread_get_thread_ident
+from libc.stdint cimport uint16_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
 
@@ -43,6 +44,18 @@ cdef extern from "rustgpt_kernels.h" nogil:
                   float *pre) noexcept
     void rg_sgemm_many(int count, float **C, const float **A, const float **B, int M, int N,
                        int K, int trans_a, int trans_b, const int *accumulate) noexcept
+    int RG_BF16_PORTABLE, RG_BF16_AVX512, RG_BF16_AMX
+    int rg_bf16_supported() noexcept
+    int rg_bf16_path() noexcept
+    int rg_set_bf16_path(int path) noexcept
+    void rg_to_bf16(uint16_t *out, const float *x, size_t n) noexcept
+    void rg_gemm_bf16(float *C, const float *A, const float *B, const uint16_t *Bh, int M,
+                      int N, int K, int trans_a, int trans_b, int accumulate, const float *bias,
+                      int act, float *pre) noexcept
+    void rg_bf16_pack_a(uint16_t *dst, const float *A, int M, int K, int trans_a,
+                        int mr) noexcept
+    void rg_bf16_pack_b(uint16_t *dst, const float *B, const uint16_t *Bh, int N, int K,
+                        int trans_b) noexcept
     size_t rg_attention_scratch_size(int T, int D, int NH) noexcept
     void rg_attention_forward(float *out, float *att, float *scratch, const float *q,
                               const float *k, const float *v, int B, int T, int D, int NH,
@@ -98,7 +111,9 @@ cdef extern from "rustgpt_kernels.h" nogil:
 
 _F32 = np.dtype(np.float32)
 _I32 = np.dtype(np.intc)
+_U16 = np.dtype(np.uint16)  # bf16 numbers: the upper halves of float32s
 _SIMD_NAMES = {RG_SIMD_GENERIC: "generic", RG_SIMD_AVX2: "avx2", RG_SIMD_AVX512: "avx512"}
+_BF16_NAMES = {RG_BF16_PORTABLE: "portable", RG_BF16_AVX512: "avx512bf16", RG_BF16_AMX: "amx"}
 _INT_MAX = 2**31 - 1
 
 
@@ -121,7 +136,7 @@ cdef void *_data(object a, str fn, str name, object dtype, tuple shape, bint out
     cdef void *ptr
     cdef Py_ssize_t i, ndim = len(shape)
     cdef int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (PyBUF_WRITABLE if out else 0)
-    cdef char kind = b"f" if dtype is _F32 else b"i"
+    cdef char kind = b"f" if dtype is _F32 else b"H" if dtype is _U16 else b"i"
     cdef bint ok
     if type(a) is not np.ndarray:
         _refuse(a, fn, name, dtype, shape, out)
@@ -247,7 +262,7 @@ cdef enum:
     OP_SGEMM, OP_SGEMM_MANY, OP_ATTENTION_FORWARD, OP_ATTENTION_BACKWARD, OP_LAYERNORM_FORWARD,
     OP_LAYERNORM_BACKWARD, OP_CROSSENTROPY_FORWARD_BACKWARD, OP_RELU_FORWARD,
     OP_RELU_BACKWARD, OP_GELU_FORWARD, OP_GELU_BACKWARD, OP_DROPOUT, OP_ADD, OP_BIAS_ADD,
-    OP_COLSUM, OP_EMBEDDING_FORWARD, OP_EMBEDDING_BACKWARD
+    OP_COLSUM, OP_EMBEDDING_FORWARD, OP_EMBEDDING_BACKWARD, OP_GEMM_BF16, OP_TO_BF16
 
 
 cdef struct Op:
@@ -255,7 +270,7 @@ cdef struct Op:
     void *p[3 * MANY]  # the kernel's arrays, in its argument order
     int i[6]    # its int arguments (sizes, flags), in order
     size_t n    # element count of the flat kernels; sgemm_many's accumulate flags, as bits;
-                # sgemm's activation (RG_ACT_*)
+                # sgemm's and gemm_bf16's activation (RG_ACT_*)
     float f     # its float argument (eps, dscale, dropout's p)
 
 
@@ -304,6 +319,11 @@ cdef void _run(const Op *o) noexcept nogil:
     elif o.kind == OP_EMBEDDING_BACKWARD:
         rg_embedding_backward(p[0], p[1], p[2], <int *>o.p[3], i[0], i[1], i[2], i[3], i[4],
                               i[5] & 1, i[5] >> 1)
+    elif o.kind == OP_GEMM_BF16:  # sgemm's arguments, and B's bf16 copy in p[5]
+        rg_gemm_bf16(p[0], p[1], p[2], <uint16_t *>o.p[5], i[0], i[1], i[2], i[3], i[4], i[5],
+                     p[3], <int>o.n, p[4])
+    elif o.kind == OP_TO_BF16:
+        rg_to_bf16(<uint16_t *>o.p[0], p[1], o.n)
 
 
 cdef int _check_ids(const Op *o) except -1:
@@ -640,7 +660,7 @@ cdef Py_ssize_t _outputs(const Op *o) noexcept:
     """How many of the arrays of a call (in the kernel's argument order) it writes."""
     if o.kind == OP_SGEMM_MANY:
         return o.i[5]
-    if o.kind == OP_SGEMM:
+    if o.kind == OP_SGEMM or o.kind == OP_GEMM_BF16:
         return 1 + (o.p[4] != NULL)  # C, and pre when given
     if o.kind == OP_ATTENTION_BACKWARD:
         return 5
@@ -823,6 +843,8 @@ def kernels_info():
         "physical_cores": physical_cores(),
         "simd": _SIMD_NAMES[rg_simd_level()],
         "simd_supported": _SIMD_NAMES[rg_simd_supported()],
+        "bf16": _BF16_NAMES[rg_bf16_path()],
+        "bf16_supported": bf16_paths(),
     }
 
 
@@ -888,6 +910,9 @@ def sgemm(C, A, B, bint trans_a=False, bint trans_b=False, bint accumulate=False
     op.p[4] = pp
     op.i[0], op.i[1], op.i[2], op.i[3], op.i[4], op.i[5] = M, N, K, trans_a, trans_b, accumulate
     op.n = _ACTIVATIONS[activation]
+    cdef Bf16Matmuls mode = _bf16_mode()
+    if mode is not None:
+        B = mode._route(&op, B, <Py_ssize_t>K * N)
     # outputs first (Plan's rule): C, pre
     _submit(&op, tuple(x for x in (C, pre, A, B, bias) if x is not None))
 
@@ -940,7 +965,164 @@ def sgemm_many(Cs, As, Bs, bint trans_a=False, bint trans_b=False, accumulate=Fa
                 raise ValidationError(f"{fn}: Cs[{j}] overlaps Cs[{l}] without being it, "
                                       f"expected the same array or a separate one")
     op.i[0], op.i[1], op.i[2], op.i[3], op.i[4], op.i[5] = M, N, K, trans_a, trans_b, count
+    cdef Bf16Matmuls mode = _bf16_mode()
+    cdef Op one
+    if mode is not None:  # the products one after another: the same sums into a C that recurs
+        for j in range(count):
+            one.kind, one.p[0], one.p[1], one.p[2] = OP_SGEMM, op.p[j], op.p[MANY + j], op.p[2 * MANY + j]
+            one.p[3] = one.p[4] = NULL
+            one.i[0], one.i[1], one.i[2], one.i[3], one.i[4] = M, N, K, trans_a, trans_b
+            one.i[5], one.n = bool(flags[j]), RG_ACT_NONE
+            B = mode._route(&one, Bs[j], <Py_ssize_t>K * N)
+            _submit(&one, (Cs[j], As[j], B))
+        return
     _submit(&op, Cs + As + Bs)
+
+
+# ---- bf16 matmuls ---------------------------------------------------------------------------
+
+def bf16_paths():
+    """Names of the bf16 matmul paths this CPU runs, best last: 'portable' always, then
+    'avx512bf16' (vdpbf16ps) and 'amx' (tile multiply-adds; also needs Linux to grant the
+    process the tile state) where the CPU has them."""
+    have = rg_bf16_supported()
+    return [name for path, name in sorted(_BF16_NAMES.items()) if have >> path & 1]
+
+
+def set_bf16(name):
+    """Force the path of bf16 matmuls: 'portable', 'avx512bf16' or 'amx'. Raises
+    ValidationError when this CPU (or, for AMX, the OS) does not run it; the path in use is
+    then unchanged. Returns the path now in use."""
+    paths = {v: k for k, v in _BF16_NAMES.items()}
+    if name not in paths:
+        raise ValidationError(f"set_bf16: name = {name!r}, expected one of {sorted(paths)}")
+    status = rg_set_bf16_path(paths[name])
+    if status == -2:
+        raise ValidationError(f"set_bf16: the OS refused this process the AMX tile state "
+                              f"(arch_prctl ARCH_REQ_XCOMP_PERM), expected one of "
+                              f"{bf16_paths()}")
+    if status != 0:
+        raise ValidationError(f"set_bf16: this CPU has no {name} path, expected one of "
+                              f"{bf16_paths()}")
+    return _BF16_NAMES[rg_bf16_path()]
+
+
+def to_bf16(out, x):
+    """out = x rounded to bf16 (to nearest, ties to even), each the upper 16 bits of a
+    float32, as uint16. x: float32, any shape; out: uint16 of x's shape."""
+    fn = "to_bf16"
+    shape = x.shape if isinstance(x, np.ndarray) else ()
+    cdef const float *xp = _f(x, fn, "x", shape)
+    cdef void *op = _data(out, fn, "out", _U16, shape, True)
+    cdef Op o
+    o.kind, o.p[0], o.p[1], o.n = OP_TO_BF16, op, <void *>xp, x.size
+    _submit(&o, (out, x))
+
+
+def bf16_pack_a(A, bint trans_a=False, int mr=1):
+    """The packed bf16 A every bf16 path reads (see the header's rg_bf16_pack_a), a new
+    uint16 array (Mp, Kp): op(A) (M, K) rounded, Kp = K rounded up to 32, Mp = M rounded up
+    to mr, zeros in the padding."""
+    fn = "bf16_pack_a"
+    sa = _shape(A, fn, "A", 2)
+    cdef int M = sa[1] if trans_a else sa[0], Kd = sa[0] if trans_a else sa[1]
+    if mr < 1:
+        raise ValidationError(f"{fn}: mr = {mr}, expected >= 1")
+    cdef const float *ap = _f(A, fn, "A", sa)
+    out = np.empty(((M + mr - 1) // mr * mr, (Kd + 31) // 32 * 32), np.uint16)
+    cdef uint16_t *dp = <uint16_t *>_data(out, fn, "out", _U16, out.shape, True)
+    with nogil:
+        rg_bf16_pack_a(dp, ap, M, Kd, trans_a, mr)
+    return out
+
+
+def bf16_pack_b(B, bint trans_b=False, Bh=None):
+    """The packed bf16 B every bf16 path reads (see the header's rg_bf16_pack_b), a new
+    uint16 array (ceil(N / 32), Kp / 2, 32, 2): out[c, q, j, r] = bf16(op(B)[2q + r,
+    32c + j]), zeros in the padding. With Bh (B's bf16 copy, uint16 of B's shape), read
+    from it instead of rounding B."""
+    fn = "bf16_pack_b"
+    sb = _shape(B, fn, "B", 2)
+    cdef int N = sb[0] if trans_b else sb[1], Kd = sb[1] if trans_b else sb[0]
+    cdef const float *bp = _f(B, fn, "B", sb)
+    cdef const uint16_t *hp = NULL
+    if Bh is not None:
+        hp = <const uint16_t *>_data(Bh, fn, "Bh", _U16, sb, False)
+    out = np.empty(((N + 31) // 32, (Kd + 31) // 32 * 16, 32, 2), np.uint16)
+    cdef uint16_t *dp = <uint16_t *>_data(out, fn, "out", _U16, out.shape, True)
+    with nogil:
+        rg_bf16_pack_b(dp, NULL if hp != NULL else bp, hp, N, Kd, trans_b)
+    return out
+
+
+cdef dict _bf16_modes = {}  # thread id -> the Bf16Matmuls that thread is in
+
+
+cdef inline Bf16Matmuls _bf16_mode():
+    """The Bf16Matmuls the calling thread is in, or None."""
+    if not _bf16_modes:
+        return None
+    return _bf16_modes.get(PyThread_get_thread_ident())
+
+
+cdef class Bf16Matmuls:
+    """While entered, every sgemm and sgemm_many of this thread multiplies in bf16
+    (rg_gemm_bf16: operands rounded to bf16, sums in float32), and is recorded so into a
+    Plan; other kernels are unchanged.
+
+        copy = np.empty(params.size, np.uint16)
+        to_bf16(copy, params)                      # after every change of params
+        with Bf16Matmuls(params, copy):
+            ...                                    # x @ W reads W's bf16 copy
+
+    values: a flat float32 array (a model's parameters) and copy: its bf16 copy (uint16,
+    the same length), which the caller keeps current (to_bf16): a B operand that lies in
+    values is read from the copy at the same offset; any other operand (activations) is
+    rounded as it is packed. Without them, every operand is rounded as packed. Entries
+    nest; leaving one restores the mode before it."""
+
+    cdef readonly object values, copy
+    cdef size_t lo, n
+    cdef uint16_t *copy_ptr
+    cdef object thread, before
+
+    def __init__(self, values=None, copy=None):
+        fn = "Bf16Matmuls"
+        self.lo = self.n = 0
+        self.copy_ptr = NULL
+        if (values is None) != (copy is None):
+            raise ValidationError(f"{fn}: values and copy go together, expected both or "
+                                  f"neither")
+        if values is not None:
+            s = _shape(values, fn, "values", 1)
+            self.lo = <size_t>_f(values, fn, "values", s)
+            self.copy_ptr = <uint16_t *>_data(copy, fn, "copy", _U16, s, False)
+            self.n = s[0]
+        self.values, self.copy = values, copy
+
+    def __enter__(self):
+        self.thread = PyThread_get_thread_ident()
+        self.before = _bf16_modes.get(self.thread)
+        _bf16_modes[self.thread] = self
+        return self
+
+    def __exit__(self, *exc):
+        if self.before is None:
+            _bf16_modes.pop(self.thread, None)
+        else:
+            _bf16_modes[self.thread] = self.before
+        return False
+
+    cdef object _route(self, Op *op, object B, Py_ssize_t nb):
+        """Make op, an OP_SGEMM whose B has nb floats, its bf16 product; returns the
+        array it reads for B: the copy when B lies in values (p[5] its bf16 data, p[2]
+        NULL), else B (rounded as packed; p[5] NULL)."""
+        cdef size_t b = <size_t>op.p[2]
+        op.kind, op.p[5] = OP_GEMM_BF16, NULL
+        if self.n and self.lo <= b and b + 4 * <size_t>nb <= self.lo + 4 * self.n:
+            op.p[5], op.p[2] = self.copy_ptr + (b - self.lo) // 4, NULL
+            return self.copy
+        return B
 
 
 # ---- attention --------------------------------------------------------------------------------

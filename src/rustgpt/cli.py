@@ -25,7 +25,7 @@ MODEL_OPTIONS = ("embedding_dim", "hidden_dim", "num_layers", "num_heads", "max_
 TRAIN_OPTIONS = ("pretraining_epochs", "instruction_epochs", "pretraining_lr", "instruction_lr",
                  "batch_size", "seed", "threads", "schedule", "warmup_steps", "shuffle",
                  "weight_decay", "beta1", "beta2", "eps", "max_grad_norm", "max_iters",
-                 "grad_accum", "eval_interval", "eval_iters")
+                 "grad_accum", "eval_interval", "eval_iters", "precision")
 DATA_OPTIONS = ("pretraining_data", "chat_training_data", "tokenizer", "vocab_size",
                 "val_fraction")
 
@@ -202,6 +202,9 @@ def main(ctx, config_file, log_level, log_format):
 @click.option("--shuffle/--no-shuffle", default=None, help="Shuffle examples each epoch.")
 @click.option("--seed", type=int, help="Seed of the initial weights and shuffling (default 42).")
 @click.option("--threads", type=int, help="Kernel threads (default: physical cores).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]),
+              help="Matmuls in fp32 (default), bf16 (float32 sums and master weights) or "
+                   "auto (bf16 where the CPU has AMX or AVX512-BF16).")
 @click.option("--embedding-dim", type=int, help="Model width D (default 128).")
 @click.option("--hidden-dim", type=int, help="Feed-forward width H (default 256).")
 @click.option("--num-layers", type=int, help="Transformer blocks (default 3).")
@@ -430,6 +433,9 @@ def _generation_options(f):
         click.option("--repetition-penalty", type=float, help="> 1 discourages repeats."),
         click.option("--beam-width", type=int, help="Beam search with this many beams."),
         click.option("--seed", type=int, help="Sampling seed (default: random)."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]),
+                     help="Matmuls in fp32 (default), bf16 (a bf16 copy of the weights) or "
+                          "auto (bf16 where the CPU has AMX or AVX512-BF16)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -442,7 +448,7 @@ def _decoding(state: State, checkpoint, options):
     g = config.generation
     kwargs = dict(max_tokens=g.max_tokens, temperature=g.temperature, top_k=g.top_k,
                   top_p=g.top_p, min_p=g.min_p, repetition_penalty=g.repetition_penalty,
-                  seed=g.seed)
+                  seed=g.seed, precision=g.precision)
     return ckpt.build_model(), kwargs, g.beam_width
 
 
@@ -808,9 +814,9 @@ SERVE_PACKAGES = ("starlette", "uvicorn", "prometheus_client")  # the serve extr
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(0),
               help="Requests waiting beyond --max-batch; more are answered 429.")
 @click.option("--threads", type=click.IntRange(1),
-              help="Kernel threads of the decoding engine (default: OMP_NUM_THREADS, else "
-                   "one less than the physical cores, at least 1: one is left to the HTTP "
-                   "side).")
+              help="Kernel threads of the decoding engine (default: one less than "
+                   "OMP_NUM_THREADS, or than the physical cores, at least 1: a core is left "
+                   "to the HTTP side).")
 @click.option("--drain-timeout", default=30.0, show_default=True, type=click.FloatRange(0),
               help="Seconds in-flight requests may take to finish after SIGTERM.")
 @group_options
@@ -832,16 +838,14 @@ def serve(state: State, checkpoint, host, port, api_key, max_batch, max_queue, t
         if missing not in SERVE_PACKAGES:
             raise
         _fail(f"serve needs {missing}, from the serve extra: pip install 'rustgpt[serve]'")
-    import os
-
-    from rustgpt._kernels import physical_cores
+    from rustgpt._kernels import get_num_threads
     from rustgpt.checkpoint import CheckpointManager
     from rustgpt.resources import max_threads, threads_bound_text
 
     if threads is not None and threads > max_threads():
         _fail(f"--threads {threads}: expected at most {threads_bound_text()}")
-    if threads is None and not os.environ.get("OMP_NUM_THREADS"):
-        threads = max(1, physical_cores() - 1)
+    if threads is None:  # the kernels' default (OMP_NUM_THREADS, else the cores) less one
+        threads = max(1, get_num_threads() - 1)
     if config.generation.beam_width > 1:
         tell(f"serve: [generation] beam_width = {config.generation.beam_width} is not used: "
              f"the server samples each request (no beam search)", logging.WARNING,

@@ -37,6 +37,7 @@ def _check(rule: str, ok) -> Any:
 _positive = _check("> 0", lambda v: v > 0)
 _non_negative = _check(">= 0", lambda v: v >= 0)
 _fraction = _check("in [0, 1)", lambda v: 0 <= v < 1)
+_precision = _check("fp32, bf16 or auto", lambda v: v in ("fp32", "bf16", "auto"))
 
 
 # The architectures [model] arch names: the values they give the architecture keys left
@@ -143,6 +144,9 @@ class TrainingConfig:
                              lambda v: 0 <= v <= max_threads()))
     adaptive_threads: bool = _help("run steps on one thread while that measures faster "
                                    "than all (a busy shared VM); same results", default=True)
+    precision: str = _help("matmuls in fp32, or bf16 (float32 sums and master weights); "
+                           "auto = bf16 where the CPU has AMX or AVX512-BF16", default="fp32",
+                           validator=_precision)
 
 
 @attrs.frozen
@@ -194,6 +198,9 @@ class GenerationConfig:
     beam_width: int = _help("beams; 1 = no beam search", default=1, validator=_positive)
     seed: Optional[int] = _help("sampling seed; unset = random", default=None,
                                 validator=_non_negative)
+    precision: str = _help("matmuls in fp32, or bf16 from a bf16 copy of the weights; auto = "
+                           "bf16 where the CPU has AMX or AVX512-BF16", default="fp32",
+                           validator=_precision)
 
 
 @attrs.frozen

@@ -3,19 +3,22 @@ beam search, and a streaming iterator, all over the model's KV cache; a chat-tun
 answers in RustGPT's template, a model trained on text continues its prompt (chat_tuned).
 
 Randomness comes from a ``numpy.random.Generator`` passed in (or seeded here), never global;
-decoding state (cache, generator) belongs to the call, never to the model.
+decoding state (cache, generator, in bf16 the weights' bf16 copy) belongs to the call, never
+to the model.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from rustgpt.errors import ValidationError
 from rustgpt.model import check_seed
+from rustgpt.precision import Bf16Weights, resolve
 from rustgpt.resources import allocating, check_memory
 
 if TYPE_CHECKING:
@@ -134,8 +137,9 @@ def sample_next(logits: np.ndarray, history: list[int], rng: np.random.Generator
                 min_p: float = 0.0, repetition_penalty: float = 1.0) -> int:
     """The token after `history` (the prompt and the tokens so far) from its logits (V,):
     the repetition penalty over history, then sample(). Every decoding loop's choice."""
-    penalised = apply_repetition_penalty(logits, history, repetition_penalty)
-    return sample(penalised, rng, temperature, top_k, top_p, min_p)
+    if repetition_penalty != 1.0:  # else no copy: sample() only reads the logits
+        logits = apply_repetition_penalty(logits, history, repetition_penalty)
+    return sample(logits, rng, temperature, top_k, top_p, min_p)
 
 
 # ---- the decoding loops ---------------------------------------------------------------------
@@ -202,27 +206,40 @@ def _prompt_ids(model: LLM, prompt: str, raw: bool | None) -> list[int]:
     return ids
 
 
-def _next_logits(model: LLM, cache: KVCache | None, rows: list[list[int]]) -> np.ndarray:
+def _weights(model: LLM, precision: str) -> Bf16Weights | None:
+    """The weights' bf16 copy a decoding call's matmuls read when `precision` (fp32, bf16
+    or auto, see rustgpt.precision.resolve) comes to bf16, made now; None for fp32."""
+    if resolve(precision, "generate: precision") == "fp32":
+        return None
+    weights = Bf16Weights(model.params.data)
+    with model.reading():
+        weights.refresh()
+    return weights
+
+
+def _next_logits(model: LLM, cache: KVCache | None, rows: list[list[int]],
+                 weights: Bf16Weights | None = None) -> np.ndarray:
     """Logits (B, V) of the token after each of the B `rows` (token ids, all of one length),
     read from the rows' last max_seq_len tokens: nanoGPT's crop, for every model and
     strategy. `cache` holds all of each row but its last token, or is empty: one step while
     it has room, a prefill of the window once it is full (positions are absolute, so cached
     keys cannot slide: beyond max_seq_len each token costs a forward over the window).
     Without a cache (None), the forward over the window: the reference the cache is
-    tested against."""
+    tested against. With `weights` (a bf16 copy, _weights), the matmuls run in bf16."""
     T = model.config.max_seq_len
-    if cache is None:
-        return model.forward([row[-T:] for row in rows])[:, -1]
-    if 0 < cache.length < T:
-        return model.step(cache, [row[-1] for row in rows])
-    return model.prefill(cache, [row[-T:] for row in rows])
+    with weights.matmuls() if weights is not None else nullcontext():
+        if cache is None:
+            return model.forward([row[-T:] for row in rows])[:, -1]
+        if 0 < cache.length < T:
+            return model.step(cache, [row[-1] for row in rows])
+        return model.prefill(cache, [row[-T:] for row in rows])
 
 
 def stream(model: LLM, prompt: str, *, max_tokens: int | None = None, temperature: float = 0.0,
            top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
            repetition_penalty: float = 1.0, seed: int | None = None,
            rng: np.random.Generator | None = None, raw: bool | None = None,
-           use_cache: bool = True) -> Iterator[str]:
+           use_cache: bool = True, precision: str = "fp32") -> Iterator[str]:
     """Yield the text of generate()'s tokens piece by piece as they are decoded: each piece
     is decoded after the few tokens before it, not the whole answer again, and a piece
     ending in U+FFFD (a character whose bytes byte-level BPE split across tokens) waits for
@@ -230,7 +247,7 @@ def stream(model: LLM, prompt: str, *, max_tokens: int | None = None, temperatur
     rustgpt trains (any whose decoding of a prefix of the ids is a prefix of the text)."""
     yield from _pieces(model.tokenizer, _tokens(
         model, prompt, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
-        rng, raw, use_cache))
+        rng, raw, use_cache, precision))
 
 
 def _pieces(tokenizer, tokens: Iterator[int]) -> Iterator[str]:
@@ -278,7 +295,7 @@ class TextStream:
 def _tokens(model: LLM, prompt: str, max_tokens: int | None, temperature: float, top_k: int,
             top_p: float, min_p: float, repetition_penalty: float, seed: int | None,
             rng: np.random.Generator | None, raw: bool | None,
-            use_cache: bool) -> Iterator[int]:
+            use_cache: bool, precision: str = "fp32") -> Iterator[int]:
     """The new token ids, sampled one by one; stops at the end-of-text token (not
     yielded) or after max_tokens (None: default_max_tokens)."""
     budget = default_max_tokens(model) if max_tokens is None else max_tokens
@@ -288,11 +305,12 @@ def _tokens(model: LLM, prompt: str, max_tokens: int | None, temperature: float,
     if use_cache:
         _check_memory(model, 1, len(ids), budget, 0, "decoding")
     eos = model.tokenizer.eos_id
+    weights = _weights(model, precision)
     with allocating("generate: decoding"):
         cache = model.new_cache(1) if use_cache else None
         context = list(ids)  # the prompt and the tokens decoded so far
         for _ in range(budget):
-            logits = _next_logits(model, cache, [context])[0]
+            logits = _next_logits(model, cache, [context], weights)[0]
             token = sample_next(logits, context, rng, temperature, top_k, top_p, min_p,
                                 repetition_penalty)
             if token == eos:
@@ -302,7 +320,8 @@ def _tokens(model: LLM, prompt: str, max_tokens: int | None, temperature: float,
 
 
 def beam_search(model: LLM, prompt: str, *, beam_width: int = 4, max_tokens: int | None = None,
-                raw: bool | None = None, length_penalty: float = 1.0) -> list[int]:
+                raw: bool | None = None, length_penalty: float = 1.0,
+                precision: str = "fp32") -> list[int]:
     """Token ids of the best of `beam_width` beams, scored by summed log-probability divided
     by length**length_penalty (finished beams include their end-of-text token). Beyond
     max_seq_len every beam reads its last max_seq_len tokens, as sampling does."""
@@ -317,14 +336,15 @@ def beam_search(model: LLM, prompt: str, *, beam_width: int = 4, max_tokens: int
     _check_memory(model, W, len(ids), budget, reorder + 5 * 8 * W * model.tokenizer.size,
                   f"beam_width = {W}")
     with allocating(f"generate: beam_width = {W}"):
-        return _beam_search(model, ids, W, budget, length_penalty)
+        return _beam_search(model, ids, W, budget, length_penalty,
+                            _weights(model, precision))
 
 
-def _beam_search(model: LLM, ids: list[int], W: int, budget: int,
-                 length_penalty: float) -> list[int]:
+def _beam_search(model: LLM, ids: list[int], W: int, budget: int, length_penalty: float,
+                 weights: Bf16Weights | None) -> list[int]:
     eos = model.tokenizer.eos_id
     cache = model.new_cache(W)
-    logits = _next_logits(model, cache, [ids] * W)
+    logits = _next_logits(model, cache, [ids] * W, weights)
     beams: list[list[int]] = [[] for _ in range(W)]
     scores = np.full(W, -np.inf)
     scores[0] = 0.0  # the W copies of the prompt are one beam until the first expansion
@@ -359,7 +379,7 @@ def _beam_search(model: LLM, ids: list[int], W: int, budget: int,
         scores = np.array(new_scores)
         cache.reorder(np.array(parents))
         if step + 1 < budget:
-            logits = _next_logits(model, cache, [ids + beam for beam in beams])
+            logits = _next_logits(model, cache, [ids + beam for beam in beams], weights)
     alive = [(norm(s, len(b)), b) for s, b in zip(scores, beams) if np.isfinite(s) and b]
     return max(finished + alive, key=lambda item: item[0], default=(0.0, []))[1]
 
@@ -368,7 +388,7 @@ def generate(model: LLM, prompt: str, *, max_tokens: int | None = None, temperat
              top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              repetition_penalty: float = 1.0, beam_width: int = 1, seed: int | None = None,
              rng: np.random.Generator | None = None, raw: bool | None = None,
-             use_cache: bool = True) -> str:
+             use_cache: bool = True, precision: str = "fp32") -> str:
     """The model's new text after `prompt`, without the end-of-text token.
 
     A chat-tuned model answers "User: " + prompt; a model trained on text continues the
@@ -376,16 +396,18 @@ def generate(model: LLM, prompt: str, *, max_tokens: int | None = None, temperat
     template whatever the model). At most `max_tokens` new tokens (None: 80 for a
     chat-tuned model, 256 for one trained on text); beyond max_seq_len the model reads the
     last max_seq_len tokens. Greedy by default (RustGPT); temperature > 0 samples, filtered
-    by top_k / top_p / min_p; beam_width > 1 runs beam search. Raises ValidationError for
-    options of the wrong type or out of range, and for decoding that needs more memory than
-    is available."""
+    by top_k / top_p / min_p; beam_width > 1 runs beam search. `precision`: the matmuls'
+    precision, fp32, bf16 (from a bf16 copy of the weights, made for the call) or auto
+    (rustgpt.precision.resolve). Raises ValidationError for options of the wrong type or out
+    of range, and for decoding that needs more memory than is available."""
     _check_options(1 if max_tokens is None else max_tokens, temperature, top_k, top_p, min_p,
                    repetition_penalty, beam_width, seed, rng)
     if beam_width > 1:
-        ids = beam_search(model, prompt, beam_width=beam_width, max_tokens=max_tokens, raw=raw)
+        ids = beam_search(model, prompt, beam_width=beam_width, max_tokens=max_tokens, raw=raw,
+                          precision=precision)
     else:
         ids = list(_tokens(model, prompt, max_tokens, temperature, top_k, top_p, min_p,
-                           repetition_penalty, seed, rng, raw, use_cache))
+                           repetition_penalty, seed, rng, raw, use_cache, precision))
     return model.tokenizer.decode(ids)
 
 

@@ -20,7 +20,6 @@ from rustgpt.errors import (
     ArchitectureError,
     ShapeMismatch,
     TokenError,
-    TrainingError,
     ValidationError,
 )
 from rustgpt.layers import (

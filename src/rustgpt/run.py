@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import attrs
-import numpy as np
 
 from rustgpt.checkpoint import Checkpoint, CheckpointCallback, CheckpointManager
 from rustgpt.comm import SingleProcess

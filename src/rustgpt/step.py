@@ -12,6 +12,11 @@ adds, in this order:
 3. the gradient's global norm, taken after that, clipping and the Adam update, which may be
    deferred: left pending and applied beside the next step's forward.
 
+In bf16 precision (rustgpt.precision) the step owns a bf16 copy of the weights: its first
+micro-step rounds them into it (after the update, which the copy's one kernel call waits
+for), and every matmul of its forward and backward runs in bf16, reading the weights from
+the copy; everything else stays float32.
+
 Speed comes from recorded plans: the first step of each shape runs layer by layer and is
 recorded (``_kernels.Plan``); later steps of that shape copy their ids into the plan's
 arrays and replay it in C, without the Python in between. The rule that makes this safe
@@ -29,8 +34,8 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
-from typing import TYPE_CHECKING, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
@@ -39,6 +44,7 @@ from rustgpt.comm import SingleProcess
 from rustgpt.errors import TrainingError, ValidationError
 from rustgpt.layers import Workspace, dropout_seed
 from rustgpt.model import activation_bytes
+from rustgpt.precision import Bf16Weights, resolve
 from rustgpt.threads import StepThreads
 
 if TYPE_CHECKING:
@@ -60,13 +66,15 @@ class TrainStep:
     max_grad_norm: clip to this global L2 norm (None: no clipping). replay: replay recorded
     plans (False: every step layer by layer; the same results, bit for bit). comm: the
     processes of a data-parallel run (rustgpt.comm), each running this step on its part of
-    the batch; None: one process. ``threads`` chooses between one kernel thread and all for
-    each step (rustgpt.threads); ``last_correct`` is the latest step's number of targets
-    predicted right (over every process); ``comm_seconds`` the time its sums over the
-    processes took."""
+    the batch; None: one process. precision: the matmuls' precision, fp32, bf16 or auto
+    (rustgpt.precision.resolve; ``precision`` holds the one chosen). ``threads`` chooses
+    between one kernel thread and all for each step (rustgpt.threads); ``last_correct`` is
+    the latest step's number of targets predicted right (over every process);
+    ``comm_seconds`` the time its sums over the processes took."""
 
     def __init__(self, model: LLM, optimizer: Adam, max_grad_norm: float | None = 5.0, *,
-                 replay: bool = True, comm: SingleProcess | None = None) -> None:
+                 replay: bool = True, comm: SingleProcess | None = None,
+                 precision: str = "fp32") -> None:
         if optimizer.params is not model.params:
             raise ValidationError("TrainStep: the optimizer updates another model's "
                                   "parameters, expected Adam(model.params)")
@@ -76,6 +84,9 @@ class TrainStep:
         self.replay = replay
         self.comm = comm or SingleProcess()
         self.threads = StepThreads()
+        self.precision = resolve(precision, "[training] precision")
+        # bf16: the weights' bf16 copy (P,) the matmuls read, refreshed every step
+        self._bf16 = Bf16Weights(model.params.data) if self.precision == "bf16" else None
         # a micro-step's dropout seed (layers.dropout_seed): the workspace carries it, so
         # its layers (and plans) draw their masks from it
         self._dropout_seed = np.zeros(3, np.intc) if model.config.dropout > 0 else None
@@ -181,7 +192,8 @@ class TrainStep:
             B, T = ids.shape
             need = activation_bytes(model.config, model.tokenizer.size, B, T)
             # the workspace only grows: what it holds already is not asked for again
-            with model._activations_of(B, T, self._activations), plan if plan is not None else nullcontext():
+            with model._activations_of(B, T, self._activations), \
+                    plan if plan is not None else nullcontext(), self._matmuls(not accumulate):
                 losses, hits, forward = model._loss_and_backward(ws, ids, tgt, 1.0 / total,
                                                                  accumulate, plan)
             self._activations = max(self._activations, need)
@@ -205,3 +217,16 @@ class TrainStep:
             if deferred is not None:
                 deferred.pending = model._deferred = None
         return float(losses.sum(dtype=np.float64)), int(np.count_nonzero(hits)), sum_squares
+
+    @contextmanager
+    def _matmuls(self, refresh: bool) -> Iterator[None]:
+        """Around a micro-step's kernel calls (and so in its plan): in bf16, the weights'
+        bf16 copy refreshed first when `refresh` (a step's first micro-step: the weights
+        changed since the last), then every matmul in bf16; in fp32, nothing."""
+        if self._bf16 is None:
+            yield
+            return
+        if refresh:
+            self._bf16.refresh()
+        with self._bf16.matmuls():
+            yield

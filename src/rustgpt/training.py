@@ -196,7 +196,8 @@ class Trainer:
         self.optimizer = Adam(model.params, config.beta1, config.beta2, config.eps,
                               config.weight_decay)
         self.comm = comm or SingleProcess()
-        self.step = TrainStep(model, self.optimizer, config.max_grad_norm, comm=self.comm)
+        self.step = TrainStep(model, self.optimizer, config.max_grad_norm, comm=self.comm,
+                              precision=config.precision)
         self.step.threads.enabled = config.adaptive_threads
         self.rng = np.random.default_rng(config.seed)
         self.position = Position()
