@@ -40,6 +40,7 @@
 #define CW 16 /* columns per register tile in mix_block */
 
 typedef float f32x16 __attribute__((vector_size(64), aligned(4), may_alias));
+typedef float f32x8 __attribute__((vector_size(32), aligned(4), may_alias));
 
 /* ---- block kernels (inlined into each SIMD variant) ----------------------------------- */
 
@@ -86,10 +87,24 @@ void scores_block(int wide, float *S, int lds, const float *q, int nr, const flo
     for (int j0 = 0; j0 < n; j0 += KW) {
         int nk = n - j0 < KW ? n - j0 : KW;
         f32x16 acc[RT] = {0};
-        if (wide) {
+        if (wide == 1) {
             for (int i = 0; i < hs; i++) {
                 f32x16 kt_i = *(const f32x16 *)(kt + (size_t)i * ldt + j0);
                 for (int r = 0; r < RT; r++) acc[r] += q_r[r][i] * kt_i;
+            }
+        } else if (wide == 2) { /* AVX2: each 16-lane row as two 8-lane registers */
+            f32x8 lo[RT] = {0}, hi[RT] = {0};
+            for (int i = 0; i < hs; i++) {
+                const float *kt_i = kt + (size_t)i * ldt + j0;
+                f32x8 k0 = *(const f32x8 *)kt_i, k1 = *(const f32x8 *)(kt_i + 8);
+                for (int r = 0; r < RT; r++) {
+                    lo[r] += q_r[r][i] * k0;
+                    hi[r] += q_r[r][i] * k1;
+                }
+            }
+            for (int r = 0; r < RT; r++) {
+                memcpy((float *)&acc[r], &lo[r], sizeof lo[r]);
+                memcpy((float *)&acc[r] + 8, &hi[r], sizeof hi[r]);
             }
         } else { /* the same loop on floats, left to the auto-vectorizer */
             float a[RT][KW] = {{0}};
@@ -123,10 +138,25 @@ void mix_block(int wide, float *y, const float *P, int ldp, int pj, int nr, cons
     int c0 = 0;
     for (; c0 + CW <= hs; c0 += CW) {
         f32x16 acc[RT] = {0};
-        if (wide) {
+        if (wide == 1) {
             for (int j = 0; j < n; j++) {
                 f32x16 x_j = *(const f32x16 *)(x + (size_t)j * ldx + c0);
                 for (int r = 0; r < RT; r++) acc[r] += p_r[r][(size_t)j * pj] * x_j;
+            }
+        } else if (wide == 2) { /* AVX2: each 16-lane row as two 8-lane registers */
+            f32x8 lo[RT] = {0}, hi[RT] = {0};
+            for (int j = 0; j < n; j++) {
+                const float *x_j = x + (size_t)j * ldx + c0;
+                f32x8 x0 = *(const f32x8 *)x_j, x1 = *(const f32x8 *)(x_j + 8);
+                for (int r = 0; r < RT; r++) {
+                    float p = p_r[r][(size_t)j * pj];
+                    lo[r] += p * x0;
+                    hi[r] += p * x1;
+                }
+            }
+            for (int r = 0; r < RT; r++) {
+                memcpy((float *)&acc[r], &lo[r], sizeof lo[r]);
+                memcpy((float *)&acc[r] + 8, &hi[r], sizeof hi[r]);
             }
         } else { /* the same loop on floats, left to the auto-vectorizer */
             float a[RT][CW] = {{0}};
@@ -270,7 +300,7 @@ void step_head(int wide, float *out, float *s, const float *q, const float *kc,
         const float *k_j = kc + (size_t)j * D;
         float d = 0.0f;
         int i = 0;
-        if (hs >= 16 && wide) {
+        if (hs >= 16 && wide == 1) {
             f32x16 acc = *(const f32x16 *)q * *(const f32x16 *)k_j;
             for (i = 16; i + 16 <= hs; i += 16)
                 acc += *(const f32x16 *)(q + i) * *(const f32x16 *)(k_j + i);
@@ -296,17 +326,27 @@ void step_head(int wide, float *out, float *s, const float *q, const float *kc,
 
 /* ---- the three SIMD variants of each task ----------------------------------------------- */
 
-/* AVX-512 runs the explicit 16-lane loops (wide = 1); AVX2 and generic the float loops,
- * as GCC keeps 64-byte vectors it must split into halves in memory. */
-RG_VARIANTS(forward_rows,
+/* AVX-512 runs the explicit 16-lane loops (wide = 1), AVX2 the blocks' loops on pairs of
+ * 8-lane vectors (wide = 2: GCC keeps 64-byte vectors it must split into halves in memory)
+ * and its float loops elsewhere, generic the float loops. */
+#define ATTENTION_VARIANTS(name, params, args)                                           \
+    static void name##_generic params { name(0, RG_UNPAREN args); }                     \
+    RG_AVX2 static void name##_avx2 params { name(2, RG_UNPAREN args); }                \
+    RG_AVX512 static void name##_avx512 params { name(1, RG_UNPAREN args); }            \
+    static void (*name##_pick(void)) params {                                           \
+        int level = rg_simd_level();                                                    \
+        return level == RG_SIMD_AVX512 ? name##_avx512                                  \
+             : level == RG_SIMD_AVX2 ? name##_avx2 : name##_generic;                    \
+    }
+ATTENTION_VARIANTS(forward_rows,
          (float *out, float *att, float *sc, const float *q, const float *k, const float *v,
           int T, int D, int hs, int t0, int t1),
          (out, att, sc, q, k, v, T, D, hs, t0, t1))
-RG_VARIANTS(backward_query_rows,
+ATTENTION_VARIANTS(backward_query_rows,
          (float *dq, float *ds, float *sc, const float *dout, const float *att,
           const float *k, const float *v, int T, int D, int hs, int t0, int t1),
          (dq, ds, sc, dout, att, k, v, T, D, hs, t0, t1))
-RG_VARIANTS(backward_key_rows,
+ATTENTION_VARIANTS(backward_key_rows,
          (float *dk, float *dv, float *sc, const float *ds, const float *dout,
           const float *att, const float *q, int T, int D, int hs, int j0, int j1),
          (dk, dv, sc, ds, dout, att, q, T, D, hs, j0, j1))
