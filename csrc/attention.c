@@ -76,6 +76,16 @@ int pack_rows(const float **rows, float *xp, const float *x, int n, int D, int h
     return hs;
 }
 
+/* acc[r] = lo[r] then hi[r], r < RT: the AVX2 loops' pairs of 8-lane results as the
+ * blocks' 16-lane rows. */
+static inline __attribute__((always_inline))
+void join_halves(f32x16 *acc, const f32x8 *lo, const f32x8 *hi) {
+    for (int r = 0; r < RT; r++) {
+        memcpy((float *)&acc[r], &lo[r], sizeof lo[r]);
+        memcpy((float *)&acc[r] + 8, &hi[r], sizeof hi[r]);
+    }
+}
+
 /* S[r, j] = scale * q_r . k_j for r < nr, j < n, with the keys given transposed.
  * q: nr rows (stride D) of hs floats; kt: (hs, ldt) from transpose_keys; S: (nr, lds).
  * Rows past nr repeat the last row; their results are dropped. */
@@ -102,10 +112,7 @@ void scores_block(int wide, float *S, int lds, const float *q, int nr, const flo
                     hi[r] += q_r[r][i] * k1;
                 }
             }
-            for (int r = 0; r < RT; r++) {
-                memcpy((float *)&acc[r], &lo[r], sizeof lo[r]);
-                memcpy((float *)&acc[r] + 8, &hi[r], sizeof hi[r]);
-            }
+            join_halves(acc, lo, hi);
         } else { /* the same loop on floats, left to the auto-vectorizer */
             float a[RT][KW] = {{0}};
             for (int i = 0; i < hs; i++) {
@@ -154,10 +161,7 @@ void mix_block(int wide, float *y, const float *P, int ldp, int pj, int nr, cons
                     hi[r] += p * x1;
                 }
             }
-            for (int r = 0; r < RT; r++) {
-                memcpy((float *)&acc[r], &lo[r], sizeof lo[r]);
-                memcpy((float *)&acc[r] + 8, &hi[r], sizeof hi[r]);
-            }
+            join_halves(acc, lo, hi);
         } else { /* the same loop on floats, left to the auto-vectorizer */
             float a[RT][CW] = {{0}};
             for (int j = 0; j < n; j++) {
@@ -329,24 +333,15 @@ void step_head(int wide, float *out, float *s, const float *q, const float *kc,
 /* AVX-512 runs the explicit 16-lane loops (wide = 1), AVX2 the blocks' loops on pairs of
  * 8-lane vectors (wide = 2: GCC keeps 64-byte vectors it must split into halves in memory)
  * and its float loops elsewhere, generic the float loops. */
-#define ATTENTION_VARIANTS(name, params, args)                                           \
-    static void name##_generic params { name(0, RG_UNPAREN args); }                     \
-    RG_AVX2 static void name##_avx2 params { name(2, RG_UNPAREN args); }                \
-    RG_AVX512 static void name##_avx512 params { name(1, RG_UNPAREN args); }            \
-    static void (*name##_pick(void)) params {                                           \
-        int level = rg_simd_level();                                                    \
-        return level == RG_SIMD_AVX512 ? name##_avx512                                  \
-             : level == RG_SIMD_AVX2 ? name##_avx2 : name##_generic;                    \
-    }
-ATTENTION_VARIANTS(forward_rows,
+RG_VARIANTS_AVX2(forward_rows, 2,
          (float *out, float *att, float *sc, const float *q, const float *k, const float *v,
           int T, int D, int hs, int t0, int t1),
          (out, att, sc, q, k, v, T, D, hs, t0, t1))
-ATTENTION_VARIANTS(backward_query_rows,
+RG_VARIANTS_AVX2(backward_query_rows, 2,
          (float *dq, float *ds, float *sc, const float *dout, const float *att,
           const float *k, const float *v, int T, int D, int hs, int t0, int t1),
          (dq, ds, sc, dout, att, k, v, T, D, hs, t0, t1))
-ATTENTION_VARIANTS(backward_key_rows,
+RG_VARIANTS_AVX2(backward_key_rows, 2,
          (float *dk, float *dv, float *sc, const float *ds, const float *dout,
           const float *att, const float *q, int T, int D, int hs, int j0, int j1),
          (dk, dv, sc, ds, dout, att, q, T, D, hs, j0, j1))

@@ -21,10 +21,12 @@
 
 /* From `RG_INLINE void name(int wide, params...)` make name_generic / _avx2 / _avx512 and
  * name_pick(), which returns the variant for the current SIMD level. `wide` is 1 only in the
- * AVX-512 variant, for bodies that use explicit 16-lane vectors there. */
-#define RG_VARIANTS(name, params, args)                                                  \
+ * AVX-512 variant, for bodies that use explicit 16-lane vectors there; RG_VARIANTS_AVX2
+ * passes the AVX2 variant `avx2_wide` instead of 0 (2: a body's own 8-lane loops). */
+#define RG_VARIANTS(name, params, args) RG_VARIANTS_AVX2(name, 0, params, args)
+#define RG_VARIANTS_AVX2(name, avx2_wide, params, args)                                  \
     static void name##_generic params { name(0, RG_UNPAREN args); }                     \
-    RG_AVX2 static void name##_avx2 params { name(0, RG_UNPAREN args); }                \
+    RG_AVX2 static void name##_avx2 params { name(avx2_wide, RG_UNPAREN args); }        \
     RG_AVX512 static void name##_avx512 params { name(1, RG_UNPAREN args); }            \
     static void (*name##_pick(void)) params {                                           \
         int level = rg_simd_level();                                                    \

@@ -23,9 +23,6 @@ from rustgpt.errors import ConfigError
 # Variables an MPI launcher sets in every process it starts: the number of processes
 # (MPICH's Hydra and PMI-based launchers, Open MPI, PMIx, MVAPICH)
 _SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
-# the number of processes on this host, where the launcher says it
-_LOCAL_SIZE_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE",
-                         "MV2_COMM_WORLD_LOCAL_SIZE")
 
 
 class SingleProcess:
@@ -118,17 +115,6 @@ def launched_size(environ=os.environ) -> int:
     """The number of processes an MPI launcher started, from its variables (1 without
     one, or when they do not parse)."""
     for name in _SIZE_VARIABLES:
-        try:
-            return max(int(environ[name]), 1)
-        except (KeyError, ValueError):
-            continue
-    return 1
-
-
-def local_size_hint(environ=os.environ) -> int:
-    """The processes of this job on this host, where the launcher's variables say it
-    (before MPI starts: the thread count must be set before the kernels load), else 1."""
-    for name in _LOCAL_SIZE_VARIABLES:
         try:
             return max(int(environ[name]), 1)
         except (KeyError, ValueError):

@@ -146,10 +146,10 @@ class TrainStep:
         for i, (ids, tgt, count) in enumerate(checked):
             # the replay of the last micro-step sums the gradient's squares on the way,
             # unless the sum over the processes changes the gradient after it
-            norm = defer and i == n - 1 and comm.size == 1
+            take_norm = defer and i == n - 1 and comm.size == 1
             # dropout masks: those of micro-step i of the step about to be taken
             part, right, sum_squares = self._backward(ids, tgt, count, total, i > 0,
-                                                      opt.t * n + i + 1, norm, first_row)
+                                                      opt.t * n + i + 1, take_norm, first_row)
             loss_sum += part
             correct += right
         if comm.size > 1:
@@ -171,7 +171,8 @@ class TrainStep:
         return loss, norm
 
     def _backward(self, ids: np.ndarray, tgt: np.ndarray, count: int, total: int,
-                  accumulate: bool, dropout_step: int, norm: bool, first_row: int = 0) -> tuple[float, int, float | None]:
+                  accumulate: bool, dropout_step: int, norm: bool,
+                  first_row: int = 0) -> tuple[float, int, float | None]:
         """One micro-step's loss and backward, its losses scaled by 1 / `total`: (summed
         loss of its targets, targets predicted right, the gradients' sum of squares when
         `norm` and a replay took it on the way, else None). A step that train_step left
