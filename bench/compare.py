@@ -10,7 +10,8 @@ generating 64 tokens, (f) sgemm vs numpy's BLAS, (g) thread scaling;
 then peak memory of `rustgpt-cli train`, import and CLI start-up times. `--full` adds
 (a-full), the whole RustGPT schedule: rustgpt's Trainer vs the same loop on the PyTorch port,
 and (own-text) nanoGPT's CPU shakespeare_char recipe on about 1 MB of Shakespeare
-(bench/corpus.py): `rustgpt-cli train --text` vs the port's nanoGPT loop, whole processes.
+(bench/corpus.py): `rustgpt-cli train --text` vs the port's nanoGPT loop, whole processes,
+in fp32 and in the bf16 columns (--precision bf16; the port under autocast).
 Rows of one workload are timed round-robin (best of the rounds), each round once the CPU
 is free of other processes (see Settle), so such load hits every column alike. A training
 row that misses its target gets a footnote: the time the target allows a step, against
@@ -119,7 +120,8 @@ OWN_TEXT = {"num-layers": 4, "num-heads": 4, "embedding-dim": 128, "hidden-dim":
             "max-seq-len": 64, "batch-size": 12, "max-iters": 2000, "pretraining-lr": 1e-3,
             "warmup-steps": 100, "weight-decay": 0.1, "beta2": 0.99, "max-grad-norm": 1.0,
             "eval-interval": 250, "eval-iters": 20}
-OWN_TEXT_LOSS_MARGIN = 0.02  # rustgpt's final val loss may exceed the port's by this much
+# rustgpt's final val loss may exceed the port's by this much, and rustgpt bf16's its fp32's
+OWN_TEXT_LOSS_MARGIN = 0.02
 OWN_TEXT_LOAD = 0.05  # other processes' CPU seconds per second of a run that mark it loaded
 
 
@@ -455,9 +457,19 @@ def _verdict(value: float, target: float, base: str) -> str:
     return f">= {target:g}x {base}: {value:.2f}x, {'met' if value >= target else 'MISSED'}"
 
 
+def _loss_verdict(words: str, gap: float | None) -> str:
+    """An own-text val-loss target, `words` + OWN_TEXT_LOSS_MARGIN; with `gap` (a side's
+    final val loss less its base's), whether it is met."""
+    text = f"{words} + {OWN_TEXT_LOSS_MARGIN:g}"
+    if gap is None:
+        return text
+    return text + f": {gap:+.4f}, {'met' if gap <= OWN_TEXT_LOSS_MARGIN else 'MISSED'}"
+
+
 def _bf16_verdict(key: str, rate: dict) -> str:
-    """A training row's bf16 ratios (rustgpt bf16 against rustgpt fp32 and against
-    PyTorch's autocast) and, where this CPU's bf16 path has them, their targets."""
+    """A training row's bf16 ratios of `rate` (framework -> work per second: rustgpt bf16
+    against rustgpt fp32 and against PyTorch's autocast) and, where this CPU's bf16 path
+    has them, their targets; a row with targets on other paths only says so."""
     path = K.kernels_info()["bf16"]
     own = rate["rustgpt bf16"] / rate["rustgpt"]
     theirs = rate["rustgpt bf16"] / rate["torch bf16"] if "torch bf16" in rate else None
@@ -467,8 +479,10 @@ def _bf16_verdict(key: str, rate: dict) -> str:
     verdicts = [_verdict(own, least_own, "rustgpt fp32")] if least_own else []
     if least_theirs and theirs is not None:
         verdicts.append(_verdict(theirs, least_theirs, "PyTorch autocast"))
-    return text + (" — " + "; ".join(verdicts) if verdicts else
-                   " (targets are set for AMX and AVX512-BF16)")
+    if verdicts:
+        return text + " — " + "; ".join(verdicts)
+    return text + (" (targets are set for AMX and AVX512-BF16)"
+                   if any(row == key for _, row in BF16_TARGETS) else "")
 
 
 def _rate(value: float, unit: str) -> str:
@@ -684,11 +698,15 @@ class Report:
 
     def workload_own_text(self) -> None:
         """nanoGPT's CPU shakespeare_char recipe (OWN_TEXT) on bench.corpus's text, each side
-        a whole process, one after the other: `rustgpt-cli train --text`, then `rustgpt-cli
-        eval --split val` (timed apart), and the PyTorch port's loop, which ends with the
-        same evaluation of the val split (rustgpt.training.evaluate_text over the port).
-        Three rows: the training's wall time (the port's process less that evaluation), the
-        final val loss, the training steps' GFLOP/s against the machine's FMA peak."""
+        a whole process, one after the other, in a directory of its own (its own token file):
+        `rustgpt-cli train --text`, then `rustgpt-cli eval --split val` (timed apart), and the
+        PyTorch port's loop, which ends with the same evaluation of the val split
+        (rustgpt.training.evaluate_text over the port); each in fp32, then in bf16 (rustgpt's
+        --precision bf16, the port's training under autocast; both evaluate in float32).
+        Three rows, one column a side: the training's wall time (the port's process less
+        that evaluation), with the fp32 ratio's verdict and the bf16 ratios; the final val
+        loss, with rustgpt's margins over PyTorch's and over its own fp32 loss in bf16; the
+        training steps' GFLOP/s against the machine's fp32 FMA peak."""
         from bench.corpus import corpus_path
         from rustgpt.corpus import find_sources, pieces
         from rustgpt.tokenizer import train_tokenizer
@@ -703,13 +721,19 @@ class Report:
         step_flops = training_flops(config, vocab_size, [(np.zeros((B, T)), None, None)])
         options = [f"--{key}={value}" for key, value in OWN_TEXT.items()]
         options.append(f"--threads={self.threads}")
+        sides = [f for f in ("rustgpt", "torch", *BF16_FRAMEWORKS)
+                 if f.startswith("rustgpt") or torch is not None]
         runs: dict[str, OwnTextRun] = {}
+        quiet = True
         with tempfile.TemporaryDirectory() as tmp:
-            quiet = self.settle()
-            runs["rustgpt"] = OwnTextRun.of_rustgpt(corpus, options, Path(tmp), B * T)
-            if torch is not None:
+            for side in sides:
+                where = Path(tmp) / side.replace(" ", "-")
+                where.mkdir()
+                precision = ["--precision=bf16"] if side in BF16_FRAMEWORKS else []
                 quiet = self.settle() and quiet
-                runs["torch"] = OwnTextRun.of_torch_port(corpus, options, Path(tmp))
+                runs[side] = (OwnTextRun.of_rustgpt(corpus, options + precision, where, B * T)
+                              if side.startswith("rustgpt") else
+                              OwnTextRun.of_torch_port(corpus, options + precision, where))
         quiet = self.settle() and quiet
         peak = fma_peak(self.threads)
         label = (f"own-text. shakespeare_char recipe, gpt d{config.embedding_dim}/"
@@ -722,32 +746,41 @@ class Report:
         others = ", ".join(f"{r.others:,.1f} CPU-s while {f} trained"
                            for f, r in done.items() if r.others is not None)
         failed = {f: f"failed: {r.error}" for f, r in runs.items() if r.error is not None}
+        rate = {f: iters * B * T / r.seconds for f, r in done.items()}  # tok/s
         gflops = {f: iters * step_flops / r.step_seconds / 1e9 for f, r in done.items()}
+        # (side, base, what the target calls them): side's val loss <= base's + margin
+        checks = [("rustgpt", "torch", "<= PyTorch"),
+                  ("rustgpt bf16", "rustgpt", "bf16 <= rustgpt fp32")]
+        gap = {(side, base): done[side].val_loss - done[base].val_loss
+               for side, base, _ in checks if side in done and base in done}
         rows = [Row(f"{label}: training, whole process, wall time",
-                    _cells({**{f: f"{r.seconds:,.1f} s ({_rate(iters * B * T / r.seconds, 'tok/s')})"
+                    _cells({**{f: f"{r.seconds:,.1f} s ({_rate(rate[f], 'tok/s')})"
                                for f, r in done.items()}, **failed}),
                     target=f">= {TARGETS['own-text']:g}x PyTorch", busy=not quiet or loaded,
                     note=f"own-text: the text is {corpus} ({corpus.stat().st_size:,} bytes, "
                          f"{vocab_size} char tokens); wall times are of the training process "
                          f"(the port's less its final evaluation, which rustgpt runs in "
-                         f"`rustgpt-cli eval`); val losses are over the whole val split, "
+                         f"`rustgpt-cli eval`); the bf16 columns train with --precision bf16 "
+                         f"(the port under autocast) and are evaluated in float32 as the fp32 "
+                         f"ones; val losses are over the whole val split, "
                          f"estimates over {OWN_TEXT['eval-iters']} random batches"
                          + (f"; other processes used {others}." if others else ".")),
                 Row(f"{label}: final val loss",
                     _cells({**{f: f"{r.val_loss:.4f} (estimate {r.val_estimate:.4f})"
                                for f, r in done.items()}, **failed}),
-                    target=f"<= PyTorch + {OWN_TEXT_LOSS_MARGIN:g}"),
+                    target="; ".join(_loss_verdict(words, gap.get((side, base)))
+                                     for side, base, words in checks)),
                 Row(f"{label}: training steps alone, GFLOP/s (fp32 FMA peak: "
                     f"{f'{peak:.0f} GFLOP/s' if peak else 'unknown, no C compiler'})",
                     _cells({**{f: f"{g:.0f} GFLOP/s" + (f" ({g / peak:.0%} of peak)" if peak else "")
                                for f, g in gflops.items()}, **failed}))]
-        if len(done) == 2:
-            ratio = done["torch"].seconds / done["rustgpt"].seconds
+        if "rustgpt" in rate and "torch" in rate:
+            ratio = rate["rustgpt"] / rate["torch"]
             rows[0].ratio = f"{ratio:.2f}x"
             rows[0].target = _verdict(ratio, TARGETS["own-text"], "PyTorch")
-            gap = done["rustgpt"].val_loss - done["torch"].val_loss
-            rows[1].ratio = f"{gap:+.4f}"
-            rows[1].target += f": {gap:+.4f}, {'met' if gap <= OWN_TEXT_LOSS_MARGIN else 'MISSED'}"
+            rows[1].ratio = f"{gap['rustgpt', 'torch']:+.4f}"
+        if "rustgpt" in rate and "rustgpt bf16" in rate:
+            rows[0].target += "; " + _bf16_verdict("own-text", rate)
         self.rows += rows
 
     def footprint(self) -> None:

@@ -1,13 +1,15 @@
 """compare.py's arithmetic: the FLOP count its GFLOP/s figures divide, and the floor its
-missed targets are set against; the own-text workload's corpus (bench/corpus.py)."""
+missed targets are set against; the bf16 verdicts; the own-text workload's corpus
+(bench/corpus.py) and, on a tiny recipe, its rows."""
 
 import importlib.metadata
+import re
 
 import numpy as np
 import pytest
 
-from bench import corpus
-from bench.compare import kernel_floor, synthetic_vocab, training_flops
+from bench import compare, corpus
+from bench.compare import _bf16_verdict, kernel_floor, synthetic_vocab, training_flops
 from rustgpt import _kernels as K
 from rustgpt.config import ModelConfig
 from rustgpt.model import LLM
@@ -101,3 +103,73 @@ def test_corpus_path_writes_whole_plays_up_to_the_target_once(tmp_path):
     assert "**" not in text and "\\" not in text
     stamp = path.stat().st_mtime_ns
     assert corpus.corpus_path(tmp_path) == path and path.stat().st_mtime_ns == stamp
+
+
+def test_bf16_verdict_names_targets_only_for_rows_that_have_them(monkeypatch):
+    """The ratios always; on a path without targets, a note only for a row that has them on
+    other paths (c), none for the others (b, own-text); on AMX, c's verdicts."""
+    rate = {"rustgpt": 2.0, "rustgpt bf16": 1.0, "torch bf16": 0.5}
+    ratios = "0.50x rustgpt fp32, 2.00x PyTorch autocast"
+    monkeypatch.setattr(K, "kernels_info", lambda: {"bf16": "portable"})
+    assert _bf16_verdict("c", rate) == \
+        f"bf16 (portable path): {ratios} (targets are set for AMX and AVX512-BF16)"
+    for key in ("b", "own-text"):
+        assert _bf16_verdict(key, rate) == f"bf16 (portable path): {ratios}"
+    monkeypatch.setattr(K, "kernels_info", lambda: {"bf16": "amx"})
+    assert _bf16_verdict("c", rate) == (
+        f"bf16 (amx path): {ratios} — >= 2.5x rustgpt fp32: 0.50x, MISSED; "
+        f">= 1.2x PyTorch autocast: 2.00x, met")
+
+
+def test_own_text_fills_the_fp32_and_bf16_columns(tmp_path, monkeypatch):
+    """The own-text workload on a tiny recipe and text: four processes in turn (rustgpt,
+    the port, each in fp32 then with --precision bf16), every column of its three rows
+    filled; the wall-time row's target the fp32 verdict and the bf16 ratios, the val-loss
+    row's both margins, each met or missed as its gap says."""
+    pytest.importorskip("torch")
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 40
+    (tmp_path / "play.txt").write_text(text, encoding="utf-8")
+    monkeypatch.setattr(corpus, "corpus_path", lambda: tmp_path / "play.txt")
+    monkeypatch.setattr(compare, "OWN_TEXT", {
+        "num-layers": 1, "num-heads": 2, "embedding-dim": 16, "hidden-dim": 32,
+        "max-seq-len": 8, "batch-size": 4, "max-iters": 6, "pretraining-lr": 1e-2,
+        "warmup-steps": 2, "weight-decay": 0.1, "beta2": 0.99, "max-grad-norm": 1.0,
+        "eval-interval": 3, "eval-iters": 2})
+    monkeypatch.setattr(compare, "fma_peak", lambda threads: 100.0)
+    started = []
+    for name in ("of_rustgpt", "of_torch_port"):
+        def noted(cls, text, options, *rest, name=name, run=getattr(compare.OwnTextRun, name)):
+            started.append((name, [o for o in options if o.startswith("--precision")]))
+            return run(text, options, *rest)
+        monkeypatch.setattr(compare.OwnTextRun, name, classmethod(noted))
+    report = compare.Report(quick=True, threads=1)
+    report.settle = lambda: True
+    report.workload_own_text()
+    bf16 = ["--precision=bf16"]
+    assert started == [("of_rustgpt", []), ("of_torch_port", []), ("of_rustgpt", bf16),
+                       ("of_torch_port", bf16)]
+    sides = ("rustgpt", "torch", "rustgpt bf16", "torch bf16")
+    wall, loss, gflops = report.rows
+    for row in report.rows:
+        for side in sides:
+            assert re.fullmatch(r"[\d,.]+ .+", row.cells[side]), (row.workload, side)
+    rate = {side: float(re.search(r"\(([\d,.]+) tok/s\)", wall.cells[side])[1].replace(",", ""))
+            for side in sides}
+    ratios = re.fullmatch(rf">= 1.5x PyTorch: (\S+)x, (met|MISSED); bf16 "
+                          rf"\({K.kernels_info()['bf16']} path\): (\S+)x rustgpt fp32, "
+                          rf"(\S+)x PyTorch autocast", wall.target)
+    assert ratios, wall.target
+    for got, (side, base) in zip(ratios.group(1, 3, 4), [("rustgpt", "torch"),
+                                                        ("rustgpt bf16", "rustgpt"),
+                                                        ("rustgpt bf16", "torch bf16")]):
+        assert float(got) == pytest.approx(rate[side] / rate[base], rel=0.02), (side, base)
+    val = {side: float(loss.cells[side].split()[0]) for side in sides}
+    checks = re.fullmatch(r"<= PyTorch \+ 0.02: (\S+), (met|MISSED); "
+                          r"bf16 <= rustgpt fp32 \+ 0.02: (\S+), (met|MISSED)", loss.target)
+    assert checks, loss.target
+    for (side, base), gap, verdict in ((("rustgpt", "torch"), checks[1], checks[2]),
+                                       (("rustgpt bf16", "rustgpt"), checks[3], checks[4])):
+        assert float(gap) == pytest.approx(val[side] - val[base], abs=1.1e-4)
+        assert verdict == ("met" if float(gap) <= compare.OWN_TEXT_LOSS_MARGIN else "MISSED")
+    assert loss.ratio == checks[1]
+    assert "of peak" in gflops.cells["torch bf16"]

@@ -1,8 +1,8 @@
 """The PyTorch port computes what rustgpt computes (as llm.c's test_gpt2.c): logits, loss,
 every gradient, and a few Adam steps with clipping, on a small random model of every
 architecture option and on the default and gpt architectures loaded from a checkpoint
-file; its nanoGPT loop on a text has rustgpt's schedule, split, decay rule and val loss.
-Skipped without torch."""
+file; its nanoGPT loop on a text has rustgpt's schedule, split, decay rule and val loss, in
+float32 and under autocast. Skipped without torch."""
 
 import json
 import math
@@ -247,19 +247,36 @@ def test_as_rustgpt_evaluates_a_split_as_rustgpt_does(rng):
         assert got[key] == pytest.approx(expected[key], rel=1e-5), key
 
 
-def test_own_text_trains_and_reports(tmp_path, capsys):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_own_text_trains_and_reports(precision, tmp_path, capsys, monkeypatch):
     """`python -m bench.torch_port own-text` on a tiny model: estimates after every
     eval_interval steps and after the last; the loss falls from ln(V), where the init puts
-    it; the val split evaluated whole; one JSON line."""
+    it; the val split evaluated whole; one JSON line. With --precision bf16 the steps and
+    estimates run under autocast, the final evaluation in float32 either way."""
+    seen = set()  # (in the final evaluation, under autocast) of each forward
+    final = [False]
+    forward, evaluate = torch_port.TorchGPT.forward, AsRustgpt.loss
+
+    def noted_forward(self, ids):
+        seen.add((final[0], torch.is_autocast_enabled("cpu")))
+        return forward(self, ids)
+
+    def final_loss(self, inputs, targets):
+        final[0] = True
+        return evaluate(self, inputs, targets)
+
+    monkeypatch.setattr(torch_port.TorchGPT, "forward", noted_forward)
+    monkeypatch.setattr(AsRustgpt, "loss", final_loss)
     write_text(tmp_path / "play.txt")
     torch_port.main(["own-text", "--text", str(tmp_path / "play.txt"), "--cache-dir",
                      str(tmp_path / "cache"), "--num-layers", "1", "--num-heads", "2",
                      "--embedding-dim", "16", "--hidden-dim", "32", "--max-seq-len", "8",
                      "--batch-size", "4", "--max-iters", "30", "--warmup-steps", "5",
                      "--pretraining-lr", "1e-2", "--eval-interval", "12", "--eval-iters", "2",
-                     "--threads", str(torch.get_num_threads())])
+                     "--threads", str(torch.get_num_threads()), "--precision", precision])
     result = json.loads(capsys.readouterr().out)
     assert [step for step, _, _ in result["estimates"]] == [12, 24, 30]
     assert result["estimates"][-1][1] < math.log(result["vocab_size"]) - 0.5
     assert result["val"]["tokens"] == result["val_tokens"] - 1
     assert 0 < result["step_seconds"] < result["loop_seconds"]
+    assert seen == {(False, precision == "bf16"), (True, False)}

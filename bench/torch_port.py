@@ -9,6 +9,9 @@ Also nanoGPT's training loop on a text corpus (its CPU shakespeare_char recipe) 
 rustgpt's schedule, run as a process of its own by bench/compare.py's own-text workload:
 
     python -m bench.torch_port own-text --text CORPUS [the options of `rustgpt-cli train`]
+
+With --precision bf16 its training steps and loss estimates run under torch.autocast
+(bfloat16); its final evaluation of the val split stays float32, as `rustgpt-cli eval`.
 """
 
 from __future__ import annotations
@@ -311,14 +314,17 @@ def cosine_lr(step: int, lr: float, warmup: int, total_steps: int) -> float:
 
 @torch.no_grad()
 def estimate_loss(port: TorchGPT, splits: dict, eval_iters: int, batch_size: int,
-                  generator: torch.Generator) -> dict:
+                  generator: torch.Generator, autocast: bool = False) -> dict:
     """nanoGPT's estimate_loss: each split's mean loss over `eval_iters` random batches,
-    the model in eval mode (no dropout), then back in train mode."""
+    the model in eval mode (no dropout), then back in train mode; with `autocast`, under
+    torch.autocast("cpu", bfloat16) as nanoGPT's estimates run in its training dtype."""
     port.eval()
-    losses = {name: float(np.mean([port.loss(*get_batch(data, batch_size, port.max_seq_len,
-                                                         generator)).item()
-                                   for _ in range(eval_iters)]))
-              for name, data in splits.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        losses = {name: float(np.mean([port.loss(*get_batch(data, batch_size,
+                                                             port.max_seq_len,
+                                                             generator)).item()
+                                       for _ in range(eval_iters)]))
+                  for name, data in splits.items()}
     port.train()
     return losses
 
@@ -347,12 +353,14 @@ class AsRustgpt:
 def train_text(port: TorchGPT, train: torch.Tensor, val: torch.Tensor, *, batch_size: int,
                max_iters: int, lr: float, warmup_steps: int, weight_decay: float, beta2: float,
                max_grad_norm: float, eval_interval: int, eval_iters: int, seed: int,
-               log=None) -> dict:
+               autocast: bool = False, log=None) -> dict:
     """nanoGPT's loop: `max_iters` steps, each on a batch of random windows of `train`
     (loss, backward, clip to `max_grad_norm`, AdamW with decay on the 2-D parameters at
     cosine_lr), the train and val losses estimated after every `eval_interval` steps and
     after the last, as rustgpt's trainer does (nanoGPT estimates before the first step
-    too). Batches and estimates draw from one generator seeded with `seed`. Returns
+    too). Batches and estimates draw from one generator seeded with `seed`; with
+    `autocast`, the steps and the estimates run under torch.autocast("cpu", bfloat16)
+    (TorchGPT.train_step's mixed precision). Returns
     {"estimates": [(steps done, train, val)], "step_seconds" (the steps alone),
     "loop_seconds"}; `log(message)`, when given, hears each estimate."""
     generator = torch.Generator().manual_seed(seed)
@@ -364,12 +372,12 @@ def train_text(port: TorchGPT, train: torch.Tensor, val: torch.Tensor, *, batch_
         inputs, targets = get_batch(train, batch_size, port.max_seq_len, generator)
         start = time.perf_counter()
         port.train_step(inputs, targets, cosine_lr(step, lr, warmup_steps, max_iters),
-                        max_grad_norm)
+                        max_grad_norm, autocast)
         step_seconds += time.perf_counter() - start
         done = step + 1
         if done % eval_interval == 0 or done == max_iters:
             losses = estimate_loss(port, {"train": train, "val": val}, eval_iters, batch_size,
-                                   generator)
+                                   generator, autocast)
             estimates.append((done, losses["train"], losses["val"]))
             if log:
                 log(f"step {done}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
@@ -379,8 +387,9 @@ def train_text(port: TorchGPT, train: torch.Tensor, val: torch.Tensor, *, batch_
 
 def own_text(args: argparse.Namespace) -> dict:
     """The own-text workload's PyTorch side (see main): the corpus, the model (rustgpt's
-    ModelConfig of `--arch`, torch seeded with `--seed`), train_text, then the loss over the
-    whole val split as `rustgpt-cli eval --text ... --split val` computes it."""
+    ModelConfig of `--arch`, torch seeded with `--seed`), train_text (under autocast with
+    `--precision bf16`), then the loss over the whole val split in float32 as `rustgpt-cli
+    eval --text ... --split val` computes it."""
     import attrs
 
     from rustgpt.config import ModelConfig
@@ -399,6 +408,7 @@ def own_text(args: argparse.Namespace) -> dict:
                         weight_decay=args.weight_decay, beta2=args.beta2,
                         max_grad_norm=args.max_grad_norm, eval_interval=args.eval_interval,
                         eval_iters=args.eval_iters, seed=args.seed,
+                        autocast=args.precision == "bf16",
                         log=lambda message: print(message, file=sys.stderr, flush=True))
     start = time.perf_counter()
     result["val"] = evaluate_text(AsRustgpt(port, tokenizer), val.numpy())
@@ -411,13 +421,17 @@ def own_text(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     """`python -m bench.torch_port own-text --text CORPUS ...`: own_text with the options
     of `rustgpt-cli train` that the recipe sets (the same names; the lr is
-    --pretraining-lr, the schedule always cosine); prints its result as one JSON line."""
+    --pretraining-lr, the schedule always cosine) and --precision (fp32, or bf16: the port
+    under autocast); prints its result as one JSON line."""
     parser = argparse.ArgumentParser(prog="python -m bench.torch_port",
                                      description=main.__doc__.split(";")[0])
     parser.add_argument("workload", choices=["own-text"])
     parser.add_argument("--text", required=True, help="the corpus file")
     parser.add_argument("--cache-dir", required=True, help="where the token file goes")
     parser.add_argument("--arch", default="gpt", choices=["rustgpt", "gpt"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="bf16: training steps and loss estimates under torch.autocast "
+                             "(default %(default)s)")
     for name, kind, default in (
             ("num-layers", int, 4), ("num-heads", int, 4), ("embedding-dim", int, 128),
             ("hidden-dim", int, 512), ("max-seq-len", int, 64), ("batch-size", int, 12),

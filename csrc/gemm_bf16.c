@@ -302,6 +302,136 @@ static void kernel_amx(int kp, const uint16_t *ap, const uint16_t *bp, float *c,
 }
 #endif
 
+/* ---- a few rows: the weights' bf16 copy read where it is -------------------------------- */
+
+/* Decoding multiplies a few rows of activations by a weight matrix whose bf16 copy (Bh)
+ * exists already: packing it on every call would cost about as much as the multiply-adds
+ * it feeds, so for M <= SMALL_M rows the kernels below read Bh in place (half the bytes of
+ * float32 weights), widen each bf16 to a float32 in registers and multiply-add in float32,
+ * over row groups of SM_ROWS rows and blocks of SM_KB values of k (A's block rounded to
+ * bf16 first, into sm_a). Every CPU runs them (8- or 16-lane vectors); the sums are those
+ * of the other paths in another order. */
+#define SMALL_M 16
+#define SM_ROWS 4
+#define SM_KB 512
+#define SM_AHEAD 16 /* rows of B ahead that sm_nn prefetches: its walk down B's columns
+                       leaves a 4 KiB page every few rows, where the prefetchers stop */
+static _Thread_local float sm_a[SM_ROWS * SM_KB] __attribute__((aligned(64)));
+
+typedef float f32x8 __attribute__((vector_size(32), aligned(4), may_alias));
+typedef float f32x16 __attribute__((vector_size(64), aligned(4), may_alias));
+typedef uint16_t u16x8 __attribute__((vector_size(16), aligned(2), may_alias));
+typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2), may_alias));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+/* rows x kb of op(A) from (i0, p0), rounded to bf16 and widened again, into a[i * kb + p]. */
+RG_INLINE void sm_round_a(float *a, const float *A, int M, int K, int trans_a, int i0,
+                          int rows, int p0, int kb) {
+    for (int i = 0; i < rows; i++)
+        for (int p = 0; p < kb; p++) {
+            size_t idx = trans_a ? (size_t)(p0 + p) * M + i0 + i : (size_t)(i0 + i) * K + p0 + p;
+            a[i * kb + p] = rg_bf16_float(rg_bf16_round(A[idx]));
+        }
+}
+
+/* Two vectors of lanes columns (VF: float vectors, VU: bf16, VW: uint32): for B (K, N) not
+ * transposed, C[i0:i0+rows, j0:j0+2*lanes] (+)= a (rows x kb) @ Bh[p0:p0+kb, j0:...]. */
+#define SM_COLUMNS(VF, VU, VW, lanes)                                                     \
+    do {                                                                                  \
+        VF acc[SM_ROWS][2];                                                               \
+        for (int i = 0; i < SM_ROWS; i++)                                                 \
+            for (int h = 0; h < 2; h++)                                                   \
+                acc[i][h] = load_c && i < rows ? *(const VF *)(c + (size_t)i * ldc + h * lanes) \
+                                               : (VF){0};                                 \
+        const uint16_t *b = Bh + (size_t)p0 * N + j0;                                     \
+        for (int p = 0; p < kb; p++, b += N) {                                            \
+            __builtin_prefetch(b + SM_AHEAD * N);                                         \
+            VF w[2];                                                                      \
+            for (int h = 0; h < 2; h++) {                                                 \
+                VW u = __builtin_convertvector(*(const VU *)(b + h * lanes), VW) << 16;   \
+                memcpy(&w[h], &u, sizeof u);                                              \
+            }                                                                             \
+            for (int i = 0; i < SM_ROWS; i++)                                             \
+                for (int h = 0; h < 2; h++) acc[i][h] += a[i * kb + p] * w[h];            \
+        }                                                                                 \
+        for (int i = 0; i < rows; i++)                                                    \
+            for (int h = 0; h < 2; h++) *(VF *)(c + (size_t)i * ldc + h * lanes) = acc[i][h]; \
+    } while (0)
+
+/* For B (K, N) not transposed: C[i0:i0+rows, n0:n1] (+)= a @ op(B)[p0:p0+kb, n0:n1], a
+ * holding rows x kb of bf16(op(A)) (rows <= SM_ROWS; rows past `rows` of a are read, not
+ * stored). Columns in steps of two vectors, then one at a time. */
+RG_INLINE void sm_nn(int wide, float *C, const float *a, const uint16_t *Bh, int N, int i0,
+                     int rows, int p0, int kb, int load_c, int n0, int n1) {
+    ptrdiff_t ldc = N;
+    int j0 = n0;
+    if (wide == 1)
+        for (; j0 + 32 <= n1; j0 += 32) {
+            float *c = C + (size_t)i0 * N + j0;
+            SM_COLUMNS(f32x16, u16x16, u32x16, 16);
+        }
+    for (; j0 + 16 <= n1; j0 += 16) {
+        float *c = C + (size_t)i0 * N + j0;
+        SM_COLUMNS(f32x8, u16x8, u32x8, 8);
+    }
+    for (int j = j0; j < n1; j++)
+        for (int i = 0; i < rows; i++) {
+            float s = load_c ? C[(size_t)(i0 + i) * N + j] : 0.0f;
+            for (int p = 0; p < kb; p++)
+                s += a[i * kb + p] * rg_bf16_float(Bh[(size_t)(p0 + p) * N + j]);
+            C[(size_t)(i0 + i) * N + j] = s;
+        }
+}
+
+/* For B transposed (Bh (N, K): column j of op(B) is row j of Bh): C[i0:i0+rows, n0:n1] (+)=
+ * a @ op(B)[p0:p0+kb, n0:n1], each column a dot product over k in 8 lanes per row. */
+RG_INLINE void sm_nt(int wide, float *C, const float *a, const uint16_t *Bh, int N, int K,
+                     int i0, int rows, int p0, int kb, int load_c, int n0, int n1) {
+    (void)wide;
+    int kv = kb / 8 * 8;
+    for (int j = n0; j < n1; j++) {
+        const uint16_t *b = Bh + (size_t)j * K + p0;
+        f32x8 acc[SM_ROWS] = {{0}};
+        for (int p = 0; p < kv; p += 8) {
+            u32x8 u = __builtin_convertvector(*(const u16x8 *)(b + p), u32x8) << 16;
+            f32x8 w;
+            memcpy(&w, &u, sizeof u);
+            for (int i = 0; i < SM_ROWS; i++) acc[i] += *(const f32x8 *)(a + i * kb + p) * w;
+        }
+        for (int i = 0; i < rows; i++) {
+            float s = 0.0f;
+            for (int l = 0; l < 8; l++) s += acc[i][l];
+            for (int p = kv; p < kb; p++) s += a[i * kb + p] * rg_bf16_float(b[p]);
+            float *c = C + (size_t)(i0 + i) * N + j;
+            *c = load_c ? *c + s : s;
+        }
+    }
+}
+
+/* C[:, n0:n1] (+)= bf16(op(A)) @ op(B)[:, n0:n1] for M <= SMALL_M, from Bh, on this
+ * thread. */
+RG_INLINE void small_m(int wide, float *C, const float *A, const uint16_t *Bh, int M, int N,
+                       int K, int trans_a, int trans_b, int accumulate, int n0, int n1) {
+    for (int i0 = 0; i0 < M; i0 += SM_ROWS) {
+        int rows = M - i0 < SM_ROWS ? M - i0 : SM_ROWS;
+        for (int p0 = 0; p0 < K; p0 += SM_KB) {
+            int kb = K - p0 < SM_KB ? K - p0 : SM_KB;
+            sm_round_a(sm_a, A, M, K, trans_a, i0, rows, p0, kb);
+            /* rows past `rows` are read by the vector loops: zeros */
+            memset(sm_a + (size_t)rows * kb, 0, (size_t)(SM_ROWS - rows) * kb * sizeof(float));
+            int load_c = accumulate || p0 > 0;
+            if (trans_b)
+                sm_nt(wide, C, sm_a, Bh, N, K, i0, rows, p0, kb, load_c, n0, n1);
+            else
+                sm_nn(wide, C, sm_a, Bh, N, i0, rows, p0, kb, load_c, n0, n1);
+        }
+    }
+}
+RG_VARIANTS(small_m, (float *C, const float *A, const uint16_t *Bh, int M, int N, int K,
+                      int trans_a, int trans_b, int accumulate, int n0, int n1),
+            (C, A, Bh, M, N, K, trans_a, trans_b, accumulate, n0, n1))
+
 /* ---- which path ---------------------------------------------------------------------------- */
 
 static int cpu_avx512bf16(void) {
@@ -415,12 +545,10 @@ static void gemm_bf16_block(const bf16_path_t *path, float *C, const float *A, c
     }
 }
 
-void rg_gemm_bf16(float *C, const float *A, const float *B, const uint16_t *Bh, int M, int N,
-                  int K, int trans_a, int trans_b, int accumulate, const float *bias, int act,
-                  float *pre) {
+/* The packed paths over all of C, threads splitting it into rectangles. */
+static void gemm_packed(float *C, const float *A, const float *B, const uint16_t *Bh, int M,
+                        int N, int K, int trans_a, int trans_b, int accumulate, int nthreads) {
     bf16_path_t path = choose_path();
-    int nthreads = rg_num_threads();
-    if ((double)M * N * K < PARALLEL_MIN_FMAS) nthreads = 1;
     /* tm x tn rectangles of whole tiles, one per thread: the split whose busiest thread
      * has the fewest multiply-adds plus packing (a split along M packs B again per thread,
      * one along N packs A again) */
@@ -458,6 +586,32 @@ void rg_gemm_bf16(float *C, const float *A, const float *B, const uint16_t *Bh, 
         if (path.amx) amx_end();
 #endif
     }
+}
+
+/* small_m over all of C, threads splitting the columns in steps of 32. */
+static void gemm_small_m(float *C, const float *A, const uint16_t *Bh, int M, int N, int K,
+                         int trans_a, int trans_b, int accumulate, int nthreads) {
+    void (*run)(float *, const float *, const uint16_t *, int, int, int, int, int, int, int,
+                int) = small_m_pick();
+    int nt = (N + 31) / 32;
+    if (nthreads > nt) nthreads = nt;
+    #pragma omp parallel for num_threads(nthreads) if (nthreads > 1) schedule(static)
+    for (int t = 0; t < nthreads; t++) {
+        int n0 = (int)((long)nt * t / nthreads) * 32, n1 = (int)((long)nt * (t + 1) / nthreads) * 32;
+        if (n1 > N) n1 = N;
+        if (n0 < n1) run(C, A, Bh, M, N, K, trans_a, trans_b, accumulate, n0, n1);
+    }
+}
+
+void rg_gemm_bf16(float *C, const float *A, const float *B, const uint16_t *Bh, int M, int N,
+                  int K, int trans_a, int trans_b, int accumulate, const float *bias, int act,
+                  float *pre) {
+    int nthreads = rg_num_threads();
+    if ((double)M * N * K < PARALLEL_MIN_FMAS) nthreads = 1;
+    if (Bh && M <= SMALL_M)
+        gemm_small_m(C, A, Bh, M, N, K, trans_a, trans_b, accumulate, nthreads);
+    else
+        gemm_packed(C, A, B, Bh, M, N, K, trans_a, trans_b, accumulate, nthreads);
     if (bias) rg_bias_add(C, bias, M, N);
     if (pre) memcpy(pre, C, (size_t)M * N * sizeof(float));
     if (act == RG_ACT_RELU) rg_relu_forward(C, C, (size_t)M * N);

@@ -92,7 +92,8 @@ void rg_to_bf16(uint16_t *out, const float *x, size_t n);
  * bf16 and the products summed in float32; then bias, pre and act as rg_sgemm's (the same
  * bits as rg_bias_add, then rg_relu_forward or rg_gelu_forward). op(B) comes from B
  * (float32, rounded as it is packed) or from Bh (bf16, its copy: a model's weights),
- * whichever is not NULL. Shapes and transposes as rg_sgemm's; C and pre alias nothing. */
+ * whichever is not NULL; for M <= 16 rows and Bh, Bh is read in place on every CPU (the
+ * decoding path). Shapes and transposes as rg_sgemm's; C and pre alias nothing. */
 void rg_gemm_bf16(float *C, const float *A, const float *B, const uint16_t *Bh, int M, int N,
                   int K, int trans_a, int trans_b, int accumulate, const float *bias, int act,
                   float *pre);

@@ -22,6 +22,7 @@ BF16_PATHS = ("portable", "avx512bf16", "amx")
 WHY = {"avx512bf16": "this CPU has no AVX512-BF16 (CPUID.(7,1):EAX bit 5)",
        "amx": "this CPU has no AMX-BF16 (or Linux refused the tile state)"}
 BEST = K.bf16_paths()[-1]
+SMALL_M = 16  # rg_gemm_bf16 reads a weight copy in place for at most this many rows
 SIZES = dict(embedding_dim=32, hidden_dim=64, num_layers=2, num_heads=2, max_seq_len=12)
 
 
@@ -147,13 +148,45 @@ def test_gemm_bf16(bf16, simd, rng, M, Kd, N, trans_a, trans_b):
     acc = C0.copy()
     gemm_bf16(acc, A, B, trans_a=trans_a, trans_b=trans_b, accumulate=True)
     _check(acc, expected + C0, Kd, f"C[{bf16}, {simd}, accumulate]")
-    values = np.concatenate([rng.standard_normal(5).astype(np.float32), B.reshape(-1)])
+    from_copy = _from_copy(A, B, trans_a, trans_b)
+    if M > SMALL_M:
+        np.testing.assert_array_equal(from_copy, C)
+    else:
+        _check(from_copy, expected, Kd, f"C[{bf16}, {simd}, from the copy]")
+
+
+def _from_copy(A, B, trans_a, trans_b, C=None):
+    """C (+)= op(A) @ op(B) in bf16 with B inside a model's values, so read from their
+    bf16 copy; a new C when C is None."""
+    values = np.concatenate([np.full(5, 7.0, np.float32), B.reshape(-1)])
     copy = np.empty(values.size, np.uint16)
     K.to_bf16(copy, values)
-    from_copy = np.full((M, N), np.nan, np.float32)
+    out = np.full((A.shape[1] if trans_a else A.shape[0],
+                   B.shape[0] if trans_b else B.shape[1]), np.nan, np.float32) if C is None else C
     with K.Bf16Matmuls(values, copy):
-        K.sgemm(from_copy, A, values[5:].reshape(B.shape), trans_a=trans_a, trans_b=trans_b)
-    np.testing.assert_array_equal(from_copy, C)
+        K.sgemm(out, A, values[5:].reshape(B.shape), trans_a=trans_a, trans_b=trans_b,
+                accumulate=C is not None)
+    return out
+
+
+@pytest.mark.parametrize("M", [1, 3, 4, 5, 16])
+@pytest.mark.parametrize("Kd,N", [(1, 1), (7, 45), (128, 100), (600, 33), (1100, 130)])
+@pytest.mark.parametrize("trans_a,trans_b", TRANS)
+def test_gemm_bf16_few_rows_read_the_copy(simd, rng, set_threads, M, Kd, N, trans_a, trans_b):
+    """Up to SMALL_M rows times a weight copy (decoding), read in place on every CPU: against
+    float64 on bf16-rounded operands, written and accumulated, k in blocks past 512, the
+    same bits on 1 and 2 threads."""
+    A, B = _operands(rng, M, Kd, N, trans_a, trans_b)
+    expected = ref.matmul_bf16(A, B, trans_a, trans_b)
+    out = []
+    for n in (1, 2):
+        set_threads(n)
+        out.append(_from_copy(A, B, trans_a, trans_b))
+    _check(out[0], expected, Kd, f"C[{simd}]")
+    np.testing.assert_array_equal(out[1], out[0])
+    C0 = rng.standard_normal((M, N)).astype(np.float32)
+    _check(_from_copy(A, B, trans_a, trans_b, C0.copy()), expected + C0, Kd,
+           f"C[{simd}, accumulate]")
 
 
 @pytest.mark.parametrize("activation", [None, "relu", "gelu"])
@@ -321,7 +354,7 @@ def test_bf16_generation_close_to_fp32(told, rng):
     for b in batches(rng, 20):
         step.run([b], 1e-2)
     ids = [3, 7, 1, 4]
-    weights = generation._weights(model, "bf16")
+    weights = precision.decoding_weights(model, "bf16", "test")
     c32, c16 = model.new_cache(1), model.new_cache(1)
     for _ in range(8):
         l32 = generation._next_logits(model, c32, [ids])[0].copy()
@@ -333,4 +366,4 @@ def test_bf16_generation_close_to_fp32(told, rng):
         ids.append(int(np.argmax(l32)))
     text = generation.generate(model, "w1 w2", max_tokens=6, raw=True, precision="bf16")
     assert isinstance(text, str)
-    assert generation._weights(model, "fp32") is None
+    assert precision.decoding_weights(model, "fp32", "test") is None

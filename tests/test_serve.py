@@ -452,13 +452,13 @@ def checkpoint(tmp_path_factory):
 def test_sigterm_drains_and_exits_0(checkpoint):
     """SIGTERM with two streams in flight: new requests get 503 (/health: draining), the
     short stream finishes, the long one is cut at --drain-timeout, exit 0. The key comes
-    from RUSTGPT_API_KEY; logs are JSON lines."""
+    from RUSTGPT_API_KEY; logs are JSON lines; --precision bf16 reaches the engine."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "rustgpt.cli", "serve", "--checkpoint", str(checkpoint),
          "--port", str(port), "--drain-timeout", "2", "--threads", "1",
-         "--log-format", "json"],
+         "--log-format", "json", "--precision", "bf16"],
         env={**os.environ, "RUSTGPT_API_KEY": KEY}, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 20
@@ -514,3 +514,4 @@ def test_sigterm_drains_and_exits_0(checkpoint):
     records = [json.loads(line) for line in stderr.splitlines()]  # every line is JSON
     assert any(r["logger"] == "rustgpt.serve.access" and r["path"] == "/v1/completions"
                for r in records)
+    assert any("matmuls in bf16" in r["message"] for r in records)

@@ -16,10 +16,10 @@ from tests.serving import WORDS, tiny_model  # noqa: E402
 GREEDY = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
 
 
-def run(model, jobs, max_batch=16, on_update=None, metrics=None):
+def run(model, jobs, max_batch=16, on_update=None, metrics=None, precision="fp32"):
     """Each job's (text, finish reason), all submitted before the engine starts (so the
     first round takes min(len(jobs), max_batch) of them into one batch)."""
-    engine = Engine(lambda: model, max_batch=max_batch, metrics=metrics)
+    engine = Engine(lambda: model, max_batch=max_batch, metrics=metrics, precision=precision)
     texts, reasons, finished = {}, {}, threading.Event()
 
     def sink(updates):
@@ -73,6 +73,20 @@ def test_a_batch_of_16_gives_each_job_its_tokens_alone():
         assert text == expected, f"job {i} ({sampling}, seed {seed}) in a batch of 16"
         assert run(model, [make(i)], max_batch=1) == [(expected, "length")]
         assert reason == "length"
+
+
+def test_bf16_batch_gives_each_job_its_bf16_tokens_alone():
+    """precision bf16: 16 jobs decoded as one batch, each job's text that of
+    generation.generate in bf16 (a few rows read the weights' bf16 copy alike, one row or
+    16)."""
+    model = tiny_model(64)
+    texts = prompts(16)
+    together = run(model, [Job(model.tokenizer.encode(texts[i]), 12, *options(i))
+                           for i in range(16)], precision="bf16")
+    for i, (text, reason) in enumerate(together):
+        sampling, seed = options(i)
+        assert (text, reason) == (generate(model, texts[i], raw=True, max_tokens=12, seed=seed,
+                                           precision="bf16", **sampling), "length"), f"job {i}"
 
 
 def test_jobs_join_and_leave_between_steps():

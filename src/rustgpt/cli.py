@@ -819,10 +819,13 @@ SERVE_PACKAGES = ("starlette", "uvicorn", "prometheus_client")  # the serve extr
                    "to the HTTP side).")
 @click.option("--drain-timeout", default=30.0, show_default=True, type=click.FloatRange(0),
               help="Seconds in-flight requests may take to finish after SIGTERM.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]),
+              help="Matmuls in fp32 (default, [generation] precision), bf16 (from a bf16 copy "
+                   "of the weights) or auto (bf16 where the CPU has AMX or AVX512-BF16).")
 @group_options
 @click.pass_obj
 def serve(state: State, checkpoint, host, port, api_key, max_batch, max_queue, threads,
-          drain_timeout):
+          drain_timeout, precision):
     """Serve a checkpoint over HTTP: OpenAI's /v1/chat/completions and /v1/completions
     (streaming or not, continuous batching), /v1/models, /health, /metrics, and a chat
     page at /. Parameters a request leaves out take the [generation] settings.
@@ -830,7 +833,7 @@ def serve(state: State, checkpoint, host, port, api_key, max_batch, max_queue, t
     SIGTERM stops taking requests, lets the in-flight ones finish (--drain-timeout) and
     exits 0. Needs the serve extra: pip install 'rustgpt[serve]'.
     """
-    config, _ = state.config()
+    config, _ = state.config(generation={"precision": precision} if precision else {})
     try:
         from rustgpt.serve.server import run_server
     except ImportError as err:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import nullcontext
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from rustgpt.errors import ValidationError
 from rustgpt.model import check_seed
-from rustgpt.precision import Bf16Weights, resolve
+from rustgpt.precision import Bf16Weights, decoding_weights, matmuls
 from rustgpt.resources import allocating, check_memory
 
 if TYPE_CHECKING:
@@ -206,17 +205,6 @@ def _prompt_ids(model: LLM, prompt: str, raw: bool | None) -> list[int]:
     return ids
 
 
-def _weights(model: LLM, precision: str) -> Bf16Weights | None:
-    """The weights' bf16 copy a decoding call's matmuls read when `precision` (fp32, bf16
-    or auto, see rustgpt.precision.resolve) comes to bf16, made now; None for fp32."""
-    if resolve(precision, "generate: precision") == "fp32":
-        return None
-    weights = Bf16Weights(model.params.data)
-    with model.reading():
-        weights.refresh()
-    return weights
-
-
 def _next_logits(model: LLM, cache: KVCache | None, rows: list[list[int]],
                  weights: Bf16Weights | None = None) -> np.ndarray:
     """Logits (B, V) of the token after each of the B `rows` (token ids, all of one length),
@@ -225,9 +213,10 @@ def _next_logits(model: LLM, cache: KVCache | None, rows: list[list[int]],
     it has room, a prefill of the window once it is full (positions are absolute, so cached
     keys cannot slide: beyond max_seq_len each token costs a forward over the window).
     Without a cache (None), the forward over the window: the reference the cache is
-    tested against. With `weights` (a bf16 copy, _weights), the matmuls run in bf16."""
+    tested against. With `weights` (a bf16 copy, decoding_weights), the matmuls run in
+    bf16."""
     T = model.config.max_seq_len
-    with weights.matmuls() if weights is not None else nullcontext():
+    with matmuls(weights):
         if cache is None:
             return model.forward([row[-T:] for row in rows])[:, -1]
         if 0 < cache.length < T:
@@ -305,7 +294,7 @@ def _tokens(model: LLM, prompt: str, max_tokens: int | None, temperature: float,
     if use_cache:
         _check_memory(model, 1, len(ids), budget, 0, "decoding")
     eos = model.tokenizer.eos_id
-    weights = _weights(model, precision)
+    weights = decoding_weights(model, precision, "generate: precision")
     with allocating("generate: decoding"):
         cache = model.new_cache(1) if use_cache else None
         context = list(ids)  # the prompt and the tokens decoded so far
@@ -337,7 +326,7 @@ def beam_search(model: LLM, prompt: str, *, beam_width: int = 4, max_tokens: int
                   f"beam_width = {W}")
     with allocating(f"generate: beam_width = {W}"):
         return _beam_search(model, ids, W, budget, length_penalty,
-                            _weights(model, precision))
+                            decoding_weights(model, precision, "generate: precision"))
 
 
 def _beam_search(model: LLM, ids: list[int], W: int, budget: int, length_penalty: float,

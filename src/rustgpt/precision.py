@@ -8,11 +8,16 @@ Adam moments, layer norms, softmax, cross-entropy and the residual stream stay f
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from rustgpt import _kernels as K
 from rustgpt.errors import ValidationError
+
+if TYPE_CHECKING:
+    from rustgpt.model import LLM
 
 log = logging.getLogger(__name__)
 
@@ -62,3 +67,23 @@ class Bf16Weights:
     def matmuls(self) -> K.Bf16Matmuls:
         """``with weights.matmuls():`` every sgemm of this thread in bf16."""
         return K.Bf16Matmuls(self.values, self.copy)
+
+
+def decoding_weights(model: LLM, precision: str, where: str) -> Bf16Weights | None:
+    """The bf16 copy of `model`'s weights that decoding's matmuls read when `precision`
+    (fp32, bf16 or auto: resolve, logged as `where`) comes to bf16, made now while the
+    model is read consistently (``model.reading()``); None for fp32. A few rows at a time
+    (M <= 16) read the copy in place, so a decoding step moves half the bytes of float32
+    weights."""
+    if resolve(precision, where) == "fp32":
+        return None
+    weights = Bf16Weights(model.params.data)
+    with model.reading():
+        weights.refresh()
+    return weights
+
+
+def matmuls(weights: Bf16Weights | None) -> AbstractContextManager:
+    """``with matmuls(weights):`` this thread's matmuls in bf16 from `weights`, or as
+    they are (fp32) for None."""
+    return weights.matmuls() if weights is not None else nullcontext()

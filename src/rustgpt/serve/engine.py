@@ -23,6 +23,7 @@ import numpy as np
 from rustgpt import _kernels as K
 from rustgpt.errors import LlmError
 from rustgpt.generation import TextStream, sample_next
+from rustgpt.precision import decoding_weights, matmuls
 
 if TYPE_CHECKING:
     from rustgpt.model import LLM
@@ -90,13 +91,17 @@ class Engine:
     thread) and runs; ``submit(job)`` queues a job (QueueFull when max_queue wait already);
     ``sink(updates)`` is called on the engine thread after each round with the round's
     updates (a list of (job, text, finish_reason)); ``stop()`` cancels what is left and
-    ends the thread.
+    ends the thread. precision: the matmuls' (fp32, bf16 or auto; rustgpt.precision), bf16
+    from a bf16 copy of the weights made at load.
 
     ``state`` is "loading", "ready", "failed" (``error`` says why) or "stopped"."""
 
     def __init__(self, load: Callable[[], LLM], *, max_batch: int = 16, max_queue: int = 64,
-                 threads: int | None = None, metrics: Metrics | None = None) -> None:
+                 threads: int | None = None, metrics: Metrics | None = None,
+                 precision: str = "fp32") -> None:
         self._load = load
+        self.precision = precision  # the setting; the engine thread resolves it at load
+        self._weights = None  # in bf16, the weights' bf16 copy the matmuls read
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.threads = threads
@@ -153,6 +158,7 @@ class Engine:
             if self.threads:
                 K.set_local_threads(self.threads)
             self.model = self._load()
+            self._weights = decoding_weights(self.model, self.precision, "serve: precision")
             self._cache = self.model.new_cache(self.max_batch)
             self._eos = self.model.tokenizer.eos_id
         except Exception as err:  # a checkpoint that does not load: the server reports it
@@ -164,8 +170,9 @@ class Engine:
             return
         self.state = "ready"
         log.info("serve: model ready: %s parameters, context %d; up to %d requests at once; "
-                 "kernel threads: %d", f"{self.model.total_parameters():,}",
-                 self.model.config.max_seq_len, self.max_batch, K.get_num_threads())
+                 "kernel threads: %d; matmuls in %s", f"{self.model.total_parameters():,}",
+                 self.model.config.max_seq_len, self.max_batch, K.get_num_threads(),
+                 "fp32" if self._weights is None else "bf16")
         try:
             while self._round():
                 pass
@@ -209,7 +216,8 @@ class Engine:
         row = len(self._active)
         self._active.append(job)
         job._text = TextStream(self.model.tokenizer)
-        logits = self.model.prefill(self._cache.rows(row, row + 1), [job.prompt_ids])[0]
+        with matmuls(self._weights):
+            logits = self.model.prefill(self._cache.rows(row, row + 1), [job.prompt_ids])[0]
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(len(job.prompt_ids))
         self._advance(row, logits, updates)
@@ -218,7 +226,8 @@ class Engine:
         """One token for every active row, in one batched forward."""
         B = len(self._active)
         ids = np.array([job.context[-1] for job in self._active], np.intc)
-        logits = self.model.step(self._cache.rows(0, B), ids)  # (B, V)
+        with matmuls(self._weights):
+            logits = self.model.step(self._cache.rows(0, B), ids)  # (B, V)
         if self.metrics is not None:
             self.metrics.batch_size.observe(B)
         for row in reversed(range(B)):  # a row that leaves takes the last one's place
