@@ -587,6 +587,26 @@ def test_sum_squares(rng, simd):
 
 # ---- bad input: a clear error, never a crash ------------------------------------------------
 
+def test_crossentropy_forward_replays_and_checks_its_targets_again(rng):
+    """crossentropy_forward recorded in a plan: a replay writes the losses and hits of the
+    logits and targets as they are then, and refuses a target changed out of range."""
+    logits = rng.standard_normal((6, 5)).astype(np.float32)
+    targets = np.array([0, 4, -1, 2, 3, 1], np.intc)
+    losses, hits = np.empty(6, np.float32), np.empty(6, np.intc)
+    with K.Plan() as plan:
+        K.crossentropy_forward(losses, hits, logits, targets)
+    logits[...] = rng.standard_normal((6, 5))
+    targets[0] = 3
+    plan.run()
+    expected_losses, expected_hits = np.empty(6, np.float32), np.empty(6, np.intc)
+    K.crossentropy_forward(expected_losses, expected_hits, logits, targets)
+    np.testing.assert_array_equal(losses, expected_losses)
+    np.testing.assert_array_equal(hits, expected_hits)
+    targets[1] = 5
+    with pytest.raises(TokenError, match="targets holds token id 5 at flat index 1"):
+        plan.run()
+
+
 def test_token_ids_out_of_range_are_refused():
     wte = np.zeros((5, 4), np.float32)
     wpe = np.zeros((8, 4), np.float32)

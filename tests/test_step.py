@@ -57,6 +57,22 @@ def test_replay_off_gives_the_same_training(rng, options):
         np.testing.assert_array_equal(direct_weights[name], weights[name])
 
 
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+def test_loss_replays_the_models_loss(rng, options):
+    """TrainStep.loss (a recorded forward and loss, replayed) between deferred steps = the
+    model's own LLM.loss after them, bit for bit, for every architecture option (no
+    dropout), replay on or off; one recording per shape."""
+    data = batches(rng, 6)
+    for replay in (True, False):
+        model = LLM(ModelConfig(**SIZES, **options), vocab(), seed=3)
+        step = TrainStep(model, Adam(model.params), 1.0, replay=replay)
+        for b in data:
+            step.run([b], 1e-2, defer=True)
+            estimates = [step.loss(*e) for e in data[:3]]  # settles the pending update
+            assert estimates == [model.loss(*e) for e in data[:3]]
+        assert len(step._loss_plans) == (3 if replay else 0)
+
+
 def test_gradient_accumulation_equals_one_big_batch(rng):
     """Two micro-batches in one step = one batch holding both: the mean loss over all
     their targets and its gradient (to float32 rounding), and the same update."""

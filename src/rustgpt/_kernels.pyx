@@ -262,7 +262,8 @@ cdef enum:
     OP_SGEMM, OP_SGEMM_MANY, OP_ATTENTION_FORWARD, OP_ATTENTION_BACKWARD, OP_LAYERNORM_FORWARD,
     OP_LAYERNORM_BACKWARD, OP_CROSSENTROPY_FORWARD_BACKWARD, OP_RELU_FORWARD,
     OP_RELU_BACKWARD, OP_GELU_FORWARD, OP_GELU_BACKWARD, OP_DROPOUT, OP_ADD, OP_BIAS_ADD,
-    OP_COLSUM, OP_EMBEDDING_FORWARD, OP_EMBEDDING_BACKWARD, OP_GEMM_BF16, OP_TO_BF16
+    OP_COLSUM, OP_EMBEDDING_FORWARD, OP_EMBEDDING_BACKWARD, OP_GEMM_BF16, OP_TO_BF16,
+    OP_CROSSENTROPY_FORWARD
 
 
 cdef struct Op:
@@ -298,6 +299,8 @@ cdef void _run(const Op *o) noexcept nogil:
     elif o.kind == OP_CROSSENTROPY_FORWARD_BACKWARD:
         rg_crossentropy_forward_backward(p[0], p[1], <int *>o.p[2], p[3], <int *>o.p[4], i[0],
                                          i[1], i[2], o.f)
+    elif o.kind == OP_CROSSENTROPY_FORWARD:
+        rg_crossentropy_forward(p[0], <int *>o.p[1], p[2], <int *>o.p[3], i[0], i[1], i[2])
     elif o.kind == OP_RELU_FORWARD:
         rg_relu_forward(p[0], p[1], o.n)
     elif o.kind == OP_RELU_BACKWARD:
@@ -332,6 +335,9 @@ cdef int _check_ids(const Op *o) except -1:
     if o.kind == OP_CROSSENTROPY_FORWARD_BACKWARD:
         _check_id_range(<int *>o.p[4], o.i[0], o.i[1], True, o.i[2],
                         "crossentropy_forward_backward", "targets", TokenError)
+    elif o.kind == OP_CROSSENTROPY_FORWARD:
+        _check_id_range(<int *>o.p[3], o.i[0], o.i[1], True, o.i[2],
+                        "crossentropy_forward", "targets", TokenError)
     elif o.kind == OP_EMBEDDING_FORWARD:
         _check_id_range(<int *>o.p[1], <Py_ssize_t>o.i[0] * o.i[1], o.i[3], False, 0,
                         "embedding_forward", "ids", TokenError)
@@ -669,7 +675,7 @@ cdef Py_ssize_t _outputs(const Op *o) noexcept:
     if o.kind in (OP_ATTENTION_FORWARD, OP_LAYERNORM_FORWARD,
                   OP_CROSSENTROPY_FORWARD_BACKWARD):
         return 3
-    if o.kind == OP_EMBEDDING_BACKWARD:
+    if o.kind == OP_EMBEDDING_BACKWARD or o.kind == OP_CROSSENTROPY_FORWARD:
         return 2
     return 1
 
@@ -1326,9 +1332,11 @@ def crossentropy_forward(losses, hits, logits, targets, int ignore_index=-1):
     cdef const int *tp = _targets(targets, fn, N, V, ignore_index)
     cdef float *op = _f(losses, fn, "losses", (N,), True)
     cdef int *hp = <int *>_data(hits, fn, "hits", _I32, (N,), True)
-    _not_recorded(fn)
-    with nogil:
-        rg_crossentropy_forward(op, hp, lp, tp, N, V, ignore_index)
+    cdef Op o
+    o.kind, o.p[0], o.p[1], o.p[2], o.p[3] = (OP_CROSSENTROPY_FORWARD, op, hp, <void *>lp,
+                                              <void *>tp)
+    o.i[0], o.i[1], o.i[2] = N, V, ignore_index
+    _submit(&o, (losses, hits, logits, targets))
 
 
 def crossentropy_forward_backward(losses, dlogits, hits, logits, targets,

@@ -405,12 +405,20 @@ class LLM(Module):
             raise ShapeMismatch("targets", ids.shape, tgt.shape)
         tgt = self._in_vocab(tgt.reshape(ids.shape), "targets", IGNORE_INDEX)[0]
         with self.reading(), self._activations_of(*ids.shape):
-            logits = self._forward(Workspace(), ids)[0]
-        losses = np.empty(tgt.size, np.float32)
-        hits = np.empty(tgt.size, np.intc)
-        K.crossentropy_forward(losses, hits, _rows(logits), tgt.reshape(-1), IGNORE_INDEX)
+            losses, hits = self._loss(Workspace(), ids, tgt)
         count = int(np.count_nonzero(tgt != IGNORE_INDEX))
         return float(losses.sum(dtype=np.float64)), count, int(np.count_nonzero(hits))
+
+    def _loss(self, ws: Workspace, ids: np.ndarray, tgt: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """Forward and loss as kernel calls, without gradients: the per-position losses
+        (B*T,) and hits (B*T,) (1 where the prediction was right), views into ws."""
+        logits = self._forward(ws, ids)[0]
+        B, T, _ = logits.shape
+        losses = ws.get("losses", (B * T,))
+        hits = ws.get("hits", (B * T,)).view(np.intc)  # the float32 scratch, as int32
+        K.crossentropy_forward(losses, hits, _rows(logits), tgt.reshape(-1), IGNORE_INDEX)
+        return losses, hits
 
     def grad_norm(self) -> float:
         """Global L2 norm of the gradient buffer."""

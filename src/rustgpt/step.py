@@ -97,6 +97,11 @@ class TrainStep:
         self._plans: dict[tuple, tuple] = {}
         self._plans_generation = -1  # the workspace generation the plans were recorded in
         self.plans_recorded = 0  # micro-steps run layer by layer (and recorded) so far
+        # loss(): its workspace (no dropout) and plans by batch shape, and the workspace
+        # generation they were recorded in
+        self._loss_workspace = Workspace()
+        self._loss_plans: dict[tuple, tuple] = {}
+        self._loss_plans_generation = -1
         self.last_correct = self.last_targets = 0
         self.comm_seconds = 0.0
 
@@ -132,6 +137,36 @@ class TrainStep:
                                                       dropout_step, norm)
         self.last_correct = right
         return loss / count, sum_squares
+
+    def loss(self, inputs, targets) -> tuple[float, int, int]:
+        """LLM.loss through this step's plans, in its precision: (summed loss, number of
+        targets, number predicted right), without dropout or gradients. A shape's first
+        call runs layer by layer and is recorded, later ones replay it, on a workspace of
+        their own (the loss estimates of a text run: the same shape every time)."""
+        model = self.model
+        ids, tgt, count = model._checked_batch(inputs, targets)
+        with model.reading():
+            entry = self._loss_plans.get(ids.shape) if self.replay else None
+            if entry is None:
+                ws = self._loss_workspace
+                plan = K.Plan() if self.replay else None
+                ids, tgt = ids.copy(), tgt.copy()  # the plan's own inputs
+                # in bf16 the copy is rounded again: a deferred update applied since the
+                # step's own rounding changed the weights
+                with model._activations_of(*ids.shape), \
+                        plan if plan is not None else nullcontext(), self._matmuls(True):
+                    losses, hits = model._loss(ws, ids, tgt)
+                if plan is not None:
+                    if ws.generation != self._loss_plans_generation:
+                        self._loss_plans.clear()  # recorded over buffers since replaced
+                        self._loss_plans_generation = ws.generation
+                    self._loss_plans[ids.shape] = plan, ids, tgt, losses, hits
+            else:
+                plan, plan_ids, plan_tgt, losses, hits = entry
+                plan_ids[...] = ids
+                plan_tgt[...] = tgt
+                plan.run()
+            return float(losses.sum(dtype=np.float64)), count, int(np.count_nonzero(hits))
 
     def _run(self, checked: list, lr: float, defer: bool,
              first_row: int) -> tuple[float, float]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import attrs
 import numpy as np
@@ -69,19 +69,21 @@ class TextPhase:
         return -(-self.iters // self.eval_interval)
 
 
-def estimate_loss(model: LLM, tokens: np.ndarray, batches: int, batch_size: int,
-                  seq_len: int, rng: np.random.Generator,
+def estimate_loss(loss: Callable[..., tuple[float, int, int]], tokens: np.ndarray,
+                  batches: int, batch_size: int, seq_len: int, rng: np.random.Generator,
                   comm: SingleProcess | None = None) -> float:
-    """Mean next-token loss of `model` over `batches` batches of random windows of `tokens`
-    (no dropout, no gradients): nanoGPT's estimate_loss. With `comm`, each process takes
-    its rows of each batch (rank_rows) and the sums are taken over the processes."""
+    """Mean next-token loss over `batches` batches of random windows of `tokens` (no
+    dropout, no gradients): nanoGPT's estimate_loss. `loss(inputs, targets)` gives a
+    batch's (summed loss, targets, predicted right): LLM.loss, or TrainStep.loss, which
+    replays a recorded forward. With `comm`, each process takes its rows of each batch
+    (rank_rows) and the sums are taken over the processes."""
     comm = comm or SingleProcess()
     rows = rank_rows(batch_size, comm)
     total, count = 0.0, 0
     for _ in range(batches):
         inputs, targets = random_windows(tokens, batch_size, seq_len, rng)
-        loss, n, _ = model.loss(inputs[rows], targets[rows])
-        total, count = total + loss, count + n
+        loss_sum, n, _ = loss(inputs[rows], targets[rows])
+        total, count = total + loss_sum, count + n
     total, count = comm.sum([total, count])
     return total / count
 
@@ -387,7 +389,7 @@ class Trainer:
         for split, tokens in (("train", phase.train), ("val", phase.val)):
             rng = np.random.default_rng([self.config.seed, 1 + (split == "val")])
             record[f"{split}_loss"] = (
-                estimate_loss(self.model, tokens, phase.eval_iters, self.config.batch_size,
+                estimate_loss(self.step.loss, tokens, phase.eval_iters, self.config.batch_size,
                               phase.seq_len, rng, self.comm)
                 if len(tokens) > phase.seq_len else math.nan)
         self.val_loss = record["val_loss"]
