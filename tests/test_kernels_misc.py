@@ -607,6 +607,30 @@ def test_crossentropy_forward_replays_and_checks_its_targets_again(rng):
         plan.run()
 
 
+def test_run_pair_replays_two_plans_side_by_side(rng, set_threads):
+    """Two plans on arrays of their own, side by side on two threads or one after the
+    other on one: each array as each plan alone makes it."""
+    A, B = rng.standard_normal((2, 40, 30)).astype(np.float32)
+    W = rng.standard_normal((30, 50)).astype(np.float32)
+    outs = [np.empty((40, 50), np.float32) for _ in range(2)]
+    plans = []
+    for x, out in zip((A, B), outs):
+        with K.Plan() as plan:
+            K.sgemm(out, x, W, activation="gelu")
+            K.add(out, out, out)
+        plans.append(plan)
+    expected = [out.copy() for out in outs]
+    for threads in (2, 1):
+        set_threads(threads)
+        for out in outs:
+            out[...] = np.nan
+        K.run_pair(*plans)
+        for out, want in zip(outs, expected):
+            np.testing.assert_array_equal(out, want)
+    with K.Plan() as recording, pytest.raises(ValidationError, match="still being recorded"):
+        K.run_pair(recording, plans[0])
+
+
 def test_token_ids_out_of_range_are_refused():
     wte = np.zeros((5, 4), np.float32)
     wpe = np.zeros((8, 4), np.float32)

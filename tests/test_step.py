@@ -37,10 +37,13 @@ def batches(rng, count, shapes=((2, 12), (1, 7), (3, 5))):
     return out
 
 
-def train(options, data, replay=True, defer=True, seed=3):
+def train(options, data, replay=True, defer=True, seed=3, precision="fp32"):
+    """Steps of a new model over `data`, a list of batches or of lists of micro-batches:
+    (losses and norms, the final weights, the TrainStep)."""
     model = LLM(ModelConfig(**SIZES, **options), vocab(), seed=seed)
-    step = TrainStep(model, Adam(model.params, weight_decay=0.1), 1.0, replay=replay)
-    curve = [step.run([b], 1e-2, defer=defer) for b in data]
+    step = TrainStep(model, Adam(model.params, weight_decay=0.1), 1.0, replay=replay,
+                     precision=precision)
+    curve = [step.run(b if isinstance(b, list) else [b], 1e-2, defer=defer) for b in data]
     return curve, model.state_dict(), step
 
 
@@ -71,6 +74,51 @@ def test_loss_replays_the_models_loss(rng, options):
             estimates = [step.loss(*e) for e in data[:3]]  # settles the pending update
             assert estimates == [model.loss(*e) for e in data[:3]]
         assert len(step._loss_plans) == (3 if replay else 0)
+
+
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+def test_halves_of_a_batch_train_as_the_whole(rng, set_threads, monkeypatch, options):
+    """Micro-steps of an even number of rows and SPLIT_MIN_TOKENS run as two halves of
+    their rows (side by side on two threads): bit for bit the same on 1 and 2 threads,
+    replayed or not; and, to float32 rounding, the steps of the whole batches (dropout
+    masks follow the rows), gradient accumulation and odd batches (run whole) among them."""
+    data = batches(rng, 8, shapes=((4, 12), (3, 5), (2, 10)))
+    data[3] = [data[3], data[4]]  # two micro-batches, both split
+    monkeypatch.setattr("rustgpt.step.SPLIT_MIN_TOKENS", 16)
+    runs = []
+    for threads, replay in ((2, True), (1, True), (2, False)):
+        set_threads(threads)
+        runs.append(train(options, data, replay=replay))
+    assert any(key[-1] == "halves" for key in runs[0][2]._plans)
+    for curve, weights, _ in runs[1:]:
+        assert curve == runs[0][0]
+        for name in weights:
+            np.testing.assert_array_equal(weights[name], runs[0][1][name], err_msg=name)
+    monkeypatch.setattr("rustgpt.step.SPLIT_MIN_TOKENS", 10**9)
+    curve, weights, step = train(options, data)
+    assert not any(key[-1] == "halves" for key in step._plans)
+    for (loss, norm), (whole_loss, whole_norm) in zip(runs[0][0], curve):
+        assert loss == pytest.approx(whole_loss, rel=1e-5)
+        assert norm == pytest.approx(whole_norm, rel=1e-4)
+    for name in weights:
+        ref.assert_close(runs[0][1][name], weights[name], 1e-4, 1e-5, name)
+
+
+def test_halves_in_bf16_read_a_fresh_copy(rng, set_threads, monkeypatch):
+    """bf16 with halves: the weights' copy is rounded before either half reads it, so the
+    halves side by side on two threads give the bits of one thread, and track the whole
+    batch in bf16."""
+    data = batches(rng, 6, shapes=((4, 12),))
+    monkeypatch.setattr("rustgpt.step.SPLIT_MIN_TOKENS", 16)
+    runs = []
+    for threads in (2, 1):
+        set_threads(threads)
+        runs.append(train({"arch": "gpt"}, data, precision="bf16"))
+    assert runs[0][0] == runs[1][0]
+    monkeypatch.setattr("rustgpt.step.SPLIT_MIN_TOKENS", 10**9)
+    whole = train({"arch": "gpt"}, data, precision="bf16")
+    for (loss, _), (whole_loss, _) in zip(runs[0][0], whole[0]):
+        assert loss == pytest.approx(whole_loss, rel=1e-3)
 
 
 def test_gradient_accumulation_equals_one_big_batch(rng):

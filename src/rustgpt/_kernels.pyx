@@ -698,6 +698,49 @@ cdef void _run_item(void *ctx, int j) noexcept nogil:
         rg_sum_squares_part(&w.parts[-1 - t], w.grads, w.n, -1 - t)
 
 
+cdef struct _Pair:
+    const Op *a  # stream 0's calls: items 0 .. na - 1
+    const Op *b  # stream 1's: items na on
+    Py_ssize_t na
+
+
+cdef void _run_pair_item(void *ctx, int j) noexcept nogil:
+    """rg_run_streams' item j of run_pair: a call of the first plan, then of the second."""
+    cdef _Pair *w = <_Pair *>ctx
+    if j < w.na:
+        _run(&w.a[j])
+    else:
+        _run(&w.b[j - w.na])
+
+
+def run_pair(Plan first, Plan second):
+    """Replay two plans side by side without the GIL: `first` on one thread and `second` on
+    another, each call on one kernel thread (on a single thread, first then second). The
+    two must write nothing that the other reads or writes (a training step's two halves
+    of a batch, each on its own activations and gradients)."""
+    cdef Py_ssize_t j, n = first.n + second.n
+    cdef _Pair pair
+    for plan in (first, second):
+        if plan in _recording.values():
+            raise ValidationError("run_pair: a plan is still being recorded")
+        for j in range(plan.n):
+            _check_ids(&plan.ops[j])
+    cdef unsigned char *stream = <unsigned char *>malloc(n + 1)
+    cdef int *wait = <int *>malloc((n + 1) * sizeof(int))
+    if stream == NULL or wait == NULL:
+        free(stream)
+        free(wait)
+        raise MemoryError("run_pair: out of memory")
+    for j in range(n):
+        stream[j] = j >= first.n
+        wait[j] = -1
+    pair.a, pair.b, pair.na = first.ops, second.ops, first.n
+    with nogil:
+        rg_run_streams(<int>n, stream, wait, _run_pair_item, &pair)
+    free(stream)
+    free(wait)
+
+
 cdef struct _Overlap:
     const Op *ops
     Py_ssize_t n

@@ -12,6 +12,7 @@ Shapes use DESIGN.md's letters: B batch, T sequence, D embedding, H hidden, V vo
 
 from __future__ import annotations
 
+import copy
 import math
 import mmap
 from typing import Iterator
@@ -162,14 +163,25 @@ class FlatParameters:
         total = sum(math.prod(shape) for _, shape, _, _ in specs)
         self.data = zeros_hugepage(total)
         self.grad = zeros_hugepage(total)
-        self.values: dict[str, np.ndarray] = {}
-        self.grads: dict[str, np.ndarray] = {}
-        offset = 0
-        for name, shape, _, _ in specs:
+        self.values = self._views(self.data)
+        self.grads = self._views(self.grad)
+
+    def _views(self, buffer: np.ndarray) -> dict[str, np.ndarray]:
+        """Each parameter's view, by name, into a flat buffer laid out as data."""
+        views, offset = {}, 0
+        for name, shape, _, _ in self.specs:
             n = math.prod(shape)
-            self.values[name] = self.data[offset:offset + n].reshape(shape)
-            self.grads[name] = self.grad[offset:offset + n].reshape(shape)
+            views[name] = buffer[offset:offset + n].reshape(shape)
             offset += n
+        return views
+
+    def with_grad(self) -> FlatParameters:
+        """The same parameters (data and values shared) with a gradient buffer of their
+        own: what a model bound to it (Module.bind) writes its gradients into."""
+        other = copy.copy(self)
+        other.grad = zeros_hugepage(self.grad.size)
+        other.grads = other._views(other.grad)
+        return other
 
     def initialize(self, rng: np.random.Generator) -> None:
         """Draw every parameter from its init rule, in table order."""

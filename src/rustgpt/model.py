@@ -342,6 +342,20 @@ class LLM(Module):
         self._deferred, self._deferred_owner = optimizer, threading.get_ident()
 
     @contextmanager
+    def _gradients_into(self, store: FlatParameters | None) -> Iterator[None]:
+        """Around layer calls whose parameter gradients go to `store` (params.with_grad():
+        the same parameters, another gradient buffer) instead of params.grad; None: to
+        params.grad as always. The step that changes the gradients holds ``lock``."""
+        if store is None:
+            yield
+            return
+        self.bind(store)
+        try:
+            yield
+        finally:
+            self.bind(self.params)
+
+    @contextmanager
     def reading(self) -> Iterator[None]:
         """Around a read of the parameters: this thread's pending update applied, and no
         training step changing them meanwhile (``lock``)."""
