@@ -54,6 +54,7 @@ from rustgpt.generation import stream  # noqa: E402
 from rustgpt.model import LLM  # noqa: E402
 from rustgpt.step import SMALL_STEP_TOKENS, TrainStep  # noqa: E402
 from rustgpt.optim import Adam  # noqa: E402
+from rustgpt.precision import FAST_BF16  # noqa: E402
 from rustgpt.tokenizer import Vocab  # noqa: E402
 from rustgpt.training import Trainer, rustgpt_phases  # noqa: E402
 
@@ -219,10 +220,12 @@ def kernel_floor(config: ModelConfig, vocab: Vocab, steps, rounds: int = FLOOR_R
     sgemm_many), "attention", and "other" (layer norms, cross-entropy, adds, column sums,
     embeddings); "calls" counts them. Adam's update and the Python between calls are
     left out. A call alone has its operands warm in cache, as it rarely has in a step, so
-    for steps of more than SMALL_STEP_TOKENS tokens, whose calls run one after another on
+    for steps of more than SMALL_STEP_TOKENS tokens whose calls run one after another on
     all the threads, a target needing less time than this cannot be met by better
     scheduling of the same calls, only by faster kernels. (Smaller steps run as two streams
-    of calls side by side, and beat this sum.)"""
+    of calls side by side, and larger ones of an even number of rows from SPLIT_MIN_TOKENS
+    on as two halves of the batch side by side, each call on one thread: other calls, which
+    may beat this sum.)"""
     kernels = {name: fn for name, fn in vars(K).items()  # not the scratch's size: no kernel
                if not name.startswith("_") and name != "attention_scratch_shape"
                and callable(fn) and not isinstance(fn, type)}
@@ -310,10 +313,12 @@ def generation_model(vocab: Vocab) -> LLM:
 
 def generation_run(kind: str, model: LLM) -> Callable[[], int]:
     """Generate GEN_TOKENS tokens; kind is "rustgpt" (greedy, KV cache), "rustgpt top-p"
-    (temperature 1, top_p 0.9, KV cache), "torch" or "numpy" (greedy, no cache).
+    (temperature 1, top_p 0.9, KV cache), "rustgpt bf16" (greedy, KV cache, matmuls in
+    bf16 from the weights' bf16 copy), "torch" or "numpy" (greedy, no cache).
     The function returns how many tokens it decoded."""
     if kind.startswith("rustgpt"):
-        options = dict(temperature=1.0, top_p=0.9, seed=0) if kind.endswith("top-p") else {}
+        options = {"rustgpt top-p": dict(temperature=1.0, top_p=0.9, seed=0),
+                   "rustgpt bf16": dict(precision="bf16")}.get(kind, {})
         return lambda: sum(1 for _ in stream(model, GEN_PROMPT, max_tokens=GEN_TOKENS, **options))
     ids = model.tokenizer.encode("User: " + GEN_PROMPT)
     if kind == "torch":
@@ -573,7 +578,8 @@ class Report:
         _log("[e] generation")
         set_threads(self.threads)
         model = generation_model(vocab)
-        kinds = ["rustgpt", "rustgpt top-p"] + [f for f in self.frameworks if f != "rustgpt"]
+        kinds = ["rustgpt", "rustgpt top-p", "rustgpt bf16"] + [f for f in self.frameworks
+                                                                 if f != "rustgpt"]
         runs = {kind: generation_run(kind, model) for kind in kinds}
         for kind, run in runs.items():
             decoded = run()
@@ -582,6 +588,8 @@ class Report:
         rate = {k: GEN_TOKENS / s for k, s in seconds.items()}
         for kind, label in (("rustgpt", "greedy"), ("rustgpt top-p", "top-p 0.9")):
             cells = {"rustgpt": _rate(rate[kind], "tok/s") + " (KV cache)"}
+            if kind == "rustgpt":  # decoding in bf16, from the weights' bf16 copy
+                cells["rustgpt bf16"] = _rate(rate["rustgpt bf16"], "tok/s") + " (KV cache)"
             cells.update({f: _rate(rate[f], "tok/s") + " (greedy, no cache)"
                           for f in self.frameworks if f != "rustgpt"})
             row = Row(f"e. generate {GEN_TOKENS} tokens, rustgpt {label}", _cells(cells),
@@ -721,8 +729,13 @@ class Report:
         step_flops = training_flops(config, vocab_size, [(np.zeros((B, T)), None, None)])
         options = [f"--{key}={value}" for key, value in OWN_TEXT.items()]
         options.append(f"--threads={self.threads}")
-        sides = [f for f in ("rustgpt", "torch", *BF16_FRAMEWORKS)
-                 if f.startswith("rustgpt") or torch is not None]
+        # PyTorch's autocast on a CPU without AMX or AVX512-BF16 emulates bf16: more than
+        # 20 minutes for this recipe on a 2-core AVX2 machine, against under 2 in float32
+        fast_bf16 = K.kernels_info()["bf16"] in FAST_BF16
+        sides = [f for f in ("rustgpt", "torch", *BF16_FRAMEWORKS) if f.startswith("rustgpt")
+                 or torch is not None and (f == "torch" or fast_bf16)]
+        skipped = {} if fast_bf16 or torch is None else {
+            "torch bf16": "skipped: no AMX or AVX512-BF16 on this CPU (autocast emulates bf16)"}
         runs: dict[str, OwnTextRun] = {}
         quiet = True
         with tempfile.TemporaryDirectory() as tmp:
@@ -746,6 +759,7 @@ class Report:
         others = ", ".join(f"{r.others:,.1f} CPU-s while {f} trained"
                            for f, r in done.items() if r.others is not None)
         failed = {f: f"failed: {r.error}" for f, r in runs.items() if r.error is not None}
+        failed.update(skipped)  # the cells of sides that did not run, saying why
         rate = {f: iters * B * T / r.seconds for f, r in done.items()}  # tok/s
         gflops = {f: iters * step_flops / r.step_seconds / 1e9 for f, r in done.items()}
         # (side, base, what the target calls them): side's val loss <= base's + margin

@@ -29,7 +29,9 @@ _told: set[tuple[str, str]] = set()  # (where, setting) resolve() has logged alr
 def resolve(precision: str, where: str) -> str:
     """"fp32" or "bf16" for the setting `precision` (fp32, bf16 or auto) of `where` (a
     config key, for the log line): auto is bf16 where the CPU has AMX or AVX512-BF16,
-    else fp32; bf16 on a CPU without either runs on the portable C path, slower than fp32.
+    else fp32; bf16 on a CPU without either runs on the portable C path, slower than fp32
+    for matmuls of many rows (a decoding step's few rows read the weights' bf16 copy in
+    place on every CPU).
     Each of the two says so in a log line, once per process for each `where`. Raises
     ValidationError for another value."""
     if precision not in PRECISIONS:
@@ -46,8 +48,8 @@ def resolve(precision: str, where: str) -> str:
         return chosen
     if precision == "bf16" and path not in FAST_BF16 and tell:
         log.warning("%s = bf16 on the portable path: this CPU has neither AMX nor "
-                    "AVX512-BF16, so bf16 matmuls run slower than fp32", where,
-                    extra={"precision": "bf16", "bf16_path": path})
+                    "AVX512-BF16, so bf16 matmuls of many rows (training, prefill) run "
+                    "slower than fp32", where, extra={"precision": "bf16", "bf16_path": path})
     return precision
 
 
