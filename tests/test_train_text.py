@@ -65,6 +65,11 @@ def test_train_eval_generate_on_text(corpus, tmp_path):
     assert code == 0, text
     assert text.startswith("ROMEO:") and len(text.rstrip("\n")) > len("ROMEO:")
 
+    code, text = cli("info", "--checkpoint", out / "ckpt-00000030.safetensors", stdout=True)
+    assert code == 0, text  # a text run counts evaluations, not phases and epochs
+    assert f"val_loss: {evaluated[30]}" in text and "evaluations: 3" in text
+    assert "epoch:" not in text and "phase:" not in text
+
 
 def test_train_with_a_bpe_tokenizer_file(corpus, tmp_path):
     tok = tmp_path / "tok.json"

@@ -222,14 +222,20 @@ class Checkpoint:
                    state.get("step", 0))
 
     def info(self) -> dict:
-        """A summary for `rustgpt-cli info`."""
-        position = (self.trainer or {}).get("position", {})
+        """A summary for `rustgpt-cli info`. A run on text corpora counts evaluations
+        (one every eval_interval steps) where RustGPT's schedule counts phases and epochs,
+        and its loss is the val loss estimate."""
+        trainer = self.trainer or {}
+        position = trainer.get("position", {})
+        text = bool(trainer.get("corpus"))
+        val = text and _is_number(trainer.get("val_loss")) and math.isfinite(trainer["val_loss"])
+        where = ({"evaluations": position.get("epoch")} if text else
+                 {"phase": position.get("phase"), "epoch": position.get("epoch")})
         return {"format_version": self.format_version, "package_version": self.package_version,
                 "saved": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.timestamp)),
                 "parameters": int(sum(w.size for w in self.weights.values())),
-                "loss": self.loss, "step": self.step,
-                "phase": position.get("phase"), "epoch": position.get("epoch"),
-                "has_optimizer_state": self.optimizer is not None}
+                "val_loss" if val else "loss": self.loss, "step": self.step,
+                **where, "has_optimizer_state": self.optimizer is not None}
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
