@@ -54,6 +54,7 @@ from rustgpt.errors import TrainingError, ValidationError
 from rustgpt.layers import Workspace, dropout_seed
 from rustgpt.model import activation_bytes
 from rustgpt.precision import Bf16Weights, resolve
+from rustgpt.resources import allocating, check_memory
 from rustgpt.threads import StepThreads
 
 if TYPE_CHECKING:
@@ -290,7 +291,10 @@ class TrainStep:
         if self._bf16 is not None and not accumulate:
             self._bf16.refresh()  # the weights changed since the last step: before both halves
         if self._second_grads is None:
-            self._second_grads = model.params.with_grad()
+            what = "TrainStep: the gradient buffer of a batch's second half"
+            check_memory(model.params.grad.nbytes, f"{what} needs")
+            with allocating(what):
+                self._second_grads = model.params.with_grad()
         for seed, row in ((self._dropout_seed, first_row), (self._second_seed, first_row + half)):
             if seed is not None:  # dropout masks follow the rows of the whole batch
                 seed[...] = dropout_seed(model.seed, dropout_step, row)
