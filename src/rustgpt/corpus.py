@@ -441,7 +441,8 @@ def random_windows(tokens: np.ndarray, batch_size: int, seq_len: int,
         raise ValidationError(f"random_windows: {n:,} tokens, fewer than one window of "
                               f"seq_len + 1 = {T + 1}")
     starts = rng.integers(0, n - T, size=B)  # (B,) in [0, n - T - 1]: the window fits
-    windows = np.stack([tokens[s:s + T + 1] for s in starts]).astype(np.int32)  # (B, T + 1)
+    # (B, T + 1), gathered in one indexing of the array (a memmap's slices are objects each)
+    windows = np.asarray(tokens)[starts[:, None] + np.arange(T + 1)].astype(np.int32)
     return np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])
 
 
