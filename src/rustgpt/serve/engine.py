@@ -62,6 +62,10 @@ class Job:
         self.cancelled = False  # set by any thread (cancel()); read by the engine
         self._text: TextStream | None = None
         self._held = ""  # text not sent yet: it may be the start of a stop string
+        # greedy without a repetition penalty: the token is the logits' argmax, which the
+        # engine takes for every row of a step at once
+        self.greedy = sampling.get("temperature") == 0.0 and \
+            sampling.get("repetition_penalty", 1.0) == 1.0
 
     def cancel(self) -> None:
         """Ask the engine to drop this job (its client left); it leaves within one step."""
@@ -71,6 +75,8 @@ class Job:
         """The text to send now of the text held back plus `piece`: up to the first stop
         string (the job then finishes, "stop"), and, unless final, not a tail that may be
         the beginning of one."""
+        if not self.stop:
+            return piece
         text = self._held + piece
         cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
@@ -230,14 +236,18 @@ class Engine:
             logits = self.model.step(self._cache.rows(0, B), ids)  # (B, V)
         if self.metrics is not None:
             self.metrics.batch_size.observe(B)
+        likeliest = logits.argmax(axis=1).tolist()  # the greedy rows' tokens (ties: first)
         for row in reversed(range(B)):  # a row that leaves takes the last one's place
-            self._advance(row, logits[row], updates)
+            self._advance(row, logits[row], updates, likeliest[row])
 
-    def _advance(self, row: int, logits: np.ndarray, updates: list[Update]) -> None:
-        """Sample row's next token from its logits (V,), send its text, and let the job
-        leave when it is done."""
+    def _advance(self, row: int, logits: np.ndarray, updates: list[Update],
+                 likeliest: int | None = None) -> None:
+        """Sample row's next token from its logits (V,) (`likeliest`, their argmax, when
+        given and the job is greedy), send its text, and let the job leave when it is
+        done."""
         job = self._active[row]
-        token = sample_next(logits, job.context, job.rng, **job.sampling)
+        token = likeliest if job.greedy and likeliest is not None else \
+            sample_next(logits, job.context, job.rng, **job.sampling)
         now = time.perf_counter()
         if self.metrics is not None:
             if job.last_token is None:
