@@ -481,16 +481,13 @@ cdef class Plan:
         cdef const float *g = NULL
         cdef size_t n = 0
         cdef double total = 0.0
-        if self in _recording.values():
-            raise ValidationError("Plan.run: the plan is still being recorded")
+        self._check_replay("Plan.run: the plan")
         if not 0 <= forward <= self.n:
             raise ValidationError(f"Plan.run: forward = {forward}, expected 0 to {self.n} "
                                   f"calls")
         if grads is not None:
             n = _shape(grads, "Plan.run", "grads", 1)[0]
             g = _f(grads, "Plan.run", "grads", (n,))
-        for j in range(self.n):
-            _check_ids(&self.ops[j])
         if update is not None:
             update._check_unapplied("Plan.run")
             work.ops, work.n, work.needs = self.ops, forward, self._needs(update, forward)
@@ -511,6 +508,16 @@ cdef class Plan:
             elif g != NULL:
                 total = rg_sum_squares(g, n)
         return total if g != NULL else None
+
+    cdef int _check_replay(self, str what) except -1:
+        """Refuse a replay of a plan still being recorded (`what`: who says so), and check
+        its token ids again (their arrays may hold others by now)."""
+        cdef Py_ssize_t j
+        if self in _recording.values():
+            raise ValidationError(f"{what} is still being recorded")
+        for j in range(self.n):
+            _check_ids(&self.ops[j])
+        return 0
 
     def streams(self, Py_ssize_t forward, grads=None):
         """The two-stream schedule ``run(..., forward, streams=True, grads)`` follows after
@@ -720,11 +727,8 @@ def run_pair(Plan first, Plan second):
     of a batch, each on its own activations and gradients)."""
     cdef Py_ssize_t j, n = first.n + second.n
     cdef _Pair pair
-    for plan in (first, second):
-        if plan in _recording.values():
-            raise ValidationError("run_pair: a plan is still being recorded")
-        for j in range(plan.n):
-            _check_ids(&plan.ops[j])
+    first._check_replay("run_pair: a plan")
+    second._check_replay("run_pair: a plan")
     cdef unsigned char *stream = <unsigned char *>malloc(n + 1)
     cdef int *wait = <int *>malloc((n + 1) * sizeof(int))
     if stream == NULL or wait == NULL:

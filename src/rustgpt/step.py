@@ -72,6 +72,25 @@ SMALL_STEP_TOKENS = 64
 SPLIT_MIN_TOKENS = 512
 
 
+class _Plans(dict):
+    """Recorded plans by key (a dict of entries), kept while the workspaces they were
+    recorded over keep their buffers: ``keep`` drops them all first when one of those has
+    replaced a buffer since (plans over the old ones would keep them alive) or MAX_PLANS
+    are kept."""
+
+    def __init__(self, *workspaces: Workspace) -> None:
+        super().__init__()
+        self._workspaces = workspaces
+        self._generation: tuple[int, ...] | None = None  # theirs when the plans were kept
+
+    def keep(self, key, entry) -> None:
+        generation = tuple(ws.generation for ws in self._workspaces)
+        if generation != self._generation or len(self) >= MAX_PLANS:
+            self.clear()
+            self._generation = generation
+        self[key] = entry
+
+
 class TrainStep:
     """Steps of `model` with `optimizer` (an Adam over ``model.params``).
 
@@ -113,17 +132,13 @@ class TrainStep:
         self._second_workspace = Workspace(self._second_seed)
         self._second_activations = 0
         # (B, T, targets, the step's targets, accumulate) -> (plan, ids, targets, losses,
-        # hits, forward calls)
-        self._plans: dict[tuple, tuple] = {}
-        # the generations of the workspaces (the step's, the second half's) the plans were
-        # recorded in
-        self._plans_generation: tuple[int, int] | None = None
+        # hits, forward calls); (B, T, the step's targets, accumulate, "halves") -> the
+        # two halves' (plan, ids, targets, losses, hits)
+        self._plans = _Plans(self.workspace, self._second_workspace)
         self.plans_recorded = 0  # micro-steps run layer by layer (and recorded) so far
-        # loss(): its workspace (no dropout) and plans by batch shape, and the workspace
-        # generation they were recorded in
+        # loss(): its workspace (no dropout) and plans by batch shape
         self._loss_workspace = Workspace()
-        self._loss_plans: dict[tuple, tuple] = {}
-        self._loss_plans_generation = -1
+        self._loss_plans = _Plans(self._loss_workspace)
         self.last_correct = self.last_targets = 0
         self.comm_seconds = 0.0
 
@@ -179,10 +194,7 @@ class TrainStep:
                         plan if plan is not None else nullcontext(), self._matmuls(True):
                     losses, hits = model._loss(ws, ids, tgt)
                 if plan is not None:
-                    if ws.generation != self._loss_plans_generation:
-                        self._loss_plans.clear()  # recorded over buffers since replaced
-                        self._loss_plans_generation = ws.generation
-                    self._loss_plans[ids.shape] = plan, ids, tgt, losses, hits
+                    self._loss_plans.keep(ids.shape, (plan, ids, tgt, losses, hits))
             else:
                 plan, plan_ids, plan_tgt, losses, hits = entry
                 plan_ids[...] = ids
@@ -258,7 +270,7 @@ class TrainStep:
                                                                  accumulate, plan)
             self._activations = max(self._activations, need)
             if plan is not None:
-                self._keep(key, (plan, ids, tgt, losses, hits, forward))
+                self._plans.keep(key, (plan, ids, tgt, losses, hits, forward))
             self.plans_recorded += 1
             sum_squares = None
         else:
@@ -318,7 +330,7 @@ class TrainStep:
             self._activations = max(self._activations, need)
             self._second_activations = max(self._second_activations, need)
             if self.replay:
-                self._keep(key, entry)
+                self._plans.keep(key, entry)
             self.plans_recorded += 1
         else:
             for part, (_, part_ids, part_tgt, _, _) in enumerate(entry):
@@ -328,16 +340,6 @@ class TrainStep:
         K.add(model.params.grad, model.params.grad, self._second_grads.grad)
         return (sum(float(losses.sum(dtype=np.float64)) for _, _, _, losses, _ in entry),
                 sum(int(np.count_nonzero(hits)) for _, _, _, _, hits in entry), None)
-
-    def _keep(self, key: tuple, entry) -> None:
-        """Keep a recorded plan's entry, dropping every plan first when a workspace has
-        replaced buffers since they were recorded (plans over them would keep them alive)
-        or MAX_PLANS are kept."""
-        generation = (self.workspace.generation, self._second_workspace.generation)
-        if generation != self._plans_generation or len(self._plans) >= MAX_PLANS:
-            self._plans.clear()
-            self._plans_generation = generation
-        self._plans[key] = entry
 
     @contextmanager
     def _matmuls(self, refresh: bool) -> Iterator[None]:

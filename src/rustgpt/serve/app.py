@@ -147,9 +147,10 @@ def create_app(model: LLM | Callable[[], LLM], *, api_key: str | None = None,
     GET /v1/models, /health (no key needed), /metrics (Prometheus) and / (the chat page).
     api_key: every route but /health and the page needs ``Authorization: Bearer KEY``.
     generation: the settings of parameters a request leaves out (``[generation]``; greedy
-    by default), and the matmuls' precision (its ``precision``: fp32, bf16 or auto). max_batch: rows decoded together; max_queue: requests waiting beyond them
-    (more get 429); threads: kernel threads of the engine (None: the process's). The
-    engine starts and stops with the app's lifespan."""
+    by default), and the matmuls' precision (its ``precision``: fp32, bf16 or auto).
+    max_batch: rows decoded together; max_queue: requests waiting beyond them (more get
+    429); threads: kernel threads of the engine (None: the process's). The engine starts
+    and stops with the app's lifespan."""
     metrics = Metrics(max_batch)
     load = (lambda: model) if isinstance(model, LLM) else model
     generation = generation or GenerationConfig()
