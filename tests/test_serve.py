@@ -23,6 +23,7 @@ from rustgpt.config import Config, GenerationConfig, ModelConfig  # noqa: E402
 from rustgpt.generation import chat_prompt, generate  # noqa: E402
 from rustgpt.model import LLM  # noqa: E402
 from rustgpt.serve import create_app  # noqa: E402
+from rustgpt.serve.app import INLINE_TOKENIZE  # noqa: E402
 from rustgpt.tokenizer import CharTokenizer  # noqa: E402
 from tests.serving import WORDS, Running, sse, tiny_model  # noqa: E402
 
@@ -72,12 +73,15 @@ def test_health_page_and_models(served, client):
 
 def test_completions_equal_generate(served, client):
     _, model = served
+    seen = set()  # the responses' ids
     for options in ({}, {"temperature": 0.8, "top_p": 0.9, "seed": 7},
                     {"temperature": 1.2, "top_k": 4, "min_p": 0.05, "repetition_penalty": 1.3,
                      "seed": 1}):
         body = {"model": "rustgpt", "prompt": "w3 w4 w5", "max_tokens": 12, **options}
         out = client.post("/v1/completions", json=body).json()
         assert out["object"] == "text_completion" and out["id"].startswith("cmpl-")
+        assert len(out["id"]) == 5 + 24 and out["id"] not in seen
+        seen.add(out["id"])
         [choice] = out["choices"]
         expected = generate(model, "w3 w4 w5", raw=True, max_tokens=12, **options)
         assert (choice["text"], choice["finish_reason"]) == (expected, "length"), options
@@ -305,11 +309,13 @@ def test_a_conversation_as_the_model_reads_it(served, client):
                                  max_seq_len=80), CharTokenizer("abcdefghiknorstu :?AU"))
     running = Running(create_app(text_model))
     try:
-        old = [{"role": "user", "content": "a" * 40}, {"role": "assistant", "content": "ok"}]
-        body["messages"] = old + [{"role": "user", "content": "hi?"}]
-        out = httpx.post(running.url + "/v1/chat/completions", json=body).json()
         kept = "Assistant: ok User: hi? Assistant:"  # 35 characters of at most 40
-        assert out["usage"]["prompt_tokens"] == len(kept)
+        for size in (40, 2 * INLINE_TOKENIZE):  # tokenized on the event loop, in a thread
+            old = [{"role": "user", "content": "a" * size},
+                   {"role": "assistant", "content": "ok"}]
+            body["messages"] = old + [{"role": "user", "content": "hi?"}]
+            out = httpx.post(running.url + "/v1/chat/completions", json=body).json()
+            assert out["usage"]["prompt_tokens"] == len(kept), size
     finally:
         running.close()
 

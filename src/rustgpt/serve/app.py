@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import itertools
 import json
 import logging
 import time
@@ -35,10 +36,16 @@ access_log = logging.getLogger("rustgpt.serve.access")
 
 MODEL_ID = "rustgpt"  # the name /v1/models lists and requests give as "model"
 MAX_BODY = 1 << 20  # bytes of a request body
+# bodies up to this many bytes are tokenized on the event loop (a worker thread's hop costs
+# more than their few tokens); larger ones in a worker thread, not to hold up the streams
+INLINE_TOKENIZE = 4096
 RETRY_AFTER = 1  # seconds a client told "queue full" waits before trying again
 MAX_STOP = 4  # stop strings per request, as OpenAI
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
 _MARK = "\0text\0"  # stands for a chunk's text while its event is rendered once
+# completion ids: this process's random 16 hex digits, then a count in 8 (unique without a
+# random draw, a system call, per request)
+_ID_PREFIX, _ID_COUNT = uuid.uuid4().hex[:16], itertools.count()
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 # request fields by route, each with its JSON type; other fields are refused unless null or
@@ -257,8 +264,9 @@ class _AccessLog:
 
 # ---- completions ------------------------------------------------------------------------
 
-async def _read_json(request: Request) -> dict:
-    """The request's JSON object: 413 past MAX_BODY bytes, 400 for anything but JSON."""
+async def _read_json(request: Request) -> tuple[dict, int]:
+    """The request's JSON object and the body's size in bytes: 413 past MAX_BODY bytes, 400
+    for anything but JSON."""
     too_big = ApiError(413, f"the request body is larger than {MAX_BODY} bytes",
                        code="request_too_large")
     declared = request.headers.get("content-length", "")
@@ -278,7 +286,7 @@ async def _read_json(request: Request) -> dict:
         raise ApiError(400, f"the body is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the body is {_json_kind(data)}, expected a JSON object")
-    return data
+    return data, len(body)
 
 
 def _options(server: _Server, body: dict, chat: bool) -> dict:
@@ -365,8 +373,8 @@ def _messages(body: dict) -> list[tuple[str, str]]:
 
 
 def _prompt_ids(server: _Server, body: dict, chat: bool) -> list[int]:
-    """The prompt's token ids (runs in a worker thread: tokenizing is not the event loop's
-    work). A conversation longer than half the context keeps its latest messages that fit
+    """The prompt's token ids (of a large body, in a worker thread: see INLINE_TOKENIZE).
+    A conversation longer than half the context keeps its latest messages that fit
     in half (at least the last one); a prompt longer than the context is a 400."""
     model = server.engine.model
     T = model.config.max_seq_len
@@ -406,9 +414,10 @@ async def _complete(server: _Server, request: Request, chat: bool) -> Response:
     """POST /v1/chat/completions (chat) or /v1/completions: check, queue, answer."""
     server.authorize(request)
     server.available()
-    body = await _read_json(request)
+    body, size = await _read_json(request)
     opts = _options(server, body, chat)
-    ids = await run_in_threadpool(_prompt_ids, server, body, chat)
+    ids = (_prompt_ids(server, body, chat) if size <= INLINE_TOKENIZE else
+           await run_in_threadpool(_prompt_ids, server, body, chat))
     T = server.engine.model.config.max_seq_len
     job = Job(ids, min(opts["max_tokens"], T - len(ids) + 1),
               {name: opts[name] for name in ("temperature", "top_k", "top_p", "min_p",
@@ -434,7 +443,7 @@ class _Answer:
 
     def __init__(self, model_name: str, chat: bool, job: Job) -> None:
         self.chat, self.job, self.model_name = chat, job, model_name
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.id = ("chatcmpl-" if chat else "cmpl-") + f"{_ID_PREFIX}{next(_ID_COUNT):08x}"
         self.created = int(time.time())
 
     def _envelope(self, choices: list, chunk: bool) -> dict:

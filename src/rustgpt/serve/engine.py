@@ -51,7 +51,8 @@ class Job:
         self.prompt_ids = prompt_ids
         self.max_new = max_new
         self.sampling = sampling
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
+        self._rng: np.random.Generator | None = None  # made at the first sampled token
         self.stop = stop
         self.inbox = inbox
         self.context = list(prompt_ids)  # the prompt and the tokens so far
@@ -66,6 +67,14 @@ class Job:
         # engine takes for every row of a step at once
         self.greedy = sampling.get("temperature") == 0.0 and \
             sampling.get("repetition_penalty", 1.0) == 1.0
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """The job's generator, seeded with `seed` (None: from the OS), made when first
+        asked for: a greedy job never draws, and seeding from the OS costs a system call."""
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.seed)
+        return self._rng
 
     def cancel(self) -> None:
         """Ask the engine to drop this job (its client left); it leaves within one step."""
