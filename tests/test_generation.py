@@ -293,7 +293,7 @@ def test_stream_decodes_incrementally_and_never_splits_a_character(monkeypatch):
     monkeypatch.setattr(tokenizer, "decode", lambda ids: decoded.append(len(ids)) or decode(ids))
     monkeypatch.setattr(G, "sample", lambda *args: sampled.append(1) or sample(*args))
     pieces = list(G.stream(model, "héllo", **options))
-    assert len(sampled) > 100 and sum(decoded) <= 2 * (G._STREAM_CONTEXT + 2) * len(sampled)
+    assert len(sampled) > 100 and sum(decoded) <= 2 * (tokenizer.stream_context + 2) * len(sampled)
     assert len(pieces) < len(sampled)  # some characters took more than one token
     assert "".join(pieces) == G.generate(model, "héllo", **options)
     assert all(p and not p.endswith("\ufffd") for p in pieces[:-1])
@@ -319,3 +319,19 @@ def test_text_stream_holds_back_an_incomplete_character():
     pieces = [text.push(i) for i in ids]
     assert "" in pieces and not any("\ufffd" in p for p in pieces)
     assert "".join(pieces) + text.finish() == "né ö"
+
+
+@pytest.mark.parametrize("kind", ["word", "char"])
+def test_text_stream_pieces_join_to_the_whole_decode(kind):
+    """Word and char streams decode each token with only stream_context tokens before it
+    (1: a word's space, glued punctuation and special tokens depend on the previous
+    token; 0 for characters), and their pieces still join to the decode of all tokens."""
+    texts = ["the sun ( rises ) , in the east . </s> w1 : w2 ?"]
+    tokenizer = Vocab.from_texts(texts) if kind == "word" else train_tokenizer("char", texts)
+    assert tokenizer.stream_context == (1 if kind == "word" else 0)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ids = rng.integers(0, tokenizer.size, rng.integers(1, 30)).tolist()
+        text = G.TextStream(tokenizer)
+        pieces = [text.push(i) for i in ids]
+        assert "".join(pieces) + text.finish() == tokenizer.decode(ids), ids

@@ -29,10 +29,6 @@ PROMPT_PREFIX = "User: "  # RustGPT's chat format
 ANSWER_PREFIX = "Assistant:"
 CHAT_MAX_TOKENS = 80  # RustGPT decodes up to its max_seq_len, 80
 TEXT_MAX_TOKENS = 256
-# tokens already out that stream() decodes again before each new piece: a token's text can
-# depend on the tokens before it (a word's space, a tokenizer.json decoder's first-token rule)
-_STREAM_CONTEXT = 4
-
 
 # ---- chat-tuned or trained on text ----------------------------------------------------------
 
@@ -258,17 +254,18 @@ class TextStream:
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
-        self._head: list[int] = []  # the last _STREAM_CONTEXT tokens whose text is out
+        self._head: list[int] = []  # the last tokens whose text is out (stream_context)
         self._head_text = ""
         self._pending: list[int] = []  # tokens whose text is not out yet
 
     def push(self, token: int) -> str:
         """The text `token` adds after the tokens pushed before it."""
         self._pending.append(token)
-        text = self.tokenizer.decode(self._head + self._pending)
+        tokens = self._head + self._pending
+        text = self.tokenizer.decode(tokens)
         if text.endswith("\ufffd"):
             return ""
-        self._head = (self._head + self._pending)[-_STREAM_CONTEXT:]
+        self._head = tokens[len(tokens) - self.tokenizer.stream_context:]
         piece = text[len(self._head_text):]
         self._head_text = self.tokenizer.decode(self._head)
         self._pending = []

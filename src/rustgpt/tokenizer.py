@@ -43,7 +43,9 @@ class Tokenizer(abc.ABC):
     """What every kind of tokenizer offers: text <-> integer ids in [0, size).
 
     ``kind`` is "word", "char" or "bpe"; ``eos_id`` is the end-of-text id and ``unk_id`` the
-    id of unknown input, each None when the kind has none. ``to_dict()`` is JSON-able, holds
+    id of unknown input, each None when the kind has none. ``stream_context`` is how many
+    tokens before a new one its text can depend on: decoding a stream token by token
+    decodes those again with it (generation.TextStream). ``to_dict()`` is JSON-able, holds
     "kind", and ``tokenizer_from_dict`` rebuilds the tokenizer from it (checkpoints store
     it); ``save(path)`` writes a file that ``load_tokenizer(path)`` reads back.
     """
@@ -51,6 +53,7 @@ class Tokenizer(abc.ABC):
     kind: str
     eos_id: int | None
     unk_id: int | None
+    stream_context: int
 
     @property
     @abc.abstractmethod
@@ -162,6 +165,7 @@ class Vocab(Tokenizer):
     """
 
     kind = "word"
+    stream_context = 1  # a word's space depends on the token before it
 
     def __init__(self, words: Sequence[str], counts: dict[str, int] | None = None) -> None:
         words = list(words)
@@ -288,6 +292,7 @@ class CharTokenizer(Tokenizer):
 
     kind = "char"
     eos_id = None
+    stream_context = 0
 
     def __init__(self, chars: Sequence[str]) -> None:
         chars = list(chars)
@@ -352,6 +357,7 @@ class BpeTokenizer(Tokenizer):
     """
 
     kind = "bpe"
+    stream_context = 4  # a tokenizer.json decoder's rules (a first token's space, ...)
 
     def __init__(self, tokenizer: tokenizers.Tokenizer) -> None:
         vocab = tokenizer.get_vocab(with_added_tokens=True)
