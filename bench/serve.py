@@ -10,10 +10,11 @@ max_tokens).
 The server runs as its own process (the real CLI with its defaults: --max-batch 16,
 --max-queue 64, --threads; logging at WARNING); the clients are asyncio streams in this
 process, each sending its requests one after another (POST /v1/completions, stream: true)
-on a connection it keeps alive between them, as HTTP clients (OpenAI's among them) do. TTFT is from sending a request to its first token's chunk; tokens/s
-counts every completion token over the wall time of the level. Each level is warmed up at
-its own concurrency first, then run --repeats times; the best run is reported. The
-clients share the machine's cores with the server.
+on a connection it keeps alive between them, as HTTP clients (OpenAI's among them) do.
+TTFT is from sending a request to its first token's chunk; tokens/s counts every
+completion token over the wall time of the level. Each level is warmed up at its own
+concurrency first, then run --repeats times; the best run is reported. The clients share
+the machine's cores with the server.
 """
 
 from __future__ import annotations

@@ -200,7 +200,9 @@ RG_VARIANTS(kernel_portable, (int kp, const uint16_t *ap, const uint16_t *bp, fl
  * each row's pair of A broadcast to every lane: acc += vdpbf16ps(a pair, B pairs). The
  * panel's rows past `rows` are zeros (packing), computed and not stored. */
 #define AVX512BF16_MR 12
+#ifndef AVX512BF16_TARGET /* tests/bf16_emulated.c defines it empty, its instructions C */
 #define AVX512BF16_TARGET __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl")))
+#endif
 AVX512BF16_TARGET
 static void kernel_avx512bf16(int kp, const uint16_t *ap, const uint16_t *bp, float *c,
                               ptrdiff_t ldc, int load_c, int rows, int cols) {
@@ -233,7 +235,9 @@ static void kernel_avx512bf16(int kp, const uint16_t *ap, const uint16_t *bp, fl
  * columns); per 32 values of k, two A and two B tile loads feed four tdpbf16ps. C goes
  * through a 32 x 32 buffer, so edge tiles need no special case. */
 #define AMX_MR 32
+#ifndef AMX_TARGET /* as AVX512BF16_TARGET */
 #define AMX_TARGET __attribute__((target("amx-tile,amx-bf16")))
+#endif
 
 /* GCC's tile loads (and ldtilecfg, past its first 8 bytes) are asm that does not say it
  * reads memory: this barrier makes the stores to `p` (and all others before it) happen
