@@ -14,7 +14,9 @@
 #define RG_X86 1
 #endif
 
+#ifndef RG_AVX512 /* tests/avx512_generic.c defines it empty: the variants for this CPU */
 #define RG_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma")))
+#endif
 #define RG_AVX2 __attribute__((target("avx2,fma")))
 #define RG_INLINE static inline __attribute__((always_inline))
 #define RG_UNPAREN(...) __VA_ARGS__

@@ -3,11 +3,6 @@ bf16 path against float64 on bf16-rounded operands, the bf16 training step and g
 against fp32, and the fp32 | bf16 | auto setting."""
 
 import logging
-import os
-import platform
-import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +15,7 @@ from rustgpt.model import LLM
 from rustgpt.optim import Adam
 from rustgpt.step import TrainStep
 from tests import reference as ref
+from tests.native import run_c_test
 from tests.test_kernels_gemm import SHAPES, TRANS, _operands
 from tests.test_step import batches, vocab
 
@@ -136,27 +132,8 @@ def test_bf16_kernels_with_their_instructions_emulated(tmp_path):
     x86 CPU with their instructions emulated in C (tests/bf16_emulated.c, which also checks
     the tile configuration): rg_gemm_bf16 on each path against float64 over tile, panel and
     block edges, both transposes, accumulate, the bf16 copy, 1 and 2 threads."""
-    root = Path(__file__).resolve().parent.parent
-    csrc = root / "csrc"
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        pytest.skip("the emulated kernels are x86's")
-    if not (csrc / "gemm_bf16.c").exists():
-        pytest.skip("needs the source tree (csrc/), not an installed package alone")
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler ($CC, cc or gcc) to build tests/bf16_emulated.c")
-    exe = tmp_path / "bf16_emulated"
-    sources = [root / "tests" / "bf16_emulated.c", csrc / "runtime.c", csrc / "elementwise.c"]
-    for openmp in (["-fopenmp"], []):  # two threads where the compiler has OpenMP
-        build = subprocess.run([cc, "-O2", *openmp, "-Wno-psabi", f"-I{csrc}",
-                                *map(str, sources), "-lm", "-o", str(exe)],
-                               capture_output=True, text=True)
-        if build.returncode == 0:
-            break
-    assert build.returncode == 0, build.stderr
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0 and run.stdout.endswith("\nok\n"), run.stdout + run.stderr
-    assert "avx512bf16: largest relative error" in run.stdout and "amx:" in run.stdout
+    out = run_c_test(tmp_path, "bf16_emulated", "runtime.c", "elementwise.c")
+    assert "avx512bf16: largest relative error" in out and "amx:" in out
 
 
 # ---- rg_gemm_bf16 -----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 from rustgpt import _kernels as K
 from rustgpt.errors import ShapeMismatch, ValidationError
 from tests import reference as ref
+from tests.native import run_c_test
 
 # (B, T, D, NH): odd sizes, one row, head sizes 1..128, T longer than a key tile
 SHAPES = [(1, 1, 1, 1), (2, 7, 33, 1), (1, 33, 129, 3), (2, 80, 128, 1), (2, 64, 128, 4),
@@ -313,3 +314,10 @@ def test_attention_rejects_bad_scratch(rng):
         K.attention_step(os_, qs, kc, vc, 3, NH, np.empty((B, NH, 7), np.float32))
     with pytest.raises(ValidationError, match="attention_step: scratch overlaps kcache"):
         K.attention_step(os_, qs, kc, vc, 3, NH, kc.reshape(-1)[:B * NH * 8].reshape(B, NH, 8))
+
+
+def test_avx512_variants_compiled_for_this_cpu(tmp_path):
+    """The AVX-512 variants' 16-lane paths (score and mix blocks, the step's dot products)
+    run on any x86 CPU (tests/avx512_generic.c compiles them for it) and agree with the
+    generic variant: forward, backward and step, head sizes 8 to 128, 1 and 2 threads."""
+    assert "largest difference" in run_c_test(tmp_path, "avx512_generic")
