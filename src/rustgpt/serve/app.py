@@ -8,11 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import itertools
 import json
 import logging
+import random
 import time
-import uuid
 from importlib import resources
 from typing import AsyncIterator, Callable
 
@@ -43,9 +42,9 @@ RETRY_AFTER = 1  # seconds a client told "queue full" waits before trying again
 MAX_STOP = 4  # stop strings per request, as OpenAI
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
 _MARK = "\0text\0"  # stands for a chunk's text while its event is rendered once
-# completion ids: this process's random 16 hex digits, then a count in 8 (unique without a
-# random draw, a system call, per request)
-_ID_PREFIX, _ID_COUNT = uuid.uuid4().hex[:16], itertools.count()
+# completion ids: 96 random bits from a generator seeded once by the OS (uuid4 would ask the
+# OS for every request; a count would tell clients how many requests the server answered)
+_IDS = random.Random()
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 # request fields by route, each with its JSON type; other fields are refused unless null or
@@ -443,7 +442,7 @@ class _Answer:
 
     def __init__(self, model_name: str, chat: bool, job: Job) -> None:
         self.chat, self.job, self.model_name = chat, job, model_name
-        self.id = ("chatcmpl-" if chat else "cmpl-") + f"{_ID_PREFIX}{next(_ID_COUNT):08x}"
+        self.id = ("chatcmpl-" if chat else "cmpl-") + f"{_IDS.getrandbits(96):024x}"
         self.created = int(time.time())
 
     def _envelope(self, choices: list, chunk: bool) -> dict:
