@@ -32,7 +32,7 @@ def test_precedence_file_env_cli(tmp_path):
     assert config.training.batch_size == 8 and config.model.hidden_dim == 64
     assert config.training.seed == 42  # None from the CLI means "not given"
     assert sources == {"training.pretraining_lr": "env LLM_TRAINING_PRETRAINING_LR",
-                       "training.batch_size": "cli", "model.hidden_dim": f"file {path}",
+                       "training.batch_size": "command line", "model.hidden_dim": f"file {path}",
                        "training.shuffle": "env LLM_TRAINING_SHUFFLE"}
 
 
@@ -80,7 +80,7 @@ def test_arch_sets_the_architecture_keys_left_unset():
     m = config.model
     assert (m.arch, m.norm, m.activation, m.attention_projection, m.tie_embeddings, m.bias) == (
         "gpt", "pre", "gelu", True, True, True)
-    assert sources["model.bias"] == "cli" and "model.activation" not in sources
+    assert sources["model.bias"] == "command line" and "model.activation" not in sources
     assert from_dict(to_dict(config)) == config
     assert '# norm = "post"' in render_toml() and 'arch = "rustgpt"' in render_toml()
     assert 'norm = "pre"  ' in render_toml(config)  # not the default: written out

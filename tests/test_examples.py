@@ -118,7 +118,7 @@ def test_interactive_layers_file_env_and_options(run_dir, tmp_path):
     assert record["level"] == "DEBUG" and record["logger"] == "rustgpt.interactive"
     for source in (f"'checkpoint.directory': 'file {config}'",
                    "'generation.max_tokens': 'env LLM_GENERATION_MAX_TOKENS'",
-                   "'logging.level': 'cli'", f"'logging.format': 'file {config}'"):
+                   "'logging.level': 'command line'", f"'logging.format': 'file {config}'"):
         assert source in record["message"]
 
 

@@ -395,7 +395,7 @@ def env_layer(environ: Mapping[str, str]) -> tuple[dict, dict]:
 def load_config(file: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None,
                 overrides: Mapping | None = None) -> tuple[Config, dict[str, str]]:
     """The merged Config and, for each "section.key" set above its default, where it came
-    from ("file PATH", "env LLM_...", "cli"). Raises ConfigError on any bad value."""
+    from ("file PATH", "env LLM_...", "command line"). Raises ConfigError on any bad value."""
     values: dict = {}
     sources: dict = {}
     if file is not None:
@@ -409,7 +409,7 @@ def load_config(file: str | os.PathLike | None = None, environ: Mapping[str, str
                    from_text=True)
     if overrides:
         given = {s: {k: v for k, v in t.items() if v is not None} for s, t in overrides.items()}
-        _merge(values, sources, given, "cli")
+        _merge(values, sources, given, "command line")
     return _build(values, sources), sources
 
 
