@@ -3,6 +3,7 @@ streaming and not, 32 concurrent streams, disconnects, every bad request, the ke
 queue limit, /health and /metrics; and rustgpt-cli serve itself (SIGTERM drain)."""
 
 import concurrent.futures
+import functools
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 from rustgpt.config import Config, GenerationConfig, ModelConfig  # noqa: E402
+from rustgpt.errors import SerializationError, ValidationError  # noqa: E402
 from rustgpt.generation import chat_prompt, generate  # noqa: E402
 from rustgpt.model import LLM  # noqa: E402
 from rustgpt.serve import create_app  # noqa: E402
@@ -32,8 +34,21 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 T = 64  # the served model's context
 
 
+@pytest.fixture(scope="module", params=["thread", "process"])
+def served(request):
+    """The app on the engine thread, and with the engine in a process of its own
+    (rustgpt-cli serve's); the model it serves (the process loads its own copy)."""
+    model = tiny_model(T)
+    load = model if request.param == "thread" else functools.partial(tiny_model, T)
+    running = Running(create_app(load, api_key=KEY, max_batch=16, max_queue=64,
+                                 process=request.param == "process"))
+    yield running, model
+    running.close()
+
+
 @pytest.fixture(scope="module")
-def served():
+def served_in_thread():
+    """The app with its engine on a thread of this process, for tests that reach into it."""
     model = tiny_model(T)
     running = Running(create_app(model, api_key=KEY, max_batch=16, max_queue=64))
     yield running, model
@@ -174,10 +189,10 @@ def test_32_concurrent_streams_are_all_right(served):
         assert text == generate(model, prompt, raw=True, max_tokens=24, **options)
 
 
-def test_a_client_that_leaves_frees_its_row_within_a_step(served, monkeypatch):
+def test_a_client_that_leaves_frees_its_row_within_a_step(served_in_thread, monkeypatch):
     """Closing the connection mid-stream cancels the job; the engine drops it before its
     next step (at most the step already under way runs with it)."""
-    running, model = served
+    running, model = served_in_thread
     engine = running.app.state.rustgpt.engine
     steps, plain = [], model.step
 
@@ -280,12 +295,13 @@ def test_bodies_over_1_mb_routes_and_methods(client):
     assert client.get("/v1/completions").status_code == 405
 
 
-def test_an_internal_error_is_a_500_without_details(served, client, monkeypatch):
+def test_an_internal_error_is_a_500_without_details(served_in_thread, monkeypatch):
     def broken(job):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(served[0].app.state.rustgpt.engine, "submit", broken)
-    r = client.post("/v1/chat/completions", json=chat("w1"))
+    running = served_in_thread[0]
+    monkeypatch.setattr(running.app.state.rustgpt.engine, "submit", broken)
+    r = httpx.post(running.url + "/v1/chat/completions", headers=AUTH, json=chat("w1"))
     assert r.status_code == 500 and "secret" not in r.text
     assert r.json()["error"]["message"] == "internal error (the server's log has the details)"
 
@@ -404,6 +420,82 @@ def test_a_full_queue_answers_429(monkeypatch):
     finally:
         gate.set()
         running.close()
+
+
+# ---- the engine in a process of its own ---------------------------------------------------
+
+def test_process_needs_a_loader_it_can_pickle():
+    for model in (tiny_model(T), lambda: tiny_model(T)):
+        with pytest.raises(ValidationError, match="expected a loader that can be pickled"):
+            create_app(model, process=True)
+
+
+def _failing_loader():
+    raise SerializationError("model.safetensors: not a checkpoint")
+
+
+def test_a_process_that_cannot_load_says_why():
+    running = Running(create_app(_failing_loader, process=True), ready=False)
+    try:
+        deadline = time.monotonic() + 20
+        while (health := httpx.get(running.url + "/health")).json()["status"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert health.status_code == 503 and health.json() == {"status": "failed"}
+        r = httpx.post(running.url + "/v1/completions", json={"model": "rustgpt", "prompt": "w"})
+        assert r.status_code == 503
+        assert r.json()["error"]["message"] == ("the server is failed: model.safetensors: not "
+                                                "a checkpoint")
+    finally:
+        running.close()
+
+
+@pytest.fixture
+def slow_process(checkpoint):
+    """The slow checkpoint below served with its engine in a process, one row and one
+    waiting: a stream of 2,000 tokens lasts seconds."""
+    from rustgpt.cli import _load_model
+
+    running = Running(create_app(functools.partial(_load_model, str(checkpoint)), max_batch=1,
+                                 max_queue=1, threads=1, process=True))
+    yield running
+    running.close()
+
+
+def test_a_process_frees_a_left_row_and_answers_429(slow_process):
+    running, body = slow_process, {"model": "rustgpt", "prompt": "w1", "max_tokens": 2000,
+                                   "stream": True}
+    engine = running.app.state.rustgpt.engine
+    with httpx.Client(base_url=running.url, timeout=20) as c:
+        with c.stream("POST", "/v1/completions", json=body) as first, \
+                c.stream("POST", "/v1/completions", json=body) as second:
+            lines = first.iter_lines()  # kept: a dropped iterator closes the stream
+            assert next(lines).startswith("data: ")  # decoding; the second waits
+            third = httpx.post(running.url + "/v1/completions", json=body)
+            assert third.status_code == 429 and third.json()["error"]["code"] == "queue_full"
+            assert second.status_code == 200
+    deadline = time.monotonic() + 5  # both left: the child drops them
+    while engine.busy:
+        assert time.monotonic() < deadline, "the rows were not freed"
+        time.sleep(0.005)
+    text = httpx.get(running.url + "/metrics").text
+    assert sample_value(text, "rustgpt_completion_tokens_total") < 1000  # cut short
+
+
+def test_a_process_that_dies_ends_its_requests(slow_process):
+    running = slow_process
+    engine = running.app.state.rustgpt.engine
+    with httpx.Client(base_url=running.url, timeout=20) as c:
+        with c.stream("POST", "/v1/completions", json={
+                "model": "rustgpt", "prompt": "w1", "max_tokens": 2000, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            engine._process.kill()
+            events, done = sse(lines)
+    assert not done and events[-1]["error"]["message"] == "the request ended early (error)"
+    health = httpx.get(running.url + "/health")
+    assert health.status_code == 503 and health.json() == {"status": "failed"}
+    assert engine.error.startswith("the engine process exited (exit code -9)")
 
 
 # ---- rustgpt-cli serve --------------------------------------------------------------------

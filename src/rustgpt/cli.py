@@ -6,6 +6,7 @@ Heavy modules (numpy, the C extension) are imported inside the commands, so ``--
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import sys
@@ -406,6 +407,12 @@ def _sampler(run):
 
 
 # ---- generate / chat -------------------------------------------------------------------------
+
+def _load_model(checkpoint: str):
+    """The model of the checkpoint at `checkpoint` (serve's engine process loads it so: a
+    module-level function can be pickled)."""
+    return _load_checkpoint(checkpoint).build_model()
+
 
 def _load_checkpoint(checkpoint: str):
     """The Checkpoint at a file or directory path; a missing path says to train first."""
@@ -854,7 +861,7 @@ def serve(state: State, checkpoint, host, port, api_key, max_batch, max_queue, t
              f"the server samples each request (no beam search)", logging.WARNING,
              "warning: ")
     path = CheckpointManager.resolve(checkpoint or config.checkpoint.directory)
-    run_server(lambda: _load_checkpoint(path).build_model(), host=host, port=port,
+    run_server(functools.partial(_load_model, str(path)), host=host, port=port,
                api_key=api_key, generation=config.generation, max_batch=max_batch,
                max_queue=max_queue, threads=threads, drain_timeout=drain_timeout)
 

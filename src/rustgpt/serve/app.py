@@ -10,6 +10,7 @@ import contextlib
 import hmac
 import json
 import logging
+import pickle
 import random
 import time
 from importlib import resources
@@ -29,6 +30,7 @@ from rustgpt.generation import _check_options, chat_prompt, default_max_tokens
 from rustgpt.model import LLM
 from rustgpt.serve.engine import Engine, Job, QueueFull
 from rustgpt.serve.metrics import Metrics
+from rustgpt.serve.process import EngineProcess
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("rustgpt.serve.access")
@@ -109,7 +111,7 @@ class _Server:
     """What the routes share: the engine, metrics, settings, and whether the server is
     draining (set by rustgpt.serve.server on SIGTERM)."""
 
-    def __init__(self, engine: Engine, metrics: Metrics, api_key: str | None,
+    def __init__(self, engine: Engine | EngineProcess, metrics: Metrics, api_key: str | None,
                  generation: GenerationConfig, model_name: str) -> None:
         self.engine, self.metrics, self.api_key = engine, metrics, api_key
         self.generation, self.model_name = generation, model_name
@@ -145,7 +147,7 @@ class _Server:
 def create_app(model: LLM | Callable[[], LLM], *, api_key: str | None = None,
                generation: GenerationConfig | None = None, max_batch: int = 16,
                max_queue: int = 64, threads: int | None = None,
-               model_name: str = MODEL_ID) -> Starlette:
+               model_name: str = MODEL_ID, process: bool = False) -> Starlette:
     """The ASGI app serving `model` (an LLM, or a function that loads one: it runs on the
     engine thread at startup, while /health answers 503 "loading").
 
@@ -156,12 +158,28 @@ def create_app(model: LLM | Callable[[], LLM], *, api_key: str | None = None,
     by default), and the matmuls' precision (its ``precision``: fp32, bf16 or auto).
     max_batch: rows decoded together; max_queue: requests waiting beyond them (more get
     429); threads: kernel threads of the engine (None: the process's). The engine starts
-    and stops with the app's lifespan."""
+    and stops with the app's lifespan. process: run the engine in a process of its own
+    (rustgpt.serve.process; what ``rustgpt-cli serve`` does), so that its Python and the
+    event loop's do not wait for each other; `model` must then be a loader that can be
+    pickled (a module-level function, or functools.partial of one), and a script that
+    starts the app needs the ``if __name__ == "__main__":`` guard (the process is spawned,
+    and imports the script's module again)."""
     metrics = Metrics(max_batch)
-    load = (lambda: model) if isinstance(model, LLM) else model
     generation = generation or GenerationConfig()
-    engine = Engine(load, max_batch=max_batch, max_queue=max_queue, threads=threads,
-                    metrics=metrics, precision=generation.precision)
+    options = dict(max_batch=max_batch, max_queue=max_queue, threads=threads, metrics=metrics,
+                   precision=generation.precision)
+    if process:
+        try:
+            pickle.dumps(model)
+        except Exception:
+            model = None
+        if model is None or isinstance(model, LLM):
+            raise ValidationError("create_app(process=True): the engine's process loads the "
+                                  "model itself, expected a loader that can be pickled "
+                                  "(functools.partial of a module-level function)")
+        engine = EngineProcess(model, **options)
+    else:
+        engine = Engine((lambda: model) if isinstance(model, LLM) else model, **options)
     server = _Server(engine, metrics, api_key, generation, model_name)
     page = resources.files("rustgpt.serve").joinpath("static/index.html").read_text("utf-8")
 

@@ -61,6 +61,7 @@ class Job:
         self.submitted = time.perf_counter()
         self.last_token: float | None = None  # when the latest token was sampled
         self.cancelled = False  # set by any thread (cancel()); read by the engine
+        self._on_cancel: Callable[[], object] | None = None  # an EngineProcess's message
         self._text: TextStream | None = None
         self._held = ""  # text not sent yet: it may be the start of a stop string
         # greedy without a repetition penalty: the token is the logits' argmax, which the
@@ -79,6 +80,8 @@ class Job:
     def cancel(self) -> None:
         """Ask the engine to drop this job (its client left); it leaves within one step."""
         self.cancelled = True
+        if self._on_cancel is not None:
+            self._on_cancel()
 
     def _visible(self, piece: str, final: bool) -> str:
         """The text to send now of the text held back plus `piece`: up to the first stop

@@ -74,15 +74,16 @@ def run_server(load: Callable, *, host: str = "127.0.0.1", port: int = 8000,
                api_key: str | None = None, generation: GenerationConfig | None = None,
                max_batch: int = 16, max_queue: int = 64, threads: int | None = None,
                drain_timeout: float = 30.0) -> None:
-    """Serve the model `load()` returns (loaded on the engine thread while /health says
-    "loading") until SIGTERM or SIGINT: create_app's options, plus where to listen and how
-    long in-flight requests may take to finish after the signal (see _Uvicorn). Returns
-    after the drain; raises LlmError when the model cannot be loaded."""
+    """Serve the model `load()` returns (a loader that can be pickled: the engine's own
+    process calls it, while /health says "loading") until SIGTERM or SIGINT: create_app's
+    options, plus where to listen and how long in-flight requests may take to finish after
+    the signal (see _Uvicorn). Returns after the drain; raises LlmError when the model
+    cannot be loaded."""
     if api_key is None and not _loopback(host):
         log.warning("serve: listening on %s without an API key: anyone who reaches this "
                     "address can use the model (--api-key or RUSTGPT_API_KEY)", host)
     app = create_app(load, api_key=api_key, generation=generation, max_batch=max_batch,
-                     max_queue=max_queue, threads=threads)
+                     max_queue=max_queue, threads=threads, process=True)
     rustgpt_log = logging.getLogger("rustgpt")
     uvicorn_log = logging.getLogger("uvicorn")  # its startup and shutdown lines, as ours
     uvicorn_log.handlers = list(rustgpt_log.handlers)
