@@ -3,10 +3,11 @@
 
 In one process the engine thread and the event loop take turns under one interpreter lock:
 at many streams each token's Python (sampling and detokenizing on one side, its JSON event
-on the other) waits for the other side's. Here a child process runs the Engine (rustgpt.
-serve.engine) with its own interpreter; the server's process keeps an EngineProcess, which
-offers the HTTP side what an Engine does (start, submit, stop, busy, state, error, and a
-``model`` holding the loaded model's config and tokenizer) and forwards over a pipe:
+on the other) waits for the other side's. Here a child process runs the Engine
+(rustgpt.serve.engine) with its own interpreter; the server's process keeps an
+EngineProcess, which offers the HTTP side what an Engine does (start, submit, stop, busy,
+state, error, and a ``model`` holding the loaded model's config and tokenizer) and
+forwards over a pipe:
 
     server -> child: ("submit", id, prompt ids, max_new, sampling, seed, stop, submitted),
                      ("cancel", id), ("stop",)
