@@ -20,14 +20,7 @@ static int level = RG_SIMD_GENERIC, threads = 1;
 int rg_simd_level(void) { return level; }
 int rg_num_threads(void) { return threads; }
 
-static uint64_t seed = 88172645463325252ull;
-
-static float uniform(void) { /* xorshift64: [-1, 1) */
-    seed ^= seed << 13;
-    seed ^= seed >> 7;
-    seed ^= seed << 17;
-    return (float)((seed >> 40) / (double)(1u << 24) * 2.0 - 1.0);
-}
+#include "native.h"
 
 static float *random_array(size_t n) {
     float *x = malloc(n * sizeof(float));

@@ -180,14 +180,7 @@ static void emu_tile_dpbf16ps(int c, int a, int b) {
 
 /* ---- the checks --------------------------------------------------------------------------- */
 
-static uint64_t seed = 88172645463325252ull;
-
-static float uniform(void) { /* xorshift64: [-1, 1) */
-    seed ^= seed << 13;
-    seed ^= seed >> 7;
-    seed ^= seed << 17;
-    return (float)((seed >> 40) / (double)(1u << 24) * 2.0 - 1.0);
-}
+#include "native.h"
 
 /* C (M x N) against float64 sums of the bf16-rounded op(A) @ op(B) (+ C0); the error
  * relative to the sums of |products|, which bounds float32 rounding: returned, and a

@@ -169,11 +169,11 @@ def create_app(model: LLM | Callable[[], LLM], *, api_key: str | None = None,
     options = dict(max_batch=max_batch, max_queue=max_queue, threads=threads, metrics=metrics,
                    precision=generation.precision)
     if process:
-        try:
-            pickle.dumps(model)
+        try:  # an LLM is refused before it is pickled (its weights would be)
+            picklable = not isinstance(model, LLM) and bool(pickle.dumps(model))
         except Exception:
-            model = None
-        if model is None or isinstance(model, LLM):
+            picklable = False
+        if not picklable:
             raise ValidationError("create_app(process=True): the engine's process loads the "
                                   "model itself, expected a loader that can be pickled "
                                   "(functools.partial of a module-level function)")
